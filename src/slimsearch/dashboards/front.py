@@ -1,0 +1,75 @@
+"""Pareto-front plot: data prepared by a pure function, drawn by another (Optuna's split)."""
+
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple, Optional, Sequence
+
+
+class FrontInfo(NamedTuple):
+    """What the front plot shows, ready to draw."""
+
+    x_name: str
+    y_name: str
+    x_label: str
+    y_label: str
+    points: list[tuple[float, float, int, bool, str]]  # (x, y, trial, on_front, hover text)
+    teacher: Optional[tuple[float, float]]
+    step: list[tuple[float, float]]  # the 2-D front of (x, y) as a step line
+
+
+def _label(name: str, provenance: Mapping[str, str]) -> str:
+    kind = provenance.get(name)
+    return f"{name} ({kind})" if kind else name
+
+
+def front_info(candidates: Sequence[Mapping], objectives: Mapping[str, str], *, front: set[int],
+               teacher: Optional[Mapping[str, float]] = None, provenance: Mapping[str, str] = ()) -> FrontInfo:
+    """Choose the two axes (first objective vs second) and mark front members.
+
+    ``candidates`` are dicts with ``trial``, ``metrics`` and ``describe``;
+    ``front`` holds the trial numbers on the front of all objectives.
+    """
+    from slimsearch.search.pareto import pareto_front
+
+    names = list(objectives)
+    if len(names) < 2:
+        raise ValueError(f"a front plot needs two objectives, got {names}")
+    y_name, x_name = names[0], names[1]
+    provenance = dict(provenance)
+    points = []
+    for c in candidates:
+        m = c["metrics"]
+        hover = f"trial {c['trial']}<br>" + "<br>".join(f"{k}: {m[k]:.4g}" for k in names) + f"<br>{c['describe']}"
+        points.append((m[x_name], m[y_name], c["trial"], c["trial"] in front, hover))
+    dirs = [objectives[x_name], objectives[y_name]]
+    idx = pareto_front([(p[0], p[1]) for p in points], dirs)
+    step = sorted((points[i][0], points[i][1]) for i in idx)
+    t = (teacher[x_name], teacher[y_name]) if teacher and x_name in teacher and y_name in teacher else None
+    return FrontInfo(x_name, y_name, _label(x_name, provenance), _label(y_name, provenance), points, t, step)
+
+
+def front_figure(info: FrontInfo):
+    """A plotly figure of ``info``: dominated points faded, front members bold, 2-D front as steps."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for on_front, name, opacity in ((False, "dominated", 0.35), (True, "Pareto front (all objectives)", 1.0)):
+        pts = [p for p in info.points if p[3] == on_front]
+        fig.add_trace(go.Scatter(
+            x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers", name=name, opacity=opacity,
+            text=[p[4] for p in pts], hoverinfo="text", marker={"size": 10 if on_front else 7},
+        ))
+    if info.step:
+        fig.add_trace(go.Scatter(x=[s[0] for s in info.step], y=[s[1] for s in info.step], mode="lines",
+                                 line={"shape": "hv", "dash": "dot"}, name=f"2-D front ({info.x_name}, {info.y_name})"))
+    if info.teacher:
+        fig.add_trace(go.Scatter(x=[info.teacher[0]], y=[info.teacher[1]], mode="markers", name="teacher",
+                                 marker={"symbol": "star", "size": 14}))
+    fig.update_layout(title=f"{info.y_name} against {info.x_name}", xaxis_title=info.x_label,
+                      yaxis_title=info.y_label, template="plotly_white")
+    return fig
+
+
+def write_front_html(info: FrontInfo, path) -> None:
+    """Write the figure as one self-contained HTML file that opens offline."""
+    front_figure(info).write_html(str(path), include_plotlyjs=True, full_html=True)

@@ -1,0 +1,102 @@
+"""evaluate(task, plan, profiles): one plan becomes a compressed model and its Metrics."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from slimsearch.evaluators.distill import distill, teacher_logits
+from slimsearch.evaluators.metrics import Metrics, Provenance
+from slimsearch.evaluators.pack import packed_size
+from slimsearch.evaluators.prune import fold_batchnorm, prune_channels
+from slimsearch.evaluators.quantize import calibrate, freeze, quantize_layers
+from slimsearch.spaces.plan import CompressionPlan
+from slimsearch.tasks import Split, Task
+
+LOCAL = "local"
+CALIBRATION_BATCHES = 4
+LATENCY_BATCHES = (1, 64)
+
+
+def apply_plan(task: Task, plan: CompressionPlan) -> nn.Module:
+    """The compressed model a plan stands for: prune, fold BN, quantize, distill, freeze.
+
+    Deterministic for ``plan.seed``: export rebuilds the measured model with it.
+    """
+    torch.manual_seed(plan.seed)
+    ratios = {name: lp.prune_ratio for name, lp in plan.layers.items() if lp.prune_ratio > 0}
+    student = prune_channels(task.teacher, task.example_input, ratios) if ratios else _copy(task.teacher)
+    student = fold_batchnorm(student, task.example_input)
+    student = quantize_layers(student, plan)
+    gen = torch.Generator().manual_seed(plan.seed)
+    calib = [task.train.x[torch.randint(0, len(task.train), (64,), generator=gen)] for _ in range(CALIBRATION_BATCHES)]
+    calibrate(student, calib)
+    if plan.distill.steps > 0:
+        targets = teacher_logits(task.teacher, task.train)
+        distill(student, targets, task.train, plan.distill, seed=plan.seed)
+    return freeze(student)
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def score(model: nn.Module, data: Split, task: Task, batch_size: int = 500) -> float:
+    """The task metric of ``model`` on ``data``."""
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(data.x[i : i + batch_size]) for i in range(0, len(data), batch_size)])
+    return task.metric(logits, data.y)
+
+
+def measure_local(model: nn.Module, task: Task, *, repeats: int = 15) -> dict[str, float]:
+    """Median latency of the deployable ONNX graph on this CPU at batch 1 and 64, in ms (measured)."""
+    from slimsearch.evaluators.onnx_graph import INPUT_NAME, onnx_bytes, ort_session
+    from slimsearch.hardware_profiles import measure_latency
+
+    session = ort_session(onnx_bytes(model, task.example_input))
+    out = {}
+    for batch in LATENCY_BATCHES:
+        x = task.val.x[:1].repeat(batch, *[1] * (task.val.x.dim() - 1)).numpy()
+        timing = measure_latency(lambda: session.run(None, {INPUT_NAME: x}), warmup=3, repeats=repeats)
+        key = "latency_ms" if batch == 1 else f"latency_ms_b{batch}"
+        out[f"{key}@{LOCAL}"] = timing.median_ms
+    return out
+
+
+def model_metrics(model: nn.Module, task: Task, profiles: Sequence[str], *, repeats: int = 15) -> Metrics:
+    """Accuracy on validation, size, MACs and BitOps, measured local latency, modelled device costs."""
+    from slimsearch.hardware_profiles import layer_costs, load_profile, predict
+
+    values: dict[str, float | None] = {task.metric_name: score(model, task.val, task)}
+    layers = layer_costs(model, task.example_input)
+    values["size_bytes"] = float(packed_size(model))
+    values["params"] = float(sum(p.numel() for p in model.parameters()))
+    values["macs"] = float(sum(layer.macs for layer in layers))
+    values["bitops"] = float(sum(layer.macs * layer.weight_bits * layer.act_bits for layer in layers))
+    provenance: dict[str, Provenance] = {}
+    for name, value in measure_local(model, task, repeats=repeats).items():
+        values[name] = value
+        provenance[name] = Provenance.MEASURED
+    for name in profiles:
+        pred = predict(layers, load_profile(name))
+        for key, value in (("latency_ms", pred.latency_ms), ("energy_mj", pred.energy_mj),
+                           ("cost_usd_per_1m", pred.cost_usd_per_1m)):
+            values[f"{key}@{name}"] = value
+            provenance[f"{key}@{name}"] = Provenance.MODELLED
+    return Metrics(values=values, provenance=provenance)
+
+
+def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teacher_score: float | None = None) -> Metrics:
+    """Compress the teacher as ``plan`` says and score the result (validation split)."""
+    model = apply_plan(task, plan)
+    metrics = model_metrics(model, task, profiles)
+    if teacher_score is not None:
+        values = dict(metrics.values)
+        values[f"{task.metric_name}_drop"] = teacher_score - values[task.metric_name]
+        metrics = Metrics(values=values, provenance=metrics.provenance)
+    return metrics

@@ -1,0 +1,63 @@
+"""Metrics: what one evaluated candidate scored, each cost figure tagged measured or modelled."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Mapping, Optional
+
+
+class Provenance(str, Enum):
+    """Where a latency, energy or cost figure comes from (DESIGN.md, "Honesty rules")."""
+
+    MEASURED = "measured"
+    MODELLED = "modelled"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Metric values by name (``accuracy``, ``size_bytes``, ``latency_ms@raspberry-pi-4``, ...).
+
+    ``provenance`` says, for every latency, energy and cost metric, whether it was
+    timed on the device (measured) or predicted from its profile (modelled).
+    A value of ``None`` means the metric does not exist for that device (no price).
+    """
+
+    values: Mapping[str, Optional[float]]
+    provenance: Mapping[str, Provenance] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Optional[float]:
+        return self.values[name]
+
+    def to_dict(self) -> dict:
+        return {"values": dict(self.values), "provenance": {k: v.value for k, v in self.provenance.items()}}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Metrics":
+        return cls(
+            values=dict(data["values"]),
+            provenance={k: Provenance(v) for k, v in data.get("provenance", {}).items()},
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "Metrics":
+        return cls.from_dict(json.loads(text))
+
+
+COST_METRICS = ("latency_ms", "latency_ms_b64", "energy_mj", "cost_usd_per_1m")
+
+
+def provenance_of(name: str, local_profile: str = "local") -> Optional[Provenance]:
+    """Whether metric ``name`` is measured or modelled; ``None`` for non-cost metrics.
+
+    Only ``@local`` figures are timed here; every other device's figures come from
+    its profile.
+    """
+    base, _, profile = name.partition("@")
+    if base not in COST_METRICS or not profile:
+        return None
+    return Provenance.MEASURED if profile == local_profile else Provenance.MODELLED

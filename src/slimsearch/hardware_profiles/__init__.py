@@ -1,0 +1,47 @@
+"""Device profiles and what a model costs on them.
+
+A profile is a data file (``profiles/<name>.yaml``) giving a device's peak throughput
+per precision, memory bandwidth, accelerated sparsity patterns, power modes, energy
+per MAC and per byte, price, efficiency factors and a source for every number.
+:func:`predict` turns per-layer costs from :func:`layer_costs` into *modelled*
+latency, energy and cost; :func:`measure_latency` times code on this machine.
+
+Importing this package does not import torch; the functions that need it do.
+"""
+
+from __future__ import annotations
+
+from slimsearch.hardware_profiles._enums import Bound, DeviceKind, OpType, Precision
+from slimsearch.hardware_profiles._layers import LayerCost, layer_costs
+from slimsearch.hardware_profiles._measure import Timing, measure_latency
+from slimsearch.hardware_profiles._predict import (
+    LayerPrediction,
+    Prediction,
+    predict,
+    predict_model,
+)
+from slimsearch.hardware_profiles._profile import (
+    HardwareProfile,
+    PowerMode,
+    list_profiles,
+    load_profile,
+)
+
+__all__ = [
+    "Bound",
+    "DeviceKind",
+    "HardwareProfile",
+    "LayerCost",
+    "LayerPrediction",
+    "OpType",
+    "PowerMode",
+    "Precision",
+    "Prediction",
+    "Timing",
+    "layer_costs",
+    "list_profiles",
+    "load_profile",
+    "measure_latency",
+    "predict",
+    "predict_model",
+]

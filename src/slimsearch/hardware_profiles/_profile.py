@@ -1,0 +1,494 @@
+"""Hardware profiles: one data file per device, loaded into a validated dataclass."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slimsearch.exceptions import ConfigError
+from slimsearch.hardware_profiles._enums import DeviceKind, OpType, Precision
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "HardwareProfile",
+    "PowerMode",
+    "list_profiles",
+    "load_profile",
+    "parse_sparsity_pattern",
+]
+
+SCHEMA_VERSION = 1
+"""Version of the profile file format this code reads and writes."""
+
+_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_PATTERN_RE = re.compile(r"^([1-9][0-9]*):([1-9][0-9]*)$")
+
+
+class _FieldError(ConfigError):
+    """A profile field is not allowed; carries the field path so loaders can name the file."""
+
+    def __init__(self, path: str, message: str, where: str = "hardware profile") -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{where}: {path}: {message}")
+
+
+def parse_sparsity_pattern(pattern: str) -> tuple[int, int]:
+    """Split an ``"N:M"`` pattern (at most N nonzero weights in every M) into ``(N, M)``.
+
+    Raises:
+        ConfigError: ``pattern`` is not of the form ``"N:M"`` with ``0 < N < M``.
+    """
+    match = _PATTERN_RE.match(pattern) if isinstance(pattern, str) else None
+    if match is None or int(match.group(1)) >= int(match.group(2)):
+        raise ConfigError(
+            f"sparsity pattern must be a string 'N:M' with 0 < N < M (e.g. '2:4'), got {pattern!r}"
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
+def _check_number(
+    path: str, value: Any, *, low: float, low_inclusive: bool = True, high: float | None = None
+) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _FieldError(path, f"must be a finite number, got {value!r}")
+    too_low = value < low if low_inclusive else value <= low
+    if too_low or (high is not None and value > high):
+        lower = f">= {low:g}" if low_inclusive else f"> {low:g}"
+        allowed = f"a number {lower}" + (f" and <= {high:g}" if high is not None else "")
+        raise _FieldError(path, f"must be {allowed}, got {value!r}")
+    return float(value)
+
+
+def _coerce_enum(path: str, value: Any, enum: type) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = [member.value for member in enum]
+        raise _FieldError(path, f"{value!r} is not allowed; must be one of {allowed}") from None
+
+
+def _enum_mapping(path: str, value: Any, enum: type, *, low: float, low_inclusive: bool = True,
+                  high: float | None = None) -> dict:
+    if not isinstance(value, Mapping):
+        raise _FieldError(path, f"must be a mapping, got {type(value).__name__}")
+    out = {}
+    for key, number in value.items():
+        member = _coerce_enum(f"{path}.{key}", key, enum)
+        out[member] = _check_number(
+            f"{path}.{member.value}", number, low=low, low_inclusive=low_inclusive, high=high
+        )
+    order = list(enum)
+    return dict(sorted(out.items(), key=lambda item: order.index(item[0])))
+
+
+@dataclass(frozen=True)
+class PowerMode:
+    """One DVFS operating point of a device.
+
+    Attributes:
+        name: The mode's name as the vendor tool knows it (e.g. ``"15W"`` for nvpmodel).
+        clock_mhz: Clock of the engine the profile's peak throughput belongs to.
+        power_w: Power budget (or measured full-load draw) at this operating point.
+        default: Whether this is the mode the device boots in; peaks are quoted at it.
+    """
+
+    name: str
+    clock_mhz: float
+    power_w: float
+    default: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+            raise _FieldError(
+                "power_modes.name",
+                f"must be a name of letters, digits, '-' or '_', got {self.name!r}",
+            )
+        prefix = f"power_modes.{self.name}"
+        object.__setattr__(self, "clock_mhz", _check_number(
+            f"{prefix}.clock_mhz", self.clock_mhz, low=0, low_inclusive=False))
+        object.__setattr__(self, "power_w", _check_number(
+            f"{prefix}.power_w", self.power_w, low=0, low_inclusive=False))
+        if not isinstance(self.default, bool):
+            raise _FieldError(f"{prefix}.default", f"must be true or false, got {self.default!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values."""
+        return {"name": self.name, "clock_mhz": self.clock_mhz, "power_w": self.power_w,
+                "default": self.default}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PowerMode:
+        """Inverse of :meth:`to_dict`."""
+        _check_keys("power_modes[]", data, required=("name", "clock_mhz", "power_w"),
+                    optional=("default",))
+        return cls(**data)
+
+
+def _check_keys(path: str, data: Any, *, required: Sequence[str], optional: Sequence[str] = ()) -> None:
+    if not isinstance(data, Mapping):
+        raise _FieldError(path or "(top level)", f"must be a mapping, got {type(data).__name__}")
+    allowed = [*required, *optional]
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            where = f"{path}.{key}" if path else str(key)
+            raise _FieldError(where, f"unknown key{hint}; allowed keys are {allowed}")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise _FieldError(path or "(top level)", f"missing required key(s) {missing}")
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """What slimsearch knows about one device, and where each number comes from.
+
+    Peak throughput counts two operations per multiply-accumulate and is quoted at the
+    default power mode's clock. Mappings are plain dicts for pickling; treat them as
+    read-only.
+
+    Attributes:
+        name: Profile name, equal to its file name without ``.yaml``.
+        kind: The engine that runs the model (cpu, gpu, npu, fpga, asic).
+        description: One paragraph: the part, its memory, the runtime assumed.
+        peak_gops: Peak dense throughput in GOPS per precision the device has kernels for.
+        memory_bandwidth_gbps: Sustained off-chip memory bandwidth in GB/s.
+        on_chip_memory_bytes: Last-level on-chip memory (cache or SRAM) in bytes.
+        sparsity_patterns: Structured patterns (``"N:M"``) the hardware skips zeros for.
+        power_modes: DVFS operating points; exactly one is the default.
+        idle_power_w: Static draw while powered on, paid for every second of inference.
+        active_power_w: Sustained full-load draw at the default mode; caps modelled power.
+        energy_pj_per_mac: Dynamic energy per multiply-accumulate, by precision.
+        energy_pj_per_byte: Dynamic energy per byte moved to or from off-chip memory.
+        efficiency: Fraction of peak compute really reached, per op type.
+        layer_overhead_us: Fixed cost per layer (dispatch, kernel launch, sync).
+        sources: Field path (e.g. ``"peak_gops.int8"``) to a short citation, for every number.
+        price_usd_per_hour: Rental price, or None when the device is owned, not rented.
+        schema_version: Version of the file format.
+    """
+
+    name: str
+    kind: DeviceKind
+    description: str
+    peak_gops: Mapping[Precision, float]
+    memory_bandwidth_gbps: float
+    on_chip_memory_bytes: int
+    sparsity_patterns: tuple[str, ...]
+    power_modes: tuple[PowerMode, ...]
+    idle_power_w: float
+    active_power_w: float
+    energy_pj_per_mac: Mapping[Precision, float]
+    energy_pj_per_byte: float
+    efficiency: Mapping[OpType, float]
+    layer_overhead_us: float
+    sources: Mapping[str, str]
+    price_usd_per_hour: float | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        try:
+            self._normalise_and_check()
+        except _FieldError as exc:
+            raise _FieldError(exc.path, exc.message, where=f"hardware profile {self.name!r}") from None
+
+    def _normalise_and_check(self) -> None:
+        put = object.__setattr__
+        if self.schema_version != SCHEMA_VERSION or isinstance(self.schema_version, bool):
+            raise _FieldError("schema_version", f"{self.schema_version!r} is not supported; "
+                              f"allowed: [{SCHEMA_VERSION}]")
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+            raise _FieldError("name", f"must be letters, digits, '-' or '_', got {self.name!r}")
+        put(self, "kind", _coerce_enum("kind", self.kind, DeviceKind))
+        if not isinstance(self.description, str) or not self.description.strip():
+            raise _FieldError("description", "must be a non-empty string")
+
+        peak = _enum_mapping("peak_gops", self.peak_gops, Precision, low=0, low_inclusive=False)
+        if not peak:
+            raise _FieldError("peak_gops", "must list at least one precision; allowed: "
+                              f"{[p.value for p in Precision]}")
+        put(self, "peak_gops", peak)
+        put(self, "memory_bandwidth_gbps", _check_number(
+            "memory_bandwidth_gbps", self.memory_bandwidth_gbps, low=0, low_inclusive=False))
+        on_chip = self.on_chip_memory_bytes
+        if isinstance(on_chip, bool) or not isinstance(on_chip, int) or on_chip < 0:
+            raise _FieldError("on_chip_memory_bytes", f"must be an int >= 0, got {on_chip!r}")
+
+        patterns = self.sparsity_patterns
+        if isinstance(patterns, str) or not isinstance(patterns, Sequence):
+            raise _FieldError("sparsity_patterns", f"must be a list such as [] or ['2:4'], got {patterns!r}")
+        for pattern in patterns:
+            try:
+                parse_sparsity_pattern(pattern)
+            except ConfigError as exc:
+                raise _FieldError("sparsity_patterns", str(exc)) from None
+        if len(set(patterns)) != len(patterns):
+            raise _FieldError("sparsity_patterns", f"lists a pattern twice: {list(patterns)}")
+        put(self, "sparsity_patterns", tuple(patterns))
+
+        modes = tuple(self.power_modes)
+        if not modes or not all(isinstance(mode, PowerMode) for mode in modes):
+            raise _FieldError("power_modes", "must be a non-empty list of power modes")
+        names = [mode.name for mode in modes]
+        if len(set(names)) != len(names):
+            raise _FieldError("power_modes", f"names must be unique, got {names}")
+        defaults = [mode.name for mode in modes if mode.default]
+        if len(defaults) != 1:
+            raise _FieldError("power_modes", f"exactly one mode must be default, got {defaults}")
+        put(self, "power_modes", modes)
+
+        idle = _check_number("idle_power_w", self.idle_power_w, low=0)
+        active = _check_number("active_power_w", self.active_power_w, low=0, low_inclusive=False)
+        if idle > active:
+            raise _FieldError("idle_power_w", f"must be <= active_power_w ({active:g}), got {idle:g}")
+        put(self, "idle_power_w", idle)
+        put(self, "active_power_w", active)
+
+        energy = _enum_mapping("energy_pj_per_mac", self.energy_pj_per_mac, Precision, low=0)
+        if set(energy) != set(peak):
+            raise _FieldError("energy_pj_per_mac", "must have exactly the precisions of peak_gops "
+                              f"{[p.value for p in peak]}, got {[p.value for p in energy]}")
+        put(self, "energy_pj_per_mac", energy)
+        put(self, "energy_pj_per_byte", _check_number(
+            "energy_pj_per_byte", self.energy_pj_per_byte, low=0))
+
+        efficiency = _enum_mapping("efficiency", self.efficiency, OpType, low=0,
+                                   low_inclusive=False, high=1)
+        if set(efficiency) != set(OpType):
+            raise _FieldError("efficiency", f"must give every op type {[o.value for o in OpType]}, "
+                              f"got {[o.value for o in efficiency]}")
+        put(self, "efficiency", efficiency)
+        put(self, "layer_overhead_us", _check_number(
+            "layer_overhead_us", self.layer_overhead_us, low=0))
+        if self.price_usd_per_hour is not None:
+            put(self, "price_usd_per_hour", _check_number(
+                "price_usd_per_hour", self.price_usd_per_hour, low=0))
+        self._check_sources()
+
+    def _check_sources(self) -> None:
+        if not isinstance(self.sources, Mapping):
+            raise _FieldError("sources", f"must be a mapping of field path to citation, "
+                              f"got {type(self.sources).__name__}")
+        numbers = self.numeric_fields()
+        for path, citation in self.sources.items():
+            if path not in numbers:
+                raise _FieldError(f"sources.{path}", "names no number in this profile; allowed keys "
+                                  f"are the numeric field paths {list(numbers)}")
+            if not isinstance(citation, str) or not citation.strip():
+                raise _FieldError(f"sources.{path}", "must be a non-empty citation string")
+        for path in numbers:
+            if path not in self.sources:
+                raise _FieldError(f"sources.{path}", "is missing; every number needs a source "
+                                  "(datasheet, paper, or 'estimate: <reasoning>')")
+        object.__setattr__(self, "sources", dict(self.sources))
+
+    def numeric_fields(self) -> dict[str, float]:
+        """Every number in the profile by field path, the keys ``sources`` must cover."""
+        out: dict[str, float] = {}
+        for precision, value in self.peak_gops.items():
+            out[f"peak_gops.{precision.value}"] = value
+        out["memory_bandwidth_gbps"] = self.memory_bandwidth_gbps
+        out["on_chip_memory_bytes"] = self.on_chip_memory_bytes
+        for mode in self.power_modes:
+            out[f"power_modes.{mode.name}.clock_mhz"] = mode.clock_mhz
+            out[f"power_modes.{mode.name}.power_w"] = mode.power_w
+        out["idle_power_w"] = self.idle_power_w
+        out["active_power_w"] = self.active_power_w
+        for precision, value in self.energy_pj_per_mac.items():
+            out[f"energy_pj_per_mac.{precision.value}"] = value
+        out["energy_pj_per_byte"] = self.energy_pj_per_byte
+        for op, value in self.efficiency.items():
+            out[f"efficiency.{op.value}"] = value
+        out["layer_overhead_us"] = self.layer_overhead_us
+        if self.price_usd_per_hour is not None:
+            out["price_usd_per_hour"] = self.price_usd_per_hour
+        return out
+
+    @property
+    def precisions(self) -> tuple[Precision, ...]:
+        """Precisions the device has kernels for, narrowest first."""
+        return tuple(p for p in Precision.ascending() if p in self.peak_gops)
+
+    @property
+    def default_power_mode(self) -> PowerMode:
+        """The mode the peaks are quoted at."""
+        return next(mode for mode in self.power_modes if mode.default)
+
+    def power_mode(self, name: str | None = None) -> PowerMode:
+        """The power mode called ``name``, or the default one when ``name`` is None.
+
+        Raises:
+            ConfigError: No mode has that name; the message lists the modes.
+        """
+        if name is None:
+            return self.default_power_mode
+        for mode in self.power_modes:
+            if mode.name == name:
+                return mode
+        raise ConfigError(f"hardware profile {self.name!r} has no power mode {name!r}; "
+                          f"must be one of {[mode.name for mode in self.power_modes]}")
+
+    def kernel_precision(self, bits: int) -> Precision:
+        """The narrowest precision this device has kernels for that holds ``bits``-bit values.
+
+        A width the device has no kernel for runs at the next wider supported precision.
+
+        Raises:
+            ConfigError: No supported precision is wide enough.
+        """
+        needed = Precision.from_bits(bits)
+        for precision in self.precisions:
+            if precision.bits >= needed.bits:
+                return precision
+        raise ConfigError(f"hardware profile {self.name!r} has no kernel for {bits}-bit values; "
+                          f"it supports {[p.value for p in self.precisions]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values in the layout of a profile file."""
+        return {
+            "schema_version": self.schema_version,
+            "name": self.name,
+            "kind": self.kind.value,
+            "description": self.description,
+            "peak_gops": {p.value: v for p, v in self.peak_gops.items()},
+            "memory_bandwidth_gbps": self.memory_bandwidth_gbps,
+            "on_chip_memory_bytes": self.on_chip_memory_bytes,
+            "sparsity_patterns": list(self.sparsity_patterns),
+            "power_modes": [mode.to_dict() for mode in self.power_modes],
+            "idle_power_w": self.idle_power_w,
+            "active_power_w": self.active_power_w,
+            "energy_pj_per_mac": {p.value: v for p, v in self.energy_pj_per_mac.items()},
+            "energy_pj_per_byte": self.energy_pj_per_byte,
+            "price_usd_per_hour": self.price_usd_per_hour,
+            "efficiency": {op.value: v for op, v in self.efficiency.items()},
+            "layer_overhead_us": self.layer_overhead_us,
+            "sources": dict(self.sources),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, origin: str = "<dict>") -> HardwareProfile:
+        """Build and validate a profile from the values of a profile file.
+
+        Args:
+            data: The parsed file.
+            origin: Where ``data`` came from (a file path); starts every error message.
+
+        Raises:
+            ConfigError: One line naming ``origin``, the field path and what is allowed.
+        """
+        try:
+            _check_keys("", data, required=_REQUIRED_KEYS, optional=_OPTIONAL_KEYS)
+            modes = data["power_modes"]
+            if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence):
+                raise _FieldError("power_modes", f"must be a list of modes, got {modes!r}")
+            parsed_modes = []
+            for index, mode in enumerate(modes):
+                try:
+                    parsed_modes.append(PowerMode.from_dict(mode))
+                except _FieldError as exc:
+                    path = exc.path.replace("power_modes[]", f"power_modes[{index}]")
+                    raise _FieldError(path, exc.message) from None
+            values = {key: data[key] for key in (*_REQUIRED_KEYS, *_OPTIONAL_KEYS) if key in data}
+            values["power_modes"] = tuple(parsed_modes)
+            if values.get("sparsity_patterns") is None:
+                values["sparsity_patterns"] = ()
+            return cls(**values)
+        except _FieldError as exc:
+            raise ConfigError(f"{origin}: {exc.path}: {exc.message}") from None
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        """The profile as JSON text; :meth:`from_json` reads it back equal."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str, *, origin: str = "<json>") -> HardwareProfile:
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict(_parse_text(text, origin=origin, suffix=".json"), origin=origin)
+
+
+_REQUIRED_KEYS = (
+    "name", "kind", "description", "peak_gops", "memory_bandwidth_gbps",
+    "on_chip_memory_bytes", "sparsity_patterns", "power_modes", "idle_power_w",
+    "active_power_w", "energy_pj_per_mac", "energy_pj_per_byte", "efficiency",
+    "layer_overhead_us", "sources",
+)
+_OPTIONAL_KEYS = ("price_usd_per_hour", "schema_version")
+
+
+def _parse_text(text: str, *, origin: str, suffix: str) -> Any:
+    if suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{origin}: not valid JSON: {exc}") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"{origin}: not valid YAML: {detail}") from None
+
+
+def _shipped_dir():  # -> importlib.resources.abc.Traversable
+    from importlib.resources import files
+
+    return files("slimsearch.hardware_profiles") / "profiles"
+
+
+def list_profiles() -> list[str]:
+    """Names of the profiles shipped with slimsearch, sorted."""
+    return sorted(entry.name[: -len(".yaml")] for entry in _shipped_dir().iterdir()
+                  if entry.name.endswith(".yaml"))
+
+
+def load_profile(name_or_path: str | os.PathLike[str] | HardwareProfile) -> HardwareProfile:
+    """Load a shipped profile by name, or any profile file by path (.yaml, .yml or .json).
+
+    A :class:`HardwareProfile` passed in is returned as it is, so callers can accept either.
+
+    Raises:
+        ConfigError: Unknown name (the message lists the shipped names), missing file, or
+            a file that does not validate.
+    """
+    if isinstance(name_or_path, HardwareProfile):
+        return name_or_path
+    text_arg = os.fspath(name_or_path)
+    looks_like_path = (
+        not isinstance(name_or_path, str)
+        or text_arg.endswith(_FILE_SUFFIXES)
+        or os.sep in text_arg
+        or "/" in text_arg
+    )
+    if looks_like_path:
+        path = Path(text_arg)
+        if not path.is_file():
+            raise ConfigError(f"hardware profile file {str(path)!r} does not exist")
+        suffix = path.suffix.lower()
+        if suffix not in _FILE_SUFFIXES:
+            raise ConfigError(f"hardware profile file {str(path)!r} must end with one of "
+                              f"{list(_FILE_SUFFIXES)}")
+        origin = str(path)
+        data = _parse_text(path.read_text(encoding="utf-8"), origin=origin, suffix=suffix)
+        return HardwareProfile.from_dict(data, origin=origin)
+
+    names = list_profiles()
+    if text_arg not in names:
+        raise ConfigError(f"unknown hardware profile {text_arg!r}; must be one of {names} "
+                          "or a path to a .yaml or .json profile file")
+    entry = _shipped_dir() / f"{text_arg}.yaml"
+    origin = str(entry)
+    data = _parse_text(entry.read_text(encoding="utf-8"), origin=origin, suffix=".yaml")
+    profile = HardwareProfile.from_dict(data, origin=origin)
+    if profile.name != text_arg:
+        raise ConfigError(f"{origin}: name: is {profile.name!r} but must equal the file name "
+                          f"{text_arg!r}")
+    return profile

@@ -1,0 +1,234 @@
+"""JobSpec: a validated job file (task, space, objectives, profiles, search, storage).
+
+Every error in a job file becomes one :class:`ConfigError` line naming the file,
+the field path, what was given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from slimsearch.exceptions import ConfigError
+
+WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
+ACT_BITS = (8, 16, 32)
+LOCAL_PROFILE = "local"
+# Metrics every candidate has, whatever the profiles.
+BASE_METRICS = ("size_bytes", "params", "macs", "bitops", "latency_ms@local", "latency_ms_b64@local")
+# Metrics each named (modelled) profile adds, as ``name@profile``.
+PROFILE_METRICS = ("latency_ms", "energy_mj", "cost_usd_per_1m")
+
+
+class Direction(str, Enum):
+    MAX = "max"
+    MIN = "min"
+
+
+class SamplerName(str, Enum):
+    NSGA2 = "nsga2"
+    TPE = "tpe"
+    RANDOM = "random"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_choices(name: str, values: list, allowed_text: str, ok) -> list:
+    if not values:
+        raise ValueError(f"{name} needs at least one choice; allowed: {allowed_text}")
+    for v in values:
+        if isinstance(v, bool) or not ok(v):
+            raise ValueError(f"{name} choice {v!r} is not allowed; allowed: {allowed_text}")
+    return values
+
+
+class LayerChoices(_Frozen):
+    """Choices for one layer; ``None`` means 'as the space's defaults'."""
+
+    prune_ratio: Optional[list[float]] = None
+    weight_bits: Optional[list[int]] = None
+    act_bits: Optional[list[int]] = None
+
+    @field_validator("prune_ratio", mode="before")
+    @classmethod
+    def _ratio(cls, v):
+        return None if v is None else _check_choices(
+            "prune_ratio", _as_list(v), "numbers with 0 <= ratio < 1",
+            lambda r: isinstance(r, (int, float)) and 0 <= r < 1)
+
+    @field_validator("weight_bits", mode="before")
+    @classmethod
+    def _wbits(cls, v):
+        return None if v is None else _check_choices(
+            "weight_bits", _as_list(v), f"{list(WEIGHT_BITS)}", lambda b: b in WEIGHT_BITS)
+
+    @field_validator("act_bits", mode="before")
+    @classmethod
+    def _abits(cls, v):
+        return None if v is None else _check_choices(
+            "act_bits", _as_list(v), f"{list(ACT_BITS)}", lambda b: b in ACT_BITS)
+
+
+class SpaceSpec(LayerChoices):
+    """The search space: choices for every layer, per-layer overrides, distillation."""
+
+    prune_ratio: Optional[list[float]] = [0.0, 0.25, 0.5, 0.75]
+    weight_bits: Optional[list[int]] = [2, 3, 4, 6, 8, 32]
+    act_bits: Optional[list[int]] = [8, 32]
+    distill_steps: list[int] = [100, 200, 300]
+    layers: dict[str, LayerChoices] = {}
+
+    @field_validator("distill_steps", mode="before")
+    @classmethod
+    def _steps(cls, v):
+        return _check_choices("distill_steps", _as_list(v), "whole numbers >= 0",
+                              lambda s: isinstance(s, int) and s >= 0)
+
+
+class SearchSpec(_Frozen):
+    budget: int = Field(24, ge=1, description="trained candidates")
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    sampler: SamplerName = SamplerName.NSGA2
+    seed: int = 0
+
+
+class JobSpec(_Frozen):
+    """A whole job file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    task: str
+    space: SpaceSpec = SpaceSpec()
+    objectives: dict[str, Direction] = {
+        "accuracy": Direction.MAX,
+        "latency_ms_b64@local": Direction.MIN,
+        "size_bytes": Direction.MIN,
+    }
+    profiles: list[str] = ["raspberry-pi-4"]
+    search: SearchSpec = SearchSpec()
+    storage: Optional[str] = Field(None, description="Optuna storage URL; default sqlite in the job folder")
+    tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI; default sqlite in the job folder")
+
+    @field_validator("profiles")
+    @classmethod
+    def _profiles(cls, v: list[str]) -> list[str]:
+        from slimsearch.hardware_profiles import list_profiles
+
+        known = list_profiles()
+        for name in v:
+            if name not in known:
+                raise ValueError(f"unknown profile {name!r}; allowed: {known}")
+        return v
+
+    @model_validator(mode="after")
+    def _objectives(self) -> "JobSpec":
+        if not self.objectives:
+            raise ValueError("objectives: at least one objective is needed")
+        allowed = self.metric_names()
+        for metric in self.objectives:
+            if metric not in allowed:
+                raise ValueError(f"objectives: unknown metric {metric!r}; allowed: {allowed}")
+        return self
+
+    def metric_names(self) -> list[str]:
+        """Every metric a candidate of this job has (the task metric is ``accuracy``)."""
+        names = ["accuracy", "accuracy_drop", *BASE_METRICS]
+        names += [f"{m}@{p}" for p in self.profiles for m in PROFILE_METRICS]
+        return names
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> "JobSpec":
+        return cls.model_validate_json(text)
+
+
+def _as_list(v: Any) -> list:
+    return v if isinstance(v, list) else [v]
+
+
+def load_job(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Read and validate a job file; ``overrides`` maps dotted paths to values (from the CLI)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the job file ({exc.strerror})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a job file must be a mapping with keys {list(JobSpec.model_fields)}")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return validate_job(data, source=str(path))
+
+
+def validate_job(data: dict, *, source: str = "<job>") -> JobSpec:
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_one_line(exc)}") from None
+
+
+def _one_line(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(err["loc"][:-1])
+        return f"{loc}: unknown key; allowed keys here: {allowed}"
+    if err["type"] == "missing":
+        return f"{loc}: required field is missing"
+    given = err.get("input")
+    shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
+    return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The field names of the model found at ``loc`` inside JobSpec."""
+    model: Any = JobSpec
+    skip_key = False
+    for part in loc:
+        if skip_key:  # the key of a dict[str, Model] field
+            skip_key = False
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        model = field.annotation
+        # Optional[X] -> X; dict[str, X] -> X, and the next loc part is the dict key.
+        while get_origin(model) is not None:
+            args = [a for a in get_args(model) if a is not type(None)]
+            if get_origin(model) is dict:
+                model, skip_key = args[1], True
+                break
+            model = args[0]
+    if get_origin(model) is None and isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def dump_job(spec: JobSpec) -> dict:
+    """The job as plain JSON-ready data (for MLflow params and the job folder)."""
+    return json.loads(spec.to_json())

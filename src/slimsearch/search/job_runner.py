@@ -1,0 +1,251 @@
+"""Running a job: task, space, study, Ray trials, MLflow runs, front and plot.
+
+This is the glue between the values of DESIGN.md's one-way flow; each step is a
+call into the module that owns it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from slimsearch.exceptions import ConfigError, JobStateError
+from slimsearch.job import JobSpec
+
+STATE_FILE = "job.json"
+FRONT_FILE = "front.json"
+FRONT_HTML = "front.html"
+
+
+@dataclass(frozen=True)
+class JobResult:
+    out: Path
+    front: list[dict]
+    candidates: list[dict]
+    teacher: dict
+    objectives: dict[str, str]
+
+
+def layer_names(model) -> list[str]:
+    """Names of the Conv2d/Linear layers of ``model``: the layers a plan sets bits for."""
+    from torch import nn
+
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def build_space(spec: JobSpec, task):
+    from slimsearch.evaluators import prunable_layers
+    from slimsearch.spaces import SearchSpace
+
+    return SearchSpace.build(spec.space, layer_names(task.teacher),
+                             prunable_layers(task.teacher, task.example_input), seed=spec.search.seed)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_task(name: str, seed: int):
+    # Per-process cache: a reused Ray worker loads the task (and its data) once, not per trial.
+    from slimsearch.tasks import load_task
+
+    return load_task(name, seed=seed)
+
+
+def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float) -> dict[str, Optional[float]]:
+    """Worker side: params -> plan -> compressed model -> metric values."""
+    from slimsearch.evaluators import evaluate
+
+    spec = JobSpec.from_json(job_json)
+    task = _cached_task(spec.task, spec.search.seed)
+    plan = space.plan_from_params(params)
+    return dict(evaluate(task, plan, spec.profiles, teacher_score=teacher_score).values)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _prepare_folder(spec: JobSpec, out: Path, resume: bool) -> dict:
+    state_path = out / STATE_FILE
+    if resume:
+        if not state_path.exists():
+            raise JobStateError(f"{out}: no job to resume here (no {STATE_FILE}); run without --resume to start one")
+        state = json.loads(state_path.read_text())
+        stored = JobSpec.from_json(json.dumps(state["spec"]))
+        mine, theirs = spec.model_dump(), stored.model_dump()
+        for d in (mine, theirs):
+            d["search"].pop("budget"), d["search"].pop("workers")
+        if mine != theirs:
+            diff = sorted(k for k in mine if mine[k] != theirs[k])
+            raise ConfigError(f"{out}: the job file differs from the job being resumed in {diff}; "
+                              "only search.budget and search.workers may change on --resume")
+        return state
+    if state_path.exists():
+        raise JobStateError(f"{out}: already holds a job; pass --resume to continue it or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write there ({exc.strerror})") from None
+    return {}
+
+
+def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "ray",
+            progress: bool = True, log=print) -> JobResult:
+    """Run (or resume) a job into folder ``out`` and return its front."""
+    from slimsearch.evaluators import model_metrics, score
+    from slimsearch.evaluators.metrics import provenance_of
+    from slimsearch.search.driver import open_study, recover_interrupted, records, run_trials
+    from slimsearch.search.samplers import make_sampler
+    from slimsearch.storage import default_storage_url, default_tracking_uri, redact
+    from slimsearch.storage.tracking import Tracker
+
+    out = Path(out).resolve()
+    state = _prepare_folder(spec, out, resume)
+    objectives = {k: v.value for k, v in spec.objectives.items()}
+    cores = os.cpu_count() or 1
+    workers = spec.search.workers
+    threads = max(1, cores // workers)
+
+    import torch
+
+    torch.set_num_threads(threads)
+    log(f"[slimsearch] task {spec.task}: loading data and teacher (trained once, then cached)")
+    task = _cached_task(spec.task, spec.search.seed)
+    if task.metric_name not in objectives and "accuracy" in objectives and task.metric_name != "accuracy":
+        raise ConfigError(f"objectives: task {spec.task} reports {task.metric_name!r}, not 'accuracy'")
+    space = build_space(spec, task)
+    teacher_metrics = model_metrics(task.teacher, task, spec.profiles)
+    teacher = dict(teacher_metrics.values)
+    teacher[f"{task.metric_name}_test"] = score(task.teacher, task.test, task)
+    teacher_score = teacher[task.metric_name]
+
+    storage_url = spec.storage or default_storage_url(out)
+    tracking_uri = spec.tracking_uri or default_tracking_uri(out)
+    study = open_study(storage_url, spec.name, objectives,
+                       make_sampler(spec.search.sampler.value, seed=spec.search.seed, budget=spec.search.budget))
+    if resume:
+        requeued = recover_interrupted(study)
+        if requeued:
+            log(f"[slimsearch] {requeued} trial(s) interrupted by the last stop will run again")
+    done = sum(1 for r in records(study) if r.state.value == "complete")
+    remaining = max(0, spec.search.budget - done)
+
+    tracker = Tracker(tracking_uri, spec.name, artifact_root=out / "mlartifacts")
+    params = {"job": spec.to_json(), "task": spec.task, "budget": spec.search.budget, "sampler": spec.search.sampler.value,
+              "workers": workers, "storage": redact(storage_url)}
+    parent = tracker.start_parent(spec.name, params, parent_id=state.get("parent_run_id"))
+    if not resume:
+        tracker.log_parent_metrics({f"teacher.{k}": v for k, v in teacher.items()})
+    state = {"spec": json.loads(spec.to_json()), "parent_run_id": parent, "study_name": spec.name,
+             "storage": storage_url, "tracking_uri": tracking_uri, "teacher": teacher,
+             "teacher_sha256": task.teacher_sha256, "created": state.get("created", time.time())}
+    _write_json(out / STATE_FILE, state)
+
+    log(f"[slimsearch] {done} of {spec.search.budget} candidates done; running {remaining} "
+        f"on {workers} worker(s) x {threads} thread(s)")
+    bar = _progress(spec.search.budget, done, progress)
+
+    def on_trial(record) -> None:
+        provenance = {k: p.value for k in record.values if (p := provenance_of(k)) is not None}
+        plan = space.plan_from_params(record.params)
+        tracker.log_candidate(record.number, record.params, record.values, provenance, plan.to_json(),
+                              failed=record.error)
+        if bar is not None:
+            complete = [r for r in records(study) if r.state.value == "complete"]
+            bar.set_postfix_str(f"front {len(_front_numbers(complete, objectives))}, last {record.state.value}")
+            bar.update(1 if record.state.value == "complete" else 0)
+
+    job_fn = functools.partial(evaluate_params, job_json=spec.to_json(), space=space, teacher_score=teacher_score)
+    started_ray = False
+    status = "FAILED"
+    try:
+        if remaining and executor == "ray":
+            started_ray = _start_ray(workers * threads)
+        run_trials(study, dict(space.choices), job_fn, objectives, n_trials=remaining, executor=executor,
+                   workers=workers, threads_per_worker=threads, listener=on_trial,
+                   ray_storage=str(out / "ray"))
+        status = "FINISHED"
+    finally:
+        if bar is not None:
+            bar.close()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        result = _finish(study, space, tracker, out, objectives, teacher, task.metric_name, state)
+        tracker.finish(status)
+    return result
+
+
+def _front_numbers(complete, objectives) -> set[int]:
+    from slimsearch.search.pareto import pareto_front
+
+    pts = [[r.values[m] for m in objectives] for r in complete]
+    return {complete[i].number for i in pareto_front(pts, list(objectives.values()))}
+
+
+def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, state) -> JobResult:
+    """Reconcile MLflow with the study, mark the front, write front.json and the plot."""
+    from slimsearch.dashboards import front_info, write_front_html
+    from slimsearch.evaluators.metrics import provenance_of
+    from slimsearch.search.driver import records
+
+    all_records = records(study)
+    children = tracker.children()
+    for r in all_records:  # a trial told to the study but not yet logged (driver killed in between)
+        if r.number not in children:
+            provenance = {k: p.value for k in r.values if (p := provenance_of(k)) is not None}
+            children[r.number] = tracker.log_candidate(
+                r.number, r.params, r.values, provenance, space.plan_from_params(r.params).to_json(), failed=r.error)
+    complete = [r for r in all_records if r.state.value == "complete"]
+    front = _front_numbers(complete, objectives)
+    tracker.set_pareto(children, front)
+    candidates = []
+    for r in complete:
+        plan = space.plan_from_params(r.params)
+        provenance = {k: p.value for k in r.values if (p := provenance_of(k)) is not None}
+        candidates.append({"trial": r.number, "run_id": children.get(r.number), "params": r.params,
+                           "plan": plan.to_dict(), "describe": plan.describe(), "metrics": r.values,
+                           "provenance": provenance, "on_front": r.number in front})
+    front_list = sorted((c for c in candidates if c["on_front"]), key=lambda c: c["trial"])
+    data = {"job": state["spec"]["name"], "objectives": objectives, "metric": metric_name, "teacher": teacher,
+            "front": front_list, "candidates": candidates,
+            "failed": [{"trial": r.number, "error": r.error} for r in all_records if r.state.value == "failed"]}
+    _write_json(out / FRONT_FILE, data)
+    tracker.log_artifact(out / FRONT_FILE)
+    if len(objectives) >= 2 and candidates:
+        provenance = {k: v for c in candidates for k, v in c["provenance"].items()}
+        info = front_info(candidates, objectives, front=front, teacher=teacher, provenance=provenance)
+        write_front_html(info, out / FRONT_HTML)
+        tracker.log_artifact(out / FRONT_HTML)
+    return JobResult(out=out, front=front_list, candidates=candidates, teacher=teacher, objectives=objectives)
+
+
+def _start_ray(num_cpus: int) -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             configure_logging=True)
+    return True
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="candidates", unit="cand", file=sys.stderr, dynamic_ncols=True)

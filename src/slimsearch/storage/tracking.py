@@ -1,0 +1,116 @@
+"""MLflow conventions: one parent run per job, one nested child run per candidate.
+
+Uses ``MlflowClient`` with explicit run ids instead of the fluent ``mlflow.start_run``
+API, so nothing depends on a process-global active run and each candidate is one
+``log_batch`` call.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Mapping, Optional
+
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_TAG = "slimsearch.trial"
+JOB_TAG = "slimsearch.job"
+ROLE_TAG = "slimsearch.role"
+
+
+def mlflow_key(name: str) -> str:
+    """The MLflow name of metric ``name``: MLflow forbids ``@``, so ``latency_ms@pi`` is ``latency_ms/pi``."""
+    return name.replace("@", "/")
+
+
+def _client(tracking_uri: str):
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+class Tracker:
+    """Writes a job's runs to an MLflow store. The constructor only stores its arguments."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Optional[Path] = None):
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.artifact_root = artifact_root
+        self._client_obj = None
+        self.parent_id: Optional[str] = None
+
+    @property
+    def client(self):
+        if self._client_obj is None:
+            self._client_obj = _client(self.tracking_uri)
+        return self._client_obj
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        location = self.artifact_root.resolve().as_uri() if self.artifact_root else None
+        return self.client.create_experiment(self.experiment, artifact_location=location)
+
+    def start_parent(self, job_name: str, params: Mapping[str, str], parent_id: Optional[str] = None) -> str:
+        """Create the job's parent run, or reopen ``parent_id`` when resuming."""
+        if parent_id:
+            self.client.update_run(parent_id, status="RUNNING")
+            self.parent_id = parent_id
+            return parent_id
+        run = self.client.create_run(self._experiment_id(), run_name=job_name,
+                                     tags={JOB_TAG: job_name, ROLE_TAG: "job"})
+        self.parent_id = run.info.run_id
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.parent_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        return self.parent_id
+
+    def log_candidate(self, number: int, params: Mapping[str, str], values: Mapping[str, Optional[float]],
+                      provenance: Mapping[str, str], plan_json: str, *, failed: Optional[str] = None) -> str:
+        """One nested child run holding a candidate's plan, metrics and provenance tags."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        tags = {PARENT_TAG: self.parent_id, TRIAL_TAG: str(number), ROLE_TAG: "candidate"}
+        tags.update({f"provenance.{mlflow_key(k)}": v for k, v in provenance.items()})
+        if failed:
+            tags["error"] = failed[:5000]
+        run = self.client.create_run(self._experiment_id(), run_name=f"trial-{number}", tags=tags)
+        run_id = run.info.run_id
+        now = int(time.time() * 1000)
+        metrics = [Metric(mlflow_key(k), float(v), now, 0) for k, v in values.items() if v is not None]
+        params_list = [Param(k, str(v)) for k, v in params.items()] + [Param("plan", plan_json[:6000])]
+        self.client.log_batch(run_id, metrics=metrics, params=params_list)
+        self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+        return run_id
+
+    def children(self) -> dict[int, str]:
+        """Trial number -> child run id, for every candidate already logged under the parent."""
+        runs = self.client.search_runs(
+            [self._experiment_id()], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'", max_results=50000
+        )
+        return {int(r.data.tags[TRIAL_TAG]): r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
+
+    def set_pareto(self, children: Mapping[int, str], front: set[int]) -> None:
+        for number, run_id in children.items():
+            self.client.set_tag(run_id, "pareto", "true" if number in front else "false")
+
+    def log_parent_metrics(self, values: Mapping[str, Optional[float]]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.parent_id, metrics=[Metric(mlflow_key(k), float(v), now, 0) for k, v in values.items()
+                                                       if v is not None])
+
+    def log_artifact(self, path: Path) -> None:
+        self.client.log_artifact(self.parent_id, str(path))
+
+    def log_dict(self, data: dict, name: str) -> None:
+        self.client.log_text(self.parent_id, json.dumps(data, indent=2), name)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.parent_id, status=status)

@@ -1,0 +1,12 @@
+"""What is compressed: built-in tasks and the loader for a user's own.
+
+A job names a task by a built-in name (``mnist``, ``digits``) or as
+``package.module:function`` returning a :class:`Task`.
+"""
+
+from __future__ import annotations
+
+from slimsearch.tasks._base import Preprocessing, Split, Task, accuracy
+from slimsearch.tasks._registry import BUILTIN_TASKS, load_task
+
+__all__ = ["BUILTIN_TASKS", "Preprocessing", "Split", "Task", "accuracy", "load_task"]

@@ -1,0 +1,76 @@
+"""The Task value: what is compressed and how it is scored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Split:
+    """Inputs and labels of one data split, as tensors."""
+
+    x: "torch.Tensor"
+    y: "torch.Tensor"
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw inputs become model inputs: ``(raw * scale - mean) / std``."""
+
+    input_name: str
+    input_shape: tuple[int, ...]
+    input_dtype: str
+    scale: float
+    mean: float
+    std: float
+    layout: str
+
+    def to_dict(self) -> dict:
+        return {
+            "input_name": self.input_name,
+            "input_shape": list(self.input_shape),
+            "input_dtype": self.input_dtype,
+            "scale": self.scale,
+            "mean": self.mean,
+            "std": self.std,
+            "layout": self.layout,
+        }
+
+
+@dataclass(frozen=True)
+class Task:
+    """A teacher, its data splits, a metric and an example input.
+
+    Attributes:
+        name: the task's name as a job file gives it.
+        teacher: the trained model, in eval mode.
+        train, val, test: data splits; validation chooses the front, test reports it.
+        metric: ``metric(logits, labels) -> float``, higher is better.
+        metric_name: the metric's name in Metrics, MLflow and plots.
+        example_input: one batch-1 input.
+        preprocessing: what an exported model expects of its input.
+        teacher_sha256: hash of the teacher's weights file, so a changed teacher is noticed.
+    """
+
+    name: str
+    teacher: "torch.nn.Module"
+    train: Split
+    val: Split
+    test: Split
+    metric: Callable[["torch.Tensor", "torch.Tensor"], float]
+    metric_name: str
+    example_input: "torch.Tensor"
+    preprocessing: Preprocessing
+    teacher_sha256: str = field(default="")
+
+
+def accuracy(logits: "torch.Tensor", labels: "torch.Tensor") -> float:
+    """Top-1 accuracy as a fraction in [0, 1]."""
+    return float((logits.argmax(dim=1) == labels).float().mean().item())

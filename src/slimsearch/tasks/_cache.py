@@ -1,0 +1,51 @@
+"""Where trained teachers are kept, so a second run does not retrain them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """The teacher cache: ``$SLIMSEARCH_CACHE`` or ``~/.cache/slimsearch``."""
+    root = os.environ.get("SLIMSEARCH_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "slimsearch"
+    )
+    return Path(root)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_or_train(path: Path, model, train_fn) -> str:
+    """Load ``model``'s weights from ``path``, or train and save them there first.
+
+    Weights load only through ``torch.load(weights_only=True)``. The file is written
+    to a temporary name and renamed, so a reader (another worker, a crashed run)
+    never sees half a file. Returns the file's sha256.
+    """
+    import torch
+
+    from slimsearch.exceptions import SlimSearchError
+
+    if not path.exists():
+        train_fn(model)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as exc:  # a truncated or foreign file: say which, and how to fix it
+        raise SlimSearchError(
+            f"teacher cache {path} is unreadable ({type(exc).__name__}); delete it to retrain"
+        ) from exc
+    model.eval()
+    return file_sha256(path)

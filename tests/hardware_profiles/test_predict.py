@@ -1,0 +1,148 @@
+"""predict(): roofline latency, energy, cost and their monotonic behaviour."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from slimsearch.exceptions import ConfigError
+from slimsearch.hardware_profiles import (
+    Bound,
+    LayerCost,
+    Prediction,
+    layer_costs,
+    list_profiles,
+    load_profile,
+    predict,
+    predict_model,
+)
+
+PROFILES = list_profiles()
+
+
+def _layer(bits: int = 32, *, macs: int = 200_000_000, nbytes: int = 100_000,
+           op: str = "conv", pattern: str | None = None, name: str = "layer") -> LayerCost:
+    return LayerCost(name=name, op=op, macs=macs, params=nbytes // 8, weight_bits=bits,
+                     act_bits=bits, weight_bytes=nbytes // 2, act_bytes=nbytes // 2,
+                     sparsity=0.5 if pattern else 0.0, sparsity_pattern=pattern)
+
+
+def _mixed_layers(make_cnn) -> list[LayerCost]:
+    layers = layer_costs(make_cnn(16), torch.randn(1, 3, 64, 64))
+    for bits in (4, 8, 16, 32):
+        layers.append(_layer(bits, name=f"compute{bits}"))
+        layers.append(_layer(bits, macs=1_000, nbytes=50_000_000, op="linear", name=f"memory{bits}"))
+    return layers
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_doubling_bandwidth_never_makes_a_prediction_slower(name, make_cnn):
+    profile = load_profile(name)
+    faster = dataclasses.replace(profile, memory_bandwidth_gbps=2 * profile.memory_bandwidth_gbps)
+    layers = _mixed_layers(make_cnn)
+    for mode in profile.power_modes:
+        slow = predict(layers, profile, power_mode=mode.name)
+        fast = predict(layers, faster, power_mode=mode.name)
+        assert fast.latency_ms <= slow.latency_ms
+        for a, b in zip(fast.per_layer, slow.per_layer):
+            assert a.latency_ms <= b.latency_ms
+        # a memory-bound layer gets strictly faster
+        assert fast.per_layer[-1].latency_ms < slow.per_layer[-1].latency_ms
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_four_bit_layer_costs_int8_latency_without_int4_kernels(name):
+    profile = load_profile(name)
+    assert "int4" not in {p.value for p in profile.precisions}
+    int4 = predict([_layer(4)], profile)
+    int8 = predict([_layer(8)], profile)
+    assert int4.latency_ms == pytest.approx(int8.latency_ms)
+    assert int4.per_layer[0].bound is Bound.COMPUTE
+
+
+def test_precision_without_kernels_costs_the_next_wider_one():
+    pi, orin = load_profile("raspberry-pi-4"), load_profile("jetson-orin-nano")
+    # no fp16 arithmetic on Cortex-A72: a 16-bit layer runs at fp32 speed
+    assert predict([_layer(16)], pi).latency_ms == pytest.approx(predict([_layer(32)], pi).latency_ms)
+    # the Orin GPU has fp16 Tensor Cores: faster than fp32, slower than int8
+    fp32, fp16, int8 = (predict([_layer(b)], orin).latency_ms for b in (32, 16, 8))
+    assert fp32 > fp16 > int8
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_pruned_model_predicts_lower_latency_and_energy(name, make_cnn):
+    x = torch.randn(1, 3, 96, 96)
+    full = predict_model(make_cnn(32), x, name)
+    pruned = predict_model(make_cnn(16), x, name)
+    assert pruned.latency_ms < full.latency_ms
+    assert pruned.energy_mj < full.energy_mj
+
+
+def test_lower_clock_power_mode_is_slower_but_draws_less_power(make_cnn):
+    layers = layer_costs(make_cnn(64), torch.randn(1, 3, 112, 112))
+    fast = predict(layers, "jetson-orin-nano", power_mode="15W")
+    slow = predict(layers, "jetson-orin-nano", power_mode="7W")
+    assert (fast.power_mode, slow.power_mode) == ("15W", "7W")
+    assert slow.latency_ms > fast.latency_ms
+    assert slow.average_power_w < fast.average_power_w
+    assert slow.average_power_w <= 7.0
+    assert predict(layers, "jetson-orin-nano") == fast
+
+
+def test_structured_sparsity_speeds_compute_only_where_accelerated():
+    dense, sparse = _layer(8), _layer(8, pattern="2:4")
+    orin = load_profile("jetson-orin-nano")
+    assert predict([sparse], orin).latency_ms < predict([dense], orin).latency_ms
+    pi = load_profile("raspberry-pi-4")
+    assert predict([sparse], pi).latency_ms == predict([dense], pi).latency_ms
+
+
+def test_latency_is_the_roofline_plus_overhead():
+    pi = load_profile("raspberry-pi-4")
+    layer = _layer(32)
+    compute_s = 2 * layer.macs / (48e9 * 0.35)
+    memory_s = layer.total_bytes / 5.5e9
+    expected_ms = (max(compute_s, memory_s) + 10e-6) * 1e3
+    assert predict([layer], pi).latency_ms == pytest.approx(expected_ms)
+
+
+def test_cost_is_none_unpriced_and_follows_the_price_otherwise():
+    layer = _layer(8)
+    pi = load_profile("raspberry-pi-4")
+    assert predict([layer], pi).cost_usd_per_1m is None
+    priced = dataclasses.replace(
+        pi, price_usd_per_hour=3.6, sources={**pi.sources, "price_usd_per_hour": "estimate: test"})
+    prediction = predict([layer], priced)
+    assert prediction.cost_usd_per_1m == pytest.approx(3.6 / 3600 * prediction.latency_ms / 1e3 * 1e6)
+
+
+def test_small_cnn_latencies_are_realistic(make_cnn):
+    x = torch.randn(1, 3, 224, 224)
+    pi = predict_model(make_cnn(32), x, "raspberry-pi-4")
+    orin = predict_model(make_cnn(32), x, "jetson-orin-nano")
+    assert 1.0 < pi.latency_ms < 500.0
+    assert 0.05 < orin.latency_ms < pi.latency_ms
+    assert 2.7 <= pi.average_power_w <= 6.4
+
+
+def test_errors_name_what_is_wrong():
+    with pytest.raises(ConfigError, match="must be one of"):
+        predict([_layer()], "jetson-orin-nano", power_mode="MAXN")
+    with pytest.raises(ConfigError, match="unknown hardware profile"):
+        predict([_layer()], "tpu-v9")
+    pi = load_profile("raspberry-pi-4")
+    int8_only = dataclasses.replace(
+        pi, peak_gops={"int8": 96.0}, energy_pj_per_mac={"int8": 175.0},
+        sources={k: v for k, v in pi.sources.items() if "fp32" not in k})
+    with pytest.raises(ConfigError, match=r"layer 'wide'.*no kernel for 32-bit"):
+        predict([_layer(32, name="wide")], int8_only)
+
+
+def test_prediction_round_trips_through_json(make_cnn):
+    prediction = predict_model(make_cnn(8), torch.randn(1, 3, 32, 32), "jetson-orin-nano")
+    again = Prediction.from_dict(json.loads(json.dumps(prediction.to_dict())))
+    assert again == prediction
+    assert predict([], "raspberry-pi-4").latency_ms == 0.0
