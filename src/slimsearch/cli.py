@@ -103,10 +103,10 @@ def _export(args) -> int:
     from slimsearch.export import export_job
 
     manifest = export_job(Path(args.job_dir), Path(args.out), run_id=args.run_id)
-    m = manifest["metrics"]
-    print(f"Exported trial {manifest['trial']} (run {manifest['run_id']}) to {args.out}")
-    print(f"  test accuracy (onnxruntime): {manifest['test_accuracy_onnxruntime']:.4f}; "
-          f"recorded validation accuracy: {m.get('accuracy', float('nan')):.4f}")
+    recorded = manifest["metrics"].get("accuracy_test")
+    print(f"Exported trial {manifest['trial']} (run {manifest['run_id']}) to {args.out}: {manifest['selection']}")
+    print(f"  test accuracy of model.onnx in onnxruntime: {manifest['test_accuracy_onnxruntime']:.4f} "
+          f"(recorded: {'-' if recorded is None else f'{recorded:.4f}'})")
     print(f"  files: {', '.join(sorted(manifest['files']))}")
     return 0
 

@@ -1,0 +1,156 @@
+"""Deployable artifacts from a recorded plan: ONNX, TorchScript and a verified manifest.
+
+The exported model is rebuilt from the plan recorded in the job and the teacher,
+not copied from a worker, so what ships is reproducible from the job's records;
+the exported file's test score, run in onnxruntime, must match the record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Optional
+
+from slimsearch.exceptions import ConfigError, JobStateError
+
+ACCURACY_WINDOW = 0.01  # default choice: within 1 point of the teacher
+REBUILD_TOLERANCE = 0.005  # the exported file may differ from the recorded test score by at most 0.5 points
+
+
+def _read_job(job_dir: Path) -> tuple[dict, dict]:
+    from slimsearch.search.job_runner import FRONT_FILE, STATE_FILE
+
+    state_path, front_path = job_dir / STATE_FILE, job_dir / FRONT_FILE
+    if not state_path.exists() or not front_path.exists():
+        raise JobStateError(f"{job_dir}: not a finished job folder (needs {STATE_FILE} and {FRONT_FILE}); "
+                            "run `slimsearch run` first")
+    return json.loads(state_path.read_text()), json.loads(front_path.read_text())
+
+
+def latency_objective(objectives: dict) -> str:
+    """The latency the default choice minimises: the first latency objective, else measured batch 64."""
+    for name in objectives:
+        if name.startswith("latency_ms"):
+            return name
+    return "latency_ms_b64@local"
+
+
+def choose(front: dict, run_id: Optional[str] = None) -> tuple[dict, str]:
+    """The candidate to export and the rule that chose it.
+
+    With ``run_id``: that candidate. Otherwise the fastest front member whose
+    validation metric is within 1 point of the teacher's; if none is, the most
+    accurate front member.
+    """
+    metric = front["metric"]
+    if run_id:
+        for c in front["candidates"]:
+            if c["run_id"] == run_id:
+                return c, f"--run {run_id}"
+        known = [c["run_id"] for c in front["front"]]
+        raise ConfigError(f"--run: no candidate of this job has run id {run_id!r}; front members: {known}")
+    if not front["front"]:
+        raise JobStateError("the job has no completed candidate to export")
+    speed = latency_objective(front["objectives"])
+    floor = front["teacher"][metric] - ACCURACY_WINDOW
+    close = [c for c in front["front"] if c["metrics"][metric] >= floor]
+    if close:
+        best = min(close, key=lambda c: c["metrics"][speed])
+        return best, f"fastest ({speed}) front member with {metric} >= teacher - {ACCURACY_WINDOW:g}"
+    best = max(front["front"], key=lambda c: c["metrics"][metric])
+    return best, f"no front member within {ACCURACY_WINDOW:g} of the teacher's {metric}; most accurate front member"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("slimsearch", "torch", "onnx", "onnxruntime", "optuna", "mlflow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None) -> dict:
+    """Rebuild a front member, verify it, and write ``model.onnx``, ``model.pt`` and ``manifest.json``."""
+    import torch
+
+    from slimsearch.evaluators import apply_plan, score
+    from slimsearch.evaluators.evaluate import measure_local
+    from slimsearch.evaluators.onnx_graph import onnx_bytes, ort_predict, ort_session
+    from slimsearch.job import JobSpec
+    from slimsearch.spaces import CompressionPlan
+    from slimsearch.tasks import load_task
+
+    job_dir = Path(job_dir).resolve()
+    state, front = _read_job(job_dir)
+    candidate, rule = choose(front, run_id)
+    spec = JobSpec.from_json(json.dumps(state["spec"]))
+    task = load_task(spec.task, seed=spec.search.seed)
+    if state.get("teacher_sha256") and task.teacher_sha256 != state["teacher_sha256"]:
+        raise JobStateError(f"{job_dir}: the teacher of task {spec.task!r} changed since the search "
+                            f"(sha256 {task.teacher_sha256[:12]} != {state['teacher_sha256'][:12]}); "
+                            "results would not match the record")
+    plan = CompressionPlan.from_dict(candidate["plan"])
+    model = apply_plan(task, plan)
+    metric = front["metric"]
+    rebuilt_val = score(model, task.val, task)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path, ts_path, manifest_path = out / "model.onnx", out / "model.pt", out / "manifest.json"
+    onnx_path.write_bytes(onnx_bytes(model, task.example_input))
+    with torch.no_grad():
+        traced = torch.jit.trace(model, task.example_input)
+    traced.save(str(ts_path))
+
+    session = ort_session(str(onnx_path))
+    test_ort = task.metric(ort_predict(session, task.test.x), task.test.y)
+    recorded = candidate["metrics"].get(f"{metric}_test")
+    if recorded is not None and abs(test_ort - recorded) > REBUILD_TOLERANCE:
+        for path in (onnx_path, ts_path):
+            path.unlink()
+        raise JobStateError(f"the exported file of trial {candidate['trial']} scores test {metric}={test_ort:.4f} "
+                            f"in onnxruntime, the record says {recorded:.4f} (tolerance {REBUILD_TOLERANCE}); "
+                            "nothing exported")
+    latency_model = measure_local(model, task)
+    latency_teacher = measure_local(task.teacher, task)
+    manifest = {
+        "job": front["job"],
+        "trial": candidate["trial"],
+        "run_id": candidate["run_id"],
+        "selection": rule,
+        "plan": candidate["plan"],
+        "plan_text": candidate["describe"],
+        "metrics": candidate["metrics"],
+        "provenance": candidate["provenance"],
+        f"validation_{metric}_rebuilt": rebuilt_val,
+        f"test_{metric}_recorded": recorded,
+        f"test_{metric}_onnxruntime": test_ort,
+        f"test_{metric}_teacher": front["teacher"].get(f"{metric}_test"),
+        "latency_at_export_measured_ms": {
+            "note": "onnxruntime on this machine's CPU, measured back to back at export time",
+            "model": latency_model,
+            "teacher": latency_teacher,
+        },
+        "input": {"name": task.preprocessing.input_name, "shape": list(task.preprocessing.input_shape),
+                  "dtype": task.preprocessing.input_dtype, "batch_dimension": "dynamic"},
+        "preprocessing": task.preprocessing.to_dict(),
+        "teacher_sha256": task.teacher_sha256,
+        "versions": _versions(),
+        "files": {p.name: _sha256(p) for p in (onnx_path, ts_path)},
+    }
+    # The test_accuracy key is what the CLI prints; keep one name for it.
+    manifest["test_accuracy_onnxruntime"] = test_ort
+    tmp = manifest_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, manifest_path)
+    return manifest
