@@ -63,7 +63,8 @@ def _run(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / spec.name
     from slimsearch.search.job_runner import run_job
 
-    result = run_job(spec, out, resume=args.resume, executor=args.executor, progress=not args.no_progress)
+    result = run_job(spec, out, resume=args.resume, executor=args.executor, progress=not args.no_progress,
+                     source=args.job)
     print(format_front(result))
     print(f"\nJob folder: {result.out}\n  front: {result.out / 'front.json'}, plot: {result.out / 'front.html'}"
           f"\n  MLflow: mlflow ui --backend-store-uri sqlite:///{result.out / 'mlflow.db'}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_origin
@@ -114,6 +115,15 @@ class JobSpec(_Frozen):
     search: SearchSpec = SearchSpec()
     storage: Optional[str] = Field(None, description="Optuna storage URL; default sqlite in the job folder")
     tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI; default sqlite in the job folder")
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        from slimsearch.tasks import BUILTIN_TASKS
+
+        if v not in BUILTIN_TASKS and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
+            raise ValueError(f"unknown task {v!r}; allowed: one of {list(BUILTIN_TASKS)} or 'package.module:function'")
+        return v
 
     @field_validator("profiles")
     @classmethod

@@ -99,8 +99,11 @@ def _prepare_folder(spec: JobSpec, out: Path, resume: bool) -> dict:
 
 
 def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "ray",
-            progress: bool = True, log=print) -> JobResult:
-    """Run (or resume) a job into folder ``out`` and return its front."""
+            progress: bool = True, log=print, source: str = "<job>") -> JobResult:
+    """Run (or resume) a job into folder ``out`` and return its front.
+
+    ``source`` names the job file in error messages.
+    """
     from slimsearch.evaluators import model_metrics, score
     from slimsearch.evaluators.metrics import provenance_of
     from slimsearch.search.driver import open_study, recover_interrupted, records, run_trials
@@ -109,7 +112,6 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     from slimsearch.storage.tracking import Tracker
 
     out = Path(out).resolve()
-    state = _prepare_folder(spec, out, resume)
     objectives = {k: v.value for k, v in spec.objectives.items()}
     cores = os.cpu_count() or 1
     workers = spec.search.workers
@@ -119,10 +121,14 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
 
     torch.set_num_threads(threads)
     log(f"[slimsearch] task {spec.task}: loading data and teacher (trained once, then cached)")
-    task = _cached_task(spec.task, spec.search.seed)
-    if task.metric_name not in objectives and "accuracy" in objectives and task.metric_name != "accuracy":
-        raise ConfigError(f"objectives: task {spec.task} reports {task.metric_name!r}, not 'accuracy'")
-    space = build_space(spec, task)
+    try:  # what the job file names must fit the task; say so before anything is written
+        task = _cached_task(spec.task, spec.search.seed)
+        if "accuracy" in objectives and task.metric_name != "accuracy":
+            raise ConfigError(f"objectives: task {spec.task} reports {task.metric_name!r}, not 'accuracy'")
+        space = build_space(spec, task)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    state = _prepare_folder(spec, out, resume)
     teacher_metrics = model_metrics(task.teacher, task, spec.profiles)
     teacher = dict(teacher_metrics.values)
     teacher[f"{task.metric_name}_test"] = score(task.teacher, task.test, task)
