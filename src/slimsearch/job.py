@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slimsearch.exceptions import ConfigError
+from slimsearch.search.samplers import Sampler
 
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
 ACT_BITS = (8, 16, 32)
@@ -29,12 +30,6 @@ PROFILE_METRICS = ("latency_ms", "energy_mj", "cost_usd_per_1m")
 class Direction(str, Enum):
     MAX = "max"
     MIN = "min"
-
-
-class SamplerName(str, Enum):
-    NSGA2 = "nsga2"
-    TPE = "tpe"
-    RANDOM = "random"
 
 
 class _Frozen(BaseModel):
@@ -96,7 +91,7 @@ class SpaceSpec(LayerChoices):
 class SearchSpec(_Frozen):
     budget: int = Field(24, ge=1, description="trained candidates")
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
-    sampler: SamplerName = SamplerName.NSGA2
+    sampler: Sampler = Sampler.NSGA2
     seed: int = 0
 
 

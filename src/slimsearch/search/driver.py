@@ -106,6 +106,7 @@ def recover_interrupted(study) -> int:
 
     count = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        # Optuna has no public way to annotate a trial this process did not ask for.
         study._storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, "interrupted: the driver stopped")
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(dict(t.params), skip_if_exists=False)
@@ -118,21 +119,20 @@ class _Teller:
 
     def __init__(self, study, space: Space, objectives: Mapping[str, str], listener):
         self.study, self.space, self.objectives, self.listener = study, space, objectives, listener
-        self.started: dict[int, float] = {}
+        self.running: dict[int, tuple[Any, float]] = {}  # number -> (optuna trial, start time)
 
     def ask(self) -> tuple[int, dict]:
         trial = self.study.ask()
         params = {name: trial.suggest_categorical(name, list(choices)) for name, choices in self.space.items()}
-        self.started[trial.number] = time.time()
+        self.running[trial.number] = (trial, time.time())
         return trial.number, params
 
     def tell(self, number: int, params: dict, outcome: dict) -> TrialRecord:
         import optuna
 
-        storage, trial_id = self.study._storage, self.study._storage.get_trial_id_from_study_id_trial_number(
-            self.study._study_id, number)
-        duration = time.time() - self.started.pop(number, time.time())
-        storage.set_trial_user_attr(trial_id, DURATION_ATTR, duration)
+        trial, started = self.running.pop(number)
+        duration = time.time() - started
+        trial.set_user_attr(DURATION_ATTR, duration)
         error = outcome.get("error")
         values = outcome.get("values") or {}
         if error is None:
@@ -142,13 +142,13 @@ class _Teller:
         if error is None and any(v != v for v in (values[m] for m in self.objectives)):
             error = "an objective is NaN"
         if values:
-            storage.set_trial_user_attr(trial_id, METRICS_ATTR, values)
+            trial.set_user_attr(METRICS_ATTR, values)
         if error is None:
-            self.study.tell(number, [float(values[m]) for m in self.objectives])
+            self.study.tell(trial, [float(values[m]) for m in self.objectives])
             state = TrialState.COMPLETE
         else:
-            storage.set_trial_user_attr(trial_id, ERROR_ATTR, error)
-            self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+            trial.set_user_attr(ERROR_ATTR, error)
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             state = TrialState.FAILED
         record = TrialRecord(number, params, dict(values), state, error, duration)
         if self.listener is not None:

@@ -159,14 +159,16 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     log(f"[slimsearch] {done} of {spec.search.budget} candidates done; running {remaining} "
         f"on {workers} worker(s) x {threads} thread(s)")
     bar = _progress(spec.search.budget, done, progress)
+    complete = [r for r in records(study) if r.state.value == "complete"]
 
     def on_trial(record) -> None:
         provenance = {k: p.value for k in record.values if (p := provenance_of(k)) is not None}
         plan = space.plan_from_params(record.params)
         tracker.log_candidate(record.number, record.params, record.values, provenance, plan.to_json(),
                               failed=record.error)
+        if record.state.value == "complete":
+            complete.append(record)
         if bar is not None:
-            complete = [r for r in records(study) if r.state.value == "complete"]
             bar.set_postfix_str(f"front {len(_front_numbers(complete, objectives))}, last {record.state.value}")
             bar.update(1 if record.state.value == "complete" else 0)
 

@@ -1,0 +1,45 @@
+"""Fixtures shared by the whole suite: an isolated teacher cache and the digits task."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def teacher_cache(tmp_path_factory):
+    """Point SLIMSEARCH_CACHE at a fresh folder, so no test reads or writes the user's cache.
+
+    Set before any task is loaded and before Ray starts, so Ray workers inherit it.
+    The digits teacher is trained once into it (a few seconds) and reused.
+    """
+    path = tmp_path_factory.mktemp("slimsearch-cache")
+    before = os.environ.get("SLIMSEARCH_CACHE")
+    os.environ["SLIMSEARCH_CACHE"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("SLIMSEARCH_CACHE", None)
+    else:
+        os.environ["SLIMSEARCH_CACHE"] = before
+
+
+@pytest.fixture(scope="session")
+def digits_task(teacher_cache):
+    """The built-in digits task (tiny CNN teacher on scikit-learn's 8x8 digits)."""
+    from slimsearch.tasks import load_task
+
+    return load_task("digits")
+
+
+@pytest.fixture
+def write_job(tmp_path):
+    """Write a job mapping as YAML and return the file's path."""
+    import yaml
+
+    def write(data: dict, name: str = "job.yaml"):
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write

@@ -1,0 +1,95 @@
+"""evaluate() and apply_plan() on the digits task: metric values, sizes, provenance, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimsearch.evaluators import Metrics, Provenance, apply_plan, evaluate, model_metrics, score
+from slimsearch.evaluators.pack import packed_size
+from slimsearch.spaces import CompressionPlan, DistillPlan, LayerPlan
+
+PROFILE = "raspberry-pi-4"
+PLAN = CompressionPlan(
+    layers={"conv2": LayerPlan(prune_ratio=0.5, weight_bits=4, act_bits=8),
+            "fc1": LayerPlan(prune_ratio=0.25, weight_bits=8),
+            "fc2": LayerPlan(weight_bits=8, act_bits=8)},
+    distill=DistillPlan(steps=10),
+    seed=3,
+)
+
+
+@pytest.fixture(scope="module")
+def teacher_metrics(digits_task) -> Metrics:
+    return model_metrics(digits_task.teacher, digits_task, [PROFILE], repeats=3)
+
+
+@pytest.fixture(scope="module")
+def metrics(digits_task, teacher_metrics) -> Metrics:
+    return evaluate(digits_task, PLAN, [PROFILE], teacher_score=teacher_metrics["accuracy"])
+
+
+def test_accuracy_is_a_fraction_and_the_drop_is_against_the_teacher(metrics, teacher_metrics):
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert 0.9 <= teacher_metrics["accuracy"] <= 1.0  # the digits teacher is a working classifier
+    assert metrics["accuracy_drop"] == pytest.approx(teacher_metrics["accuracy"] - metrics["accuracy"])
+
+
+def test_compressed_model_is_smaller_than_the_teacher(digits_task, metrics, teacher_metrics):
+    assert teacher_metrics["size_bytes"] == packed_size(digits_task.teacher)
+    assert metrics["size_bytes"] < teacher_metrics["size_bytes"]
+    assert metrics["params"] < teacher_metrics["params"]
+    assert metrics["macs"] < teacher_metrics["macs"]
+    assert metrics["bitops"] < teacher_metrics["bitops"]
+
+
+def test_latency_provenance_local_measured_profile_modelled(metrics):
+    for key in ("latency_ms@local", "latency_ms_b64@local"):
+        assert isinstance(metrics[key], float)
+        assert metrics.provenance[key] is Provenance.MEASURED
+    for key in (f"latency_ms@{PROFILE}", f"energy_mj@{PROFILE}", f"cost_usd_per_1m@{PROFILE}"):
+        assert key in metrics.values
+        assert metrics.provenance[key] is Provenance.MODELLED
+    assert metrics[f"latency_ms@{PROFILE}"] > 0 and metrics[f"energy_mj@{PROFILE}"] > 0
+    # every cost figure says where it comes from, and nothing else claims to
+    assert set(metrics.provenance) == {k for k in metrics.values if "@" in k}
+    assert "accuracy" not in metrics.provenance and "size_bytes" not in metrics.provenance
+
+
+def test_metrics_round_trip_through_json(metrics):
+    again = Metrics.from_json(metrics.to_json())
+    assert again == metrics
+    assert again.provenance[f"latency_ms@{PROFILE}"] is Provenance.MODELLED
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_apply_plan_is_deterministic_for_a_seed(digits_task, metrics):
+    teacher_before = _state(digits_task.teacher)
+    first, second = _state(apply_plan(digits_task, PLAN)), _state(apply_plan(digits_task, PLAN))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    # the rebuilt model is the one evaluate scored: export relies on this
+    assert score(apply_plan(digits_task, PLAN), digits_task.val, digits_task) == metrics["accuracy"]
+    # and the teacher is left untouched
+    assert all(torch.equal(teacher_before[k], v) for k, v in digits_task.teacher.state_dict().items())
+
+
+def test_another_seed_gives_another_model(digits_task):
+    first = _state(apply_plan(digits_task, PLAN))
+    other = CompressionPlan(layers=PLAN.layers, distill=PLAN.distill, seed=PLAN.seed + 1)
+    second = _state(apply_plan(digits_task, other))
+    assert first.keys() == second.keys()
+    assert not all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_applied_plan_has_the_planned_shapes_and_bits(digits_task):
+    model = apply_plan(digits_task, PLAN)
+    assert model.conv2.out_channels == 8 and model.conv3.in_channels == 8
+    assert model.fc1.out_features == 24 and model.fc2.in_features == 24
+    assert (model.conv2.weight_bits, model.conv2.act_bits) == (4, 8)
+    assert max(torch.unique(row).numel() for row in model.conv2.weight.detach().flatten(1)) <= 2**4
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert not model.training

@@ -1,0 +1,74 @@
+"""CompressionPlan, LayerPlan and DistillPlan: JSON round trip and validation."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from slimsearch.exceptions import ConfigError
+from slimsearch.spaces import CompressionPlan, DistillPlan, LayerPlan
+
+
+def _random_plan(seed: int) -> CompressionPlan:
+    rng = random.Random(seed)
+    layers = {
+        name: LayerPlan(prune_ratio=rng.choice([0.0, 0.1, 0.25, 1 / 3, 0.75]),
+                        weight_bits=rng.choice([2, 3, 4, 8, 16, 32]), act_bits=rng.choice([8, 16, 32]))
+        for name in rng.sample(["conv1", "conv2", "block.0.conv", "fc1", "fc2"], k=rng.randint(0, 5))
+    }
+    distill = DistillPlan(steps=rng.choice([0, 50, 300]), temperature=rng.choice([1.0, 4.0, 2.5]),
+                          alpha=rng.random(), lr=rng.choice([1e-3, 3e-4]), batch_size=rng.choice([32, 64]))
+    return CompressionPlan(layers=layers, distill=distill, seed=rng.randint(0, 2**31))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_json_round_trip_gives_an_equal_plan(seed):
+    plan = _random_plan(seed)
+    text = plan.to_json()
+    again = CompressionPlan.from_json(text)
+    assert again == plan
+    assert again.to_json() == text
+    assert CompressionPlan.from_dict(json.loads(text)) == plan
+
+
+def test_json_is_plain_data_with_every_choice():
+    plan = CompressionPlan(layers={"conv1": LayerPlan(0.5, 4, 8)}, distill=DistillPlan(steps=100), seed=7)
+    data = json.loads(plan.to_json())
+    assert data["layers"] == {"conv1": {"prune_ratio": 0.5, "weight_bits": 4, "act_bits": 8}}
+    assert data["distill"]["steps"] == 100
+    assert data["seed"] == 7
+
+
+def test_unnamed_layer_is_left_as_it_is():
+    plan = CompressionPlan(layers={"conv1": LayerPlan(0.5, 4, 8)})
+    assert plan.layer("fc1") == LayerPlan(0.0, 32, 32)
+    assert plan.layer("conv1").weight_bits == 4
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.5, -0.1])
+def test_layer_plan_rejects_prune_ratio_outside_zero_to_one(ratio):
+    with pytest.raises(ConfigError, match=r"prune_ratio must be in \[0, 1\)") as info:
+        LayerPlan(prune_ratio=ratio)
+    assert str(ratio) in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_from_json_validates_layers_and_keys():
+    with pytest.raises(ConfigError, match="prune_ratio"):
+        CompressionPlan.from_json('{"layers": {"conv1": {"prune_ratio": 1.0}}}')
+    with pytest.raises(ConfigError, match="plan: .*width"):
+        CompressionPlan.from_json('{"layers": {"conv1": {"width": 0.5}}}')
+
+
+def test_flat_params_and_describe():
+    plan = CompressionPlan(layers={"conv1": LayerPlan(0.25, 4, 8), "fc": LayerPlan()},
+                           distill=DistillPlan(steps=50), seed=3)
+    flat = plan.flat_params()
+    assert flat["prune_ratio.conv1"] == "0.25"
+    assert flat["weight_bits.conv1"] == "4"
+    assert flat["act_bits.fc"] == "32"
+    assert flat["distill.steps"] == "50"
+    assert flat["seed"] == "3"
+    assert plan.describe() == "conv1:w4a8 -25%, fc:w32a32, KD 50 steps"

@@ -1,0 +1,83 @@
+"""SearchSpace.build: the choices a job's space makes over a model's layers, and the plans they give."""
+
+from __future__ import annotations
+
+import pytest
+
+from slimsearch.exceptions import ConfigError
+from slimsearch.job import SpaceSpec
+from slimsearch.spaces import CompressionPlan, DistillPlan, LayerPlan, SearchSpace
+
+LAYERS = ["conv1", "conv2", "fc"]
+PRUNABLE = ["conv1", "conv2"]
+
+
+def _spec(**kwargs) -> SpaceSpec:
+    base = {"prune_ratio": [0.5, 0.0, 0.5], "weight_bits": [8, 4], "act_bits": [32, 8], "distill_steps": [100, 0]}
+    base.update(kwargs)
+    return SpaceSpec.model_validate(base)
+
+
+def test_choices_are_per_layer_sorted_and_deduplicated():
+    space = SearchSpace.build(_spec(), LAYERS, PRUNABLE, seed=5)
+    assert space.choices == (
+        ("prune_ratio.conv1", (0.0, 0.5)), ("weight_bits.conv1", (4, 8)), ("act_bits.conv1", (8, 32)),
+        ("prune_ratio.conv2", (0.0, 0.5)), ("weight_bits.conv2", (4, 8)), ("act_bits.conv2", (8, 32)),
+        # the output layer is not prunable: no prune_ratio choice for it
+        ("weight_bits.fc", (4, 8)), ("act_bits.fc", (8, 32)),
+        ("distill_steps", (0, 100)),
+    )
+    assert space.size == 2**9
+    assert space.seed == 5
+
+
+def test_layer_overrides_replace_the_defaults_for_that_layer_only():
+    spec = _spec(layers={"conv2": {"weight_bits": [2], "prune_ratio": [0.25, 0.75]}, "fc": {"prune_ratio": [0.0]}})
+    choices = dict(SearchSpace.build(spec, LAYERS, PRUNABLE).choices)
+    assert choices["weight_bits.conv2"] == (2,)
+    assert choices["prune_ratio.conv2"] == (0.25, 0.75)
+    assert choices["act_bits.conv2"] == (8, 32)
+    assert choices["weight_bits.conv1"] == (4, 8)
+    assert "prune_ratio.fc" not in choices
+
+
+def test_unknown_layer_lists_the_layers():
+    spec = _spec(layers={"conv9": {"weight_bits": [4]}})
+    with pytest.raises(ConfigError, match=r"space.layers: unknown layer 'conv9'; allowed: \['conv1', 'conv2', 'fc'\]"):
+        SearchSpace.build(spec, LAYERS, PRUNABLE)
+
+
+def test_pruning_an_unprunable_layer_names_the_prunable_ones():
+    spec = _spec(layers={"fc": {"prune_ratio": [0.5]}})
+    with pytest.raises(ConfigError, match=r"space.layers.fc.prune_ratio: .*prunable layers: \['conv1', 'conv2'\]"):
+        SearchSpace.build(spec, LAYERS, PRUNABLE)
+
+
+def test_plan_from_params_builds_the_plan_the_params_stand_for():
+    space = SearchSpace.build(_spec(), LAYERS, PRUNABLE, seed=11)
+    params = {"prune_ratio.conv1": 0.5, "weight_bits.conv1": 4, "act_bits.conv1": 8,
+              "prune_ratio.conv2": 0.0, "weight_bits.conv2": 8, "act_bits.conv2": 32,
+              "weight_bits.fc": 8, "act_bits.fc": 8, "distill_steps": 100}
+    plan = space.plan_from_params(params)
+    assert plan == CompressionPlan(
+        layers={"conv1": LayerPlan(0.5, 4, 8), "conv2": LayerPlan(0.0, 8, 32), "fc": LayerPlan(0.0, 8, 8)},
+        distill=DistillPlan(steps=100), seed=11,
+    )
+    assert CompressionPlan.from_json(plan.to_json()) == plan
+
+
+def test_suggest_draws_every_choice_from_a_real_optuna_trial():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = SearchSpace.build(_spec(), LAYERS, PRUNABLE)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    choices = dict(space.choices)
+    for _ in range(5):
+        trial = study.ask()
+        plan = space.suggest(trial)
+        assert set(trial.params) == set(choices)
+        for name, value in trial.params.items():
+            assert value in choices[name]
+        assert plan == space.plan_from_params(trial.params)
+        study.tell(trial, 0.0)

@@ -1,0 +1,121 @@
+"""Job-file validation through the `slimsearch run` command: one clear error line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from slimsearch.cli import main
+from slimsearch.job import WEIGHT_BITS, JobSpec, load_job
+
+VALID = {
+    "name": "digits-check",
+    "task": "digits",
+    "space": {"prune_ratio": [0.0, 0.5], "weight_bits": [4, 8], "act_bits": [8, 32], "distill_steps": [0]},
+    "profiles": ["raspberry-pi-4"],
+    "search": {"budget": 2, "workers": 1},
+}
+
+
+def _job(**changes) -> dict:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in VALID.items()}
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return data
+
+
+# (job changes, field path, texts that must appear: what was given and what is allowed)
+CASES = {
+    "unknown_key": ({"colour": "red"}, "colour",
+                    ["unknown key", *[f"'{name}'" for name in JobSpec.model_fields]]),
+    "unknown_nested_key": ({"search__patience": 3}, "search.patience",
+                           ["unknown key", "'budget'", "'workers'", "'sampler'", "'seed'"]),
+    "weight_bits_1": ({"space__weight_bits": [1]}, "space.weight_bits",
+                      ["1", str(list(WEIGHT_BITS))]),
+    "prune_ratio_1": ({"space__prune_ratio": [0.5, 1.0]}, "space.prune_ratio", ["1.0", "0 <= ratio < 1"]),
+    "unknown_profile": ({"profiles": ["raspberry-pi-5"]}, "profiles",
+                        ["'raspberry-pi-5'", "'jetson-orin-nano'", "'raspberry-pi-4'"]),
+    "unknown_objective": ({"objectives": {"accuracy": "max", "flops": "min"}}, "objectives",
+                          ["'flops'", "'accuracy'", "'size_bytes'", "'latency_ms@local'",
+                           "'latency_ms@raspberry-pi-4'", "'energy_mj@raspberry-pi-4'"]),
+    "unknown_sampler": ({"search__sampler": "cmaes"}, "search.sampler",
+                        ["'cmaes'", "'nsga2'", "'tpe'", "'random'"]),
+    "budget_0": ({"search__budget": 0}, "search.budget", ["0", "greater than or equal to 1"]),
+    "unknown_task": ({"task": "cifar100"}, "task", ["'cifar100'", "'mnist'", "'digits'", "package.module:function"]),
+    # these two need the task's layers, so they are checked against the digits teacher
+    "unknown_layer": ({"space__layers": {"conv9": {"weight_bits": [4]}}}, "space.layers",
+                      ["'conv9'", "['conv1', 'conv2', 'conv3', 'fc1', 'fc2']"]),
+    "unprunable_layer": ({"space__layers": {"fc2": {"prune_ratio": [0.5]}}}, "space.layers.fc2.prune_ratio",
+                         ["'fc2'", "['conv1', 'conv2', 'conv3', 'fc1']"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_job_file_is_one_error_line_and_exit_2(case, write_job, tmp_path, capsys):
+    changes, field, allowed = CASES[case]
+    job = write_job(_job(**changes))
+    out = tmp_path / "out"
+    code = main(["run", str(job), "--out", str(out), "--executor", "local", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"slimsearch: error: {job}: {field}: ")
+    for text in allowed:
+        assert text in lines[0], text
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_yaml_syntax_error_names_the_line(write_job, tmp_path, capsys):
+    job = tmp_path / "broken.yaml"
+    job.write_text("name: digits\ntask: digits\nspace: {prune_ratio: [0.5\n")
+    assert main(["run", str(job), "--out", str(tmp_path / "out"), "--executor", "local"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"slimsearch: error: {job}: not valid YAML at line ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_job_file(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    assert main(["run", str(missing), "--out", str(tmp_path / "out")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"slimsearch: error: {missing}: cannot read the job file")
+
+
+def test_command_line_budget_is_validated_like_the_file(write_job, tmp_path, capsys):
+    job = write_job(_job())
+    assert main(["run", str(job), "--budget", "0", "--out", str(tmp_path / "out")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"slimsearch: error: {job}: search.budget: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_installed_command_prints_no_traceback(write_job, tmp_path):
+    job = write_job(_job(space__weight_bits=[1, 4]))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "slimsearch.cli", "run", str(job), "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"slimsearch: error: {job}: space.weight_bits: weight_bits choice 1 is not allowed; "
+        f"allowed: {list(WEIGHT_BITS)}"
+    ]
+    assert result.stdout == ""
+    assert not out.exists()
+
+
+def test_a_valid_job_file_loads_with_overrides(write_job):
+    spec = load_job(write_job(_job()), {"search.budget": 7, "search.workers": 2})
+    assert (spec.search.budget, spec.search.workers, spec.search.sampler.value) == (7, 2, "nsga2")
+    assert spec.space.weight_bits == [4, 8]
+    assert list(spec.objectives) == ["accuracy", "latency_ms_b64@local", "size_bytes"]
+    assert JobSpec.from_json(spec.to_json()) == spec
