@@ -17,9 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from slimsearch.exceptions import ConfigError
 from slimsearch.search.samplers import Sampler
+from slimsearch.spaces.plan import ACT_BITS, WEIGHT_BITS
 
-WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
-ACT_BITS = (8, 16, 32)
 LOCAL_PROFILE = "local"
 # Metrics every candidate has, whatever the profiles.
 BASE_METRICS = ("size_bytes", "params", "macs", "bitops", "latency_ms@local", "latency_ms_b64@local")

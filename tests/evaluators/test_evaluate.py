@@ -93,3 +93,12 @@ def test_applied_plan_has_the_planned_shapes_and_bits(digits_task):
     assert max(torch.unique(row).numel() for row in model.conv2.weight.detach().flatten(1)) <= 2**4
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert not model.training
+
+
+def test_plans_refuse_bit_widths_the_deployable_graph_cannot_hold():
+    from slimsearch.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match=r"act_bits must be one of \[8, 32\], got 16"):
+        LayerPlan(weight_bits=8, act_bits=16)
+    with pytest.raises(ConfigError, match=r"weight_bits must be one of .*got 1"):
+        LayerPlan(weight_bits=1)

@@ -163,7 +163,6 @@ def test_fold_batchnorm_preserves_outputs_of_the_digits_teacher(digits_task):
     assert torch.equal(out.argmax(1), ref.argmax(1))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: prune._shrink drops `groups`, so fold_batchnorm breaks a grouped conv with a bias")
 def test_fold_batchnorm_keeps_a_depthwise_conv_with_bias():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4), nn.ReLU()).eval()
@@ -173,6 +172,15 @@ def test_fold_batchnorm_keeps_a_depthwise_conv_with_bias():
     folded = fold_batchnorm(model, x)
     assert torch.allclose(folded(x), model(x), atol=1e-5)
     assert folded[0].groups == 4
+
+
+def test_fold_batchnorm_of_a_norm_without_affine_parameters():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+    x = _x()
+    folded = fold_batchnorm(model, x[:1])
+    assert torch.allclose(folded(x), model(x), atol=1e-5)
 
 
 class Branchy(nn.Module):

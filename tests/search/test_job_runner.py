@@ -207,8 +207,6 @@ def test_resume_runs_only_the_missing_candidates(resumed_job):
     assert sorted(c["trial"] for c in data["candidates"]) == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: on resume the sampler is re-created with the job's fixed seed, "
-                                       "so it replays the plans of the first run")
 def test_resumed_trials_are_new_plans(resumed_job):
     trials = _complete(_study(resumed_job.out))
     earlier = [t.params for t in trials[:3]]

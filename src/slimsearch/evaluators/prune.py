@@ -182,8 +182,9 @@ def _shrink(layer, *, out_idx=None, in_idx=None):
     if bias is not None and out_idx is not None:
         bias = bias[out_idx]
     if isinstance(layer, nn.Conv2d):
-        new = nn.Conv2d(weight.shape[1], weight.shape[0], layer.kernel_size, stride=layer.stride,
-                        padding=layer.padding, dilation=layer.dilation, bias=bias is not None,
+        groups = layer.groups  # grouped convs are never pruned, only copied (index sets are None)
+        new = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], layer.kernel_size, stride=layer.stride,
+                        padding=layer.padding, dilation=layer.dilation, groups=groups, bias=bias is not None,
                         padding_mode=layer.padding_mode)
     else:
         new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
@@ -219,17 +220,17 @@ def fold_batchnorm(model: "nn.Module", example_input: "torch.Tensor") -> "nn.Mod
             if src.op != "call_module" or not isinstance(modules[src.target], nn.Conv2d) or len(src.users) != 1:
                 continue
             conv, bn = folded.get_submodule(src.target), folded.get_submodule(node.target)
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            new = _shrink(conv)
-            if conv.bias is None:
-                new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                                padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
-                                padding_mode=conv.padding_mode)
-                bias = torch.zeros(conv.out_channels)
-            else:
-                bias = conv.bias.data
+            if bn.running_var is None:
+                continue  # no running statistics: nothing fixed to fold
+            gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+            beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+            scale = gamma / torch.sqrt(bn.running_var + bn.eps)
+            new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                            padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+                            padding_mode=conv.padding_mode)
+            bias = conv.bias.data if conv.bias is not None else torch.zeros(conv.out_channels)
             new.weight.data.copy_(conv.weight.data * scale.reshape(-1, 1, 1, 1))
-            new.bias.data.copy_((bias - bn.running_mean) * scale + bn.bias)
+            new.bias.data.copy_((bias - bn.running_mean) * scale + beta)
             _replace(folded, src.target, new)
             _replace(folded, node.target, nn.Identity())
     return folded

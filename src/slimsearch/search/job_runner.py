@@ -138,6 +138,11 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     tracking_uri = spec.tracking_uri or default_tracking_uri(out)
     study = open_study(storage_url, spec.name, objectives,
                        make_sampler(spec.search.sampler.value, seed=spec.search.seed, budget=spec.search.budget))
+    if study.trials:
+        # A resumed sampler seeded as at the start would propose the same plans again:
+        # offset its seed by the trials already asked.
+        study.sampler = make_sampler(spec.search.sampler.value, seed=spec.search.seed + len(study.trials),
+                                     budget=spec.search.budget)
     if resume:
         requeued = recover_interrupted(study)
         if requeued:

@@ -9,6 +9,9 @@ from typing import Any, Mapping
 from slimsearch.exceptions import ConfigError
 
 FULL_PRECISION = 32
+WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
+# 16-bit activations need the opset-21 QDQ export, which the deployable graph does not use yet.
+ACT_BITS = (8, 32)
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,10 @@ class LayerPlan:
     def __post_init__(self) -> None:
         if not 0.0 <= self.prune_ratio < 1.0:
             raise ConfigError(f"prune_ratio must be in [0, 1), got {self.prune_ratio}")
+        if self.weight_bits not in WEIGHT_BITS:
+            raise ConfigError(f"weight_bits must be one of {list(WEIGHT_BITS)}, got {self.weight_bits}")
+        if self.act_bits not in ACT_BITS:
+            raise ConfigError(f"act_bits must be one of {list(ACT_BITS)}, got {self.act_bits}")
 
 
 @dataclass(frozen=True)
