@@ -61,3 +61,8 @@ def provenance_of(name: str, local_profile: str = "local") -> Optional[Provenanc
     if base not in COST_METRICS or not profile:
         return None
     return Provenance.MEASURED if profile == local_profile else Provenance.MODELLED
+
+
+def provenance_map(names) -> dict[str, str]:
+    """``name -> "measured"|"modelled"`` for every cost metric among ``names``."""
+    return {k: p.value for k in names if (p := provenance_of(k)) is not None}

@@ -105,7 +105,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     ``source`` names the job file in error messages.
     """
     from slimsearch.evaluators import model_metrics, score
-    from slimsearch.evaluators.metrics import provenance_of
+    from slimsearch.evaluators.metrics import provenance_map
     from slimsearch.search.driver import open_study, recover_interrupted, records, run_trials
     from slimsearch.search.samplers import make_sampler
     from slimsearch.storage import default_storage_url, default_tracking_uri, redact
@@ -129,9 +129,13 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     state = _prepare_folder(spec, out, resume)
-    teacher_metrics = model_metrics(task.teacher, task, spec.profiles)
-    teacher = dict(teacher_metrics.values)
-    teacher[f"{task.metric_name}_test"] = score(task.teacher, task.test, task)
+    if state.get("teacher_sha256") not in (None, task.teacher_sha256):
+        raise JobStateError(f"{out}: the teacher of task {spec.task!r} changed since the job started; "
+                            "its results would not be comparable: start a new job")
+    teacher = state.get("teacher")  # a resumed job keeps the teacher figures it started with
+    if teacher is None:
+        teacher = dict(model_metrics(task.teacher, task, spec.profiles).values)
+        teacher[f"{task.metric_name}_test"] = score(task.teacher, task.test, task)
     teacher_score = teacher[task.metric_name]
 
     storage_url = spec.storage or default_storage_url(out)
@@ -167,7 +171,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     complete = [r for r in records(study) if r.state.value == "complete"]
 
     def on_trial(record) -> None:
-        provenance = {k: p.value for k in record.values if (p := provenance_of(k)) is not None}
+        provenance = provenance_map(record.values)
         plan = space.plan_from_params(record.params)
         tracker.log_candidate(record.number, record.params, record.values, provenance, plan.to_json(),
                               failed=record.error)
@@ -209,14 +213,14 @@ def _front_numbers(complete, objectives) -> set[int]:
 def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, state) -> JobResult:
     """Reconcile MLflow with the study, mark the front, write front.json and the plot."""
     from slimsearch.dashboards import front_info, write_front_html
-    from slimsearch.evaluators.metrics import provenance_of
+    from slimsearch.evaluators.metrics import provenance_map
     from slimsearch.search.driver import records
 
     all_records = records(study)
     children = tracker.children()
     for r in all_records:  # a trial told to the study but not yet logged (driver killed in between)
         if r.number not in children:
-            provenance = {k: p.value for k in r.values if (p := provenance_of(k)) is not None}
+            provenance = provenance_map(r.values)
             children[r.number] = tracker.log_candidate(
                 r.number, r.params, r.values, provenance, space.plan_from_params(r.params).to_json(), failed=r.error)
     complete = [r for r in all_records if r.state.value == "complete"]
@@ -225,7 +229,7 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
     candidates = []
     for r in complete:
         plan = space.plan_from_params(r.params)
-        provenance = {k: p.value for k in r.values if (p := provenance_of(k)) is not None}
+        provenance = provenance_map(r.values)
         candidates.append({"trial": r.number, "run_id": children.get(r.number), "params": r.params,
                            "plan": plan.to_dict(), "describe": plan.describe(), "metrics": r.values,
                            "provenance": provenance, "on_front": r.number in front})
