@@ -1,21 +1,18 @@
 """Structured channel pruning that physically removes channels and neurons.
 
-The model is traced with torch.fx to find, for every Conv2d/Linear, the path its
-output channels take to the next Conv2d/Linear through channel-preserving layers
-(BatchNorm, activations, pooling, dropout, flatten). Removing a channel shrinks the
-producer's weight rows, the BatchNorm in between and the consumer's input columns,
-so the result is a smaller plain dense ``nn.Module`` with the same inputs and
-outputs. Coupled channels (residual additions, concatenations) are not pruned
-here; such layers are reported as not prunable.
+Which channels are tied together (through residual additions, concatenations,
+norms and depthwise convs) comes from :mod:`._channel_graph`. Removing a channel
+shrinks every producer's weight rows, the norms and depthwise convs on the way and
+every consumer's input columns, so the result is a smaller plain dense
+``nn.Module`` with the same inputs and outputs.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Union
 
-from slimsearch.exceptions import ConfigError, SlimSearchError
+from slimsearch.exceptions import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -24,80 +21,20 @@ if TYPE_CHECKING:
 IMPORTANCE = ("l1", "l2")
 
 
-@dataclass(frozen=True)
-class _Chain:
-    producer: str
-    norms: tuple[str, ...]
-    consumer: str
-    per_channel: int  # consumer input features per producer channel (H*W after a flatten)
-
-
 def _trace(model: "nn.Module", example_input: "torch.Tensor"):
-    import torch.fx
-    from torch.fx.passes.shape_prop import ShapeProp
+    from slimsearch.evaluators._channel_graph import trace
 
-    try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception as exc:
-        raise SlimSearchError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
-            "structured pruning needs a traceable model"
-        ) from exc
-    ShapeProp(gm).propagate(example_input)
-    return gm
-
-
-def _chains(model: "nn.Module", example_input: "torch.Tensor") -> dict[str, _Chain]:
-    import operator
-
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    passthrough_modules = (
-        nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU,
-        nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity, nn.Flatten,
-    )
-    passthrough_functions = (F.relu, torch.relu, F.gelu, F.silu, torch.flatten, F.max_pool2d, F.avg_pool2d)
-    gm = _trace(model, example_input)
-    modules = dict(gm.named_modules())
-    chains: dict[str, _Chain] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], (nn.Conv2d, nn.Linear)):
-            continue
-        producer = modules[node.target]
-        if isinstance(producer, nn.Conv2d) and producer.groups != 1:
-            continue
-        norms: list[str] = []
-        current, channels, per_channel = node, node.meta["tensor_meta"].shape[1], 1
-        chain = None
-        while len(current.users) == 1:
-            (user,) = current.users
-            if user.op == "call_module" and isinstance(modules[user.target], (nn.Conv2d, nn.Linear)):
-                consumer = modules[user.target]
-                fan_in = consumer.in_channels if isinstance(consumer, nn.Conv2d) else consumer.in_features
-                if fan_in == channels * per_channel and getattr(consumer, "groups", 1) == 1:
-                    chain = _Chain(node.target, tuple(norms), user.target, per_channel)
-                break
-            is_module = user.op == "call_module" and isinstance(modules[user.target], passthrough_modules)
-            is_function = user.op == "call_function" and user.target in passthrough_functions
-            if not (is_module or is_function) or user.target is operator.add:
-                break
-            if is_module and isinstance(modules[user.target], (nn.BatchNorm1d, nn.BatchNorm2d)):
-                norms.append(user.target)
-            shape = user.meta["tensor_meta"].shape
-            if len(shape) == 2 and per_channel == 1 and len(current.meta["tensor_meta"].shape) == 4:
-                in_shape = current.meta["tensor_meta"].shape
-                per_channel = int(in_shape[2] * in_shape[3])  # a flatten: each channel is H*W features
-            current = user
-        if chain is not None:
-            chains[node.target] = chain
-    return chains
+    return trace(model, example_input)
 
 
 def prunable_layers(model: "nn.Module", example_input: "torch.Tensor") -> list[str]:
-    """Names of the Conv2d/Linear layers whose output channels can be removed."""
-    return list(_chains(model, example_input))
+    """Names of the prunable channel groups, each named by its first Conv2d/Linear.
+
+    Layers whose outputs are added together (a residual connection) form one group.
+    """
+    from slimsearch.evaluators._channel_graph import analyse
+
+    return list(analyse(model, example_input).groups())
 
 
 def prune_channels(
@@ -107,66 +44,100 @@ def prune_channels(
     *,
     importance: str = "l1",
 ) -> "nn.Module":
-    """Return a copy of ``model`` with the least important output channels removed.
+    """Return a copy of ``model`` with the least important channels of each group removed.
 
     Args:
         model: the model to prune; it is not changed.
         example_input: an input the model accepts, used to trace shapes.
         ratio: share of channels to remove, in [0, 1): one float for every prunable
-            layer, or a mapping from layer name to ratio (others are kept whole).
-        importance: ``"l1"`` or ``"l2"`` norm of each channel's weights.
+            group, or a mapping from group name (see :func:`prunable_layers`) to ratio;
+            groups not named are kept whole.
+        importance: ``"l1"`` or ``"l2"`` norm of each channel's weights, summed over
+            the layers of the group.
 
     Returns:
         A plain dense module with fewer parameters and the same output shape.
     """
     import torch
 
+    from slimsearch.evaluators._channel_graph import analyse
+
     if importance not in IMPORTANCE:
         raise ConfigError(f"importance must be one of {list(IMPORTANCE)}, got {importance!r}")
-    chains = _chains(model, example_input)
-    ratios = {name: float(ratio) for name in chains} if isinstance(ratio, (int, float)) else dict(ratio)
-    unknown = sorted(set(ratios) - set(chains))
+    graph = analyse(model, example_input)
+    groups = graph.groups()
+    ratios = {name: float(ratio) for name in groups} if isinstance(ratio, (int, float)) else dict(ratio)
+    unknown = sorted(set(ratios) - set(groups))
     if unknown:
-        raise ConfigError(f"cannot prune layer {unknown[0]!r}; prunable layers: {list(chains)}")
+        raise ConfigError(f"cannot prune layer {unknown[0]!r}; prunable layers: {list(groups)}")
     for name, r in ratios.items():
         if not 0.0 <= r < 1.0:
             raise ConfigError(f"prune ratio of layer {name!r} must be in [0, 1), got {r}")
+
+    keep: dict[int, torch.Tensor] = {}  # root space -> kept channel indices
+    for name, producers in groups.items():
+        r = ratios.get(name, 0.0)
+        space = graph.find(graph.producers[name])
+        n = graph.sizes[graph.producers[name]]
+        keep_n = max(1, int(round(n * (1.0 - r))))
+        if r <= 0.0 or keep_n == n:
+            continue
+        scores = torch.zeros(n)
+        for producer in producers:
+            rows = model.get_submodule(producer).weight.detach().flatten(1)
+            scores += rows.abs().sum(1) if importance == "l1" else rows.pow(2).sum(1).sqrt()
+        keep[space] = torch.sort(torch.topk(scores, keep_n).indices).values
+    if not keep:
+        return copy.deepcopy(model)
+
+    def columns(segments) -> "torch.Tensor | None":
+        """Kept indices of a dim made of ``segments``; None when nothing in it is pruned."""
+        if not any(graph.find(seg.space) in keep for seg in segments):
+            return None
+        parts = []
+        for seg in segments:
+            idx = keep.get(graph.find(seg.space), torch.arange(seg.size))
+            parts.append(seg.offset + (idx[:, None] * seg.per + torch.arange(seg.per)).flatten())
+        return torch.cat(parts)
+
     pruned = copy.deepcopy(model)
     with torch.no_grad():
-        for name, chain in chains.items():
-            r = ratios.get(name, 0.0)
-            if r > 0.0:
-                _prune_chain(pruned, chain, r, importance)
+        for name in dict.fromkeys([*graph.producers, *graph.consumers]):
+            space = graph.producers.get(name)
+            out_idx = keep.get(graph.find(space)) if space is not None else None
+            in_idx = columns(graph.consumers.get(name, []))
+            if out_idx is not None or in_idx is not None:
+                old = pruned.get_submodule(name)
+                _replace(pruned, name, _shrink(old, out_idx=out_idx, in_idx=in_idx).train(old.training))
+        for name, segments in graph.members.items():
+            idx = columns(segments)
+            if idx is not None:
+                old = pruned.get_submodule(name)
+                _replace(pruned, name, _shrink_member(old, idx).train(old.training))
     return pruned
 
 
-def _prune_chain(model: "nn.Module", chain: _Chain, ratio: float, importance: str) -> None:
-    import torch
+def _shrink_member(module, idx):
+    """A norm or depthwise conv keeping channels ``idx``."""
+    from torch import nn
 
-    producer = model.get_submodule(chain.producer)
-    weight = producer.weight.detach().flatten(1)
-    n_out = weight.shape[0]
-    keep_n = max(1, int(round(n_out * (1.0 - ratio))))
-    if keep_n == n_out:
-        return
-    scores = weight.abs().sum(1) if importance == "l1" else weight.pow(2).sum(1).sqrt()
-    keep = torch.sort(torch.topk(scores, keep_n).indices).values
-
-    _replace(model, chain.producer, _shrink(producer, out_idx=keep))
-    for norm_name in chain.norms:
-        norm = model.get_submodule(norm_name)
-        new = type(norm)(keep_n, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-                         track_running_stats=norm.track_running_stats)
-        for attr in ("weight", "bias", "running_mean", "running_var"):
-            src = getattr(norm, attr)
-            if src is not None:
-                getattr(new, attr).data.copy_(src.data[keep])
-        if norm.num_batches_tracked is not None:
-            new.num_batches_tracked.copy_(norm.num_batches_tracked)
-        _replace(model, norm_name, new)
-    consumer = model.get_submodule(chain.consumer)
-    in_idx = (keep[:, None] * chain.per_channel + torch.arange(chain.per_channel)).flatten()
-    _replace(model, chain.consumer, _shrink(consumer, in_idx=in_idx))
+    if isinstance(module, nn.Conv2d):  # depthwise: one filter per channel
+        new = nn.Conv2d(len(idx), len(idx), module.kernel_size, stride=module.stride, padding=module.padding,
+                        dilation=module.dilation, groups=len(idx), bias=module.bias is not None,
+                        padding_mode=module.padding_mode)
+        new.weight.data.copy_(module.weight.data[idx])
+        if module.bias is not None:
+            new.bias.data.copy_(module.bias.data[idx])
+        return new
+    new = type(module)(len(idx), eps=module.eps, momentum=module.momentum, affine=module.affine,
+                       track_running_stats=module.track_running_stats)
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        src = getattr(module, attr)
+        if src is not None:
+            getattr(new, attr).data.copy_(src.data[idx])
+    if module.num_batches_tracked is not None:
+        new.num_batches_tracked.copy_(module.num_batches_tracked)
+    return new
 
 
 def _shrink(layer, *, out_idx=None, in_idx=None):
