@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["SlimSearchError", "ConfigError", "JobStateError"]
+__all__ = ["SlimSearchError", "ConfigError", "JobStateError", "UnsupportedOnDevice"]
 
 
 class SlimSearchError(Exception):
@@ -19,3 +19,11 @@ class ConfigError(SlimSearchError, ValueError):
 
 class JobStateError(SlimSearchError):
     """A job folder is not in the state the command needs (missing, already used, ...)."""
+
+
+class UnsupportedOnDevice(SlimSearchError):
+    """A model has a layer wider than every kernel of a device (e.g. fp32 on an int8-only NPU).
+
+    Such a model does not run there as it is; its figures for that device are absent,
+    not guessed.
+    """

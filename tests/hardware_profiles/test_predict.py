@@ -30,9 +30,19 @@ def _layer(bits: int = 32, *, macs: int = 200_000_000, nbytes: int = 100_000,
                      sparsity=0.5 if pattern else 0.0, sparsity_pattern=pattern)
 
 
-def _mixed_layers(make_cnn) -> list[LayerCost]:
-    layers = layer_costs(make_cnn(16), torch.randn(1, 3, 64, 64))
-    for bits in (4, 8, 16, 32):
+def _widest_bits(profile) -> int:
+    return max(p.bits for p in profile.precisions)
+
+
+def _at_bits(model, bits):
+    for module in model.modules():
+        module.weight_bits = module.act_bits = bits
+    return model
+
+
+def _mixed_layers(make_cnn, widest: int = 32) -> list[LayerCost]:
+    layers = layer_costs(_at_bits(make_cnn(16), widest), torch.randn(1, 3, 64, 64))
+    for bits in (b for b in (4, 8, 16, 32) if b <= widest):
         layers.append(_layer(bits, name=f"compute{bits}"))
         layers.append(_layer(bits, macs=1_000, nbytes=50_000_000, op="linear", name=f"memory{bits}"))
     return layers
@@ -42,7 +52,7 @@ def _mixed_layers(make_cnn) -> list[LayerCost]:
 def test_doubling_bandwidth_never_makes_a_prediction_slower(name, make_cnn):
     profile = load_profile(name)
     faster = dataclasses.replace(profile, memory_bandwidth_gbps=2 * profile.memory_bandwidth_gbps)
-    layers = _mixed_layers(make_cnn)
+    layers = _mixed_layers(make_cnn, _widest_bits(profile))
     for mode in profile.power_modes:
         slow = predict(layers, profile, power_mode=mode.name)
         fast = predict(layers, faster, power_mode=mode.name)
@@ -75,8 +85,9 @@ def test_precision_without_kernels_costs_the_next_wider_one():
 @pytest.mark.parametrize("name", PROFILES)
 def test_pruned_model_predicts_lower_latency_and_energy(name, make_cnn):
     x = torch.randn(1, 3, 96, 96)
-    full = predict_model(make_cnn(32), x, name)
-    pruned = predict_model(make_cnn(16), x, name)
+    bits = _widest_bits(load_profile(name))
+    full = predict_model(_at_bits(make_cnn(32), bits), x, name)
+    pruned = predict_model(_at_bits(make_cnn(16), bits), x, name)
     assert pruned.latency_ms < full.latency_ms
     assert pruned.energy_mj < full.energy_mj
 
@@ -137,8 +148,14 @@ def test_errors_name_what_is_wrong():
     int8_only = dataclasses.replace(
         pi, peak_gops={"int8": 96.0}, energy_pj_per_mac={"int8": 175.0},
         sources={k: v for k, v in pi.sources.items() if "fp32" not in k})
-    with pytest.raises(ConfigError, match=r"layer 'wide'.*no kernel for 32-bit"):
+    from slimsearch.exceptions import UnsupportedOnDevice
+
+    with pytest.raises(UnsupportedOnDevice, match=r"layer 'wide' needs 32-bit kernels"):
         predict([_layer(32, name="wide")], int8_only)
+    # an elementwise layer runs on what its producer emits: the widest kernel there is
+    relu = LayerCost(name="relu", op="other", macs=1000, params=0, weight_bits=32, act_bits=32,
+                     weight_bytes=0, act_bytes=8000)
+    assert predict([relu], int8_only).latency_ms > 0
 
 
 def test_prediction_round_trips_through_json(make_cnn):

@@ -35,7 +35,7 @@ def test_profile_loads_and_every_number_has_a_source(name):
         assert isinstance(value, (int, float)), path
         assert profile.sources[path].strip(), path
     assert sum(mode.default for mode in profile.power_modes) == 1
-    assert Precision.FP32 in profile.peak_gops or Precision.INT8 in profile.peak_gops
+    assert profile.precisions
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -77,9 +77,9 @@ def test_shipped_values_are_the_documented_devices():
 
 def test_unknown_profile_name_lists_the_choices():
     with pytest.raises(ConfigError) as info:
-        load_profile("raspberry-pi-5")
+        load_profile("raspberry-pi-99")
     message = str(info.value)
-    assert "'raspberry-pi-5'" in message
+    assert "'raspberry-pi-99'" in message
     for name in SHIPPED:
         assert name in message
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from slimsearch.evaluators.distill import distill, teacher_logits
 from slimsearch.evaluators.metrics import Metrics, Provenance
+from slimsearch.exceptions import UnsupportedOnDevice
 from slimsearch.evaluators.pack import packed_size
 from slimsearch.evaluators.prune import fold_batchnorm, prune_channels
 from slimsearch.evaluators.quantize import calibrate, freeze, quantize_layers
@@ -83,9 +84,13 @@ def model_metrics(model: nn.Module, task: Task, profiles: Sequence[str], *, repe
         values[name] = value
         provenance[name] = Provenance.MEASURED
     for name in profiles:
-        pred = predict(layers, load_profile(name))
-        for key, value in (("latency_ms", pred.latency_ms), ("energy_mj", pred.energy_mj),
-                           ("cost_usd_per_1m", pred.cost_usd_per_1m)):
+        try:
+            pred = predict(layers, load_profile(name))
+            figures = (("latency_ms", pred.latency_ms), ("energy_mj", pred.energy_mj),
+                       ("cost_usd_per_1m", pred.cost_usd_per_1m))
+        except UnsupportedOnDevice:  # does not run there as it is: no figure rather than a guess
+            figures = (("latency_ms", None), ("energy_mj", None), ("cost_usd_per_1m", None))
+        for key, value in figures:
             values[f"{key}@{name}"] = value
             provenance[f"{key}@{name}"] = Provenance.MODELLED
     return Metrics(values=values, provenance=provenance)

@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from slimsearch.exceptions import ConfigError
-from slimsearch.hardware_profiles._enums import Bound
+from slimsearch.exceptions import ConfigError, UnsupportedOnDevice
+from slimsearch.hardware_profiles._enums import Bound, OpType
 from slimsearch.hardware_profiles._layers import LayerCost, layer_costs
 from slimsearch.hardware_profiles._profile import (
     HardwareProfile,
@@ -109,7 +109,8 @@ def predict(
         power_mode: Name of a power mode of the profile; None means the default one.
 
     Raises:
-        ConfigError: Unknown profile or power mode, or a layer wider than any kernel.
+        ConfigError: Unknown profile or power mode.
+        UnsupportedOnDevice: A conv or linear layer is wider than every kernel of the device.
     """
     profile = load_profile(profile)
     mode = profile.power_mode(power_mode)
@@ -126,10 +127,17 @@ def predict(
     for layer in layers:
         if not isinstance(layer, LayerCost):
             raise ConfigError(f"layers must be LayerCost values, got {type(layer).__name__}")
-        try:
-            precision = profile.kernel_precision(max(layer.weight_bits, layer.act_bits))
-        except ConfigError as exc:
-            raise ConfigError(f"layer {layer.name!r}: {exc}") from None
+        bits = max(layer.weight_bits, layer.act_bits)
+        widest = max(p.bits for p in profile.precisions)
+        if bits > widest:
+            if layer.op is not OpType.OTHER:
+                raise UnsupportedOnDevice(
+                    f"layer {layer.name!r} needs {bits}-bit kernels; {profile.name!r} has only "
+                    f"{[p.value for p in profile.precisions]}: quantize it to run there")
+            # Elementwise and pooling layers work on whatever their producer emits,
+            # which on this device is at most its widest precision.
+            bits = widest
+        precision = profile.kernel_precision(bits)
         macs = float(layer.macs)
         if layer.sparsity_pattern is not None and layer.sparsity_pattern in profile.sparsity_patterns:
             kept, group = parse_sparsity_pattern(layer.sparsity_pattern)

@@ -12,19 +12,42 @@ FULL_PRECISION = 32
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
 # 16-bit activations need the opset-21 QDQ export, which the deployable graph does not use yet.
 ACT_BITS = (8, 32)
+SPARSITY_PATTERNS = ("unstructured", "2:4")
+ACT_CALIBRATIONS = ("minmax", "percentile", "mse")
+IMPORTANCES = ("l1", "l2", "taylor")
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """Choices for one layer: share of output channels removed and bit-widths."""
+    """Choices for one layer (or prunable group).
+
+    Attributes:
+        prune_ratio: share of the group's channels/heads/neurons physically removed.
+        weight_bits: weight bit-width; 32 leaves the weights in float.
+        act_bits: bit-width of the layer's input activations; 32 leaves them in float.
+        group_size: weights share one scale per this many input elements; 0 = per channel.
+        symmetric: symmetric (zero point 0) or asymmetric weight quantization.
+        sparsity: share of the remaining weights set to zero (magnitude), in [0, 1).
+        sparsity_pattern: ``"unstructured"`` or ``"2:4"`` (two of every four kept).
+    """
 
     prune_ratio: float = 0.0
     weight_bits: int = FULL_PRECISION
     act_bits: int = FULL_PRECISION
+    group_size: int = 0
+    symmetric: bool = True
+    sparsity: float = 0.0
+    sparsity_pattern: str = "unstructured"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prune_ratio < 1.0:
             raise ConfigError(f"prune_ratio must be in [0, 1), got {self.prune_ratio}")
+        if self.group_size < 0:
+            raise ConfigError(f"group_size must be 0 (per channel) or a positive size, got {self.group_size}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.sparsity_pattern not in SPARSITY_PATTERNS:
+            raise ConfigError(f"sparsity_pattern must be one of {list(SPARSITY_PATTERNS)}, got {self.sparsity_pattern!r}")
         if self.weight_bits not in WEIGHT_BITS:
             raise ConfigError(f"weight_bits must be one of {list(WEIGHT_BITS)}, got {self.weight_bits}")
         if self.act_bits not in ACT_BITS:
@@ -40,6 +63,8 @@ class DistillPlan:
     alpha: float = 0.7
     lr: float = 1e-3
     batch_size: int = 64
+    hidden_weight: float = 0.0  # weight of hidden-state matching (transformer tasks)
+    eval_every: int = 0  # report the metric every this many steps (0: only at the end)
 
 
 @dataclass(frozen=True)
@@ -53,6 +78,15 @@ class CompressionPlan:
     layers: Mapping[str, LayerPlan] = field(default_factory=dict)
     distill: DistillPlan = field(default_factory=DistillPlan)
     seed: int = 0
+    drop: tuple[str, ...] = ()  # blocks/layers removed whole (depth)
+    importance: str = "l1"  # how channels are ranked for structured pruning
+    act_calibration: str = "minmax"  # how activation ranges are calibrated
+
+    def __post_init__(self) -> None:
+        if self.importance not in IMPORTANCES:
+            raise ConfigError(f"importance must be one of {list(IMPORTANCES)}, got {self.importance!r}")
+        if self.act_calibration not in ACT_CALIBRATIONS:
+            raise ConfigError(f"act_calibration must be one of {list(ACT_CALIBRATIONS)}, got {self.act_calibration!r}")
 
     def layer(self, name: str) -> LayerPlan:
         """The plan of layer ``name``; a layer the plan does not name is left as it is."""
@@ -63,6 +97,9 @@ class CompressionPlan:
             "layers": {name: asdict(lp) for name, lp in self.layers.items()},
             "distill": asdict(self.distill),
             "seed": self.seed,
+            "drop": list(self.drop),
+            "importance": self.importance,
+            "act_calibration": self.act_calibration,
         }
 
     def to_json(self) -> str:
@@ -75,6 +112,9 @@ class CompressionPlan:
                 layers={name: LayerPlan(**lp) for name, lp in data.get("layers", {}).items()},
                 distill=DistillPlan(**data.get("distill", {})),
                 seed=int(data.get("seed", 0)),
+                drop=tuple(data.get("drop", ())),
+                importance=data.get("importance", "l1"),
+                act_calibration=data.get("act_calibration", "minmax"),
             )
         except TypeError as exc:
             raise ConfigError(f"plan: {exc}") from exc
@@ -88,6 +128,9 @@ class CompressionPlan:
         out = {f"{key}.{name}": str(value) for name, lp in self.layers.items() for key, value in asdict(lp).items()}
         out.update({f"distill.{key}": str(value) for key, value in asdict(self.distill).items()})
         out["seed"] = str(self.seed)
+        out["drop"] = ",".join(self.drop)
+        out["importance"] = self.importance
+        out["act_calibration"] = self.act_calibration
         return out
 
     def describe(self) -> str:
@@ -97,5 +140,7 @@ class CompressionPlan:
             bits = f"w{lp.weight_bits}a{lp.act_bits}"
             prune = f" -{lp.prune_ratio:.0%}" if lp.prune_ratio else ""
             parts.append(f"{name}:{bits}{prune}")
+        if self.drop:
+            parts.append(f"drop {'+'.join(self.drop)}")
         parts.append(f"KD {self.distill.steps} steps")
         return ", ".join(parts)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -11,10 +11,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Split:
-    """Inputs and labels of one data split, as tensors."""
+    """Inputs and labels of one data split, as tensors.
+
+    ``extra`` holds whatever else a task's metrics need (e.g. the paragraphs that
+    retrieval looks sentences up in).
+    """
 
     x: "torch.Tensor"
     y: "torch.Tensor"
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -44,6 +49,24 @@ class Preprocessing:
         }
 
 
+class Structure(Protocol):
+    """How a family of models is pruned structurally (channels, heads, neurons, layers).
+
+    The default, for traceable CNN-like models, is the channel dependency graph of
+    :mod:`slimsearch.evaluators.prune`; transformer tasks bring their own.
+    """
+
+    def groups(self, model: "torch.nn.Module", example_input: "torch.Tensor") -> list[str]:
+        """Names of the prunable groups (what ``prune_ratio.<name>`` refers to)."""
+
+    def droppable(self, model: "torch.nn.Module") -> list[str]:
+        """Names of the blocks or layers that can be removed whole (depth)."""
+
+    def prune(self, model: "torch.nn.Module", example_input: "torch.Tensor", ratios: Mapping[str, float],
+              *, drop: Sequence[str] = (), importance: str = "l1") -> "torch.nn.Module":
+        """A smaller copy of ``model``: ``ratios`` of each group removed, blocks in ``drop`` gone."""
+
+
 @dataclass(frozen=True)
 class Task:
     """A teacher, its data splits, a metric and an example input.
@@ -57,6 +80,10 @@ class Task:
         example_input: one batch-1 input.
         preprocessing: what an exported model expects of its input.
         teacher_sha256: hash of the teacher's weights file, so a changed teacher is noticed.
+        extra_metrics: more metrics, ``name -> f(model, split) -> float`` (higher is better).
+        distill_loss: ``f(student_out, teacher_out, labels, distill_plan) -> loss``;
+            ``None`` means logit distillation with temperature (classification).
+        structure: how the teacher is pruned; ``None`` means the channel graph.
     """
 
     name: str
@@ -69,6 +96,9 @@ class Task:
     example_input: "torch.Tensor"
     preprocessing: Preprocessing
     teacher_sha256: str = field(default="")
+    extra_metrics: Mapping[str, Callable[["torch.nn.Module", Split], float]] = field(default_factory=dict)
+    distill_loss: Optional[Callable[..., "torch.Tensor"]] = None
+    structure: Optional[Structure] = None
 
 
 def accuracy(logits: "torch.Tensor", labels: "torch.Tensor") -> float:

