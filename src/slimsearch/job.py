@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from slimsearch.exceptions import ConfigError
 from slimsearch.search.samplers import Sampler
-from slimsearch.spaces.plan import ACT_BITS, WEIGHT_BITS
+from slimsearch.spaces.plan import ACT_BITS, ACT_CALIBRATIONS, IMPORTANCES, SPARSITY_PATTERNS, WEIGHT_BITS
 
 LOCAL_PROFILE = "local"
 # Metrics every candidate has, whatever the profiles.
@@ -35,11 +35,11 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _check_choices(name: str, values: list, allowed_text: str, ok) -> list:
+def _check_choices(name: str, values: list, allowed_text: str, ok, *, bools: bool = False) -> list:
     if not values:
         raise ValueError(f"{name} needs at least one choice; allowed: {allowed_text}")
     for v in values:
-        if isinstance(v, bool) or not ok(v):
+        if isinstance(v, bool) != bools or not ok(v):
             raise ValueError(f"{name} choice {v!r} is not allowed; allowed: {allowed_text}")
     return values
 
@@ -72,13 +72,56 @@ class LayerChoices(_Frozen):
 
 
 class SpaceSpec(LayerChoices):
-    """The search space: choices for every layer, per-layer overrides, distillation."""
+    """The search space: choices for every layer, per-layer overrides, depth, distillation.
+
+    A choice with a single value is fixed, not searched.
+    """
 
     prune_ratio: Optional[list[float]] = [0.0, 0.25, 0.5, 0.75]
     weight_bits: Optional[list[int]] = [2, 3, 4, 6, 8, 32]
     act_bits: Optional[list[int]] = [8, 32]
+    group_size: list[int] = [0]
+    sparsity: list[float] = [0.0]
+    sparsity_pattern: list[str] = ["unstructured"]
+    drop: list[bool] = [False]
+    importance: list[str] = ["l1"]
+    act_calibration: list[str] = ["minmax"]
     distill_steps: list[int] = [100, 200, 300]
     layers: dict[str, LayerChoices] = {}
+
+    @field_validator("group_size", mode="before")
+    @classmethod
+    def _group(cls, v):
+        return _check_choices("group_size", _as_list(v), "0 (per channel) or a positive group size",
+                              lambda g: isinstance(g, int) and g >= 0)
+
+    @field_validator("sparsity", mode="before")
+    @classmethod
+    def _sparsity(cls, v):
+        return _check_choices("sparsity", _as_list(v), "numbers with 0 <= sparsity < 1",
+                              lambda r: isinstance(r, (int, float)) and 0 <= r < 1)
+
+    @field_validator("sparsity_pattern", mode="before")
+    @classmethod
+    def _pattern(cls, v):
+        return _check_choices("sparsity_pattern", _as_list(v), f"{list(SPARSITY_PATTERNS)}",
+                              lambda p: p in SPARSITY_PATTERNS)
+
+    @field_validator("drop", mode="before")
+    @classmethod
+    def _drop(cls, v):
+        return _check_choices("drop", _as_list(v), "[false] or [false, true]", lambda d: True, bools=True)
+
+    @field_validator("importance", mode="before")
+    @classmethod
+    def _importance(cls, v):
+        return _check_choices("importance", _as_list(v), f"{list(IMPORTANCES)}", lambda i: i in IMPORTANCES)
+
+    @field_validator("act_calibration", mode="before")
+    @classmethod
+    def _calibration(cls, v):
+        return _check_choices("act_calibration", _as_list(v), f"{list(ACT_CALIBRATIONS)}",
+                              lambda c: c in ACT_CALIBRATIONS)
 
     @field_validator("distill_steps", mode="before")
     @classmethod

@@ -126,3 +126,33 @@ def test_unknown_operations_freeze_their_channels_instead_of_guessing(ratio):
     pruned = prune_channels(model, X, ratio)
     assert pruned.c1.out_channels == 8 and pruned.c2.out_channels == 4
     assert pruned(X).shape == (2, 3)
+
+
+def test_residual_blocks_with_an_identity_path_can_be_dropped_whole():
+    from slimsearch.evaluators.prune import drop_blocks, droppable_blocks
+
+    net = _net()
+    assert droppable_blocks(net) == ["r1", "r2"]
+    dropped = drop_blocks(net, ["r2"])
+    assert isinstance(dropped.r2, nn.ReLU)  # x -> relu(x): what the block leaves without its branch
+    h = torch.relu(net.bn(net.stem(X)))
+    assert torch.allclose(dropped.r2(net.r1(h)), torch.relu(net.r1(h)))
+    assert dropped(X).shape == net(X).shape
+    with pytest.raises(Exception, match=r"cannot drop 'a'; droppable blocks: \['r1', 'r2'\]"):
+        drop_blocks(net, ["a"])
+
+
+def test_taylor_importance_keeps_the_channels_the_loss_depends_on():
+    net = _net()
+    with torch.no_grad():  # make channels 0..3 of branch a large but irrelevant: the head ignores them
+        net.a.weight[:4] *= 50
+    with torch.no_grad():
+        net.fc.weight.view(10, 16, 4)[:, :4] = 0
+    y = torch.tensor([1, 2])
+    by_norm = prune_channels(net, X, {"a": 0.5}, importance="l1")
+    by_taylor = prune_channels(net, X, {"a": 0.5}, importance="taylor", batch=(X, y))
+    # l1 keeps the big dead channels; taylor keeps the ones that reach the loss
+    assert torch.equal(by_norm.a.weight, net.a.weight[:4])
+    assert torch.equal(by_taylor.a.weight, net.a.weight[4:])
+    with pytest.raises(Exception, match="needs a batch"):
+        prune_channels(net, X, {"a": 0.5}, importance="taylor")

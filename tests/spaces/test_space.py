@@ -21,10 +21,11 @@ def _spec(**kwargs) -> SpaceSpec:
 def test_choices_are_per_layer_sorted_and_deduplicated():
     space = SearchSpace.build(_spec(), LAYERS, PRUNABLE, seed=5)
     assert space.choices == (
-        ("prune_ratio.conv1", (0.0, 0.5)), ("weight_bits.conv1", (4, 8)), ("act_bits.conv1", (8, 32)),
-        ("prune_ratio.conv2", (0.0, 0.5)), ("weight_bits.conv2", (4, 8)), ("act_bits.conv2", (8, 32)),
-        # the output layer is not prunable: no prune_ratio choice for it
+        ("weight_bits.conv1", (4, 8)), ("act_bits.conv1", (8, 32)),
+        ("weight_bits.conv2", (4, 8)), ("act_bits.conv2", (8, 32)),
         ("weight_bits.fc", (4, 8)), ("act_bits.fc", (8, 32)),
+        # the output layer is not prunable: no prune_ratio choice for it
+        ("prune_ratio.conv1", (0.0, 0.5)), ("prune_ratio.conv2", (0.0, 0.5)),
         ("distill_steps", (0, 100)),
     )
     assert space.size == 2**9
@@ -81,3 +82,16 @@ def test_suggest_draws_every_choice_from_a_real_optuna_trial():
             assert value in choices[name]
         assert plan == space.plan_from_params(trial.params)
         study.tell(trial, 0.0)
+
+
+def test_depth_and_model_wide_choices_are_searched_only_when_they_have_two_values():
+    spec = _spec(drop=[False, True], sparsity=[0.0, 0.5], importance=["l1"])
+    space = SearchSpace.build(spec, LAYERS, PRUNABLE, droppable=["block1"])
+    choices = dict(space.choices)
+    assert choices["drop.block1"] == (False, True)
+    assert choices["sparsity"] == (0.0, 0.5)
+    assert "importance" not in choices and dict(space.fixed)["importance"] == "l1"
+    params = {name: values[-1] for name, values in space.choices}
+    plan = space.plan_from_params(params)
+    assert plan.drop == ("block1",)
+    assert plan.layer("conv1").sparsity == 0.5 and plan.importance == "l1"

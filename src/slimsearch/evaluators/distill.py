@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,33 +19,46 @@ def teacher_logits(teacher: nn.Module, data: Split, batch_size: int = 512) -> to
         return torch.cat([teacher(data.x[i : i + batch_size]) for i in range(0, len(data), batch_size)])
 
 
-def distill(student: nn.Module, targets: torch.Tensor, data: Split, plan: DistillPlan, *, seed: int) -> nn.Module:
-    """Fine-tune ``student`` for ``plan.steps`` steps on soft targets plus labels.
+def logit_distill_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, labels: torch.Tensor,
+                       plan: DistillPlan) -> torch.Tensor:
+    """``alpha * T^2 * KL(student/T || teacher/T) + (1 - alpha) * CE(labels)`` (classification)."""
+    temp = plan.temperature
+    soft = F.kl_div(F.log_softmax(student_out / temp, dim=1), F.log_softmax(teacher_out / temp, dim=1),
+                    reduction="batchmean", log_target=True)
+    return plan.alpha * temp * temp * soft + (1 - plan.alpha) * F.cross_entropy(student_out, labels)
 
-    Loss: ``alpha * T^2 * KL(student/T || teacher/T) + (1 - alpha) * CE(labels)``,
-    Adam with a cosine learning-rate decay. Batches are drawn from a generator
-    seeded with ``seed``, so the same plan gives the same student.
+
+def distill(student: nn.Module, targets: torch.Tensor, data: Split, plan: DistillPlan, *, seed: int,
+            loss_fn: Optional[Callable[..., torch.Tensor]] = None,
+            on_chunk: Optional[Callable[[int, nn.Module], bool]] = None) -> nn.Module:
+    """Fine-tune ``student`` for ``plan.steps`` steps towards the teacher's outputs ``targets``.
+
+    ``loss_fn(student_out, teacher_out, labels, plan)`` defaults to logit distillation.
+    Adam with a cosine learning-rate decay; batches come from a generator seeded with
+    ``seed``, so the same plan gives the same student. Every ``plan.eval_every``
+    steps ``on_chunk(step, student)`` is called (student in eval mode); returning
+    False stops fine-tuning there (early stopping of a poor candidate).
     """
     if plan.steps <= 0:
         return student.eval()
+    loss_fn = loss_fn or logit_distill_loss
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.Adam(student.parameters(), lr=plan.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=plan.steps)
-    temp = plan.temperature
     student.train()
-    for _ in range(plan.steps):
+    for step in range(1, plan.steps + 1):
         idx = torch.randint(0, len(data), (plan.batch_size,), generator=gen)
-        logits = student(data.x[idx])
-        soft = F.kl_div(
-            F.log_softmax(logits / temp, dim=1), F.log_softmax(targets[idx] / temp, dim=1),
-            reduction="batchmean", log_target=True,
-        )
-        loss = plan.alpha * temp * temp * soft + (1 - plan.alpha) * F.cross_entropy(logits, data.y[idx])
+        loss = loss_fn(student(data.x[idx]), targets[idx], data.y[idx], plan)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"distillation loss became {loss.item()} ; the candidate diverged")
+            raise FloatingPointError(f"distillation loss became {loss.item()} at step {step}; the candidate diverged")
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
+        if on_chunk is not None and plan.eval_every and step % plan.eval_every == 0 and step < plan.steps:
+            keep_going = on_chunk(step, student.eval())
+            student.train()
+            if keep_going is False:
+                break
     return student.eval()

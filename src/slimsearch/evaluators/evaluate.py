@@ -11,32 +11,41 @@ from slimsearch.evaluators.distill import distill, teacher_logits
 from slimsearch.evaluators.metrics import Metrics, Provenance
 from slimsearch.exceptions import UnsupportedOnDevice
 from slimsearch.evaluators.pack import packed_size
-from slimsearch.evaluators.prune import fold_batchnorm, prune_channels
+from slimsearch.evaluators.prune import ChannelStructure, fold_batchnorm
 from slimsearch.evaluators.quantize import calibrate, freeze, quantize_layers
 from slimsearch.spaces.plan import CompressionPlan
 from slimsearch.tasks import Split, Task
 
 LOCAL = "local"
 CALIBRATION_BATCHES = 4
+TAYLOR_BATCH = 128
 LATENCY_BATCHES = (1, 64)
 
 
 def apply_plan(task: Task, plan: CompressionPlan) -> nn.Module:
-    """The compressed model a plan stands for: prune, fold BN, quantize, distill, freeze.
+    """The compressed model a plan stands for: prune (width, depth), fold BN, quantize, distill, freeze.
 
     Deterministic for ``plan.seed``: export rebuilds the measured model with it.
     """
     torch.manual_seed(plan.seed)
+    structure = task.structure or ChannelStructure()
     ratios = {name: lp.prune_ratio for name, lp in plan.layers.items() if lp.prune_ratio > 0}
-    student = prune_channels(task.teacher, task.example_input, ratios) if ratios else _copy(task.teacher)
-    student = fold_batchnorm(student, task.example_input)
+    if ratios or plan.drop:
+        kwargs = {"drop": plan.drop, "importance": plan.importance}
+        if plan.importance == "taylor":
+            kwargs["batch"] = (task.train.x[:TAYLOR_BATCH], task.train.y[:TAYLOR_BATCH])
+        student = structure.prune(task.teacher, task.example_input, ratios, **kwargs)
+    else:
+        student = _copy(task.teacher)
+    if any(isinstance(m, nn.BatchNorm2d) for m in student.modules()):
+        student = fold_batchnorm(student, task.example_input)
     student = quantize_layers(student, plan)
     gen = torch.Generator().manual_seed(plan.seed)
     calib = [task.train.x[torch.randint(0, len(task.train), (64,), generator=gen)] for _ in range(CALIBRATION_BATCHES)]
     calibrate(student, calib)
     if plan.distill.steps > 0:
         targets = teacher_logits(task.teacher, task.train)
-        distill(student, targets, task.train, plan.distill, seed=plan.seed)
+        distill(student, targets, task.train, plan.distill, seed=plan.seed, loss_fn=task.distill_loss)
     return freeze(student)
 
 
@@ -74,6 +83,8 @@ def model_metrics(model: nn.Module, task: Task, profiles: Sequence[str], *, repe
     from slimsearch.hardware_profiles import layer_costs, load_profile, predict
 
     values: dict[str, float | None] = {task.metric_name: score(model, task.val, task)}
+    for name, metric in task.extra_metrics.items():
+        values[name] = metric(model, task.val)
     layers = layer_costs(model, task.example_input)
     values["size_bytes"] = float(packed_size(model))
     values["params"] = float(sum(p.numel() for p in model.parameters()))

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-IMPORTANCE = ("l1", "l2")
+from slimsearch.spaces.plan import IMPORTANCES as IMPORTANCE
 
 
 def _trace(model: "nn.Module", example_input: "torch.Tensor"):
@@ -43,6 +43,7 @@ def prune_channels(
     ratio: Union[float, Mapping[str, float]],
     *,
     importance: str = "l1",
+    batch: "tuple[torch.Tensor, torch.Tensor] | None" = None,
 ) -> "nn.Module":
     """Return a copy of ``model`` with the least important channels of each group removed.
 
@@ -52,8 +53,11 @@ def prune_channels(
         ratio: share of channels to remove, in [0, 1): one float for every prunable
             group, or a mapping from group name (see :func:`prunable_layers`) to ratio;
             groups not named are kept whole.
-        importance: ``"l1"`` or ``"l2"`` norm of each channel's weights, summed over
-            the layers of the group.
+        importance: ``"l1"`` or ``"l2"`` norm of each channel's weights, or ``"taylor"``
+            (first-order Taylor, ``|weight x gradient|`` of the loss on ``batch``),
+            summed over the layers of the group.
+        batch: ``(inputs, targets)`` for ``"taylor"``: class labels (cross-entropy) or
+            target outputs (mean squared error).
 
     Returns:
         A plain dense module with fewer parameters and the same output shape.
@@ -74,6 +78,7 @@ def prune_channels(
         if not 0.0 <= r < 1.0:
             raise ConfigError(f"prune ratio of layer {name!r} must be in [0, 1), got {r}")
 
+    grads = _taylor_grads(model, batch) if importance == "taylor" else {}
     keep: dict[int, torch.Tensor] = {}  # root space -> kept channel indices
     for name, producers in groups.items():
         r = ratios.get(name, 0.0)
@@ -85,7 +90,10 @@ def prune_channels(
         scores = torch.zeros(n)
         for producer in producers:
             rows = model.get_submodule(producer).weight.detach().flatten(1)
-            scores += rows.abs().sum(1) if importance == "l1" else rows.pow(2).sum(1).sqrt()
+            if importance == "taylor":
+                scores += (rows * grads[producer].flatten(1)).abs().sum(1)
+            else:
+                scores += rows.abs().sum(1) if importance == "l1" else rows.pow(2).sum(1).sqrt()
         keep[space] = torch.sort(torch.topk(scores, keep_n).indices).values
     if not keep:
         return copy.deepcopy(model)
@@ -115,6 +123,105 @@ def prune_channels(
                 old = pruned.get_submodule(name)
                 _replace(pruned, name, _shrink_member(old, idx).train(old.training))
     return pruned
+
+
+def _taylor_grads(model: "nn.Module", batch) -> dict[str, "torch.Tensor"]:
+    """Weight gradients of the loss on ``batch``, computed on a copy (the model is untouched)."""
+    import torch
+    import torch.nn.functional as F
+
+    if batch is None:
+        raise ConfigError("importance 'taylor' needs a batch of (inputs, targets) to take gradients on")
+    inputs, targets = batch
+    probe = copy.deepcopy(model).eval()
+    out = probe(inputs)
+    loss = F.cross_entropy(out, targets) if targets.dtype == torch.long else F.mse_loss(out, targets)
+    loss.backward()
+    return {name: m.weight.grad.detach() for name, m in probe.named_modules()
+            if getattr(m, "weight", None) is not None and m.weight.grad is not None}
+
+
+def droppable_blocks(model: "nn.Module") -> list[str]:
+    """Residual blocks that can be removed whole: ``f(x) = x + g(x)`` (optionally then an activation).
+
+    Removing one leaves ``x`` (or the activation of ``x``): the depth choice of CNNs.
+    """
+    return list(_residual_blocks(model))
+
+
+def _residual_blocks(model: "nn.Module") -> dict[str, "nn.Module"]:
+    """Block name -> what replaces it when dropped (Identity, or the activation after the add)."""
+    import operator
+
+    import torch
+    import torch.fx
+    from torch import nn
+
+    from slimsearch.evaluators._channel_graph import PASSTHROUGH_MODULES
+
+    found: dict[str, nn.Module] = {}
+    for name, block in model.named_modules():
+        if not name or not any(True for _ in block.children()):
+            continue
+        if any(name.startswith(f"{other}.") for other in found):
+            continue
+        try:
+            graph = torch.fx.symbolic_trace(block).graph
+        except Exception:  # noqa: BLE001 - a block fx cannot trace is simply not droppable
+            continue
+        nodes = list(graph.nodes)
+        placeholders = [n for n in nodes if n.op == "placeholder"]
+        output = nodes[-1]
+        if len(placeholders) != 1 or output.op != "output":
+            continue
+        result = output.args[0]
+        after = nn.Identity()
+        if result.op == "call_module" and isinstance(block.get_submodule(result.target), PASSTHROUGH_MODULES):
+            after = copy.deepcopy(block.get_submodule(result.target))
+            result = result.args[0]
+        elif result.op == "call_function" and result.target in (torch.relu, torch.nn.functional.relu):
+            after = nn.ReLU()
+            result = result.args[0]
+        def is_input(node) -> bool:  # the block's input, possibly through an Identity shortcut
+            while node.op == "call_module" and isinstance(block.get_submodule(node.target), nn.Identity):
+                node = node.args[0]
+            return node is placeholders[0]
+
+        if (getattr(result, "op", None) == "call_function" and result.target in (operator.add, torch.add)
+                and any(isinstance(a, torch.fx.Node) and is_input(a) for a in result.args)):
+            found[name] = after
+    return found
+
+
+def drop_blocks(model: "nn.Module", names) -> "nn.Module":
+    """A copy of ``model`` without the residual blocks ``names`` (see :func:`droppable_blocks`)."""
+    blocks = _residual_blocks(model)
+    unknown = [n for n in names if n not in blocks]
+    if unknown:
+        raise ConfigError(f"cannot drop {unknown[0]!r}; droppable blocks: {list(blocks)}")
+    dropped = copy.deepcopy(model)
+    for name in names:
+        _replace(dropped, name, blocks[name])
+    return dropped
+
+
+class ChannelStructure:
+    """The default :class:`~slimsearch.tasks.Structure`: channel groups and residual blocks."""
+
+    def groups(self, model: "nn.Module", example_input: "torch.Tensor") -> list[str]:
+        return prunable_layers(model, example_input)
+
+    def droppable(self, model: "nn.Module") -> list[str]:
+        return droppable_blocks(model)
+
+    def prune(self, model, example_input, ratios, *, drop=(), importance="l1", batch=None):
+        if drop:
+            model = drop_blocks(model, drop)
+            alive = set(prunable_layers(model, example_input))
+            ratios = {k: v for k, v in ratios.items() if k in alive}
+        if not any(r > 0 for r in ratios.values()):
+            return copy.deepcopy(model) if not drop else model
+        return prune_channels(model, example_input, ratios, importance=importance, batch=batch)
 
 
 def _shrink_member(module, idx):

@@ -1,153 +1,511 @@
 """Weight and activation quantization, simulated in float and trained through (QAT).
 
-Weights: symmetric, per output channel, ``bits`` in 2..8 or 16 (32 = left in float).
+Weights: ``bits`` in 2..8 or 16 (32 = left in float), one scale per output channel
+or per group of ``group_size`` consecutive input elements of each output row,
+symmetric (codes in ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``) or asymmetric (codes
+in ``[0, 2**bits - 1]`` with a zero point per group). Per-group scales are stored as
+8-bit multiples of one float32 step per tensor (two-level scales, as GGUF's k-quants
+and NVFP4 do), so that scales cost 8 bits per group, not 32.
+
+Sparsity: a fixed magnitude mask (unstructured, or 2:4 -- the two largest of every
+four consecutive input weights) computed once from the float weights when the
+layer is set up, re-applied in every forward pass and at :func:`freeze`.
+
 Activations: asymmetric per-tensor 8-bit (or 16-bit) on each layer's input, with the
-range calibrated by min-max on training batches and then fixed. Gradients pass the
-rounding with a straight-through estimator. :func:`freeze` writes the quantized
-weights back, so the module that runs, is measured and is exported holds weights
-that lie exactly on their integer grid.
+range calibrated on training batches (min-max, a percentile, or the MSE-optimal
+clipping) and then fixed. Gradients pass the rounding with a straight-through
+estimator. :func:`freeze` writes the quantized weights back, so the module that runs,
+is measured and is exported holds weights that lie exactly on their integer grid,
+and records the scales it used so the weights can be packed and rebuilt bit-exactly.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import math
+from enum import Enum
+from typing import Iterable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimsearch.exceptions import ConfigError
 from slimsearch.spaces.plan import FULL_PRECISION, CompressionPlan
 
+SCALE_CODE_MAX = 255  # per-group scales are stored as 8-bit multiples of a per-tensor step
+NM_PATTERN = "2:4"
+NM_KEEP, NM_GROUP = 2, 4
+PERCENTILE = 99.99
+HISTOGRAM_BINS = 16384
+MSE_GRID = 100
 
-def weight_scale(weight: "torch.Tensor", bits: int) -> "torch.Tensor":
+
+class CalibrationMethod(str, Enum):
+    """How the clipping range of a layer's input activations is chosen."""
+
+    MINMAX = "minmax"  # the whole observed range
+    PERCENTILE = "percentile"  # the 0.01th..99.99th percentile of the values seen
+    MSE = "mse"  # the range, shrunk on a grid, that minimises the quantization MSE
+
+    @classmethod
+    def parse(cls, value: "str | CalibrationMethod") -> "CalibrationMethod":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(f"calibration method must be one of {[m.value for m in cls]}, got {value!r}") from None
+
+
+# --------------------------------------------------------------------------- weights
+
+
+class QuantizedWeight(NamedTuple):
+    """A weight tensor as integer codes and the parameters that map them back to floats.
+
+    Attributes:
+        codes: int32 codes, in the weight's shape.
+        scale: float32 scale per output channel and group, shape ``(out, groups)``.
+        zero_point: int32 code of 0.0 per output channel and group, ``(out, groups)``
+            (all zero when symmetric).
+        scale_step: per-group scales only: the float32 step the scales are 8-bit
+            multiples of (``scale == scale_codes * scale_step``); None per channel.
+        bits: code width.
+        group_size: input elements per scale; 0 = one scale per output channel.
+        symmetric: symmetric (signed codes) or asymmetric (unsigned codes).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    scale_step: Optional[torch.Tensor]
+    bits: int
+    group_size: int
+    symmetric: bool
+
+    @property
+    def groups(self) -> int:
+        return int(self.scale.shape[1])
+
+    def scale_codes(self) -> torch.Tensor:
+        """Per-group scales as their 8-bit codes (int32, ``(out, groups)``)."""
+        if self.scale_step is None:
+            raise ValueError("per-channel scales are stored as float32, not as codes")
+        return torch.round(self.scale / self.scale_step).to(torch.int32)
+
+    def dequantize(self) -> torch.Tensor:
+        """``(codes - zero_point) * scale`` in float32, in the weight's shape."""
+        rows = self.codes.reshape(self.codes.shape[0], -1)
+        k = rows.shape[1]
+        grouped = _grouped(rows, self.group_size)
+        values = (grouped - self.zero_point.unsqueeze(-1)).to(torch.float32) * self.scale.unsqueeze(-1)
+        return values.reshape(rows.shape[0], -1)[:, :k].reshape(self.codes.shape)
+
+
+def effective_group_size(row_length: int, group_size: int) -> int:
+    """``group_size``, or 0 (per channel) when it is 0 or covers the whole row."""
+    return group_size if 0 < group_size < row_length else 0
+
+
+def num_groups(row_length: int, group_size: int) -> int:
+    g = effective_group_size(row_length, group_size)
+    return math.ceil(row_length / g) if g else 1
+
+
+def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Smallest and largest code of a ``bits``-bit weight grid."""
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        return -qmax, qmax
+    return 0, 2**bits - 1
+
+
+def _grouped(rows: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(out, k)`` rows as ``(out, groups, g)``, the last group padded with zeros."""
+    k = rows.shape[1]
+    g = effective_group_size(k, group_size) or k
+    n = math.ceil(k / g)
+    if n * g != k:
+        rows = F.pad(rows, (0, n * g - k))
+    return rows.reshape(rows.shape[0], n, g)
+
+
+def _two_level(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round per-group scales up to 8-bit multiples of one per-tensor step.
+
+    Rounding up keeps every weight inside its group's range, so nothing is clipped.
+    """
+    step = (scale.max() / SCALE_CODE_MAX).clamp_min(1e-30)
+    codes = torch.ceil(scale / step).clamp(1, SCALE_CODE_MAX)
+    return codes.to(torch.float32) * step, step
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    bits: int,
+    *,
+    group_size: int = 0,
+    symmetric: bool = True,
+    scale: Optional[torch.Tensor] = None,
+    zero_point: Optional[torch.Tensor] = None,
+    scale_step: Optional[torch.Tensor] = None,
+) -> QuantizedWeight:
+    """Round ``weight`` to its integer grid.
+
+    With ``scale`` (and ``zero_point``, ``scale_step``) given, the codes are taken on
+    that grid; otherwise the grid is fitted: symmetric scale ``max|w| / qmax``, or
+    asymmetric over ``[min(w, 0), max(w, 0)]`` so that 0.0 is always exactly a code
+    (pruned weights stay exactly zero).
+    """
+    if not 2 <= bits <= 16:
+        raise ConfigError(f"weight bits must be in [2, 16], got {bits}")
+    w = weight.detach().to(torch.float32)
+    rows = w.reshape(w.shape[0], -1)
+    k = rows.shape[1]
+    g = effective_group_size(k, group_size)
+    grouped = _grouped(rows, g)
+    lo_code, hi_code = code_range(bits, symmetric)
+    if scale is None:
+        if symmetric:
+            scale = grouped.abs().amax(-1).clamp_min(1e-12) / hi_code
+            zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        else:
+            lo = grouped.amin(-1).clamp_max(0.0)
+            hi = grouped.amax(-1).clamp_min(0.0)
+            scale = ((hi - lo) / hi_code).clamp_min(1e-12)
+        scale_step = None
+        if g:
+            scale, scale_step = _two_level(scale)
+        if not symmetric:
+            zero_point = torch.clamp(torch.round(-lo / scale), lo_code, hi_code).to(torch.int32)
+    elif zero_point is None:
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    codes = torch.round(grouped / scale.unsqueeze(-1)) + zero_point.unsqueeze(-1)
+    codes = torch.clamp(codes, lo_code, hi_code).to(torch.int32)
+    codes = codes.reshape(rows.shape[0], -1)[:, :k].reshape(weight.shape)
+    return QuantizedWeight(codes, scale, zero_point, scale_step, int(bits), g, bool(symmetric))
+
+
+def weight_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-output-channel symmetric scale: max |w| of the channel over ``2**(bits-1) - 1``."""
-    qmax = 2 ** (bits - 1) - 1
-    amax = weight.detach().abs().flatten(1).amax(1).clamp_min(1e-12)
-    return amax / qmax
+    return quantize_weight(weight, bits).scale[:, 0]
 
 
-def quantize_weight_int(weight: "torch.Tensor", bits: int) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """Integer codes in ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]`` and their per-channel scales."""
-    scale = weight_scale(weight, bits)
-    qmax = 2 ** (bits - 1) - 1
-    shape = (-1,) + (1,) * (weight.dim() - 1)
-    codes = torch.clamp(torch.round(weight / scale.reshape(shape)), -qmax, qmax).to(torch.int32)
-    return codes, scale
+def quantize_weight_int(weight: torch.Tensor, bits: int, *, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric integer codes and their scales: ``(out,)`` per channel, ``(out, groups)`` per group."""
+    qw = quantize_weight(weight, bits, group_size=group_size)
+    return qw.codes, (qw.scale if qw.group_size else qw.scale[:, 0])
 
 
-def fake_quant_weight(weight: "torch.Tensor", bits: int) -> "torch.Tensor":
+def fake_quant_weight(weight: torch.Tensor, bits: int, *, group_size: int = 0, symmetric: bool = True) -> torch.Tensor:
     """``weight`` rounded to its grid in the forward pass, identity in the backward pass."""
-    codes, scale = quantize_weight_int(weight, bits)
-    shape = (-1,) + (1,) * (weight.dim() - 1)
-    quantized = codes.to(weight.dtype) * scale.reshape(shape)
-    return weight + (quantized - weight).detach()
+    quantized = quantize_weight(weight, bits, group_size=group_size, symmetric=symmetric).dequantize()
+    return weight + (quantized.to(weight.dtype) - weight).detach()
+
+
+# --------------------------------------------------------------------------- sparsity
+
+
+def nm_rows(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as ``(out, k)`` rows in the order 2:4 groups run along.
+
+    Linear: the input features. Conv: the input channels at each kernel position
+    (``(out, kh, kw, in)``), the layout sparse tensor cores take for convolutions.
+    """
+    if weight.dim() == 4:
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    return weight.reshape(weight.shape[0], -1)
+
+
+def from_nm_rows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The inverse of :func:`nm_rows`."""
+    if len(shape) == 4:
+        out, cin, kh, kw = shape
+        return rows.reshape(out, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
+    return rows.reshape(shape)
+
+
+def nm_groups(rows: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """``(out, k)`` rows as ``(out, ceil(k/4), 4)``, the last group padded with ``fill``."""
+    k = rows.shape[1]
+    n = math.ceil(k / NM_GROUP)
+    if n * NM_GROUP != k:
+        rows = F.pad(rows, (0, n * NM_GROUP - k), value=fill)
+    return rows.reshape(rows.shape[0], n, NM_GROUP)
+
+
+def nm_mask(weight: torch.Tensor) -> torch.Tensor:
+    """Keep the 2 largest |w| of every 4 consecutive input weights (see :func:`nm_rows`)."""
+    rows = nm_rows(weight.detach().abs())
+    groups = nm_groups(rows, fill=-1.0)  # padding is never kept over a real weight
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, groups.topk(NM_KEEP, dim=-1).indices, True)
+    keep = keep.reshape(rows.shape[0], -1)[:, : rows.shape[1]]
+    return from_nm_rows(keep, weight.shape)
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Zero the ``round(sparsity * numel)`` smallest |w| of the tensor (unstructured)."""
+    flat = weight.detach().abs().flatten()
+    drop = int(round(sparsity * flat.numel()))
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[torch.argsort(flat, stable=True)[:drop]] = False
+    return keep.reshape(weight.shape)
+
+
+def sparsity_mask(weight: torch.Tensor, sparsity: float, pattern: Optional[str]) -> torch.Tensor:
+    """The fixed mask of a layer: 2:4 when ``pattern == "2:4"``, else unstructured magnitude."""
+    return nm_mask(weight) if pattern == NM_PATTERN else magnitude_mask(weight, sparsity)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _act_qmax(bits: int) -> int:
+    return 2**bits - 1
 
 
 class _QuantMixin:
-    """Adds weight and input-activation fake quantization to Conv2d / Linear."""
+    """Adds weight and input-activation fake quantization and a sparsity mask to Conv2d / Linear.
+
+    Attributes read by other parts of slimsearch: ``weight_bits``, ``act_bits``,
+    ``group_size``, ``symmetric``, ``sparsity`` and ``sparsity_pattern`` (``"2:4"`` or
+    None; hardware profiles accelerate only named patterns).
+    """
 
     weight_bits: int
     act_bits: int
 
-    def _setup(self, weight_bits: int, act_bits: int) -> None:
+    def _setup(
+        self,
+        weight_bits: int,
+        act_bits: int,
+        *,
+        group_size: int = 0,
+        symmetric: bool = True,
+        sparsity: float = 0.0,
+        sparsity_pattern: Optional[str] = None,
+    ) -> None:
+        """Set bit-widths and grids, and fix the sparsity mask from the current weights."""
         self.weight_bits = int(weight_bits)
         self.act_bits = int(act_bits)
+        row = self.weight[0].numel()
+        self.group_size = effective_group_size(row, int(group_size)) if self.weight_bits < FULL_PRECISION else 0
+        self.symmetric = bool(symmetric)
+        self.sparsity = float(sparsity)
+        self.sparsity_pattern = NM_PATTERN if (sparsity_pattern == NM_PATTERN and self.sparsity > 0) else None
         self.frozen = False
         self.calibrating = False
-        self.register_buffer("act_min", torch.tensor(float("inf")))
-        self.register_buffer("act_max", torch.tensor(float("-inf")))
+        self._histogram: Optional[torch.Tensor] = None
+        self.register_buffer("act_min", torch.tensor(float("inf")), persistent=False)
+        self.register_buffer("act_max", torch.tensor(float("-inf")), persistent=False)
         self.register_buffer("act_scale", torch.tensor(1.0))
         self.register_buffer("act_zero_point", torch.tensor(0, dtype=torch.int32))
+        if self.weight_bits < FULL_PRECISION:
+            shape = (self.weight.shape[0], num_groups(row, self.group_size))
+            self.register_buffer("weight_scale", torch.ones(shape))
+            self.register_buffer("weight_zero_point", torch.zeros(shape, dtype=torch.int32))
+            if self.group_size:
+                self.register_buffer("weight_scale_step", torch.tensor(1.0))
+        if self.sparsity > 0:
+            self.register_buffer("weight_mask", sparsity_mask(self.weight, self.sparsity, self.sparsity_pattern))
 
-    def _quant_input(self, x: "torch.Tensor") -> "torch.Tensor":
+    @property
+    def mask(self) -> Optional[torch.Tensor]:
+        return getattr(self, "weight_mask", None)
+
+    def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits >= FULL_PRECISION:
             return x
         if self.calibrating:
-            self.act_min = torch.minimum(self.act_min, x.detach().min())
-            self.act_max = torch.maximum(self.act_max, x.detach().max())
+            self._observe(x.detach())
             return x
-        qmax = 2**self.act_bits - 1
-        return torch.fake_quantize_per_tensor_affine(x, self.act_scale, self.act_zero_point, 0, qmax)
+        return torch.fake_quantize_per_tensor_affine(x, self.act_scale, self.act_zero_point, 0,
+                                                     _act_qmax(self.act_bits))
 
-    def finish_calibration(self) -> None:
-        """Turn the observed input range into a fixed scale and zero point."""
+    def _observe(self, x: torch.Tensor) -> None:
+        if self._histogram is None:
+            self.act_min = torch.minimum(self.act_min, x.min())
+            self.act_max = torch.maximum(self.act_max, x.max())
+        else:
+            lo, hi = float(self.act_min), float(self.act_max)
+            self._histogram += torch.histc(x.float(), HISTOGRAM_BINS, lo, max(hi, lo + 1e-8))
+
+    def finish_calibration(self, method: "str | CalibrationMethod" = CalibrationMethod.MINMAX) -> None:
+        """Turn the observed inputs into a fixed scale and zero point."""
+        method = CalibrationMethod.parse(method)
         self.calibrating = False
+        histogram, self._histogram = self._histogram, None
         if self.act_bits >= FULL_PRECISION:
             return
-        lo = min(float(self.act_min), 0.0)
-        hi = max(float(self.act_max), lo + 1e-8)
-        qmax = 2**self.act_bits - 1
+        qmax = _act_qmax(self.act_bits)
+        lo, hi = min(float(self.act_min), 0.0), max(float(self.act_max), 0.0)
+        if method is not CalibrationMethod.MINMAX and histogram is not None and histogram.sum() > 0:
+            edges = torch.linspace(float(self.act_min), max(float(self.act_max), float(self.act_min) + 1e-8),
+                                   HISTOGRAM_BINS + 1, dtype=torch.float64)
+            if method is CalibrationMethod.PERCENTILE:
+                lo, hi = _percentile_range(histogram, edges)
+            else:
+                lo, hi = _mse_range(histogram, edges, lo, hi, qmax)
+        hi = max(hi, lo + 1e-8)
         scale = (hi - lo) / qmax
         self.act_scale = torch.tensor(scale)
         self.act_zero_point = torch.tensor(int(round(-lo / scale)), dtype=torch.int32).clamp(0, qmax)
 
-    def _weight(self) -> "torch.Tensor":
-        if self.frozen or self.weight_bits >= FULL_PRECISION:
-            return self.weight
-        return fake_quant_weight(self.weight, self.weight_bits)
+    def _weight(self) -> torch.Tensor:
+        weight = self.weight
+        if self.frozen:
+            return weight
+        if self.mask is not None:
+            weight = weight * self.mask
+        if self.weight_bits < FULL_PRECISION:
+            weight = fake_quant_weight(weight, self.weight_bits, group_size=self.group_size, symmetric=self.symmetric)
+        return weight
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The weight as codes: on the grid recorded at :meth:`freeze`, or fitted now if not frozen."""
+        if self.weight_bits >= FULL_PRECISION:
+            raise ValueError("a float layer has no integer codes")
+        if self.frozen:
+            return quantize_weight(self.weight, self.weight_bits, group_size=self.group_size,
+                                   symmetric=self.symmetric, scale=self.weight_scale,
+                                   zero_point=self.weight_zero_point, scale_step=getattr(self, "weight_scale_step", None))
+        weight = self.weight if self.mask is None else self.weight * self.mask
+        return quantize_weight(weight, self.weight_bits, group_size=self.group_size, symmetric=self.symmetric)
 
     def freeze(self) -> None:
-        """Write the quantized weights into ``weight`` and stop re-quantizing them."""
-        if self.weight_bits < FULL_PRECISION and not self.frozen:
-            with torch.no_grad():
-                self.weight.copy_(fake_quant_weight(self.weight, self.weight_bits))
+        """Write the masked, quantized weights into ``weight`` and stop re-quantizing them.
+
+        The grid used is kept in ``weight_scale``/``weight_zero_point`` (and
+        ``weight_scale_step``), and the mask shrinks to the weights left nonzero.
+        """
+        if self.frozen:
+            return
+        with torch.no_grad():
+            if self.weight_bits < FULL_PRECISION:
+                qw = self.quantized_weight()
+                self.weight_scale.copy_(qw.scale)
+                self.weight_zero_point.copy_(qw.zero_point)
+                if qw.scale_step is not None:
+                    self.weight_scale_step.copy_(qw.scale_step)
+                self.weight.copy_(qw.dequantize())
+            elif self.mask is not None:
+                self.weight.mul_(self.mask)
+            if self.mask is not None:
+                self.weight_mask.copy_(self.weight != 0)
         self.frozen = True
 
 
+def _percentile_range(histogram: torch.Tensor, edges: torch.Tensor) -> tuple[float, float]:
+    """The ``100 - PERCENTILE``th and ``PERCENTILE``th percentiles, widened to include 0."""
+    cum = torch.cumsum(histogram.double(), 0) / histogram.sum()
+    tail = 1.0 - PERCENTILE / 100.0
+    lo_bin = int(torch.searchsorted(cum, torch.tensor(tail, dtype=torch.float64)))
+    hi_bin = int(torch.searchsorted(cum, torch.tensor(1.0 - tail, dtype=torch.float64)))
+    lo = float(edges[min(lo_bin, len(edges) - 1)])
+    hi = float(edges[min(hi_bin + 1, len(edges) - 1)])
+    return min(lo, 0.0), max(hi, 0.0)
+
+
+def _mse_range(histogram: torch.Tensor, edges: torch.Tensor, lo: float, hi: float, qmax: int) -> tuple[float, float]:
+    """``[a*lo, a*hi]`` for the ``a`` on a grid in (0, 1] whose quantization MSE over the histogram is least."""
+    centers = ((edges[:-1] + edges[1:]) / 2).unsqueeze(0)
+    counts = histogram.double().unsqueeze(0)
+    alphas = torch.linspace(1.0 / MSE_GRID, 1.0, MSE_GRID, dtype=torch.float64).unsqueeze(1)
+    lo_c, hi_c = alphas * lo, torch.maximum(alphas * hi, alphas * lo + 1e-8)
+    scale = (hi_c - lo_c) / qmax
+    zero = torch.clamp(torch.round(-lo_c / scale), 0, qmax)
+    rebuilt = (torch.clamp(torch.round(centers / scale) + zero, 0, qmax) - zero) * scale
+    errors = ((rebuilt - centers) ** 2 * counts).sum(1)
+    best = int(MSE_GRID - 1 - torch.argmin(errors.flip(0)))  # ties go to the wider range
+    return float(lo_c[best]), float(hi_c[best])
+
+
 class QConv2d(_QuantMixin, nn.Conv2d):
-    """Conv2d with quantized weights and inputs."""
+    """Conv2d with quantized (and optionally sparse) weights and quantized inputs."""
 
     def forward(self, x):
         return self._conv_forward(self._quant_input(x), self._weight(), self.bias)
 
 
 class QLinear(_QuantMixin, nn.Linear):
-    """Linear with quantized weights and inputs."""
+    """Linear with quantized (and optionally sparse) weights and quantized inputs."""
 
     def forward(self, x):
         return F.linear(self._quant_input(x), self._weight(), self.bias)
 
 
-def quantize_layers(model: "nn.Module", plan: CompressionPlan) -> "nn.Module":
-    """Swap every Conv2d/Linear that the plan gives fewer than 32 bits for its quantized twin (in place)."""
+def _check_layer_plan(name: str, lp) -> None:
+    if lp.sparsity_pattern == NM_PATTERN and lp.sparsity not in (0.0, 0.5):
+        raise ConfigError(f"layer {name!r}: sparsity_pattern '2:4' zeroes exactly half of the weights, so "
+                          f"sparsity must be 0.5 (or 0 for dense), got {lp.sparsity}")
+
+
+def quantize_layers(model: nn.Module, plan: CompressionPlan) -> nn.Module:
+    """Swap every Conv2d/Linear that the plan quantizes or sparsifies for its quantized twin (in place).
+
+    Bit-widths, grids (``group_size``, ``symmetric``) and sparsity come from the
+    plan's :class:`~slimsearch.spaces.LayerPlan` of each layer; the sparsity mask is
+    fixed here from the layer's current weights.
+    """
     from slimsearch.evaluators.prune import _replace
 
     for name, module in list(model.named_modules()):
         if type(module) not in (nn.Conv2d, nn.Linear):
             continue
         lp = plan.layer(name)
-        if lp.weight_bits >= FULL_PRECISION and lp.act_bits >= FULL_PRECISION:
+        if lp.weight_bits >= FULL_PRECISION and lp.act_bits >= FULL_PRECISION and lp.sparsity <= 0:
             continue
-        if isinstance(module, nn.Conv2d):
-            new = QConv2d(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
-                        padding=module.padding, dilation=module.dilation, groups=module.groups,
-                        bias=module.bias is not None, padding_mode=module.padding_mode)
-        else:
-            new = QLinear(module.in_features, module.out_features, bias=module.bias is not None)
-        new._setup(lp.weight_bits, lp.act_bits)
-        new.load_state_dict(module.state_dict(), strict=False)
+        _check_layer_plan(name, lp)
+        new = build_layer(module)
+        new.load_state_dict(module.state_dict())
+        new._setup(lp.weight_bits, lp.act_bits, group_size=lp.group_size, symmetric=lp.symmetric,
+                   sparsity=lp.sparsity, sparsity_pattern=lp.sparsity_pattern)
         _replace(model, name, new)
     return model
 
 
-def quant_layers(model: "nn.Module") -> list:
+def build_layer(module: nn.Module) -> "QConv2d | QLinear":
+    """An un-set-up quantized twin of a Conv2d/Linear with the same shape (weights not copied)."""
+    if isinstance(module, nn.Conv2d):
+        return QConv2d(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+                       padding=module.padding, dilation=module.dilation, groups=module.groups,
+                       bias=module.bias is not None, padding_mode=module.padding_mode)
+    return QLinear(module.in_features, module.out_features, bias=module.bias is not None)
+
+
+def quant_layers(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, _QuantMixin)]
 
 
-def calibrate(model: "nn.Module", batches: Iterable["torch.Tensor"]) -> None:
-    """Observe the input range of every quantized layer on ``batches`` and fix its scale."""
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    method: "str | CalibrationMethod" = CalibrationMethod.MINMAX,
+) -> None:
+    """Observe the inputs of every quantized layer on ``batches`` and fix its scale.
+
+    ``"minmax"`` takes one pass over the batches; ``"percentile"`` and ``"mse"`` take a
+    second one that fills a histogram over the min-max range.
+    """
+    method = CalibrationMethod.parse(method)
+    batches = list(batches)
     layers = quant_layers(model)
     for layer in layers:
         layer.calibrating = True
+        layer._histogram = None
     model.eval()
     with torch.no_grad():
         for batch in batches:
             model(batch)
+        if method is not CalibrationMethod.MINMAX:
+            for layer in layers:
+                layer._histogram = torch.zeros(HISTOGRAM_BINS)
+            for batch in batches:
+                model(batch)
     for layer in layers:
-        layer.finish_calibration()
+        layer.finish_calibration(method)
 
 
-def freeze(model: "nn.Module") -> "nn.Module":
+def freeze(model: nn.Module) -> nn.Module:
     """Bake quantized weights into every quantized layer; the model is then in eval mode."""
     for layer in quant_layers(model):
         layer.freeze()

@@ -40,11 +40,12 @@ def layer_names(model) -> list[str]:
 
 
 def build_space(spec: JobSpec, task):
-    from slimsearch.evaluators import prunable_layers
+    from slimsearch.evaluators.prune import ChannelStructure
     from slimsearch.spaces import SearchSpace
 
-    return SearchSpace.build(spec.space, layer_names(task.teacher),
-                             prunable_layers(task.teacher, task.example_input), seed=spec.search.seed)
+    structure = task.structure or ChannelStructure()
+    return SearchSpace.build(spec.space, layer_names(task.teacher), structure.groups(task.teacher, task.example_input),
+                             droppable=structure.droppable(task.teacher), seed=spec.search.seed)
 
 
 @functools.lru_cache(maxsize=2)

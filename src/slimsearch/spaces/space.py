@@ -14,41 +14,63 @@ if TYPE_CHECKING:
     from slimsearch.job import SpaceSpec
 
 
+# Model-wide choices: (job-file key, plan field it sets, where in the plan it lives).
+GLOBAL_CHOICES = ("group_size", "sparsity", "sparsity_pattern", "importance", "act_calibration")
+
+
 @dataclass(frozen=True)
 class SearchSpace:
-    """Per-layer choices for every quantizable layer; prune ratios for prunable ones.
+    """The job's choices laid over a task's layers, prunable groups and droppable blocks.
 
-    Built from a job's ``space`` section and the layer names of the task's teacher.
-    Parameter names are ``<choice>.<layer>`` (``weight_bits.conv2``) and
-    ``distill_steps``; they are what Optuna records and what MLflow shows.
+    Parameter names are ``weight_bits.<layer>``, ``act_bits.<layer>``,
+    ``prune_ratio.<group>``, ``drop.<block>`` and model-wide names (``distill_steps``,
+    ``sparsity``, ...); they are what Optuna records and what MLflow shows. A choice
+    with one value is fixed: it is in the plan but not searched.
     """
 
     layers: tuple[str, ...]
     prunable: tuple[str, ...]
     choices: tuple[tuple[str, tuple], ...]  # (param name, choices), in a fixed order
     seed: int = 0
+    droppable: tuple[str, ...] = ()
+    fixed: tuple[tuple[str, object], ...] = ()  # model-wide choices with a single value
 
     @classmethod
-    def build(cls, spec: "SpaceSpec", layers: Sequence[str], prunable: Sequence[str], *, seed: int = 0) -> "SearchSpace":
-        unknown = sorted(set(spec.layers) - set(layers))
+    def build(cls, spec: "SpaceSpec", layers: Sequence[str], prunable: Sequence[str], *,
+              droppable: Sequence[str] = (), seed: int = 0) -> "SearchSpace":
+        named = list(dict.fromkeys([*layers, *prunable]))
+        unknown = sorted(set(spec.layers) - set(named))
         if unknown:
-            raise ConfigError(f"space.layers: unknown layer {unknown[0]!r}; allowed: {list(layers)}")
+            raise ConfigError(f"space.layers: unknown layer {unknown[0]!r}; allowed: {named}")
         choices: list[tuple[str, tuple]] = []
+
+        def values_for(name: str, key: str):
+            own = spec.layers.get(name)
+            values = getattr(own, key, None) if own is not None else None
+            return tuple(sorted(set(values if values is not None else getattr(spec, key))))
+
         for layer in layers:
-            own = spec.layers.get(layer)
-            for key in ("prune_ratio", "weight_bits", "act_bits"):
-                if key == "prune_ratio" and layer not in prunable:
-                    if own is not None and own.prune_ratio not in (None, [0.0], [0]):
-                        raise ConfigError(
-                            f"space.layers.{layer}.prune_ratio: layer {layer!r} cannot be pruned "
-                            f"(its outputs are the model's outputs); prunable layers: {list(prunable)}"
-                        )
-                    continue
-                values = getattr(own, key, None) if own is not None else None
-                values = values if values is not None else getattr(spec, key)
-                choices.append((f"{key}.{layer}", tuple(sorted(set(values)))))
+            for key in ("weight_bits", "act_bits"):
+                choices.append((f"{key}.{layer}", values_for(layer, key)))
+        for name, own in spec.layers.items():
+            if name not in prunable and own.prune_ratio not in (None, [0.0], [0]):
+                raise ConfigError(
+                    f"space.layers.{name}.prune_ratio: {name!r} cannot be pruned (its outputs are the "
+                    f"model's outputs, or it is tied to such a layer); prunable layers: {list(prunable)}")
+        for group in prunable:
+            choices.append((f"prune_ratio.{group}", values_for(group, "prune_ratio")))
+        if len(set(spec.drop)) > 1:
+            choices += [(f"drop.{block}", (False, True)) for block in droppable]
+        fixed = []
+        for key in GLOBAL_CHOICES:
+            values = tuple(sorted(set(getattr(spec, key))))
+            if len(values) > 1:
+                choices.append((key, values))
+            else:
+                fixed.append((key, values[0]))
         choices.append(("distill_steps", tuple(sorted(set(spec.distill_steps)))))
-        return cls(layers=tuple(layers), prunable=tuple(prunable), choices=tuple(choices), seed=seed)
+        return cls(layers=tuple(layers), prunable=tuple(prunable), choices=tuple(choices), seed=seed,
+                   droppable=tuple(droppable), fixed=tuple(fixed))
 
     def suggest(self, trial: "optuna.Trial") -> CompressionPlan:
         """Ask ``trial`` for one value of every choice and return the plan."""
@@ -57,15 +79,22 @@ class SearchSpace:
 
     def plan_from_params(self, params: dict) -> CompressionPlan:
         """The plan that a dict of parameter values (as Optuna records them) stands for."""
+        glob = {**dict(self.fixed), **{k: params[k] for k in GLOBAL_CHOICES if k in params}}
         layers = {}
-        for layer in self.layers:
-            layers[layer] = LayerPlan(
-                prune_ratio=float(params.get(f"prune_ratio.{layer}", 0.0)),
-                weight_bits=int(params.get(f"weight_bits.{layer}", 32)),
-                act_bits=int(params.get(f"act_bits.{layer}", 32)),
+        for name in dict.fromkeys([*self.layers, *self.prunable]):
+            layers[name] = LayerPlan(
+                prune_ratio=float(params.get(f"prune_ratio.{name}", 0.0)),
+                weight_bits=int(params.get(f"weight_bits.{name}", 32)),
+                act_bits=int(params.get(f"act_bits.{name}", 32)),
+                group_size=int(glob.get("group_size", 0)),
+                sparsity=float(glob.get("sparsity", 0.0)),
+                sparsity_pattern=str(glob.get("sparsity_pattern", "unstructured")),
             )
+        drop = tuple(b for b in self.droppable if params.get(f"drop.{b}", False))
         return CompressionPlan(
-            layers=layers, distill=DistillPlan(steps=int(params.get("distill_steps", 0))), seed=self.seed
+            layers=layers, distill=DistillPlan(steps=int(params.get("distill_steps", 0))), seed=self.seed,
+            drop=drop, importance=str(glob.get("importance", "l1")),
+            act_calibration=str(glob.get("act_calibration", "minmax")),
         )
 
     @property

@@ -63,8 +63,11 @@ class Structure(Protocol):
         """Names of the blocks or layers that can be removed whole (depth)."""
 
     def prune(self, model: "torch.nn.Module", example_input: "torch.Tensor", ratios: Mapping[str, float],
-              *, drop: Sequence[str] = (), importance: str = "l1") -> "torch.nn.Module":
-        """A smaller copy of ``model``: ``ratios`` of each group removed, blocks in ``drop`` gone."""
+              *, drop: Sequence[str] = (), importance: str = "l1", batch=None) -> "torch.nn.Module":
+        """A smaller copy of ``model``: ``ratios`` of each group removed, blocks in ``drop`` gone.
+
+        ``batch`` (inputs, targets) is given when ``importance`` needs gradients ("taylor").
+        """
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,10 @@ import importlib
 from slimsearch.exceptions import ConfigError
 from slimsearch.tasks._base import Task
 
-BUILTIN_TASKS = ("mnist", "digits")
+# Built-in task name -> the private module whose function of that name builds it
+# (imported only when the task is loaded: the minilm one brings in transformers).
+_BUILTIN_MODULES = {"mnist": "_image", "digits": "_image", "minilm": "_minilm"}
+BUILTIN_TASKS = tuple(_BUILTIN_MODULES)
 
 
 def load_task(name: str, *, seed: int = 0) -> Task:
@@ -15,10 +18,9 @@ def load_task(name: str, *, seed: int = 0) -> Task:
 
     User code runs only through an explicit ``module:function``.
     """
-    from slimsearch.tasks import _image
-
-    if name in BUILTIN_TASKS:
-        return getattr(_image, name)(seed=seed)
+    if name in _BUILTIN_MODULES:
+        module = importlib.import_module(f"slimsearch.tasks.{_BUILTIN_MODULES[name]}")
+        return getattr(module, name)(seed=seed)
     if ":" in name:
         module_name, _, func_name = name.partition(":")
         try:
