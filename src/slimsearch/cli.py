@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("job_dir", help="the job folder a run wrote")
     export.add_argument("--out", required=True, help="folder for model.onnx, model.pt and manifest.json")
     export.add_argument("--run", dest="run_id", help="MLflow child run id of the candidate to export")
+    export.add_argument("--format", default="onnx,torchscript",
+                        help="comma-separated: onnx, torchscript, packed (default: onnx,torchscript)")
     return parser
 
 
@@ -103,11 +105,14 @@ def _fmt(v) -> str:
 def _export(args) -> int:
     from slimsearch.export import export_job
 
-    manifest = export_job(Path(args.job_dir), Path(args.out), run_id=args.run_id)
-    recorded = manifest["metrics"].get("accuracy_test")
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    manifest = export_job(Path(args.job_dir), Path(args.out), run_id=args.run_id, formats=formats)
+    metric = manifest["metric"]
+    recorded = manifest["metrics"].get(f"{metric}_test")
     print(f"Exported trial {manifest['trial']} (run {manifest['run_id']}) to {args.out}: {manifest['selection']}")
-    print(f"  test accuracy of model.onnx in onnxruntime: {manifest['test_accuracy_onnxruntime']:.4f} "
-          f"(recorded: {'-' if recorded is None else f'{recorded:.4f}'})")
+    for fmt, value in manifest[f"test_{metric}_by_format"].items():
+        print(f"  test {metric} of the {fmt} file, loaded back: {value:.4f} "
+              f"(recorded: {'-' if recorded is None else f'{recorded:.4f}'})")
     print(f"  files: {', '.join(sorted(manifest['files']))}")
     return 0
 

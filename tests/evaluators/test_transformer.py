@@ -57,8 +57,9 @@ def test_prune_heads_neurons_and_layers(encoder, ids):
     before = copy.deepcopy(encoder.state_dict())
     small = structure.prune(encoder, ids[:1], ratios, drop=("encoder.layer.1", "encoder.layer.2"))
 
-    assert len(small.encoder.layer) == LAYERS - 2
-    for layer in small.encoder.layer:
+    assert [type(layer) for layer in small.encoder.layer][1:3] == [nn.Identity, nn.Identity]
+    assert structure.droppable(small) == ["encoder.layer.0", "encoder.layer.3"]
+    for layer in (small.encoder.layer[0], small.encoder.layer[3]):
         attn = layer.attention.self
         assert (attn.num_attention_heads, attn.all_head_size) == (HEADS // 2, HEADS // 2 * HEAD_SIZE)
         assert attn.query.weight.shape == attn.key.weight.shape == attn.value.weight.shape == (16, 32)
@@ -141,7 +142,6 @@ def test_quantized_layers_stay_quantized(encoder, ids):
         ({"ratios": {"encoder.layer.9.attention": 0.5}}, ["'encoder.layer.9.attention'", "encoder.layer.0.ffn"]),
         ({"ratios": {"encoder.layer.0.ffn": 1.0}}, ["[0, 1)", "1.0"]),
         ({"ratios": {}, "drop": ("encoder.layer.7",)}, ["'encoder.layer.7'", "encoder.layer.3"]),
-        ({"ratios": {}, "drop": tuple(f"encoder.layer.{i}" for i in range(LAYERS))}, ["at least one layer"]),
         ({"ratios": {"encoder.layer.0.ffn": 0.5}, "importance": "taylor"}, ["'taylor'", "not supported", "'l1'"]),
     ],
 )
@@ -159,7 +159,38 @@ def test_model_without_the_layer_list_is_refused():
         BertStructure().groups(nn.Sequential(nn.Linear(2, 2)), torch.zeros(1, 2))
 
 
-def test_hidden_states_are_keyed_by_original_layer(encoder, ids):
+def test_dropped_layers_keep_later_names(encoder, ids):
+    """Layer 2 is still called encoder.layer.2 after layer 1 is dropped, and it is the same layer."""
+    small = BertStructure().prune(encoder, ids[:1], {}, drop=("encoder.layer.1",))
+    assert isinstance(small.encoder.layer[1], nn.Identity)
+    assert torch.equal(small.encoder.layer[2].output.dense.weight, encoder.encoder.layer[2].output.dense.weight)
+    assert not any(name.startswith("encoder.layer.1.") for name, _ in small.named_modules())
+    assert _params(encoder) - _params(small) == _params(encoder.encoder.layer[1])
+    again = BertStructure().prune(small, ids[:1], {"encoder.layer.2.ffn": 0.5}, drop=("encoder.layer.3",))
+    assert BertStructure().droppable(again) == ["encoder.layer.0", "encoder.layer.2"]
+    with pytest.raises(ConfigError, match="cannot prune group 'encoder.layer.1.ffn'"):
+        BertStructure().prune(small, ids[:1], {"encoder.layer.1.ffn": 0.5})
+    with torch.no_grad():
+        assert again(ids).shape == (5, 32)
+
+
+def test_every_layer_can_be_dropped(encoder, ids):
+    structure = BertStructure()
+    bare = structure.prune(encoder, ids[:1], {}, drop=tuple(structure.droppable(encoder)))
+    assert structure.droppable(bare) == [] and structure.groups(bare, ids[:1]) == []
+    with torch.no_grad():
+        assert bare(ids).shape == (5, 32)
+
+
+def test_ratios_of_dropped_layers_are_ignored(encoder, ids):
+    structure = BertStructure()
+    small = structure.prune(encoder, ids[:1], {"encoder.layer.1.attention": 0.5}, drop=("encoder.layer.1",))
+    plain = structure.prune(encoder, ids[:1], {}, drop=("encoder.layer.1",))
+    with torch.no_grad():
+        assert torch.equal(small(ids), plain(ids))
+
+
+def test_hidden_states_are_keyed_by_layer_index(encoder, ids):
     small = BertStructure().prune(encoder, ids[:1], {}, drop=("encoder.layer.1",))
     mask = ids != 0
     with torch.no_grad(), capture_hidden(encoder) as teacher_states, capture_hidden(small) as student_states:

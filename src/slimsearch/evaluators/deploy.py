@@ -43,15 +43,18 @@ def _class_path(module: nn.Module) -> str:
 
 
 def _layer_args(module: nn.Module) -> dict[str, Any] | None:
+    """Constructor arguments of a Conv2d/Linear (or its quantized twin); None for other modules."""
     from torch import nn
 
-    if isinstance(module, nn.Conv2d) and type(module).__mro__[1:].count(nn.Conv2d) <= 1:
+    from slimsearch.evaluators.quantize import QConv2d, QLinear
+
+    if type(module) in (nn.Conv2d, QConv2d):
         return {"kind": "conv2d", "in_channels": module.in_channels, "out_channels": module.out_channels,
                 "kernel_size": list(module.kernel_size), "stride": list(module.stride),
                 "padding": module.padding if isinstance(module.padding, str) else list(module.padding),
                 "dilation": list(module.dilation), "groups": module.groups, "bias": module.bias is not None,
                 "padding_mode": module.padding_mode}
-    if isinstance(module, nn.Linear):
+    if type(module) in (nn.Linear, QLinear):
         return {"kind": "linear", "in_features": module.in_features, "out_features": module.out_features,
                 "bias": module.bias is not None}
     return None
@@ -280,7 +283,8 @@ def load_packed(path: PathLike, template_model: nn.Module) -> nn.Module:
         for key, spec in record.get("tensors", {}).items():
             tensor = _tensor(blobs[prefix + key], spec)
             if key in module._parameters:
-                module._parameters[key] = nn.Parameter(torch.empty_like(tensor), requires_grad=tensor.is_floating_point())
+                module._parameters[key] = nn.Parameter(torch.empty_like(tensor),
+                                                       requires_grad=tensor.is_floating_point())
             else:
                 module._buffers[key] = torch.empty_like(tensor)
             state[prefix + key] = tensor
@@ -391,9 +395,12 @@ def _quantize_weights(g: _Graph, layers: list) -> None:
             continue
         layer, transposed = found
         if node.op_type == "Gemm":
+            # Gemm computes A @ B.T with transB=1: B must be the weight itself, else its transpose
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             if bool(trans_b) == transposed:
                 continue
+        elif transposed != (node.op_type == "MatMul"):
+            continue
         matched.add(id(layer))
         qw = layer.quantized_weight()
         codes = qw.codes.numpy()
@@ -446,7 +453,8 @@ def _hoist_activation_qdq(g: _Graph) -> None:
     from onnx import helper
 
     producers, consumers = g.producers(), g.consumers()
-    inserts = []
+    position = {out: i for i, node in enumerate(g.graph.node) for out in node.output}
+    hoisted: dict[str, list[str]] = {}  # layer output -> the Q's scale and zero point
     for q in g.graph.node:
         if q.op_type != "QuantizeLinear":
             continue
@@ -457,20 +465,27 @@ def _hoist_activation_qdq(g: _Graph) -> None:
             node = producers.get(name)
         if node is None or node.op_type not in WEIGHT_OPS or chain == 0 or len(consumers.get(name, [])) != 1:
             continue
-        inserts.append((node, name, q))
-    for producer, name, q in inserts:
+        hoisted[name] = list(q.input[1:])
+    if not hoisted:
+        return
+    # protobuf copies nodes on extend: rewire in place first, then rebuild the list once
+    for node in g.graph.node:
+        for i, value in enumerate(node.input):
+            if value in hoisted:
+                node.input[i] = f"{value}_hoisted_dq"
+    after: dict[int, list] = {}
+    for name, qparams in hoisted.items():
         q_out, dq_out = f"{name}_hoisted_q", f"{name}_hoisted_dq"
-        for consumer in consumers[name]:
-            for i, value in enumerate(consumer.input):
-                if value == name:
-                    consumer.input[i] = dq_out
-        new = [helper.make_node("QuantizeLinear", [name, *q.input[1:]], [q_out], name=f"{q_out}_node"),
-               helper.make_node("DequantizeLinear", [q_out, *q.input[1:]], [dq_out], name=f"{dq_out}_node")]
-        nodes = list(g.graph.node)
-        at = nodes.index(producer) + 1
-        nodes[at:at] = new
-        del g.graph.node[:]
-        g.graph.node.extend(nodes)
+        after[position[name]] = [
+            helper.make_node("QuantizeLinear", [name, *qparams], [q_out], name=f"{q_out}_node"),
+            helper.make_node("DequantizeLinear", [q_out, *qparams], [dq_out], name=f"{dq_out}_node"),
+        ]
+    nodes = []
+    for i, node in enumerate(g.graph.node):
+        nodes.append(node)
+        nodes.extend(after.get(i, []))
+    del g.graph.node[:]
+    g.graph.node.extend(nodes)
 
 
 def _drop_unused(g: _Graph) -> None:

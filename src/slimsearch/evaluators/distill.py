@@ -28,10 +28,13 @@ def logit_distill_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, lab
     return plan.alpha * temp * temp * soft + (1 - plan.alpha) * F.cross_entropy(student_out, labels)
 
 
-def distill(student: nn.Module, targets: torch.Tensor, data: Split, plan: DistillPlan, *, seed: int,
+def distill(student: nn.Module, teacher: nn.Module, data: Split, plan: DistillPlan, *, seed: int,
             loss_fn: Optional[Callable[..., torch.Tensor]] = None,
             on_chunk: Optional[Callable[[int, nn.Module], bool]] = None) -> nn.Module:
-    """Fine-tune ``student`` for ``plan.steps`` steps towards the teacher's outputs ``targets``.
+    """Fine-tune ``student`` for ``plan.steps`` steps towards the outputs of ``teacher``.
+
+    The teacher's outputs are computed once for the whole training split when the
+    steps will visit it at least once, else batch by batch.
 
     ``loss_fn(student_out, teacher_out, labels, plan)`` defaults to logit distillation.
     Adam with a cosine learning-rate decay; batches come from a generator seeded with
@@ -42,6 +45,7 @@ def distill(student: nn.Module, targets: torch.Tensor, data: Split, plan: Distil
     if plan.steps <= 0:
         return student.eval()
     loss_fn = loss_fn or logit_distill_loss
+    targets = teacher_logits(teacher, data) if plan.steps * plan.batch_size >= len(data) else None
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.Adam(student.parameters(), lr=plan.lr)
@@ -49,7 +53,12 @@ def distill(student: nn.Module, targets: torch.Tensor, data: Split, plan: Distil
     student.train()
     for step in range(1, plan.steps + 1):
         idx = torch.randint(0, len(data), (plan.batch_size,), generator=gen)
-        loss = loss_fn(student(data.x[idx]), targets[idx], data.y[idx], plan)
+        if targets is not None:
+            wanted = targets[idx]
+        else:
+            with torch.no_grad():
+                wanted = teacher.eval()(data.x[idx])
+        loss = loss_fn(student(data.x[idx]), wanted, data.y[idx], plan)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"distillation loss became {loss.item()} at step {step}; the candidate diverged")
         opt.zero_grad()

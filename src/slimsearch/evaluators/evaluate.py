@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from slimsearch.evaluators.distill import distill, teacher_logits
+from slimsearch.evaluators.distill import distill
 from slimsearch.evaluators.metrics import Metrics, Provenance
 from slimsearch.exceptions import UnsupportedOnDevice
 from slimsearch.evaluators.pack import packed_size
@@ -42,10 +42,9 @@ def apply_plan(task: Task, plan: CompressionPlan) -> nn.Module:
     student = quantize_layers(student, plan)
     gen = torch.Generator().manual_seed(plan.seed)
     calib = [task.train.x[torch.randint(0, len(task.train), (64,), generator=gen)] for _ in range(CALIBRATION_BATCHES)]
-    calibrate(student, calib)
+    calibrate(student, calib, method=plan.act_calibration)
     if plan.distill.steps > 0:
-        targets = teacher_logits(task.teacher, task.train)
-        distill(student, targets, task.train, plan.distill, seed=plan.seed, loss_fn=task.distill_loss)
+        distill(student, task.teacher, task.train, plan.distill, seed=plan.seed, loss_fn=task.distill_loss)
     return freeze(student)
 
 
@@ -65,10 +64,11 @@ def score(model: nn.Module, data: Split, task: Task, batch_size: int = 500) -> f
 
 def measure_local(model: nn.Module, task: Task, *, repeats: int = 15) -> dict[str, float]:
     """Median latency of the deployable ONNX graph on this CPU at batch 1 and 64, in ms (measured)."""
-    from slimsearch.evaluators.onnx_graph import INPUT_NAME, onnx_bytes, ort_session
+    from slimsearch.evaluators.deploy import deployable_onnx_bytes
+    from slimsearch.evaluators.onnx_graph import INPUT_NAME, ort_session
     from slimsearch.hardware_profiles import measure_latency
 
-    session = ort_session(onnx_bytes(model, task.example_input))
+    session = ort_session(deployable_onnx_bytes(model, task.example_input))
     out = {}
     for batch in LATENCY_BATCHES:
         x = task.val.x[:1].repeat(batch, *[1] * (task.val.x.dim() - 1)).numpy()

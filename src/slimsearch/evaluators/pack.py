@@ -5,9 +5,11 @@ takes half the bytes of an 8-bit one. Scales are float32 per output channel, or
 8-bit codes per group plus one float32 step per tensor; asymmetric grids add a
 ``bits``-bit zero point per channel or group. A sparse weight is stored in a sparse
 format only when that is smaller than the dense codes: a bitmask of the nonzero
-weights plus their codes (any sparsity), or for 2:4 layers two 2-bit positions plus
-two codes per group of four. The size a candidate reports is the length of these
-bytes plus its float parameters and buffers, not a formula.
+weights plus their codes (unstructured sparsity), or for 2:4 layers two 2-bit
+positions plus two codes per group of four (the layout 2:4 kernels read). So
+unstructured sparsity shrinks the bytes only once the bitmask pays for itself
+(density below ``(bits - 1) / bits``). The size a candidate reports is the length of
+these bytes plus its float parameters and buffers, not a formula.
 
 Keys of :func:`packed_state` (``<layer>`` is the module name):
 

@@ -258,9 +258,31 @@ def sparsity_mask(weight: torch.Tensor, sparsity: float, pattern: Optional[str])
 
 # --------------------------------------------------------------------------- layers
 
+EXPORT_DOMAIN = "slimsearch"
+U16_EXPORT_OP = "FakeQuantizeU16"
+
 
 def _act_qmax(bits: int) -> int:
     return 2**bits - 1
+
+
+class _FakeQuantizeU16(torch.autograd.Function):
+    """16-bit activation fake quantization, as used only while exporting to ONNX.
+
+    The TorchScript exporter refuses QDQ ranges other than 8-bit, so this exports as a
+    placeholder node that :func:`slimsearch.evaluators.onnx_graph.onnx_bytes` rewrites
+    into opset-21 uint16 QuantizeLinear/DequantizeLinear.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point):
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, _act_qmax(16))
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point):
+        out = g.op(f"{EXPORT_DOMAIN}::{U16_EXPORT_OP}", x, scale, zero_point)
+        out.setType(x.type())
+        return out
 
 
 class _QuantMixin:
@@ -318,6 +340,8 @@ class _QuantMixin:
         if self.calibrating:
             self._observe(x.detach())
             return x
+        if self.act_bits == 16 and torch.onnx.is_in_onnx_export():
+            return _FakeQuantizeU16.apply(x, self.act_scale, self.act_zero_point)
         return torch.fake_quantize_per_tensor_affine(x, self.act_scale, self.act_zero_point, 0,
                                                      _act_qmax(self.act_bits))
 
@@ -367,7 +391,8 @@ class _QuantMixin:
         if self.frozen:
             return quantize_weight(self.weight, self.weight_bits, group_size=self.group_size,
                                    symmetric=self.symmetric, scale=self.weight_scale,
-                                   zero_point=self.weight_zero_point, scale_step=getattr(self, "weight_scale_step", None))
+                                   zero_point=self.weight_zero_point,
+                                   scale_step=getattr(self, "weight_scale_step", None))
         weight = self.weight if self.mask is None else self.weight * self.mask
         return quantize_weight(weight, self.weight_bits, group_size=self.group_size, symmetric=self.symmetric)
 

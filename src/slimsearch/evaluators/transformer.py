@@ -5,28 +5,31 @@ The layout is Hugging Face's BERT family (BERT, RoBERTa, MiniLM, ...): a
 ``attention.output.dense``, ``intermediate.dense`` and ``output.dense``. Removing
 a head drops its rows of Q, K and V and its columns of the attention output;
 removing an FFN neuron drops a row of the intermediate dense and a column of the
-output dense; dropping a layer removes it from the list. The hidden size is never
-changed, so what comes out of the model keeps its shape.
+output dense; a dropped layer is replaced by ``nn.Identity``. The hidden size is
+never changed, so what comes out of the model keeps its shape.
+
+Dropped layers become ``nn.Identity`` placeholders rather than leaving the list, so
+that every later layer keeps its name: plans set bit-widths by layer name after
+pruning, packed files are rebuilt against the teacher by name, and CNN blocks are
+dropped the same way. The model's forward must skip them (``isinstance(layer,
+nn.Identity)``), as the ``minilm`` task's encoder does; they hold no weights and
+add nothing to the exported graph.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
 
 from slimsearch.exceptions import ConfigError
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
 
 IMPORTANCE = ("l1", "l2")
 HEADS = "attention"  # group suffix: the layer's attention heads
 FFN = "ffn"  # group suffix: the layer's feed-forward neurons
-# Set on each layer the first time it is pruned: its index in the unpruned model, so
-# hidden states of a model with dropped layers can be matched to the teacher's.
-ORIGIN = "slimsearch_origin"
 
 
 class BertStructure:
@@ -37,30 +40,32 @@ class BertStructure:
             ``BertModel`` or a wrapper holding its ``encoder``: ``"encoder.layer"``).
 
     Group names are ``<layers>.<i>.attention`` (heads) and ``<layers>.<i>.ffn``
-    (FFN neurons); droppable blocks are ``<layers>.<i>``. ``i`` always counts the
-    layers of the model handed in, before anything is dropped.
+    (FFN neurons); droppable blocks are ``<layers>.<i>``. A layer already dropped
+    (an ``nn.Identity``) has neither.
     """
 
     def __init__(self, layers: str = "encoder.layer") -> None:
         self.layers = layers
 
-    def groups(self, model: "nn.Module", example_input: "torch.Tensor | None" = None) -> list[str]:
+    def groups(self, model: nn.Module, example_input: torch.Tensor | None = None) -> list[str]:
         """Names of the prunable groups, two per layer (heads, then FFN neurons)."""
         return [f"{block}.{kind}" for block in self.droppable(model) for kind in (HEADS, FFN)]
 
-    def droppable(self, model: "nn.Module") -> list[str]:
+    def droppable(self, model: nn.Module) -> list[str]:
         """Names of the layers that can be removed whole."""
-        return [f"{self.layers}.{i}" for i in range(len(self._layer_list(model)))]
+        return [f"{self.layers}.{i}" for i, layer in enumerate(self._layer_list(model))
+                if not isinstance(layer, nn.Identity)]
 
     def prune(
         self,
-        model: "nn.Module",
-        example_input: "torch.Tensor",
+        model: nn.Module,
+        example_input: torch.Tensor,
         ratios: Mapping[str, float],
         *,
         drop: Sequence[str] = (),
         importance: str = "l1",
-    ) -> "nn.Module":
+        batch=None,
+    ) -> nn.Module:
         """A smaller copy of ``model``; ``model`` is not changed.
 
         Args:
@@ -68,16 +73,17 @@ class BertStructure:
             example_input: unused (the layout is read from the modules); kept for the protocol.
             ratios: group name (see :meth:`groups`) -> share of its heads or neurons to
                 remove, in [0, 1); at least one head and one neuron always stay.
-            drop: layer names (see :meth:`droppable`) to remove whole.
+            drop: layer names (see :meth:`droppable`) to remove whole; all of them may
+                go (what is left pools the token embeddings).
             importance: ``"l1"`` or ``"l2"`` norm of the weights that go with each
                 head (Q, K, V rows and output columns) or neuron (its row and column).
+            batch: unused: ``"taylor"`` importance is not supported here.
 
         Returns:
             The same kind of module with smaller Linear layers (same classes, so a
-            quantized layer stays quantized) and fewer layers.
+            quantized layer stays quantized) and dropped layers replaced by ``nn.Identity``.
+            Ratios of groups inside dropped layers are ignored.
         """
-        import torch
-
         if importance not in IMPORTANCE:
             raise ConfigError(
                 f"importance {importance!r} is not supported for transformer pruning "
@@ -94,30 +100,20 @@ class BertStructure:
         unknown = sorted(set(drop) - set(blocks))
         if unknown:
             raise ConfigError(f"cannot drop {unknown[0]!r}; droppable layers: {blocks}")
-        if blocks and set(drop) >= set(blocks):
-            raise ConfigError(f"drop: at least one layer must stay, got all of {blocks}")
 
         pruned = copy.deepcopy(model)
         layer_list = self._layer_list(pruned)
         with torch.no_grad():
-            for i, layer in enumerate(layer_list):
-                if not hasattr(layer, ORIGIN):
-                    setattr(layer, ORIGIN, i)
-                block = f"{self.layers}.{i}"
+            for block in blocks:
+                i = int(block.rsplit(".", 1)[1])
                 if block in drop:
+                    layer_list[i] = nn.Identity()
                     continue
-                _prune_heads(layer, float(ratios.get(f"{block}.{HEADS}", 0.0)), importance, block)
-                _prune_ffn(layer, float(ratios.get(f"{block}.{FFN}", 0.0)), importance, block)
-        if drop:
-            from torch import nn
-
-            kept = [layer for i, layer in enumerate(layer_list) if f"{self.layers}.{i}" not in drop]
-            _set_submodule(pruned, self.layers, nn.ModuleList(kept))
+                _prune_heads(layer_list[i], float(ratios.get(f"{block}.{HEADS}", 0.0)), importance, block)
+                _prune_ffn(layer_list[i], float(ratios.get(f"{block}.{FFN}", 0.0)), importance, block)
         return pruned
 
-    def _layer_list(self, model: "nn.Module") -> "nn.ModuleList":
-        from torch import nn
-
+    def _layer_list(self, model: nn.Module) -> nn.ModuleList:
         try:
             layers = model.get_submodule(self.layers)
         except AttributeError:
@@ -131,16 +127,14 @@ def _keep(n: int, ratio: float) -> int:
     return max(1, int(round(n * (1.0 - ratio))))
 
 
-def _norm(parts: Sequence["torch.Tensor"], importance: str) -> "torch.Tensor":
+def _norm(parts: Sequence[torch.Tensor], importance: str) -> torch.Tensor:
     """Per-unit norm of weights given as [units, ...] tensors, one per layer involved."""
     if importance == "l1":
         return sum(p.abs().flatten(1).sum(1) for p in parts)
     return sum(p.pow(2).flatten(1).sum(1) for p in parts).sqrt()
 
 
-def _linear(layer: "nn.Module", path: str, block: str) -> "nn.Linear":
-    from torch import nn
-
+def _linear(layer: nn.Module, path: str, block: str) -> nn.Linear:
     try:
         module = layer.get_submodule(path)
     except AttributeError:
@@ -150,9 +144,7 @@ def _linear(layer: "nn.Module", path: str, block: str) -> "nn.Linear":
     return module
 
 
-def _prune_heads(layer: "nn.Module", ratio: float, importance: str, block: str) -> None:
-    import torch
-
+def _prune_heads(layer: nn.Module, ratio: float, importance: str, block: str) -> None:
     attn = layer.attention.self if hasattr(layer, "attention") else None
     if attn is None or not hasattr(attn, "num_attention_heads"):
         raise ConfigError(f"{block} is not a BERT-style layer: it has no attention.self with num_attention_heads")
@@ -173,9 +165,7 @@ def _prune_heads(layer: "nn.Module", ratio: float, importance: str, block: str) 
     attn.all_head_size = keep_n * size
 
 
-def _prune_ffn(layer: "nn.Module", ratio: float, importance: str, block: str) -> None:
-    import torch
-
+def _prune_ffn(layer: nn.Module, ratio: float, importance: str, block: str) -> None:
     up = _linear(layer, "intermediate.dense", block)
     down = _linear(layer, "output.dense", block)
     n = up.out_features
@@ -188,48 +178,39 @@ def _prune_ffn(layer: "nn.Module", ratio: float, importance: str, block: str) ->
     _keep_columns(down, idx)
 
 
-def _keep_rows(lin: "nn.Linear", idx: "torch.Tensor") -> None:
+def _keep_rows(lin: nn.Linear, idx: torch.Tensor) -> None:
     """Keep output rows ``idx`` of ``lin`` in place (the module object and its class stay)."""
-    from torch import nn
-
     lin.weight = nn.Parameter(lin.weight.data[idx].clone(), requires_grad=lin.weight.requires_grad)
     if lin.bias is not None:
         lin.bias = nn.Parameter(lin.bias.data[idx].clone(), requires_grad=lin.bias.requires_grad)
     lin.out_features = len(idx)
 
 
-def _keep_columns(lin: "nn.Linear", idx: "torch.Tensor") -> None:
+def _keep_columns(lin: nn.Linear, idx: torch.Tensor) -> None:
     """Keep input columns ``idx`` of ``lin`` in place."""
-    from torch import nn
-
     lin.weight = nn.Parameter(lin.weight.data[:, idx].clone(), requires_grad=lin.weight.requires_grad)
     lin.in_features = len(idx)
 
 
-def _set_submodule(root: "nn.Module", name: str, new: "nn.Module") -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 @contextlib.contextmanager
-def capture_hidden(model: "nn.Module", layers: str = "encoder.layer") -> Iterator[dict[int, "torch.Tensor"]]:
+def capture_hidden(model: nn.Module, layers: str = "encoder.layer") -> Iterator[dict[int, torch.Tensor]]:
     """Record each layer's output hidden states during the forward passes run inside.
 
-    Yields a dict filled as the model runs: index of the layer in the unpruned model
-    -> its output ``[N, L, hidden]`` (of the last call). A pruned model's layers keep
-    the index they had before layers were dropped, so student and teacher states of
-    the same key belong together.
+    Yields a dict filled as the model runs: layer index -> its output ``[N, L, hidden]``
+    (of the last call). Dropped layers (``nn.Identity``) are left out; the others keep
+    their index through pruning, so student and teacher states of the same key belong
+    together.
     """
     layer_list = BertStructure(layers)._layer_list(model)
-    hidden: dict[int, "torch.Tensor"] = {}
+    hidden: dict[int, torch.Tensor] = {}
 
     def hook(key: int):
         def record(module, inputs, output) -> None:
             hidden[key] = output[0] if isinstance(output, tuple) else output
         return record
 
-    handles = [layer.register_forward_hook(hook(getattr(layer, ORIGIN, i))) for i, layer in enumerate(layer_list)]
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layer_list)
+               if not isinstance(layer, nn.Identity)]
     try:
         yield hidden
     finally:
@@ -237,8 +218,8 @@ def capture_hidden(model: "nn.Module", layers: str = "encoder.layer") -> Iterato
             handle.remove()
 
 
-def hidden_state_loss(student: Mapping[int, "torch.Tensor"], teacher: Mapping[int, "torch.Tensor"],
-                      mask: "torch.Tensor") -> "torch.Tensor":
+def hidden_state_loss(student: Mapping[int, torch.Tensor], teacher: Mapping[int, torch.Tensor],
+                      mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error of the hidden states of the layers both models have, over real tokens.
 
     ``student`` and ``teacher`` come from :func:`capture_hidden`; ``mask`` is ``[N, L]``,
@@ -246,8 +227,6 @@ def hidden_state_loss(student: Mapping[int, "torch.Tensor"], teacher: Mapping[in
     never changes them. Sequences may differ in length (the student may run on a
     batch trimmed of padding columns): both are cut to the shorter.
     """
-    import torch
-
     keys = sorted(set(student) & set(teacher))
     if not keys:
         raise ConfigError("hidden-state matching: student and teacher share no layer")

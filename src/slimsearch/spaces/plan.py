@@ -10,8 +10,7 @@ from slimsearch.exceptions import ConfigError
 
 FULL_PRECISION = 32
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
-# 16-bit activations need the opset-21 QDQ export, which the deployable graph does not use yet.
-ACT_BITS = (8, 32)
+ACT_BITS = (8, 16, 32)  # 16-bit activations export as opset-21 uint16 QDQ
 SPARSITY_PATTERNS = ("unstructured", "2:4")
 ACT_CALIBRATIONS = ("minmax", "percentile", "mse")
 IMPORTANCES = ("l1", "l2", "taylor")
@@ -46,6 +45,9 @@ class LayerPlan:
             raise ConfigError(f"group_size must be 0 (per channel) or a positive size, got {self.group_size}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.sparsity_pattern == "2:4" and self.sparsity not in (0.0, 0.5):
+            raise ConfigError("sparsity_pattern '2:4' zeroes exactly half of the weights, so sparsity must be "
+                              f"0.5 (or 0 for dense), got {self.sparsity}")
         if self.sparsity_pattern not in SPARSITY_PATTERNS:
             raise ConfigError(f"sparsity_pattern must be one of {list(SPARSITY_PATTERNS)}, got {self.sparsity_pattern!r}")
         if self.weight_bits not in WEIGHT_BITS:

@@ -87,7 +87,7 @@ class SearchSpace:
                 weight_bits=int(params.get(f"weight_bits.{name}", 32)),
                 act_bits=int(params.get(f"act_bits.{name}", 32)),
                 group_size=int(glob.get("group_size", 0)),
-                sparsity=float(glob.get("sparsity", 0.0)),
+                sparsity=_sparsity(glob),
                 sparsity_pattern=str(glob.get("sparsity_pattern", "unstructured")),
             )
         drop = tuple(b for b in self.droppable if params.get(f"drop.{b}", False))
@@ -104,3 +104,11 @@ class SearchSpace:
         for _, values in self.choices:
             total *= len(values)
         return total
+
+
+def _sparsity(choices: dict) -> float:
+    """The sparsity a plan gets: 2:4 always zeroes half of the weights (when sparsity is asked for)."""
+    sparsity = float(choices.get("sparsity", 0.0))
+    if choices.get("sparsity_pattern") == "2:4" and sparsity > 0:
+        return 0.5
+    return sparsity

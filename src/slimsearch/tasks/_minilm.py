@@ -49,8 +49,13 @@ def _model_dir():
 
 
 def load_sentence_transformer():
-    """The packaged all-MiniLM-L6-v2 as a SentenceTransformer on CPU, read from site-packages."""
+    """The packaged all-MiniLM-L6-v2 as a SentenceTransformer on CPU, read from site-packages.
+
+    Sets ``HF_HUB_OFFLINE=1`` (and quiets the hub's progress bars) unless already set,
+    so nothing is fetched: the files come from the installed package.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(_model_dir()), device="cpu")
@@ -73,7 +78,8 @@ class SentenceEncoder(nn.Module):
     ``forward(input_ids)``: token ids ``[N, L]`` (int64, right-padded with 0) ->
     ``[N, hidden]``. The attention mask is ``input_ids != 0``. In training mode the
     all-padding tail of the batch is cut first (same result, less work); in eval
-    mode, which is what is exported and measured, every column runs.
+    mode, which is what is exported and measured, every column runs. Layers that
+    pruning dropped (``nn.Identity``) are skipped.
     """
 
     def __init__(self, embeddings: nn.Module, encoder: nn.Module) -> None:
@@ -88,6 +94,8 @@ class SentenceEncoder(nn.Module):
         hidden = self.embeddings(input_ids=input_ids)
         bias = (~mask)[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
         for layer in self.encoder.layer:
+            if isinstance(layer, nn.Identity):
+                continue  # a layer dropped by pruning
             out = layer(hidden, bias)
             hidden = out[0] if isinstance(out, tuple) else out  # older transformers return tuples
         weights = mask.unsqueeze(-1).to(hidden.dtype)

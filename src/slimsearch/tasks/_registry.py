@@ -9,8 +9,16 @@ from slimsearch.tasks._base import Task
 
 # Built-in task name -> the private module whose function of that name builds it
 # (imported only when the task is loaded: the minilm one brings in transformers).
-_BUILTIN_MODULES = {"mnist": "_image", "digits": "_image", "minilm": "_minilm"}
+_BUILTIN_MODULES = {"mnist": "_image", "mnist-resnet": "_image", "digits": "_image", "minilm": "_minilm"}
 BUILTIN_TASKS = tuple(_BUILTIN_MODULES)
+# What each built-in task reports: its metric (Task.metric_name) first, then its extra
+# metrics, so a job file's objectives can be checked without loading the task.
+BUILTIN_METRICS = {
+    "mnist": ("accuracy",),
+    "mnist-resnet": ("accuracy",),
+    "digits": ("accuracy",),
+    "minilm": ("fidelity", "retrieval_at_1"),
+}
 
 
 def load_task(name: str, *, seed: int = 0) -> Task:
@@ -20,7 +28,7 @@ def load_task(name: str, *, seed: int = 0) -> Task:
     """
     if name in _BUILTIN_MODULES:
         module = importlib.import_module(f"slimsearch.tasks.{_BUILTIN_MODULES[name]}")
-        return getattr(module, name)(seed=seed)
+        return getattr(module, name.replace("-", "_"))(seed=seed)
     if ":" in name:
         module_name, _, func_name = name.partition(":")
         try:
