@@ -178,14 +178,21 @@ class JobSpec(_Frozen):
         if not self.objectives:
             raise ValueError("objectives: at least one objective is needed")
         allowed = self.metric_names()
+        user_task = ":" in self.task
         for metric in self.objectives:
-            if metric not in allowed:
+            if metric not in allowed and not (user_task and "@" not in metric):
                 raise ValueError(f"objectives: unknown metric {metric!r}; allowed: {allowed}")
         return self
 
     def metric_names(self) -> list[str]:
-        """Every metric a candidate of this job has (the task metric is ``accuracy``)."""
-        names = ["accuracy", "accuracy_drop", *BASE_METRICS]
+        """Every metric a candidate of this job has: the task's own, then sizes and costs.
+
+        A user task's metrics are known only once it is loaded; ``run_job`` checks them.
+        """
+        from slimsearch.tasks._registry import BUILTIN_METRICS
+
+        task_metrics = BUILTIN_METRICS.get(self.task, ("accuracy",))
+        names = [*task_metrics, f"{task_metrics[0]}_drop", *BASE_METRICS]
         names += [f"{m}@{p}" for p in self.profiles for m in PROFILE_METRICS]
         return names
 

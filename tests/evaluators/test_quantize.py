@@ -292,7 +292,7 @@ def test_unstructured_sparsity_on_a_float_layer_and_the_reported_pattern():
 
 
 def test_2_4_needs_half_of_the_weights():
-    with pytest.raises(ConfigError, match=r"layer '0': sparsity_pattern '2:4' .* got 0.3"):
+    with pytest.raises(ConfigError, match=r"sparsity_pattern '2:4' .* got 0.3"):
         _sparse_model(LayerPlan(weight_bits=8, sparsity=0.3, sparsity_pattern="2:4"))
 
 

@@ -68,7 +68,7 @@ def test_splits_hold_token_ids_and_teacher_embeddings(task):
     assert task.val.extra["sentences"].shape == task.val.x.shape
     assert task.val.extra["paragraphs"] is task.val.x
     assert task.example_input.shape == (1, MAX_LENGTH) and task.example_input.dtype == torch.int64
-    assert task.preprocessing.input_name == "input_ids" and task.preprocessing.input_dtype == "int64"
+    assert task.preprocessing.input_name == "input" and task.preprocessing.input_dtype == "int64"
     assert len(task.teacher_sha256) == 64
     assert task.metric_name == "fidelity" and set(task.extra_metrics) == {"retrieval_at_1"}
 
@@ -95,11 +95,11 @@ def test_teacher_fidelity_is_one_and_retrieval_well_above_chance(task):
 
 
 def test_second_load_reads_the_cache(task, teacher_cache):
-    files = list((teacher_cache / "tasks").glob("minilm-*.pt"))
-    assert len(files) == 1
+    before = set((teacher_cache / "tasks").glob("minilm-*.pt"))  # other tests may cache other sizes
+    assert before
     again = minilm(seed=0, **SIZES)
     assert torch.equal(again.train.y, task.train.y) and torch.equal(again.val.x, task.val.x)
-    assert list((teacher_cache / "tasks").glob("minilm-*.pt")) == files
+    assert set((teacher_cache / "tasks").glob("minilm-*.pt")) == before  # read, nothing new written
 
 
 def test_pruned_minilm_is_smaller_and_keeps_its_interface(task, pruned):
@@ -145,6 +145,6 @@ def test_distill_loss_matches_embeddings_and_hidden_states(task, pruned):
     with torch.no_grad(), capture_hidden(pruned) as student, capture_hidden(task.teacher) as teacher:
         out = pruned(x)
         task.teacher(x)
-    plain = distill_loss(out, y, y, DistillPlan(hidden_weight=0.0), hidden=(student, teacher, x != 0))
-    mixed = distill_loss(out, y, y, DistillPlan(hidden_weight=0.5), hidden=(student, teacher, x != 0))
+    plain = distill_loss(out, y, y, DistillPlan(hidden_weight=0.0), hidden=(student, teacher, x))
+    mixed = distill_loss(out, y, y, DistillPlan(hidden_weight=0.5), hidden=(student, teacher, x))
     assert 0.0 < float(plain) < float(mixed)

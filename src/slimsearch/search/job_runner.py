@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from slimsearch.exceptions import ConfigError, JobStateError
-from slimsearch.job import JobSpec
+from slimsearch.job import BASE_METRICS, PROFILE_METRICS, JobSpec
 
 STATE_FILE = "job.json"
 FRONT_FILE = "front.json"
@@ -124,8 +124,12 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     log(f"[slimsearch] task {spec.task}: loading data and teacher (trained once, then cached)")
     try:  # what the job file names must fit the task; say so before anything is written
         task = _cached_task(spec.task, spec.search.seed)
-        if "accuracy" in objectives and task.metric_name != "accuracy":
-            raise ConfigError(f"objectives: task {spec.task} reports {task.metric_name!r}, not 'accuracy'")
+        reported = {task.metric_name, f"{task.metric_name}_drop", *task.extra_metrics}
+        costs = set(BASE_METRICS) | {f"{m}@{p}" for p in spec.profiles for m in PROFILE_METRICS}
+        unknown = sorted(set(objectives) - reported - costs)
+        if unknown:
+            raise ConfigError(f"objectives: task {spec.task} does not report {unknown[0]!r}; "
+                              f"it reports {sorted(reported)}")
         space = build_space(spec, task)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None

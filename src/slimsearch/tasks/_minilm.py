@@ -148,15 +148,16 @@ def distill_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, labels: t
     """Embedding matching, ``1 - cos(student, teacher)``, plus weighted hidden-state matching.
 
     ``labels`` are the teacher's embeddings too (this task has no other labels) and are
-    not used. ``hidden`` is ``(student_states, teacher_states, mask)`` from
-    :func:`slimsearch.evaluators.transformer.capture_hidden` and the batch's
-    ``input_ids != 0``; it is used when ``plan.hidden_weight > 0``.
+    not used. ``hidden`` is ``(student_states, teacher_states, input_ids)``: the states
+    from :func:`slimsearch.evaluators.transformer.capture_hidden` and the batch they
+    were computed on; it is used when ``plan.hidden_weight > 0``.
     """
     loss = (1.0 - F.cosine_similarity(student_out, teacher_out, dim=1)).mean()
     if hidden is not None and plan.hidden_weight > 0:
         from slimsearch.evaluators.transformer import hidden_state_loss
 
-        loss = loss + plan.hidden_weight * hidden_state_loss(*hidden)
+        student_states, teacher_states, input_ids = hidden
+        loss = loss + plan.hidden_weight * hidden_state_loss(student_states, teacher_states, input_ids != PAD_ID)
     return loss
 
 
@@ -277,7 +278,7 @@ def minilm(seed: int = 0, *, n_val: int = N_VAL, n_test: int = N_TEST, n_train: 
 
     val = split("val")
     prep = Preprocessing(
-        input_name="input_ids",
+        input_name="input",  # the ONNX graph input name (token ids, int64)
         input_shape=(1, MAX_LENGTH),
         input_dtype="int64",
         scale=1.0,
