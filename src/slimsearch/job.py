@@ -44,6 +44,29 @@ def _check_choices(name: str, values: list, allowed_text: str, ok, *, bools: boo
     return values
 
 
+# Every list of choices a job's space may hold: field -> (allowed, in words; test; values are bools).
+_CHOICES = {
+    "prune_ratio": ("numbers with 0 <= ratio < 1", lambda r: isinstance(r, (int, float)) and 0 <= r < 1, False),
+    "weight_bits": (f"{list(WEIGHT_BITS)}", lambda b: b in WEIGHT_BITS, False),
+    "act_bits": (f"{list(ACT_BITS)}", lambda b: b in ACT_BITS, False),
+    "group_size": ("0 (per channel) or a positive group size", lambda g: isinstance(g, int) and g >= 0, False),
+    "sparsity": ("numbers with 0 <= sparsity < 1", lambda r: isinstance(r, (int, float)) and 0 <= r < 1, False),
+    "sparsity_pattern": (f"{list(SPARSITY_PATTERNS)} (quote '2:4': unquoted, YAML reads it as the number 124)",
+                         lambda p: p in SPARSITY_PATTERNS, False),
+    "drop": ("[false] or [false, true]", lambda d: True, True),
+    "importance": (f"{list(IMPORTANCES)}", lambda i: i in IMPORTANCES, False),
+    "act_calibration": (f"{list(ACT_CALIBRATIONS)}", lambda c: c in ACT_CALIBRATIONS, False),
+    "distill_steps": ("whole numbers >= 0", lambda n: isinstance(n, int) and n >= 0, False),
+}
+
+
+def _validate_choices(v, info):
+    if v is None:  # a per-layer override that leaves this choice to the space
+        return None
+    allowed, ok, bools = _CHOICES[info.field_name]
+    return _check_choices(info.field_name, _as_list(v), allowed, ok, bools=bools)
+
+
 class LayerChoices(_Frozen):
     """Choices for one layer; ``None`` means 'as the space's defaults'."""
 
@@ -51,24 +74,7 @@ class LayerChoices(_Frozen):
     weight_bits: Optional[list[int]] = None
     act_bits: Optional[list[int]] = None
 
-    @field_validator("prune_ratio", mode="before")
-    @classmethod
-    def _ratio(cls, v):
-        return None if v is None else _check_choices(
-            "prune_ratio", _as_list(v), "numbers with 0 <= ratio < 1",
-            lambda r: isinstance(r, (int, float)) and 0 <= r < 1)
-
-    @field_validator("weight_bits", mode="before")
-    @classmethod
-    def _wbits(cls, v):
-        return None if v is None else _check_choices(
-            "weight_bits", _as_list(v), f"{list(WEIGHT_BITS)}", lambda b: b in WEIGHT_BITS)
-
-    @field_validator("act_bits", mode="before")
-    @classmethod
-    def _abits(cls, v):
-        return None if v is None else _check_choices(
-            "act_bits", _as_list(v), f"{list(ACT_BITS)}", lambda b: b in ACT_BITS)
+    _choices = field_validator("prune_ratio", "weight_bits", "act_bits", mode="before")(_validate_choices)
 
 
 class SpaceSpec(LayerChoices):
@@ -89,45 +95,8 @@ class SpaceSpec(LayerChoices):
     distill_steps: list[int] = [100, 200, 300]
     layers: dict[str, LayerChoices] = {}
 
-    @field_validator("group_size", mode="before")
-    @classmethod
-    def _group(cls, v):
-        return _check_choices("group_size", _as_list(v), "0 (per channel) or a positive group size",
-                              lambda g: isinstance(g, int) and g >= 0)
-
-    @field_validator("sparsity", mode="before")
-    @classmethod
-    def _sparsity(cls, v):
-        return _check_choices("sparsity", _as_list(v), "numbers with 0 <= sparsity < 1",
-                              lambda r: isinstance(r, (int, float)) and 0 <= r < 1)
-
-    @field_validator("sparsity_pattern", mode="before")
-    @classmethod
-    def _pattern(cls, v):
-        return _check_choices("sparsity_pattern", _as_list(v), f"{list(SPARSITY_PATTERNS)}",
-                              lambda p: p in SPARSITY_PATTERNS)
-
-    @field_validator("drop", mode="before")
-    @classmethod
-    def _drop(cls, v):
-        return _check_choices("drop", _as_list(v), "[false] or [false, true]", lambda d: True, bools=True)
-
-    @field_validator("importance", mode="before")
-    @classmethod
-    def _importance(cls, v):
-        return _check_choices("importance", _as_list(v), f"{list(IMPORTANCES)}", lambda i: i in IMPORTANCES)
-
-    @field_validator("act_calibration", mode="before")
-    @classmethod
-    def _calibration(cls, v):
-        return _check_choices("act_calibration", _as_list(v), f"{list(ACT_CALIBRATIONS)}",
-                              lambda c: c in ACT_CALIBRATIONS)
-
-    @field_validator("distill_steps", mode="before")
-    @classmethod
-    def _steps(cls, v):
-        return _check_choices("distill_steps", _as_list(v), "whole numbers >= 0",
-                              lambda s: isinstance(s, int) and s >= 0)
+    _space_choices = field_validator(*[f for f in _CHOICES if f not in LayerChoices.model_fields],
+                                     mode="before")(_validate_choices)
 
 
 class SearchSpec(_Frozen):

@@ -512,8 +512,10 @@ def calibrate(
     second one that fills a histogram over the min-max range.
     """
     method = CalibrationMethod.parse(method)
-    batches = list(batches)
     layers = quant_layers(model)
+    if not any(layer.act_bits < FULL_PRECISION for layer in layers):
+        return  # no layer quantizes its input: nothing to observe (saves full forward passes)
+    batches = list(batches)
     for layer in layers:
         layer.calibrating = True
         layer._histogram = None
