@@ -4,13 +4,23 @@ A profile is a data file (``profiles/<name>.yaml``) giving a device's peak throu
 per precision, memory bandwidth, accelerated sparsity patterns, power modes, energy
 per MAC and per byte, price, efficiency factors and a source for every number.
 :func:`predict` turns per-layer costs from :func:`layer_costs` into *modelled*
-latency, energy and cost; :func:`measure_latency` times code on this machine.
+latency, energy and cost; :func:`measure_latency` times code on this machine;
+:func:`calibrate` refits a profile's efficiency factors from measured latencies and
+:func:`measure_host` writes a profile of this machine.
 
 Importing this package does not import torch; the functions that need it do.
 """
 
 from __future__ import annotations
 
+from slimsearch.hardware_profiles._calibrate import (
+    FIT_PARAMETERS,
+    FitReport,
+    calibrate,
+    fit_report,
+    kendall_tau,
+    share_within,
+)
 from slimsearch.hardware_profiles._enums import Bound, DeviceKind, OpType, Precision
 from slimsearch.hardware_profiles._layers import LayerCost, layer_costs
 from slimsearch.hardware_profiles._measure import Timing, measure_latency
@@ -28,8 +38,10 @@ from slimsearch.hardware_profiles._profile import (
 )
 
 __all__ = [
+    "FIT_PARAMETERS",
     "Bound",
     "DeviceKind",
+    "FitReport",
     "HardwareProfile",
     "LayerCost",
     "LayerPrediction",
@@ -38,10 +50,14 @@ __all__ = [
     "Precision",
     "Prediction",
     "Timing",
+    "calibrate",
+    "fit_report",
+    "kendall_tau",
     "layer_costs",
     "list_profiles",
     "load_profile",
     "measure_latency",
     "predict",
     "predict_model",
+    "share_within",
 ]

@@ -1,7 +1,7 @@
 """Latency, energy and cost of a model on a device, modelled from its layer costs.
 
 Each layer is a roofline: the slower of its compute time and its memory time, plus a
-fixed per-layer overhead. Energy is the dynamic energy of the MACs and bytes plus the
+fixed per-layer overhead; a profile may add a fixed per-call overhead. Energy is the dynamic energy of the MACs and bytes plus the
 device's static power for the layer's time, never more than the device's full-load
 power. Everything here is *modelled*, not measured.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from slimsearch.exceptions import ConfigError, UnsupportedOnDevice
-from slimsearch.hardware_profiles._enums import Bound, OpType
+from slimsearch.hardware_profiles._enums import Bound, OpType, Precision
 from slimsearch.hardware_profiles._layers import LayerCost, layer_costs
 from slimsearch.hardware_profiles._profile import (
     HardwareProfile,
@@ -42,8 +42,8 @@ class Prediction:
     """Modelled cost of one inference of the example input on one device and power mode.
 
     Attributes:
-        latency_ms: Sum of the layers' times.
-        energy_mj: Sum of the layers' energies.
+        latency_ms: Sum of the layers' times plus the profile's per-call overhead (if any).
+        energy_mj: Sum of the layers' energies plus static power over the per-call overhead.
         cost_usd_per_1m: Rental cost of a million inferences, or None if the device has no price.
         per_layer: One entry per layer, in call order.
         profile: Name of the hardware profile.
@@ -95,7 +95,8 @@ def predict(
     ``max(weight_bits, act_bits)``; compute time is ``2 * macs / (peak * efficiency[op] *
     clock_scale)``, with MACs cut to N/M only where the device accelerates the layer's
     ``N:M`` sparsity pattern; memory time is ``(weight_bytes + act_bytes) / bandwidth``;
-    the layer takes the larger of the two plus the per-layer overhead.
+    the layer takes the larger of the two plus the per-layer overhead. A profile's
+    ``call_overhead_us`` (when set) is added once per inference, at static power.
 
     Energy is ``macs * e_mac * v_scale + bytes * e_byte + idle_power * time``, capped at
     the mode's full-load power times the time. A power mode scales the clock by
@@ -125,23 +126,7 @@ def predict(
 
     per_layer = []
     for layer in layers:
-        if not isinstance(layer, LayerCost):
-            raise ConfigError(f"layers must be LayerCost values, got {type(layer).__name__}")
-        bits = max(layer.weight_bits, layer.act_bits)
-        widest = max(p.bits for p in profile.precisions)
-        if bits > widest:
-            if layer.op is not OpType.OTHER:
-                raise UnsupportedOnDevice(
-                    f"layer {layer.name!r} needs {bits}-bit kernels; {profile.name!r} has only "
-                    f"{[p.value for p in profile.precisions]}: quantize it to run there")
-            # Elementwise and pooling layers work on whatever their producer emits,
-            # which on this device is at most its widest precision.
-            bits = widest
-        precision = profile.kernel_precision(bits)
-        macs = float(layer.macs)
-        if layer.sparsity_pattern is not None and layer.sparsity_pattern in profile.sparsity_patterns:
-            kept, group = parse_sparsity_pattern(layer.sparsity_pattern)
-            macs *= kept / group
+        precision, macs = kernel_work(layer, profile)
         throughput = profile.peak_gops[precision] * 1e9 * profile.efficiency[layer.op] * clock_scale
         compute_s = 2.0 * macs / throughput
         memory_s = layer.total_bytes / bandwidth
@@ -154,18 +139,50 @@ def predict(
         bound = Bound.COMPUTE if compute_s >= memory_s else Bound.MEMORY
         per_layer.append(LayerPrediction(layer.name, time_s * 1e3, energy_j * 1e3, bound))
 
-    latency_ms = sum(entry.latency_ms for entry in per_layer)
+    call_s = (profile.call_overhead_us or 0.0) * 1e-6
+    latency_ms = sum(entry.latency_ms for entry in per_layer) + call_s * 1e3
+    energy_mj = sum(entry.energy_mj for entry in per_layer) + static_w * call_s * 1e3
     cost = None
     if profile.price_usd_per_hour is not None:
         cost = profile.price_usd_per_hour / 3600.0 * (latency_ms / 1e3) * 1e6
     return Prediction(
         latency_ms=latency_ms,
-        energy_mj=sum(entry.energy_mj for entry in per_layer),
+        energy_mj=energy_mj,
         cost_usd_per_1m=cost,
         per_layer=tuple(per_layer),
         profile=profile.name,
         power_mode=mode.name,
     )
+
+
+def kernel_work(layer: LayerCost, profile: HardwareProfile) -> tuple[Precision, float]:
+    """The precision ``layer`` runs at on ``profile`` and the MACs it really executes.
+
+    The precision is the narrowest kernel that holds ``max(weight_bits, act_bits)``;
+    elementwise and pooling layers wider than every kernel run at the widest one. MACs
+    are cut to N/M only where the device accelerates the layer's ``N:M`` pattern.
+
+    Raises:
+        ConfigError: ``layer`` is not a :class:`LayerCost`.
+        UnsupportedOnDevice: A conv or linear layer is wider than every kernel of the device.
+    """
+    if not isinstance(layer, LayerCost):
+        raise ConfigError(f"layers must be LayerCost values, got {type(layer).__name__}")
+    bits = max(layer.weight_bits, layer.act_bits)
+    widest = max(p.bits for p in profile.precisions)
+    if bits > widest:
+        if layer.op is not OpType.OTHER:
+            raise UnsupportedOnDevice(
+                f"layer {layer.name!r} needs {bits}-bit kernels; {profile.name!r} has only "
+                f"{[p.value for p in profile.precisions]}: quantize it to run there")
+        # Elementwise and pooling layers work on whatever their producer emits,
+        # which on this device is at most its widest precision.
+        bits = widest
+    macs = float(layer.macs)
+    if layer.sparsity_pattern is not None and layer.sparsity_pattern in profile.sparsity_patterns:
+        kept, group = parse_sparsity_pattern(layer.sparsity_pattern)
+        macs *= kept / group
+    return profile.kernel_precision(bits), macs
 
 
 def predict_model(

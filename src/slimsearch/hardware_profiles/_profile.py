@@ -171,6 +171,8 @@ class HardwareProfile:
         energy_pj_per_byte: Dynamic energy per byte moved to or from off-chip memory.
         efficiency: Fraction of peak compute really reached, per op type.
         layer_overhead_us: Fixed cost per layer (dispatch, kernel launch, sync).
+        call_overhead_us: Fixed cost per inference call (runtime entry, input and output
+            handling), or None when the profile does not model one (counted as 0).
         sources: Field path (e.g. ``"peak_gops.int8"``) to a short citation, for every number.
         price_usd_per_hour: Rental price, or None when the device is owned, not rented.
         schema_version: Version of the file format.
@@ -192,6 +194,7 @@ class HardwareProfile:
     layer_overhead_us: float
     sources: Mapping[str, str]
     price_usd_per_hour: float | None = None
+    call_overhead_us: float | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -271,6 +274,9 @@ class HardwareProfile:
         if self.price_usd_per_hour is not None:
             put(self, "price_usd_per_hour", _check_number(
                 "price_usd_per_hour", self.price_usd_per_hour, low=0))
+        if self.call_overhead_us is not None:
+            put(self, "call_overhead_us", _check_number(
+                "call_overhead_us", self.call_overhead_us, low=0))
         self._check_sources()
 
     def _check_sources(self) -> None:
@@ -308,6 +314,8 @@ class HardwareProfile:
         for op, value in self.efficiency.items():
             out[f"efficiency.{op.value}"] = value
         out["layer_overhead_us"] = self.layer_overhead_us
+        if self.call_overhead_us is not None:
+            out["call_overhead_us"] = self.call_overhead_us
         if self.price_usd_per_hour is not None:
             out["price_usd_per_hour"] = self.price_usd_per_hour
         return out
@@ -352,8 +360,8 @@ class HardwareProfile:
                           f"it supports {[p.value for p in self.precisions]}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values in the layout of a profile file."""
-        return {
+        """Plain values in the layout of a profile file (``call_overhead_us`` only when set)."""
+        out = {
             "schema_version": self.schema_version,
             "name": self.name,
             "kind": self.kind.value,
@@ -372,6 +380,9 @@ class HardwareProfile:
             "layer_overhead_us": self.layer_overhead_us,
             "sources": dict(self.sources),
         }
+        if self.call_overhead_us is not None:
+            out["call_overhead_us"] = self.call_overhead_us
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, origin: str = "<dict>") -> HardwareProfile:
@@ -420,7 +431,7 @@ _REQUIRED_KEYS = (
     "active_power_w", "energy_pj_per_mac", "energy_pj_per_byte", "efficiency",
     "layer_overhead_us", "sources",
 )
-_OPTIONAL_KEYS = ("price_usd_per_hour", "schema_version")
+_OPTIONAL_KEYS = ("price_usd_per_hour", "call_overhead_us", "schema_version")
 
 
 def _parse_text(text: str, *, origin: str, suffix: str) -> Any:

@@ -1,0 +1,361 @@
+"""Refit a profile's efficiency factors and overheads from measured latencies.
+
+Why this is written here: latency predictors in the field (nn-Meter, HELP, BRP-NAS)
+learn their own kernel- or graph-level regressors; none fits the few interpretable
+numbers of a roofline profile (efficiency per op type, effective bandwidth,
+overheads), and general solvers (``scipy.optimize.nnls``) are not a dependency of
+slimsearch. The model has at most six non-negative parameters, so an exact
+non-negative least-squares solve by enumerating active sets is a few lines of numpy.
+
+The model fitted is :func:`~slimsearch.hardware_profiles.predict`'s own::
+
+    latency = sum over layers of max(u_l * x[op_l], m_l * x_mem) + n_layers * o + c
+
+where ``u_l`` is the layer's compute time at full peak, ``m_l`` its memory time at the
+profile's bandwidth, ``x[op] = 1 / efficiency[op]``, ``x_mem`` the factor by which the
+bandwidth is really slower, ``o`` the per-layer and ``c`` the per-call overhead. For a
+fixed choice of which layers are compute-bound this is linear in the parameters; the
+fit alternates between solving the non-negative least squares on *relative* error
+(rows weighted by ``1 / measured``) and re-deciding each layer's bound, and keeps the
+best parameters seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
+
+from slimsearch.exceptions import ConfigError
+from slimsearch.hardware_profiles._enums import OpType
+from slimsearch.hardware_profiles._layers import LayerCost, layer_costs
+from slimsearch.hardware_profiles._predict import kernel_work, predict
+from slimsearch.hardware_profiles._profile import HardwareProfile, load_profile
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+__all__ = ["FIT_PARAMETERS", "FitReport", "calibrate", "fit_report", "kendall_tau", "share_within"]
+
+Sample = tuple[Union["torch.nn.Module", Sequence[LayerCost]], Any, float]
+"""``(model, example_input, measured_latency_ms)``, or ``(layer_costs, None, measured_ms)``."""
+
+FIT_PARAMETERS = ("conv", "linear", "other", "memory", "layer_overhead", "call_overhead")
+"""What :func:`calibrate` can refit: efficiency per op type, effective memory
+bandwidth, per-layer overhead and per-call overhead."""
+
+_OPS = (OpType.CONV, OpType.LINEAR, OpType.OTHER)
+_MAX_ROUNDS = 30
+_MAX_BANDWIDTH_GAIN = 1e3  # effective bandwidth is kept within 1000x of the profile's
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """How well a profile's predictions match measured latencies.
+
+    Attributes:
+        n: Number of samples.
+        kendall_tau: Kendall rank correlation (tau-b) of predicted against measured.
+        within_10: Share of predictions within ±10% of the measured latency.
+        within_20: Share of predictions within ±20% of the measured latency.
+        median_abs_rel_error: Median of ``|predicted / measured - 1|``.
+    """
+
+    n: int
+    kendall_tau: float
+    within_10: float
+    within_20: float
+    median_abs_rel_error: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values."""
+        return dataclasses.asdict(self)
+
+
+class _Rows(NamedTuple):
+    """Per-layer terms of every sample, flattened; ``sample`` says which row a layer is in."""
+
+    sample: np.ndarray  # int, one per layer
+    op: np.ndarray  # int index into _OPS, one per layer
+    compute_s: np.ndarray  # compute time at 100% efficiency, one per layer
+    memory_s: np.ndarray  # memory time at the profile's bandwidth, one per layer
+    n_layers: np.ndarray  # one per sample
+    measured_s: np.ndarray  # one per sample
+
+
+def calibrate(
+    profile: HardwareProfile | str,
+    samples: Iterable[Sample],
+    *,
+    fit: Sequence[str] = FIT_PARAMETERS,
+    power_mode: str | None = None,
+    name: str | None = None,
+    date: datetime.date | str | None = None,
+) -> HardwareProfile:
+    """A copy of ``profile`` whose efficiency factors and overheads fit ``samples``.
+
+    Each sample is ``(model, example_input, measured_latency_ms)``; a list of
+    :class:`LayerCost` may stand in for the model (``example_input`` is then ignored),
+    so callers that already have layer costs need not rebuild networks. Parameters
+    named in ``fit`` are refitted (see :data:`FIT_PARAMETERS`); an op type that no
+    sample's layers use keeps its value. Efficiencies stay in (0, 1]: a fit that wants
+    more than the profile's peak is clipped at 1. Every refitted number's source says
+    ``"calibrated on N samples, <date>, fit by slimsearch calibrate"``.
+
+    Args:
+        profile: The profile to start from (a profile, a shipped name or a file path).
+        samples: Measured latencies, at least two.
+        fit: Which parameters to refit.
+        power_mode: The power mode the samples were measured in (None: the default).
+        name: Name of the new profile (default: the old one).
+        date: Date written into the sources (default: today).
+
+    Raises:
+        ConfigError: Fewer than two samples, a latency that is not a positive number,
+            an unknown name in ``fit``, or an unknown power mode.
+    """
+    import numpy as np
+
+    profile = load_profile(profile)
+    unknown = [p for p in fit if p not in FIT_PARAMETERS]
+    if unknown or not fit:
+        raise ConfigError(f"fit must name some of {list(FIT_PARAMETERS)}, got {list(fit)!r}")
+    rows = _rows(profile, samples, power_mode)
+    n = len(rows.measured_s)
+
+    start = np.array([1.0 / profile.efficiency[op] for op in _OPS]
+                     + [1.0, profile.layer_overhead_us * 1e-6, (profile.call_overhead_us or 0.0) * 1e-6])
+    used_ops = [bool(np.any(rows.op == i)) for i in range(len(_OPS))]
+    free = np.array([name_ in fit and (i >= 3 or used_ops[i]) for i, name_ in enumerate(FIT_PARAMETERS)])
+    lower = np.array([1.0, 1.0, 1.0, 1.0 / _MAX_BANDWIDTH_GAIN, 0.0, 0.0])
+    theta = _fit(rows, start, free, lower)
+
+    when = date.isoformat() if isinstance(date, datetime.date) else (date or datetime.date.today().isoformat())
+    note = f"calibrated on {n} samples, {when}, fit by slimsearch calibrate"
+    sources = dict(profile.sources)
+    efficiency = dict(profile.efficiency)
+    changes: dict[str, Any] = {}
+    for i, op in enumerate(_OPS):
+        if free[i]:
+            efficiency[op] = float(min(1.0, 1.0 / theta[i]))
+            sources[f"efficiency.{op.value}"] = (
+                f"{note} (fraction of peak_gops; was {profile.efficiency[op]:g})")
+    changes["efficiency"] = efficiency
+    if free[3]:
+        changes["memory_bandwidth_gbps"] = float(profile.memory_bandwidth_gbps / theta[3])
+        sources["memory_bandwidth_gbps"] = (
+            f"{note} (effective bandwidth the layers see; was {profile.memory_bandwidth_gbps:g})")
+    if free[4]:
+        changes["layer_overhead_us"] = float(theta[4] * 1e6)
+        sources["layer_overhead_us"] = f"{note} (was {profile.layer_overhead_us:g})"
+    if free[5]:
+        changes["call_overhead_us"] = float(theta[5] * 1e6)
+        sources["call_overhead_us"] = f"{note} (was {profile.call_overhead_us or 0:g})"
+    description = " ".join(profile.description.split())
+    if "Calibrated on" not in description:
+        description += f" Calibrated on {n} measured latencies ({when}) by slimsearch calibrate."
+    return dataclasses.replace(profile, **changes, sources=sources, description=description,
+                               name=name or profile.name)
+
+
+def fit_report(
+    profile: HardwareProfile | str, samples: Iterable[Sample], *, power_mode: str | None = None
+) -> FitReport:
+    """Compare ``profile``'s predictions with the measured latencies of ``samples``."""
+    profile = load_profile(profile)
+    predicted, measured = [], []
+    for layers, measured_ms in _layer_samples(samples):
+        predicted.append(predict(layers, profile, power_mode=power_mode).latency_ms)
+        measured.append(measured_ms)
+    return report(predicted, measured)
+
+
+def report(predicted: Sequence[float], measured: Sequence[float]) -> FitReport:
+    """:class:`FitReport` of paired predicted and measured latencies."""
+    import numpy as np
+
+    p, m = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)
+    if p.shape != m.shape or p.size < 2:
+        raise ConfigError(f"need at least two paired latencies, got {p.size} predicted and {m.size} measured")
+    rel = np.abs(p / m - 1.0)
+    return FitReport(n=int(p.size), kendall_tau=kendall_tau(p, m), within_10=share_within(p, m, 0.10),
+                     within_20=share_within(p, m, 0.20), median_abs_rel_error=float(np.median(rel)))
+
+
+def share_within(predicted: Sequence[float], measured: Sequence[float], tolerance: float) -> float:
+    """Share of predictions with ``|predicted / measured - 1| <= tolerance``."""
+    import numpy as np
+
+    p, m = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)
+    return float(np.mean(np.abs(p / m - 1.0) <= tolerance + 1e-12))
+
+
+def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
+    """Kendall's tau-b (ties counted as scipy does), in O(n log n) (Knight's algorithm)."""
+    import numpy as np
+
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    n = x.size
+    if n != y.size or n < 2:
+        raise ConfigError(f"kendall_tau needs two sequences of equal length >= 2, got {x.size} and {y.size}")
+    pairs = n * (n - 1) // 2
+
+    def tied(*keys: np.ndarray) -> int:
+        order = np.lexsort(keys[::-1])
+        same = np.ones(n - 1, dtype=bool)
+        for key in keys:
+            sorted_key = key[order]
+            same &= sorted_key[1:] == sorted_key[:-1]
+        # sizes of runs of equal keys
+        edges = np.flatnonzero(np.concatenate(([True], ~same, [True])))
+        runs = np.diff(edges)
+        return int(np.sum(runs * (runs - 1) // 2))
+
+    tied_x, tied_y, tied_xy = tied(x), tied(y), tied(x, y)
+    # discordant pairs: inversions of y's ranks after sorting by (x, y)
+    order = np.lexsort((y, x))
+    ranks = np.searchsorted(np.unique(y), y[order]) + 1
+    size = int(ranks.max())
+    tree = [0] * (size + 1)
+    inversions = 0
+    for seen, r in enumerate(ranks.tolist()):
+        # count earlier entries with a strictly greater rank
+        i, not_greater = r, 0
+        while i > 0:
+            not_greater += tree[i]
+            i -= i & -i
+        inversions += seen - not_greater
+        i = r
+        while i <= size:
+            tree[i] += 1
+            i += i & -i
+    concordant_minus_discordant = pairs - tied_x - tied_y + tied_xy - 2 * inversions
+    denominator = math.sqrt((pairs - tied_x) * (pairs - tied_y))
+    return float(concordant_minus_discordant / denominator) if denominator > 0 else float("nan")
+
+
+def _layer_samples(samples: Iterable[Sample]) -> Iterable[tuple[Sequence[LayerCost], float]]:
+    for index, sample in enumerate(samples):
+        if not isinstance(sample, (tuple, list)) or len(sample) != 3:
+            raise ConfigError(f"samples[{index}] must be (model or layer costs, example_input, "
+                              f"measured_latency_ms), got {type(sample).__name__}")
+        model, example_input, measured = sample
+        if (isinstance(measured, bool) or not isinstance(measured, (int, float))
+                or not math.isfinite(measured) or measured <= 0):
+            raise ConfigError(f"samples[{index}]: measured_latency_ms must be a number > 0, got {measured!r}")
+        if isinstance(model, (list, tuple)) and all(isinstance(layer, LayerCost) for layer in model):
+            layers = model
+        else:
+            layers = layer_costs(model, example_input)
+        yield layers, float(measured)
+
+
+def _rows(profile: HardwareProfile, samples: Iterable[Sample], power_mode: str | None) -> _Rows:
+    import numpy as np
+
+    mode = profile.power_mode(power_mode)
+    clock_scale = mode.clock_mhz / profile.default_power_mode.clock_mhz
+    bandwidth = profile.memory_bandwidth_gbps * 1e9
+    sample_ix, op_ix, compute, memory, counts, measured = [], [], [], [], [], []
+    for index, (layers, measured_ms) in enumerate(_layer_samples(samples)):
+        for layer in layers:
+            precision, macs = kernel_work(layer, profile)
+            sample_ix.append(index)
+            op_ix.append(_OPS.index(layer.op))
+            compute.append(2.0 * macs / (profile.peak_gops[precision] * 1e9 * clock_scale))
+            memory.append(layer.total_bytes / bandwidth)
+        counts.append(len(layers))
+        measured.append(measured_ms * 1e-3)
+    if len(measured) < 2:
+        raise ConfigError(f"calibrate needs at least two samples, got {len(measured)}")
+    return _Rows(np.array(sample_ix, dtype=np.int64), np.array(op_ix, dtype=np.int64),
+                 np.array(compute), np.array(memory), np.array(counts, dtype=float), np.array(measured))
+
+
+def _predict_s(rows: _Rows, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Modelled seconds per sample, and which layers are compute-bound, at ``theta``."""
+    import numpy as np
+
+    compute = rows.compute_s * theta[rows.op]
+    memory = rows.memory_s * theta[3]
+    bound = compute >= memory
+    per_layer = np.where(bound, compute, memory)
+    total = np.bincount(rows.sample, weights=per_layer, minlength=len(rows.measured_s))
+    return total + rows.n_layers * theta[4] + theta[5], bound
+
+
+def _design(rows: _Rows, bound: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    n = len(rows.measured_s)
+    design = np.zeros((n, len(FIT_PARAMETERS)))
+    for i in range(len(_OPS)):
+        mask = bound & (rows.op == i)
+        design[:, i] = np.bincount(rows.sample[mask], weights=rows.compute_s[mask], minlength=n)
+    design[:, 3] = np.bincount(rows.sample[~bound], weights=rows.memory_s[~bound], minlength=n)
+    design[:, 4] = rows.n_layers
+    design[:, 5] = 1.0
+    return design
+
+
+def _fit(rows: _Rows, start: np.ndarray, free: np.ndarray, lower: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    def loss(theta: np.ndarray) -> float:
+        predicted, _ = _predict_s(rows, theta)
+        return float(np.sum((predicted / rows.measured_s - 1.0) ** 2))
+
+    theta = np.where(free, np.maximum(start, lower), start)
+    best, best_loss = theta.copy(), loss(theta)
+    seen: set[bytes] = set()
+    for _ in range(_MAX_ROUNDS):
+        _, bound = _predict_s(rows, theta)
+        key = np.packbits(bound).tobytes()
+        if key in seen:
+            break
+        seen.add(key)
+        design = _design(rows, bound) / rows.measured_s[:, None]
+        target = np.ones(len(rows.measured_s))
+        # fixed parameters move to the right-hand side; free ones are lower + z, z >= 0
+        fixed_part = design[:, ~free] @ theta[~free]
+        target = target - fixed_part - design[:, free] @ lower[free]
+        z = _nnls(design[:, free], target)
+        theta = theta.copy()
+        theta[free] = lower[free] + z
+        current = loss(theta)
+        if current < best_loss:
+            best, best_loss = theta.copy(), current
+    return best
+
+
+def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """argmin ||a z - b|| over z >= 0, exactly, by trying every set of free columns.
+
+    ``a`` has at most six columns here, so the 64 candidate sets cost nothing; columns
+    are scaled to unit norm first so seconds and counts are comparable.
+    """
+    import numpy as np
+
+    k = a.shape[1]
+    norms = np.linalg.norm(a, axis=0)
+    usable = norms > 0
+    scaled = np.where(usable, a / np.where(usable, norms, 1.0), 0.0)
+    best, best_residual = np.zeros(k), float(np.sum(b ** 2))
+    columns = [i for i in range(k) if usable[i]]
+    for size in range(1, len(columns) + 1):
+        for subset in itertools.combinations(columns, size):
+            sub = scaled[:, subset]
+            solution, *_ = np.linalg.lstsq(sub, b, rcond=None)
+            if np.any(solution < 0):
+                continue
+            residual = float(np.sum((sub @ solution - b) ** 2))
+            if residual < best_residual - 1e-15:
+                best_residual = residual
+                best = np.zeros(k)
+                best[list(subset)] = solution
+    return np.where(usable, best / np.where(usable, norms, 1.0), 0.0)
