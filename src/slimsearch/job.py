@@ -17,7 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from slimsearch.exceptions import ConfigError
 from slimsearch.search.samplers import Sampler
-from slimsearch.spaces.plan import ACT_BITS, ACT_CALIBRATIONS, IMPORTANCES, SPARSITY_PATTERNS, WEIGHT_BITS
+from slimsearch.spaces.plan import (
+    ACT_BITS,
+    ACT_CALIBRATIONS,
+    IMPORTANCES,
+    SPARSITY_PATTERNS,
+    WEIGHT_BITS,
+    DistillPlan,
+)
 
 LOCAL_PROFILE = "local"
 # Metrics every candidate has, whatever the profiles.
@@ -57,6 +64,11 @@ _CHOICES = {
     "importance": (f"{list(IMPORTANCES)}", lambda i: i in IMPORTANCES, False),
     "act_calibration": (f"{list(ACT_CALIBRATIONS)}", lambda c: c in ACT_CALIBRATIONS, False),
     "distill_steps": ("whole numbers >= 0", lambda n: isinstance(n, int) and n >= 0, False),
+    "distill_temperature": ("numbers > 0", lambda t: isinstance(t, (int, float)) and t > 0, False),
+    "distill_alpha": ("numbers with 0 <= alpha <= 1", lambda a: isinstance(a, (int, float)) and 0 <= a <= 1, False),
+    "distill_lr": ("numbers > 0", lambda r: isinstance(r, (int, float)) and r > 0, False),
+    "distill_hidden_weight": ("numbers >= 0 (above 0 only for tasks with hidden states, e.g. minilm)",
+                              lambda w: isinstance(w, (int, float)) and w >= 0, False),
 }
 
 
@@ -93,6 +105,10 @@ class SpaceSpec(LayerChoices):
     importance: list[str] = ["l1"]
     act_calibration: list[str] = ["minmax"]
     distill_steps: list[int] = [100, 200, 300]
+    distill_temperature: list[float] = [DistillPlan.temperature]  # softmax temperature of logit distillation
+    distill_alpha: list[float] = [DistillPlan.alpha]  # weight of the teacher's soft targets vs the labels
+    distill_lr: list[float] = [DistillPlan.lr]  # Adam learning rate (cosine decay over the steps)
+    distill_hidden_weight: list[float] = [DistillPlan.hidden_weight]  # hidden-state matching (transformers)
     layers: dict[str, LayerChoices] = {}
 
     _space_choices = field_validator(*[f for f in _CHOICES if f not in LayerChoices.model_fields],

@@ -98,8 +98,15 @@ def trace(model: nn.Module, example_input: torch.Tensor):
     import torch.fx
     from torch.fx.passes.shape_prop import ShapeProp
 
+    class _Tracer(torch.fx.Tracer):
+        # Conv2d/Linear subclasses (slimsearch's quantized layers, users' own) are
+        # single operations here, as nn.Conv2d/nn.Linear are: their forward holds
+        # quantization arithmetic that fx cannot (and need not) trace through.
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, (nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, qualname)
+
     try:
-        gm = torch.fx.symbolic_trace(model)
+        gm = torch.fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception as exc:
         raise SlimSearchError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {str(exc)[:200]}); "

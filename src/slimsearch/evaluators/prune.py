@@ -279,10 +279,13 @@ def _replace(root: "nn.Module", name: str, new: "nn.Module") -> None:
 
 
 def fold_batchnorm(model: "nn.Module", example_input: "torch.Tensor") -> "nn.Module":
-    """Fold every BatchNorm that directly follows a Conv2d into that conv (eval statistics).
+    """A copy of ``model`` with every BatchNorm that directly follows a Conv2d folded into that conv.
 
-    Deployment runtimes fold these anyway; folding before quantization means the
-    weights that are quantized are the weights that run.
+    Uses the norms' running statistics. The conv may be a quantized twin
+    (:class:`~slimsearch.evaluators.quantize.QConv2d`) that is not frozen yet: its
+    float weights are rescaled and its grid is fitted at freeze, so the weights that
+    are frozen, measured and exported are the folded ones. Deployment runtimes fold
+    these norms anyway.
     """
     import torch
     from torch import nn
@@ -300,15 +303,14 @@ def fold_batchnorm(model: "nn.Module", example_input: "torch.Tensor") -> "nn.Mod
             conv, bn = folded.get_submodule(src.target), folded.get_submodule(node.target)
             if bn.running_var is None:
                 continue  # no running statistics: nothing fixed to fold
+            if getattr(conv, "frozen", False):
+                raise ValueError(f"cannot fold {node.target!r} into {src.target!r}: its weights are frozen on "
+                                 "their integer grid already; fold before freeze()")
             gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
             beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
             scale = gamma / torch.sqrt(bn.running_var + bn.eps)
-            new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                            padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
-                            padding_mode=conv.padding_mode)
-            bias = conv.bias.data if conv.bias is not None else torch.zeros(conv.out_channels)
-            new.weight.data.copy_(conv.weight.data * scale.reshape(-1, 1, 1, 1))
-            new.bias.data.copy_((bias - bn.running_mean) * scale + beta)
-            _replace(folded, src.target, new)
+            bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
+            conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + beta)
             _replace(folded, node.target, nn.Identity())
     return folded

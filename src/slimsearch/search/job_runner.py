@@ -43,6 +43,9 @@ def build_space(spec: JobSpec, task):
     from slimsearch.evaluators.prune import ChannelStructure
     from slimsearch.spaces import SearchSpace
 
+    if task.hidden_states is None and any(w > 0 for w in spec.space.distill_hidden_weight):
+        raise ConfigError(f"space.distill_hidden_weight: task {spec.task!r} exposes no hidden states to match; "
+                          "allowed: [0]")
     structure = task.structure or ChannelStructure()
     return SearchSpace.build(spec.space, layer_names(task.teacher), structure.groups(task.teacher, task.example_input),
                              droppable=structure.droppable(task.teacher), seed=spec.search.seed)

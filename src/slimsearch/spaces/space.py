@@ -14,8 +14,11 @@ if TYPE_CHECKING:
     from slimsearch.job import SpaceSpec
 
 
-# Model-wide choices: (job-file key, plan field it sets, where in the plan it lives).
-GLOBAL_CHOICES = ("group_size", "sparsity", "sparsity_pattern", "importance", "act_calibration")
+# Model-wide choices, by their job-file key (a single value is fixed, not searched).
+# The distillation ones set the DistillPlan field named after the prefix.
+DISTILL_PREFIX = "distill_"
+DISTILL_CHOICES = ("distill_temperature", "distill_alpha", "distill_lr", "distill_hidden_weight")
+GLOBAL_CHOICES = ("group_size", "sparsity", "sparsity_pattern", "importance", "act_calibration", *DISTILL_CHOICES)
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,10 @@ class SearchSpace:
                 sparsity_pattern=str(glob.get("sparsity_pattern", "unstructured")),
             )
         drop = tuple(b for b in self.droppable if params.get(f"drop.{b}", False))
+        distill = DistillPlan(steps=int(params.get("distill_steps", 0)),
+                              **{k[len(DISTILL_PREFIX):]: float(glob[k]) for k in DISTILL_CHOICES if k in glob})
         return CompressionPlan(
-            layers=layers, distill=DistillPlan(steps=int(params.get("distill_steps", 0))), seed=self.seed,
+            layers=layers, distill=distill, seed=self.seed,
             drop=drop, importance=str(glob.get("importance", "l1")),
             act_calibration=str(glob.get("act_calibration", "minmax")),
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping, Optional, Protocol, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -87,6 +87,11 @@ class Task:
         distill_loss: ``f(student_out, teacher_out, labels, distill_plan) -> loss``;
             ``None`` means logit distillation with temperature (classification).
         structure: how the teacher is pruned; ``None`` means the channel graph.
+        hidden_states: for hidden-state matching in distillation, ``f(model)`` -> a
+            context manager yielding a dict that fills with the model's intermediate
+            states (keys that mean the same layer in teacher and student) while the
+            model runs inside it; ``distill_loss`` then gets ``hidden=``. ``None``: the
+            task has none (``distill_hidden_weight`` must stay 0).
     """
 
     name: str
@@ -102,6 +107,7 @@ class Task:
     extra_metrics: Mapping[str, Callable[["torch.nn.Module", Split], float]] = field(default_factory=dict)
     distill_loss: Optional[Callable[..., "torch.Tensor"]] = None
     structure: Optional[Structure] = None
+    hidden_states: Optional[Callable[["torch.nn.Module"], ContextManager[Mapping]]] = None
 
 
 def accuracy(logits: "torch.Tensor", labels: "torch.Tensor") -> float:

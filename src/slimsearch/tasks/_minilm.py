@@ -11,6 +11,7 @@ Nothing is downloaded: the model files come from the installed package.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -259,7 +260,7 @@ def minilm(seed: int = 0, *, n_val: int = N_VAL, n_test: int = N_TEST, n_train: 
         raise ConfigError(f"minilm: n_val, n_test (and n_train if given) must be >= 1, and n_val + n_test must "
                           f"leave training paragraphs (there are {len(paras)}); "
                           f"got n_val={n_val}, n_test={n_test}, n_train={n_train}")
-    from slimsearch.evaluators.transformer import BertStructure
+    from slimsearch.evaluators.transformer import BertStructure, capture_hidden
 
     st_model = load_sentence_transformer()
     teacher = teacher_from(st_model)
@@ -302,4 +303,5 @@ def minilm(seed: int = 0, *, n_val: int = N_VAL, n_test: int = N_TEST, n_train: 
         extra_metrics={"retrieval_at_1": retrieval_at_1},
         distill_loss=distill_loss,
         structure=BertStructure("encoder.layer"),
+        hidden_states=functools.partial(capture_hidden, layers="encoder.layer"),
     )
