@@ -30,12 +30,13 @@ def _read_job(job_dir: Path) -> tuple[dict, dict]:
     return json.loads(state_path.read_text()), json.loads(front_path.read_text())
 
 
-def latency_objective(objectives: dict) -> str:
-    """The latency the default choice minimises: the first latency objective, else measured batch 64."""
+def latency_objective(objectives: dict, metrics: dict) -> str:
+    """The latency the default choice minimises: the first latency objective, else the measured
+    latency at the task's larger batch (``latency_ms_b<N>@local`` among ``metrics``)."""
     for name in objectives:
         if name.startswith("latency_ms"):
             return name
-    return "latency_ms_b64@local"
+    return next(name for name in metrics if name.startswith("latency_ms_b") and name.endswith("@local"))
 
 
 def choose(front: dict, run_id: Optional[str] = None) -> tuple[dict, str]:
@@ -54,7 +55,7 @@ def choose(front: dict, run_id: Optional[str] = None) -> tuple[dict, str]:
         raise ConfigError(f"--run: no candidate of this job has run id {run_id!r}; front members: {known}")
     if not front["front"]:
         raise JobStateError("the job has no completed candidate to export")
-    speed = latency_objective(front["objectives"])
+    speed = latency_objective(front["objectives"], front["front"][0]["metrics"])
     floor = front["teacher"][metric] - ACCURACY_WINDOW
     close = [c for c in front["front"] if c["metrics"][metric] >= floor]
     if close:

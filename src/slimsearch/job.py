@@ -28,7 +28,12 @@ from slimsearch.spaces.plan import (
 
 LOCAL_PROFILE = "local"
 # Metrics every candidate has, whatever the profiles.
-BASE_METRICS = ("size_bytes", "params", "macs", "bitops", "latency_ms@local", "latency_ms_b64@local")
+BASE_METRICS = ("size_bytes", "params", "macs", "bitops", "latency_ms@local")
+
+
+def local_latency_metrics(batch: int) -> tuple[str, ...]:
+    """The measured latencies of a task whose larger timed batch is ``batch`` (Task.latency_batch)."""
+    return ("latency_ms@local", f"latency_ms_b{batch}@local")
 # Metrics each named (modelled) profile adds, as ``name@profile``.
 PROFILE_METRICS = ("latency_ms", "energy_mj", "cost_usd_per_1m")
 
@@ -174,10 +179,11 @@ class JobSpec(_Frozen):
 
         A user task's metrics are known only once it is loaded; ``run_job`` checks them.
         """
-        from slimsearch.tasks._registry import BUILTIN_METRICS
+        from slimsearch.tasks._registry import BUILTIN_LATENCY_BATCH, BUILTIN_METRICS, DEFAULT_LATENCY_BATCH
 
         task_metrics = BUILTIN_METRICS.get(self.task, ("accuracy",))
-        names = [*task_metrics, f"{task_metrics[0]}_drop", *BASE_METRICS]
+        batch = BUILTIN_LATENCY_BATCH.get(self.task, DEFAULT_LATENCY_BATCH)
+        names = [*task_metrics, f"{task_metrics[0]}_drop", *BASE_METRICS, *local_latency_metrics(batch)[1:]]
         names += [f"{m}@{p}" for p in self.profiles for m in PROFILE_METRICS]
         return names
 

@@ -19,7 +19,6 @@ from slimsearch.tasks import Split, Task
 LOCAL = "local"
 CALIBRATION_BATCHES = 4
 TAYLOR_BATCH = 128
-LATENCY_BATCHES = (1, 64)
 
 
 def apply_plan(task: Task, plan: CompressionPlan) -> nn.Module:
@@ -68,14 +67,15 @@ def score(model: nn.Module, data: Split, task: Task, batch_size: int = 500) -> f
 
 
 def measure_local(model: nn.Module, task: Task, *, repeats: int = 15) -> dict[str, float]:
-    """Median latency of the deployable ONNX graph on this CPU at batch 1 and 64, in ms (measured)."""
+    """Median latency of the deployable ONNX graph on this CPU at batch 1 and ``task.latency_batch``, in ms
+    (measured)."""
     from slimsearch.evaluators.deploy import deployable_onnx_bytes
     from slimsearch.evaluators.onnx_graph import INPUT_NAME, ort_session
     from slimsearch.hardware_profiles import measure_latency
 
     session = ort_session(deployable_onnx_bytes(model, task.example_input))
     out = {}
-    for batch in LATENCY_BATCHES:
+    for batch in (1, task.latency_batch):
         x = task.val.x[:1].repeat(batch, *[1] * (task.val.x.dim() - 1)).numpy()
         timing = measure_latency(lambda: session.run(None, {INPUT_NAME: x}), warmup=3, repeats=repeats)
         key = "latency_ms" if batch == 1 else f"latency_ms_b{batch}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Mapping, Optional
@@ -48,7 +49,8 @@ class Metrics:
         return cls.from_dict(json.loads(text))
 
 
-COST_METRICS = ("latency_ms", "latency_ms_b64", "energy_mj", "cost_usd_per_1m")
+COST_METRICS = ("latency_ms", "energy_mj", "cost_usd_per_1m")  # and latency_ms_b<N> (batch N)
+_BATCH_LATENCY = re.compile(r"latency_ms_b\d+")
 
 
 def provenance_of(name: str, local_profile: str = "local") -> Optional[Provenance]:
@@ -58,7 +60,7 @@ def provenance_of(name: str, local_profile: str = "local") -> Optional[Provenanc
     its profile.
     """
     base, _, profile = name.partition("@")
-    if base not in COST_METRICS or not profile:
+    if not profile or (base not in COST_METRICS and not _BATCH_LATENCY.fullmatch(base)):
         return None
     return Provenance.MEASURED if profile == local_profile else Provenance.MODELLED
 

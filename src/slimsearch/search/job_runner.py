@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from slimsearch.exceptions import ConfigError, JobStateError
-from slimsearch.job import BASE_METRICS, PROFILE_METRICS, JobSpec
+from slimsearch.job import BASE_METRICS, PROFILE_METRICS, JobSpec, local_latency_metrics
 
 STATE_FILE = "job.json"
 FRONT_FILE = "front.json"
@@ -128,7 +128,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     try:  # what the job file names must fit the task; say so before anything is written
         task = _cached_task(spec.task, spec.search.seed)
         reported = {task.metric_name, f"{task.metric_name}_drop", *task.extra_metrics}
-        costs = set(BASE_METRICS) | {f"{m}@{p}" for p in spec.profiles for m in PROFILE_METRICS}
+        costs = {*BASE_METRICS, *local_latency_metrics(task.latency_batch)}
+        costs |= {f"{m}@{p}" for p in spec.profiles for m in PROFILE_METRICS}
         unknown = sorted(set(objectives) - reported - costs)
         if unknown:
             raise ConfigError(f"objectives: task {spec.task} does not report {unknown[0]!r}; "

@@ -92,6 +92,8 @@ class Task:
             states (keys that mean the same layer in teacher and student) while the
             model runs inside it; ``distill_loss`` then gets ``hidden=``. ``None``: the
             task has none (``distill_hidden_weight`` must stay 0).
+        latency_batch: the larger batch latency is measured at, besides batch 1
+            (metric ``latency_ms_b<N>@local``).
     """
 
     name: str
@@ -108,6 +110,7 @@ class Task:
     distill_loss: Optional[Callable[..., "torch.Tensor"]] = None
     structure: Optional[Structure] = None
     hidden_states: Optional[Callable[["torch.nn.Module"], ContextManager[Mapping]]] = None
+    latency_batch: int = 64
 
 
 def accuracy(logits: "torch.Tensor", labels: "torch.Tensor") -> float:

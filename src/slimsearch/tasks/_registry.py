@@ -20,6 +20,11 @@ BUILTIN_METRICS = {
     "minilm": ("fidelity", "retrieval_at_1"),
 }
 
+# The larger batch each built-in task's latency is measured at, besides batch 1
+# (Task.latency_batch), so that ``latency_ms_b<N>@local`` can be checked unloaded.
+DEFAULT_LATENCY_BATCH = 64
+BUILTIN_LATENCY_BATCH = {"minilm": 8}
+
 
 def load_task(name: str, *, seed: int = 0) -> Task:
     """Build the task a job names: a built-in name or ``package.module:function``.
