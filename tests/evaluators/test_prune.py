@@ -183,6 +183,30 @@ def test_fold_batchnorm_of_a_norm_without_affine_parameters():
     assert torch.allclose(folded(x), model(x), atol=1e-5)
 
 
+def test_fold_batchnorm_into_a_quantized_conv_before_freeze():
+    """apply_plan distils with BN in place, then folds it into the quantized conv: exact for float
+    weights with quantized inputs, and the folded conv then freezes onto its own grid."""
+    from slimsearch.evaluators.quantize import QConv2d, calibrate, freeze, quantize_layers
+    from slimsearch.spaces import CompressionPlan, LayerPlan
+
+    model = _cnn()
+    x = _x(16)
+    plan = CompressionPlan(layers={"0": LayerPlan(act_bits=8)})
+    quantized = quantize_layers(copy.deepcopy(model), plan)
+    calibrate(quantized, [x])
+    folded = fold_batchnorm(quantized, x[:1])
+    assert isinstance(folded[0], QConv2d) and folded[0].act_bits == 8
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert torch.allclose(folded(x), quantized(x), atol=1e-5)
+
+    four_bit = quantize_layers(copy.deepcopy(model), CompressionPlan(layers={"0": LayerPlan(weight_bits=4)}))
+    frozen = freeze(fold_batchnorm(four_bit, x[:1]))
+    codes = frozen[0].quantized_weight()
+    assert torch.equal(codes.dequantize(), frozen[0].weight)  # the folded weights are what is on the grid
+    with pytest.raises(ValueError, match="fold before freeze"):
+        fold_batchnorm(freeze(quantize_layers(copy.deepcopy(model), plan)), x[:1])
+
+
 class Branchy(nn.Module):
     """A model whose forward branches on the data, which torch.fx cannot trace."""
 

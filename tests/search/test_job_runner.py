@@ -233,3 +233,13 @@ def test_ray_executor_runs_each_candidate_once(tmp_path, request):
     assert sorted(int(r.data.tags["slimsearch.trial"]) for r in children) == [0, 1, 2, 3]
     assert all(r.info.status == "FINISHED" for r in children)
     assert {c["trial"] for c in result.front} <= {0, 1, 2, 3}
+
+
+def test_hidden_state_matching_on_a_task_without_hidden_states_is_refused(tmp_path):
+    job = _write(tmp_path, dict(JOB, space=dict(JOB["space"], distill_hidden_weight=[0.0, 1.0])))
+    result = _run(str(job), "--out", str(tmp_path / "out"), "--executor", "local")
+    assert result.code == 2
+    (line,) = result.stderr.splitlines()
+    assert line == (f"slimsearch: error: {job}: space.distill_hidden_weight: task 'digits' exposes no hidden "
+                    "states to match; allowed: [0]")
+    assert not (tmp_path / "out").exists()

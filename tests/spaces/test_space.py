@@ -67,6 +67,32 @@ def test_plan_from_params_builds_the_plan_the_params_stand_for():
     assert CompressionPlan.from_json(plan.to_json()) == plan
 
 
+def test_distillation_settings_are_searched_when_given_several_values():
+    spec = _spec(distill_temperature=[2.0, 4.0], distill_alpha=[0.5], distill_lr=[1e-4, 1e-3],
+                 distill_hidden_weight=[0.0])
+    space = SearchSpace.build(spec, LAYERS, PRUNABLE)
+    choices = dict(space.choices)
+    assert choices["distill_temperature"] == (2.0, 4.0) and choices["distill_lr"] == (1e-4, 1e-3)
+    assert "distill_alpha" not in choices and dict(space.fixed)["distill_alpha"] == 0.5
+    params = {name: values[-1] for name, values in space.choices}
+    plan = space.plan_from_params(params)
+    assert plan.distill == DistillPlan(steps=100, temperature=4.0, alpha=0.5, lr=1e-3, hidden_weight=0.0)
+    assert CompressionPlan.from_json(plan.to_json()) == plan
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("distill_temperature", 0, "numbers > 0"),
+    ("distill_alpha", 1.5, "numbers with 0 <= alpha <= 1"),
+    ("distill_lr", -1e-3, "numbers > 0"),
+    ("distill_hidden_weight", -1, "numbers >= 0"),
+])
+def test_bad_distillation_settings_say_what_is_allowed(key, value, allowed):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=rf"{key} choice .* is not allowed; allowed: {allowed}"):
+        _spec(**{key: [value]})
+
+
 def test_suggest_draws_every_choice_from_a_real_optuna_trial():
     import optuna
 

@@ -148,3 +148,37 @@ def test_distill_loss_matches_embeddings_and_hidden_states(task, pruned):
     plain = distill_loss(out, y, y, DistillPlan(hidden_weight=0.0), hidden=(student, teacher, x))
     mixed = distill_loss(out, y, y, DistillPlan(hidden_weight=0.5), hidden=(student, teacher, x))
     assert 0.0 < float(plain) < float(mixed)
+
+
+def test_distill_with_hidden_states_pulls_the_student_states_towards_the_teacher(task, pruned):
+    """plan.hidden_weight > 0: distill() runs both models inside task.hidden_states and adds the state loss."""
+    import copy
+
+    from slimsearch.evaluators.distill import distill
+    from slimsearch.evaluators.transformer import hidden_state_loss
+
+    x = task.val.x[:8]
+    mask = x != 0
+
+    def state_gap(model) -> float:
+        with torch.no_grad(), task.hidden_states(model) as student, task.hidden_states(task.teacher) as teacher:
+            model.eval()(x)
+            task.teacher(x)
+        return float(hidden_state_loss(student, teacher, mask))
+
+    plan = DistillPlan(steps=6, batch_size=8, lr=1e-3)
+    embedding_only = distill(copy.deepcopy(pruned), task.teacher, task.train, plan, seed=0,
+                             loss_fn=task.distill_loss, hidden_states=task.hidden_states)
+    with_states = distill(copy.deepcopy(pruned), task.teacher, task.train,
+                          DistillPlan(steps=6, batch_size=8, lr=1e-3, hidden_weight=1.0), seed=0,
+                          loss_fn=task.distill_loss, hidden_states=task.hidden_states)
+    assert state_gap(with_states) < state_gap(embedding_only) < state_gap(pruned) * 10
+
+
+def test_hidden_state_matching_needs_a_task_with_hidden_states(task, pruned):
+    from slimsearch.evaluators.distill import distill
+    from slimsearch.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="exposes no hidden states"):
+        distill(pruned, task.teacher, task.train, DistillPlan(steps=1, hidden_weight=1.0), seed=0,
+                loss_fn=task.distill_loss)
