@@ -19,9 +19,11 @@ from slimsearch.hardware_profiles._calibrate import (
     calibrate,
     fit_report,
     kendall_tau,
+    load_measurements,
     share_within,
 )
 from slimsearch.hardware_profiles._enums import Bound, DeviceKind, OpType, Precision
+from slimsearch.hardware_profiles._host import measure_host
 from slimsearch.hardware_profiles._layers import LayerCost, layer_costs
 from slimsearch.hardware_profiles._measure import Timing, measure_latency
 from slimsearch.hardware_profiles._predict import (
@@ -55,7 +57,9 @@ __all__ = [
     "kendall_tau",
     "layer_costs",
     "list_profiles",
+    "load_measurements",
     "load_profile",
+    "measure_host",
     "measure_latency",
     "predict",
     "predict_model",

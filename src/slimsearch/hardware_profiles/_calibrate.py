@@ -26,8 +26,10 @@ import dataclasses
 import datetime
 import itertools
 import math
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 from slimsearch.exceptions import ConfigError
@@ -40,7 +42,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-__all__ = ["FIT_PARAMETERS", "FitReport", "calibrate", "fit_report", "kendall_tau", "share_within"]
+__all__ = ["FIT_PARAMETERS", "MEASUREMENT_COLUMNS", "FitReport", "calibrate", "fit_report", "kendall_tau",
+           "load_measurements", "report", "share_within"]
 
 Sample = tuple[Union["torch.nn.Module", Sequence[LayerCost]], Any, float]
 """``(model, example_input, measured_latency_ms)``, or ``(layer_costs, None, measured_ms)``."""
@@ -262,9 +265,10 @@ def _rows(profile: HardwareProfile, samples: Iterable[Sample], power_mode: str |
     clock_scale = mode.clock_mhz / profile.default_power_mode.clock_mhz
     bandwidth = profile.memory_bandwidth_gbps * 1e9
     sample_ix, op_ix, compute, memory, counts, measured = [], [], [], [], [], []
+    memo: dict = {}
     for index, (layers, measured_ms) in enumerate(_layer_samples(samples)):
         for layer in layers:
-            precision, macs = kernel_work(layer, profile)
+            precision, macs = kernel_work(layer, profile, memo)
             sample_ix.append(index)
             op_ix.append(_OPS.index(layer.op))
             compute.append(2.0 * macs / (profile.peak_gops[precision] * 1e9 * clock_scale))
@@ -359,3 +363,81 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
                 best = np.zeros(k)
                 best[list(subset)] = solution
     return np.where(usable, best / np.where(usable, norms, 1.0), 0.0)
+
+
+MEASUREMENT_COLUMNS = ("latency_ms", "layers", "task", "plan", "batch")
+"""Columns of a measurements CSV (see :func:`load_measurements`)."""
+
+
+def load_measurements(path: str | os.PathLike[str]) -> list[Sample]:
+    """Read a measurements CSV into calibration samples.
+
+    One row per measured model. Columns: ``latency_ms`` (required, > 0) and either
+    ``layers`` (JSON list of :meth:`LayerCost.to_dict` values) or ``task`` (a built-in
+    task name or ``package.module:function``) with ``plan`` (a CompressionPlan as JSON;
+    ``{}`` is the uncompressed teacher), rebuilt with ``apply_plan`` and costed at
+    ``batch`` copies of the task's example input (``batch`` optional, default 1).
+
+    Raises:
+        ConfigError: Missing file, missing or unknown column, or a bad value; the message
+            names the file, the row and the column.
+    """
+    import csv
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"measurements file {str(path)!r} does not exist")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        unknown = [c for c in header if c not in MEASUREMENT_COLUMNS]
+        if unknown:
+            raise ConfigError(f"{path}: header: unknown column(s) {unknown}; allowed: {list(MEASUREMENT_COLUMNS)}")
+        if "latency_ms" not in header or not ("layers" in header or {"task", "plan"} <= set(header)):
+            raise ConfigError(f"{path}: header: needs 'latency_ms' and either 'layers' or 'task' and 'plan', "
+                              f"got {header}")
+        rows = list(reader)
+    samples: list[Sample] = []
+    tasks: dict[str, Any] = {}
+    for number, row in enumerate(rows, start=2):
+        where = f"{path}: row {number}"
+        try:
+            latency = float(row["latency_ms"])
+        except (TypeError, ValueError):
+            latency = float("nan")
+        if not math.isfinite(latency) or latency <= 0:
+            raise ConfigError(f"{where}: latency_ms: must be a number > 0, got {row['latency_ms']!r}")
+        if row.get("layers"):
+            try:
+                layers = [LayerCost.from_dict(item) for item in json.loads(row["layers"])]
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{where}: layers: must be a JSON list of layer costs ({exc})") from None
+            samples.append((layers, None, latency))
+            continue
+        if not row.get("task") or not row.get("plan"):
+            raise ConfigError(f"{where}: needs 'layers', or 'task' and 'plan'")
+        batch_text = row.get("batch") or "1"
+        if not batch_text.isdigit() or int(batch_text) < 1:
+            raise ConfigError(f"{where}: batch: must be an int >= 1, got {batch_text!r}")
+        model, example = _rebuild(where, row["task"], row["plan"], tasks)
+        batch = int(batch_text)
+        samples.append((model, example.repeat(batch, *[1] * (example.dim() - 1)), latency))
+    if len(samples) < 2:
+        raise ConfigError(f"{path}: needs at least two rows of measurements, got {len(samples)}")
+    return samples
+
+
+def _rebuild(where: str, task_name: str, plan_json: str, tasks: dict[str, Any]) -> tuple[Any, Any]:
+    """The compressed model a row names and its task's batch-1 example input."""
+    from slimsearch.evaluators import apply_plan
+    from slimsearch.spaces import CompressionPlan
+    from slimsearch.tasks import load_task
+
+    try:
+        if task_name not in tasks:
+            tasks[task_name] = load_task(task_name)
+        plan = CompressionPlan.from_json(plan_json)
+    except (ConfigError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {' '.join(str(exc).split())}") from None
+    return apply_plan(tasks[task_name], plan), tasks[task_name].example_input

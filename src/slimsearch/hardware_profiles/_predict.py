@@ -125,9 +125,11 @@ def predict(
     overhead_s = profile.layer_overhead_us * 1e-6
 
     per_layer = []
+    memo: dict[int, Precision] = {}
+    peak, efficiency = profile.peak_gops, profile.efficiency
     for layer in layers:
-        precision, macs = kernel_work(layer, profile)
-        throughput = profile.peak_gops[precision] * 1e9 * profile.efficiency[layer.op] * clock_scale
+        precision, macs = kernel_work(layer, profile, memo)
+        throughput = peak[precision] * 1e9 * efficiency[layer.op] * clock_scale
         compute_s = 2.0 * macs / throughput
         memory_s = layer.total_bytes / bandwidth
         time_s = max(compute_s, memory_s) + overhead_s
@@ -155,12 +157,15 @@ def predict(
     )
 
 
-def kernel_work(layer: LayerCost, profile: HardwareProfile) -> tuple[Precision, float]:
+def kernel_work(
+    layer: LayerCost, profile: HardwareProfile, _memo: dict[int, Precision] | None = None
+) -> tuple[Precision, float]:
     """The precision ``layer`` runs at on ``profile`` and the MACs it really executes.
 
     The precision is the narrowest kernel that holds ``max(weight_bits, act_bits)``;
     elementwise and pooling layers wider than every kernel run at the widest one. MACs
     are cut to N/M only where the device accelerates the layer's ``N:M`` pattern.
+    ``_memo`` (bits to precision, for this profile only) saves repeating the lookup.
 
     Raises:
         ConfigError: ``layer`` is not a :class:`LayerCost`.
@@ -169,20 +174,25 @@ def kernel_work(layer: LayerCost, profile: HardwareProfile) -> tuple[Precision, 
     if not isinstance(layer, LayerCost):
         raise ConfigError(f"layers must be LayerCost values, got {type(layer).__name__}")
     bits = max(layer.weight_bits, layer.act_bits)
-    widest = max(p.bits for p in profile.precisions)
-    if bits > widest:
-        if layer.op is not OpType.OTHER:
-            raise UnsupportedOnDevice(
-                f"layer {layer.name!r} needs {bits}-bit kernels; {profile.name!r} has only "
-                f"{[p.value for p in profile.precisions]}: quantize it to run there")
-        # Elementwise and pooling layers work on whatever their producer emits,
-        # which on this device is at most its widest precision.
-        bits = widest
+    memo = {} if _memo is None else _memo
+    precision = memo.get(bits)
+    if precision is None:
+        widest = max(p.bits for p in profile.precisions)
+        if bits > widest:
+            if layer.op is not OpType.OTHER:
+                raise UnsupportedOnDevice(
+                    f"layer {layer.name!r} needs {bits}-bit kernels; {profile.name!r} has only "
+                    f"{[p.value for p in profile.precisions]}: quantize it to run there")
+            # Elementwise and pooling layers work on whatever their producer emits,
+            # which on this device is at most its widest precision.
+            precision = profile.kernel_precision(widest)
+        else:
+            precision = memo[bits] = profile.kernel_precision(bits)
     macs = float(layer.macs)
     if layer.sparsity_pattern is not None and layer.sparsity_pattern in profile.sparsity_patterns:
         kept, group = parse_sparsity_pattern(layer.sparsity_pattern)
         macs *= kept / group
-    return profile.kernel_precision(bits), macs
+    return precision, macs
 
 
 def predict_model(

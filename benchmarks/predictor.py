@@ -1,0 +1,327 @@
+"""Latency predictor accuracy for issue 4: predicted against measured latency, spec-only and calibrated.
+
+Prints one table; ``--json PATH`` writes the same rows.
+
+    python benchmarks/predictor.py [--json out.json] [--local-profile FILE] [--skip-local] [--skip-nb201]
+
+Rows:
+  local CPU: compressed candidates of the built-in tasks (digits, mnist, mnist-resnet;
+    random per-group prune ratios and model-wide weight/activation bits, no
+    distillation), each measured as the evaluator measures it (its deployable ONNX
+    graph in onnxruntime, ``measure_local``, batch 1 and 64, one thread) and predicted
+    with a profile of this machine from ``slimsearch hw profile`` (written to a
+    temporary file unless ``--local-profile`` names one). Candidates are split in
+    two disjoint halves by a seeded shuffle: one calibrates, the other is scored.
+  nb201: the 15,625 NAS-Bench-201 cells of ../shared/benchmarks/nb201 with their
+    published latencies, on raspberry-pi-4, pixel-3, zc706-fpga and eyeriss: the
+    shipped (spec-only) profile on all cells, then the profile calibrated on 200
+    seeded random cells and scored on the other 15,425. Layers run at the widest
+    precision each device has kernels for (fp32 on the CPUs, 16-bit on the FPGA and
+    Eyeriss).
+
+Targets (issue 4): local tau >= 0.85 and >= 80% within ±20% after calibration; nb201
+tau >= 0.85 and >= 90% within ±10% after calibration. Nothing is tuned on test rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+NB201_CSV = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks" / "nb201" / "nb201.csv"
+NB201_DEVICES = {  # profile -> column of measured latency
+    "raspberry-pi-4": "raspi4_latency_ms",
+    "pixel-3": "pixel3_latency_ms",
+    "zc706-fpga": "fpga_latency_ms",
+    "eyeriss": "eyeriss_latency_ms",
+}
+NB201_FOLDS_CONSTANTS = {
+    # HW-NAS-Bench measured the phones and the Pi on TFLite models, whose converter folds a
+    # network whose output is constant; the FPGA and Eyeriss figures come from per-layer
+    # simulators that cost every layer they are given.
+    "raspberry-pi-4": True, "pixel-3": True, "zc706-fpga": False, "eyeriss": False,
+}
+NB201_OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
+NB201_CALIBRATION_CELLS = 200
+LOCAL_TASKS = ("digits", "mnist", "mnist-resnet")
+LOCAL_PER_TASK = 28
+SEED = 0
+
+
+# --------------------------------------------------------------------------- NAS-Bench-201 network
+
+
+def parse_arch(arch_str: str) -> list[list[tuple[str, int]]]:
+    """``|op~0|+|op~0|op~1|+|...|`` -> for node 1..3, the (op, source node) edges into it."""
+    nodes = []
+    for group in arch_str.split("+"):
+        edges = []
+        for item in group.strip("|").split("|"):
+            op, source = item.split("~")
+            if op not in NB201_OPS:
+                raise ValueError(f"unknown NAS-Bench-201 op {op!r}; allowed: {list(NB201_OPS)}")
+            edges.append((op, int(source)))
+        nodes.append(edges)
+    return nodes
+
+
+def output_is_constant(arch_str: str) -> bool:
+    """True when no chain of non-``none`` edges joins the cell input to its output node.
+
+    Such a cell outputs zeros whatever its input, so the whole network's output is a
+    constant, and a converter that folds constants deploys no layers at all.
+    """
+    reachable = {0}
+    for j, edges in enumerate(parse_arch(arch_str), start=1):
+        if any(op != "none" and i in reachable for op, i in edges):
+            reachable.add(j)
+    return 3 not in reachable
+
+
+def live_edges(arch_str: str) -> set[tuple[int, int]]:
+    """Edges ``(source, target)`` whose op's result can reach the cell output.
+
+    An op feeding a node that reaches the output node only through ``none`` edges
+    computes a value nobody reads; a converter that removes dead ops drops it.
+    """
+    nodes = parse_arch(arch_str)
+    useful = {3}
+    for j in (3, 2, 1):
+        if j in useful:
+            useful.update(i for op, i in nodes[j - 1] if op != "none")
+    return {(i, j) for j, edges in enumerate(nodes, start=1) for op, i in edges
+            if op != "none" and j in useful}
+
+
+def build_nb201(arch_str: str, num_classes: int = 10, *, fold_constant: bool = False):
+    """The NAS-Bench-201 CIFAR network of one cell, as its README describes (C=16, N=5).
+
+    A ``none`` edge adds zero to its node, so it is left out of the graph (no module,
+    no work); a node with only ``none`` inputs is a zero tensor, and the ops reading it
+    still run. With ``fold_constant`` the network is what a graph-optimising converter
+    (TFLite's) deploys: ops whose result never reaches the cell output
+    (:func:`live_edges`) are removed, and a cell whose output is constant
+    (:func:`output_is_constant`) gives a network that returns a stored constant.
+    """
+    import torch
+    from torch import nn
+
+    class Constant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("value", torch.zeros(1, num_classes))
+
+        def forward(self, x):
+            return self.value.expand(x.shape[0], -1)
+
+    if fold_constant and output_is_constant(arch_str):
+        return Constant()
+
+    def relu_conv_bn(c_in, c_out, kernel, stride, padding):
+        return nn.Sequential(nn.ReLU(), nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False),
+                             nn.BatchNorm2d(c_out))
+
+    def make_op(op, c):
+        if op == "skip_connect":
+            return nn.Identity()
+        if op == "nor_conv_1x1":
+            return relu_conv_bn(c, c, 1, 1, 0)
+        if op == "nor_conv_3x3":
+            return relu_conv_bn(c, c, 3, 1, 1)
+        return nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+
+    live = live_edges(arch_str) if fold_constant else None
+    kept = [[(op, i) for op, i in edges if op != "none" and (live is None or (i, j) in live)]
+            for j, edges in enumerate(parse_arch(arch_str), start=1)]
+
+    class Cell(nn.Module):
+        def __init__(self, nodes, c):
+            super().__init__()
+            self.nodes = nodes
+            self.edges = nn.ModuleDict({f"{j + 1}<-{i}": make_op(op, c)
+                                        for j, edges in enumerate(nodes) for op, i in edges})
+
+        def forward(self, x):
+            states = [x]
+            for j, edges in enumerate(self.nodes):
+                terms = [self.edges[f"{j + 1}<-{i}"](states[i]) for op, i in edges]
+                states.append(sum(terms) if terms else torch.zeros_like(x))
+            return states[-1]
+
+    class ResBlock(nn.Module):
+        def __init__(self, c_in, c_out):
+            super().__init__()
+            self.conv_a = relu_conv_bn(c_in, c_out, 3, 2, 1)
+            self.conv_b = relu_conv_bn(c_out, c_out, 3, 1, 1)
+            self.downsample = nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(c_in, c_out, 1, bias=False))
+
+        def forward(self, x):
+            out = self.conv_b(self.conv_a(x))
+            return self.downsample(x) + out
+
+    class Network(nn.Module):
+        def __init__(self, nodes):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
+            cells = []
+            for stage, c in enumerate((16, 32, 64)):
+                if stage:
+                    cells.append(ResBlock(c // 2, c))
+                cells.extend(Cell(nodes, c) for _ in range(5))
+            self.cells = nn.ModuleList(cells)
+            self.lastact = nn.Sequential(nn.BatchNorm2d(64), nn.ReLU())
+            self.global_pooling = nn.AdaptiveAvgPool2d(1)
+            self.classifier = nn.Linear(64, num_classes)
+
+        def forward(self, x):
+            x = self.stem(x)
+            for cell in self.cells:
+                x = cell(x)
+            x = self.global_pooling(self.lastact(x))
+            return self.classifier(torch.flatten(x, 1))
+
+    return Network(kept)
+
+
+NB201_INPUT_SHAPE = (1, 3, 32, 32)
+
+
+def set_bits(model, bits: int):
+    """Mark every module as computing at ``bits`` bits (what layer_costs reads)."""
+    for module in model.modules():
+        module.weight_bits = module.act_bits = bits
+    return model
+
+
+_ALL_NONE = "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"
+
+
+class NB201Costs:
+    """Layer costs of NAS-Bench-201 networks without building them.
+
+    Cells share their op structure: an op on any edge of any cell of a stage does the
+    same work. The costs of each (stage, op) and of the fixed parts (stem, residual
+    blocks, head) are taken once from ``layer_costs`` on built networks and renamed into
+    place; ``tests/hardware_profiles/test_nb201_costs.py`` checks the assembled list
+    equals ``layer_costs`` of the built network.
+    """
+
+    def __init__(self, bits: int = 32, *, fold_constant: bool = False) -> None:
+        self.bits = bits
+        self.fold_constant = fold_constant
+        self._constant: list | None = None
+        self._fixed: dict[str, list] | None = None
+        self._ops: dict[tuple[int, str], list[tuple[str, object]]] = {}
+        self._edge_cache: dict[tuple[int, str, str], list] = {}
+
+    def _prepare(self) -> None:
+        import dataclasses
+
+        import torch
+
+        from slimsearch.hardware_profiles import layer_costs
+
+        x = torch.zeros(NB201_INPUT_SHAPE)
+        self._constant = layer_costs(set_bits(build_nb201(_ALL_NONE, fold_constant=True), self.bits), x)
+        # the all-'none' cell (not folded) gives the fixed parts
+        fixed = layer_costs(set_bits(build_nb201(_ALL_NONE), self.bits), x)
+        self._fixed = {"stem": [], "res5": [], "res11": [], "head": []}
+        for layer in fixed:
+            if layer.name.startswith("stem."):
+                self._fixed["stem"].append(layer)
+            elif layer.name.startswith(("cells.5.", "cells.11.")):
+                self._fixed["res" + layer.name.split(".")[1]].append(layer)
+            elif not layer.name.startswith("cells."):
+                self._fixed["head"].append(layer)
+        for op in NB201_OPS:
+            arch = f"|{op}~0|+|none~0|none~1|+|none~0|none~1|none~2|"
+            costs = layer_costs(set_bits(build_nb201(arch), self.bits), x)
+            for stage, cell in enumerate((0, 6, 12)):
+                prefix = f"cells.{cell}.edges.1<-0"
+                self._ops[(stage, op)] = [
+                    (layer.name[len(prefix):], dataclasses.replace(layer, name="")) for layer in costs
+                    if layer.name == prefix or layer.name.startswith(prefix + ".")
+                ]
+
+    def _edge(self, cell: int, edge: str, stage: int, op: str) -> list:
+        import dataclasses
+
+        key = (cell, edge, op)
+        if key not in self._edge_cache:
+            prefix = f"cells.{cell}.edges.{edge}"
+            self._edge_cache[key] = [dataclasses.replace(layer, name=prefix + suffix)
+                                     for suffix, layer in self._ops[(stage, op)]]
+        return self._edge_cache[key]
+
+    def __call__(self, arch_str: str) -> list:
+        """``layer_costs`` of ``build_nb201(arch_str, fold_constant=...)`` at ``bits``, batch-1 CIFAR input."""
+        if self._fixed is None:
+            self._prepare()
+        if self.fold_constant and output_is_constant(arch_str):
+            return list(self._constant)
+        live = live_edges(arch_str) if self.fold_constant else None
+        nodes = [[(op, i) for op, i in edges if live is None or (i, j) in live]
+                 for j, edges in enumerate(parse_arch(arch_str), start=1)]
+        out = list(self._fixed["stem"])
+        for cell in range(17):
+            if cell in (5, 11):
+                out += self._fixed[f"res{cell}"]
+                continue
+            stage = 0 if cell < 5 else 1 if cell < 11 else 2
+            for j, edges in enumerate(nodes):
+                for op, i in edges:
+                    out += self._edge(cell, f"{j + 1}<-{i}", stage, op)
+        return out + self._fixed["head"]
+
+
+def nb201_rows(csv_path: Path, devices=NB201_DEVICES) -> list[dict]:
+    import csv
+
+    from slimsearch.hardware_profiles import calibrate, load_profile, predict
+    from slimsearch.hardware_profiles._calibrate import report
+
+    with open(csv_path, newline="") as f:
+        table = list(csv.DictReader(f))
+    rng = random.Random(SEED)
+    calibration_ix = set(rng.sample(range(len(table)), NB201_CALIBRATION_CELLS))
+    costs_by_bits: dict[tuple[int, bool], NB201Costs] = {}
+    rows = []
+    for name, column in devices.items():
+        profile = load_profile(name)
+        bits = max(p.bits for p in profile.precisions)
+        fold = NB201_FOLDS_CONSTANTS[name]
+        costs = costs_by_bits.setdefault((bits, fold), NB201Costs(bits, fold_constant=fold))
+        t0 = time.perf_counter()
+        layers = [costs(r["arch_str"]) for r in table]
+        measured = [float(r[column]) for r in table]
+        spec = [predict(l, profile).latency_ms for l in layers]
+        fit_ix = sorted(calibration_ix)
+        test_ix = [i for i in range(len(table)) if i not in calibration_ix]
+        calibrated = calibrate(profile, [(layers[i], None, measured[i]) for i in fit_ix],
+                               date=time.strftime("%Y-%m-%d"))
+        cal = [predict(layers[i], calibrated).latency_ms for i in test_ix]
+        spec_all = report(spec, measured)
+        spec_test = report([spec[i] for i in test_ix], [measured[i] for i in test_ix])
+        cal_test = report(cal, [measured[i] for i in test_ix])
+        passed = cal_test.kendall_tau >= 0.85 and cal_test.within_10 >= 0.90
+        rows.append({
+            "row": f"nb201 {name}", "metric_tolerance": "±10%",
+            "spec_n": spec_all.n, "spec_tau": spec_all.kendall_tau, "spec_within": spec_all.within_10,
+            "spec_test_tau": spec_test.kendall_tau, "spec_test_within": spec_test.within_10,
+            "calibrated_on": len(fit_ix), "test_n": cal_test.n, "cal_tau": cal_test.kendall_tau,
+            "cal_within": cal_test.within_10, "cal_within_20": cal_test.within_20,
+            "cal_median_abs_rel_error": cal_test.median_abs_rel_error,
+            "target": "tau>=0.85, >=90% within ±10%", "result": "PASS" if passed else "FAIL",
+            "fitted": {"efficiency": {k.value: v for k, v in calibrated.efficiency.items()},
+                       "memory_bandwidth_gbps": calibrated.memory_bandwidth_gbps,
+                       "layer_overhead_us": calibrated.layer_overhead_us,
+                       "call_overhead_us": calibrated.call_overhead_us},
+            "seconds": time.perf_counter() - t0,
+        })
+        print(f"  {rows[-1]['row']}: done in {rows[-1]['seconds']:.0f} s", file=sys.stderr)
+    return rows
