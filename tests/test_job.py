@@ -39,8 +39,19 @@ CASES = {
     "weight_bits_1": ({"space__weight_bits": [1]}, "space.weight_bits",
                       ["1", str(list(WEIGHT_BITS))]),
     "prune_ratio_1": ({"space__prune_ratio": [0.5, 1.0]}, "space.prune_ratio", ["1.0", "0 <= ratio < 1"]),
-    "unknown_profile": ({"profiles": ["raspberry-pi-99"]}, "profiles",
+    "unknown_profile": ({"profiles": ["raspberry-pi-99"]}, "profiles.0",
                         ["'raspberry-pi-99'", "'jetson-orin-nano'", "'raspberry-pi-4'"]),
+    "unknown_profile_with_modes": ({"profiles": ["raspberry-pi-4", {"name": "jetson-nano", "power_modes": ["5W"]}]},
+                                   "profiles.1.name", ["'jetson-nano'", "'jetson-orin-nano'"]),
+    "unknown_power_mode": ({"profiles": ["raspberry-pi-4", {"name": "jetson-orin-nano", "power_modes": ["7W", "10W"]}]},
+                           "profiles.1.power_modes", ["'jetson-orin-nano'", "'10W'", "['15W', '7W']"]),
+    "no_power_modes": ({"profiles": [{"name": "jetson-orin-nano", "power_modes": []}]}, "profiles.0.power_modes",
+                       ["at least one mode", "['15W', '7W']"]),
+    "power_modes_key_typo": ({"profiles": [{"name": "jetson-orin-nano", "modes": ["7W"]}]}, "profiles.0.modes",
+                             ["unknown key", "['name', 'power_modes']"]),
+    "profile_twice": ({"profiles": ["jetson-orin-nano", {"name": "jetson-orin-nano", "power_modes": ["7W"]}]},
+                      "profiles", ["'jetson-orin-nano' is named twice"]),
+    "profile_not_a_name": ({"profiles": [4]}, "profiles.0", ["a profile is a name or {name: ..., power_modes:", "4"]),
     "unknown_objective": ({"objectives": {"accuracy": "max", "flops": "min"}}, "objectives",
                           ["'flops'", "'accuracy'", "'size_bytes'", "'latency_ms@local'",
                            "'latency_ms@raspberry-pi-4'", "'energy_mj@raspberry-pi-4'"]),
@@ -119,3 +130,28 @@ def test_a_valid_job_file_loads_with_overrides(write_job):
     assert spec.space.weight_bits == [4, 8]
     assert list(spec.objectives) == ["accuracy", "latency_ms_b64@local", "size_bytes"]
     assert JobSpec.from_json(spec.to_json()) == spec
+
+
+def test_profiles_name_power_modes_to_search_fix_or_leave_at_the_default(write_job):
+    spec = load_job(write_job(_job(profiles=[
+        "raspberry-pi-4",
+        {"name": "jetson-orin-nano", "power_modes": ["7W", "15W", "7W"]},
+        {"name": "jetson-tx2", "power_modes": ["MAXQ"]},
+    ])))
+    assert spec.profile_names == ["raspberry-pi-4", "jetson-orin-nano", "jetson-tx2"]
+    # listed modes, duplicates dropped; a profile without power_modes is not in here (default mode)
+    assert spec.power_mode_choices() == {"jetson-orin-nano": ("7W", "15W"), "jetson-tx2": ("MAXQ",)}
+    # the teacher is modelled at the default mode when the job lists it, else at the first listed
+    assert spec.teacher_power_modes() == {"jetson-orin-nano": "15W", "jetson-tx2": "MAXQ"}
+    # metric names do not carry the mode
+    assert "energy_mj@jetson-orin-nano" in spec.metric_names()
+    assert JobSpec.from_json(spec.to_json()) == spec
+
+
+def test_the_mnist_example_searches_two_jetson_power_modes_against_modelled_energy():
+    from pathlib import Path
+
+    spec = load_job(Path(__file__).parents[1] / "examples" / "mnist.yaml")
+    assert spec.power_mode_choices() == {"jetson-orin-nano": ("7W", "15W")}
+    assert spec.objectives["energy_mj@jetson-orin-nano"].value == "min"
+    assert spec.search.budget == 24

@@ -34,6 +34,10 @@ BASE_METRICS = ("size_bytes", "params", "macs", "bitops", "latency_ms@local")
 def local_latency_metrics(batch: int) -> tuple[str, ...]:
     """The measured latencies of a task whose larger timed batch is ``batch`` (Task.latency_batch)."""
     return ("latency_ms@local", f"latency_ms_b{batch}@local")
+
+
+# Measured only where this machine exposes energy counters (RAPL); see hardware_profiles/_energy.py.
+LOCAL_ENERGY_METRIC = "energy_mj@local"
 # Metrics each named (modelled) profile adds, as ``name@profile``.
 PROFILE_METRICS = ("latency_ms", "energy_mj", "cost_usd_per_1m")
 
@@ -120,6 +124,54 @@ class SpaceSpec(LayerChoices):
                                      mode="before")(_validate_choices)
 
 
+def _known_profile(name: str) -> str:
+    from slimsearch.hardware_profiles import list_profiles
+
+    known = list_profiles()
+    if name not in known:
+        raise ValueError(f"unknown profile {name!r}; allowed: {known}")
+    return name
+
+
+class ProfileTarget(_Frozen):
+    """A target device: a profile name and, optionally, the power modes to search on it.
+
+    In a job file either a bare name (``raspberry-pi-4``, modelled at its default
+    mode) or ``{name: jetson-orin-nano, power_modes: [7W, 15W]}``.
+    """
+
+    name: str
+    power_modes: Optional[list[str]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        if isinstance(data, str):  # a bare name: its error's path is the list entry itself
+            return {"name": _known_profile(data)}
+        if not isinstance(data, (dict, ProfileTarget)):
+            raise ValueError("a profile is a name or {name: ..., power_modes: [...]}")
+        return data
+
+    _name = field_validator("name")(lambda v: _known_profile(v))
+
+    @field_validator("power_modes", mode="before")
+    @classmethod
+    def _power_modes(cls, v: Any, info) -> Optional[list[str]]:
+        if v is None or "name" not in info.data:  # an unknown name has been reported already
+            return v
+        from slimsearch.hardware_profiles import load_profile
+
+        name = info.data["name"]
+        allowed = [mode.name for mode in load_profile(name).power_modes]
+        modes = _as_list(v)
+        if not modes:
+            raise ValueError(f"power_modes of {name!r} needs at least one mode; allowed: {allowed}")
+        for mode in modes:
+            if mode not in allowed:
+                raise ValueError(f"{name!r} has no power mode {mode!r}; allowed: {allowed}")
+        return list(dict.fromkeys(modes))
+
+
 class SearchSpec(_Frozen):
     budget: int = Field(24, ge=1, description="trained candidates")
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
@@ -138,7 +190,7 @@ class JobSpec(_Frozen):
         "latency_ms_b64@local": Direction.MIN,
         "size_bytes": Direction.MIN,
     }
-    profiles: list[str] = ["raspberry-pi-4"]
+    profiles: list[ProfileTarget] = [ProfileTarget(name="raspberry-pi-4")]
     search: SearchSpec = SearchSpec()
     storage: Optional[str] = Field(None, description="Optuna storage URL; default sqlite in the job folder")
     tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI; default sqlite in the job folder")
@@ -154,14 +206,37 @@ class JobSpec(_Frozen):
 
     @field_validator("profiles")
     @classmethod
-    def _profiles(cls, v: list[str]) -> list[str]:
-        from slimsearch.hardware_profiles import list_profiles
-
-        known = list_profiles()
-        for name in v:
-            if name not in known:
-                raise ValueError(f"unknown profile {name!r}; allowed: {known}")
+    def _profiles(cls, v: list[ProfileTarget]) -> list[ProfileTarget]:
+        names = [p.name for p in v]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"profile {name!r} is named twice; name each profile once "
+                                 "(list its power modes in one entry)")
         return v
+
+    @property
+    def profile_names(self) -> list[str]:
+        """The target profiles' names, in job-file order."""
+        return [p.name for p in self.profiles]
+
+    def power_mode_choices(self) -> dict[str, tuple[str, ...]]:
+        """``profile -> power modes`` for the profiles whose modes the job lists.
+
+        Two or more modes are searched, one is fixed; a profile not in the result is
+        modelled at its default mode.
+        """
+        return {p.name: tuple(p.power_modes) for p in self.profiles if p.power_modes is not None}
+
+    def teacher_power_modes(self) -> dict[str, str]:
+        """The mode each listed profile's teacher figures are modelled at: the profile's default
+        when the job lists it, else the first mode listed."""
+        from slimsearch.hardware_profiles import load_profile
+
+        out = {}
+        for name, modes in self.power_mode_choices().items():
+            default = load_profile(name).default_power_mode.name
+            out[name] = default if default in modes else modes[0]
+        return out
 
     @model_validator(mode="after")
     def _objectives(self) -> "JobSpec":
@@ -184,7 +259,8 @@ class JobSpec(_Frozen):
         task_metrics = BUILTIN_METRICS.get(self.task, ("accuracy",))
         batch = BUILTIN_LATENCY_BATCH.get(self.task, DEFAULT_LATENCY_BATCH)
         names = [*task_metrics, f"{task_metrics[0]}_drop", *BASE_METRICS, *local_latency_metrics(batch)[1:]]
-        names += [f"{m}@{p}" for p in self.profiles for m in PROFILE_METRICS]
+        names.append(LOCAL_ENERGY_METRIC)
+        names += [f"{m}@{p}" for p in self.profile_names for m in PROFILE_METRICS]
         return names
 
     def to_json(self) -> str:
@@ -262,11 +338,11 @@ def _allowed_keys(loc: tuple) -> list[str]:
         if field is None:
             return []
         model = field.annotation
-        # Optional[X] -> X; dict[str, X] -> X, and the next loc part is the dict key.
+        # Optional[X] -> X; dict[str, X] and list[X] -> X, and the next loc part is the key or index.
         while get_origin(model) is not None:
             args = [a for a in get_args(model) if a is not type(None)]
-            if get_origin(model) is dict:
-                model, skip_key = args[1], True
+            if get_origin(model) in (dict, list):
+                model, skip_key = args[-1], True
                 break
             model = args[0]
     if get_origin(model) is None and isinstance(model, type) and issubclass(model, BaseModel):

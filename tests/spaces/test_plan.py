@@ -73,3 +73,23 @@ def test_flat_params_and_describe():
     assert flat["distill.steps"] == "50"
     assert flat["seed"] == "3"
     assert plan.describe() == "conv1:w4a8 -25%, fc:w32a32, KD 50 steps"
+
+
+def test_a_plan_with_power_modes_round_trips_through_json_and_says_the_modes():
+    plan = CompressionPlan(layers={"conv1": LayerPlan(0.25, 4, 8)}, distill=DistillPlan(steps=50), seed=3,
+                           power_modes={"jetson-orin-nano": "7W", "jetson-tx2": "MAXQ"})
+    text = plan.to_json()
+    assert json.loads(text)["power_modes"] == {"jetson-orin-nano": "7W", "jetson-tx2": "MAXQ"}
+    again = CompressionPlan.from_json(text)
+    assert again == plan and again.to_json() == text
+    flat = plan.flat_params()
+    assert flat["power_mode.jetson-orin-nano"] == "7W" and flat["power_mode.jetson-tx2"] == "MAXQ"
+    assert plan.describe() == "conv1:w4a8 -25%, KD 50 steps, jetson-orin-nano at 7W, jetson-tx2 at MAXQ"
+    # a plan stored before power modes existed reads back with none (every profile at its default)
+    old = {k: v for k, v in json.loads(text).items() if k != "power_modes"}
+    assert CompressionPlan.from_dict(old).power_modes == {}
+
+
+def test_power_modes_must_map_profile_names_to_mode_names():
+    with pytest.raises(ConfigError, match="power_modes must map profile names to power mode names"):
+        CompressionPlan.from_json('{"power_modes": {"jetson-orin-nano": 7}}')

@@ -121,3 +121,37 @@ def test_depth_and_model_wide_choices_are_searched_only_when_they_have_two_value
     plan = space.plan_from_params(params)
     assert plan.drop == ("block1",)
     assert plan.layer("conv1").sparsity == 0.5 and plan.importance == "l1"
+
+
+def test_a_power_mode_is_searched_only_when_two_or_more_are_listed():
+    modes = {"jetson-orin-nano": ["7W", "15W"], "jetson-tx2": ["MAXQ"]}
+    space = SearchSpace.build(_spec(), LAYERS, PRUNABLE, power_modes=modes)
+    choices = dict(space.choices)
+    assert choices["power_mode.jetson-orin-nano"] == ("7W", "15W")
+    assert "power_mode.jetson-tx2" not in choices and dict(space.fixed)["power_mode.jetson-tx2"] == "MAXQ"
+    assert space.size == 2**10
+    params = {name: values[0] for name, values in space.choices}
+    plan = space.plan_from_params(params)
+    assert plan.power_modes == {"jetson-orin-nano": "7W", "jetson-tx2": "MAXQ"}
+    assert CompressionPlan.from_json(plan.to_json()) == plan
+    assert space.plan_from_params({**params, "power_mode.jetson-orin-nano": "15W"}).power_modes["jetson-orin-nano"] == "15W"
+    # no modes listed: nothing searched, nothing in the plan (the profile's default mode)
+    plain = SearchSpace.build(_spec(), LAYERS, PRUNABLE)
+    assert not any(name.startswith("power_mode.") for name, _ in plain.choices)
+    assert plain.plan_from_params(params).power_modes == {}
+
+
+def test_optuna_records_the_searched_power_mode():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = SearchSpace.build(_spec(), LAYERS, PRUNABLE, power_modes={"jetson-orin-nano": ["7W", "15W"]})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(8):
+        trial = study.ask()
+        plan = space.suggest(trial)
+        assert trial.params["power_mode.jetson-orin-nano"] == plan.power_modes["jetson-orin-nano"]
+        seen.add(plan.power_modes["jetson-orin-nano"])
+        study.tell(trial, 0.0)
+    assert seen == {"7W", "15W"}

@@ -83,8 +83,14 @@ class CompressionPlan:
     drop: tuple[str, ...] = ()  # blocks/layers removed whole (depth)
     importance: str = "l1"  # how channels are ranked for structured pruning
     act_calibration: str = "minmax"  # how activation ranges are calibrated
+    # profile -> power mode its figures are modelled at, for the profiles whose modes the
+    # job lists; any other profile is modelled at its default mode.
+    power_modes: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.power_modes, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.power_modes.items()):
+            raise ConfigError(f"power_modes must map profile names to power mode names, got {self.power_modes!r}")
         if self.importance not in IMPORTANCES:
             raise ConfigError(f"importance must be one of {list(IMPORTANCES)}, got {self.importance!r}")
         if self.act_calibration not in ACT_CALIBRATIONS:
@@ -102,6 +108,7 @@ class CompressionPlan:
             "drop": list(self.drop),
             "importance": self.importance,
             "act_calibration": self.act_calibration,
+            "power_modes": dict(self.power_modes),
         }
 
     def to_json(self) -> str:
@@ -117,6 +124,7 @@ class CompressionPlan:
                 drop=tuple(data.get("drop", ())),
                 importance=data.get("importance", "l1"),
                 act_calibration=data.get("act_calibration", "minmax"),
+                power_modes=data.get("power_modes", {}),
             )
         except TypeError as exc:
             raise ConfigError(f"plan: {exc}") from exc
@@ -133,6 +141,7 @@ class CompressionPlan:
         out["drop"] = ",".join(self.drop)
         out["importance"] = self.importance
         out["act_calibration"] = self.act_calibration
+        out.update({f"power_mode.{profile}": mode for profile, mode in self.power_modes.items()})
         return out
 
     def describe(self) -> str:
@@ -145,4 +154,5 @@ class CompressionPlan:
         if self.drop:
             parts.append(f"drop {'+'.join(self.drop)}")
         parts.append(f"KD {self.distill.steps} steps")
+        parts += [f"{profile} at {mode}" for profile, mode in sorted(self.power_modes.items())]
         return ", ".join(parts)

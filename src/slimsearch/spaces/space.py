@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from slimsearch.exceptions import ConfigError
 from slimsearch.spaces.plan import CompressionPlan, DistillPlan, LayerPlan
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 DISTILL_PREFIX = "distill_"
 DISTILL_CHOICES = ("distill_temperature", "distill_alpha", "distill_lr", "distill_hidden_weight")
 GLOBAL_CHOICES = ("group_size", "sparsity", "sparsity_pattern", "importance", "act_calibration", *DISTILL_CHOICES)
+# ``power_mode.<profile>``: the power mode a profile's figures are modelled at.
+POWER_MODE_PREFIX = "power_mode."
 
 
 @dataclass(frozen=True)
@@ -26,9 +28,9 @@ class SearchSpace:
     """The job's choices laid over a task's layers, prunable groups and droppable blocks.
 
     Parameter names are ``weight_bits.<layer>``, ``act_bits.<layer>``,
-    ``prune_ratio.<group>``, ``drop.<block>`` and model-wide names (``distill_steps``,
-    ``sparsity``, ...); they are what Optuna records and what MLflow shows. A choice
-    with one value is fixed: it is in the plan but not searched.
+    ``prune_ratio.<group>``, ``drop.<block>``, ``power_mode.<profile>`` and model-wide
+    names (``distill_steps``, ``sparsity``, ...); they are what Optuna records and what
+    MLflow shows. A choice with one value is fixed: it is in the plan but not searched.
     """
 
     layers: tuple[str, ...]
@@ -40,7 +42,9 @@ class SearchSpace:
 
     @classmethod
     def build(cls, spec: "SpaceSpec", layers: Sequence[str], prunable: Sequence[str], *,
-              droppable: Sequence[str] = (), seed: int = 0) -> "SearchSpace":
+              droppable: Sequence[str] = (), seed: int = 0,
+              power_modes: Mapping[str, Sequence[str]] | None = None) -> "SearchSpace":
+        """Lay ``spec`` over a model's layers; ``power_modes`` maps profiles to the modes the job lists."""
         named = list(dict.fromkeys([*layers, *prunable]))
         unknown = sorted(set(spec.layers) - set(named))
         if unknown:
@@ -72,6 +76,14 @@ class SearchSpace:
             else:
                 fixed.append((key, values[0]))
         choices.append(("distill_steps", tuple(sorted(set(spec.distill_steps)))))
+        for profile, modes in (power_modes or {}).items():
+            modes = tuple(dict.fromkeys(modes))
+            if not modes:
+                raise ConfigError(f"power_modes of {profile!r} needs at least one mode, got none")
+            if len(modes) > 1:
+                choices.append((POWER_MODE_PREFIX + profile, modes))
+            else:
+                fixed.append((POWER_MODE_PREFIX + profile, modes[0]))
         return cls(layers=tuple(layers), prunable=tuple(prunable), choices=tuple(choices), seed=seed,
                    droppable=tuple(droppable), fixed=tuple(fixed))
 
@@ -96,10 +108,13 @@ class SearchSpace:
         drop = tuple(b for b in self.droppable if params.get(f"drop.{b}", False))
         distill = DistillPlan(steps=int(params.get("distill_steps", 0)),
                               **{k[len(DISTILL_PREFIX):]: float(glob[k]) for k in DISTILL_CHOICES if k in glob})
+        modes = {k: v for k, v in self.fixed if k.startswith(POWER_MODE_PREFIX)}
+        modes.update({k: params[k] for k, _ in self.choices if k.startswith(POWER_MODE_PREFIX)})
         return CompressionPlan(
             layers=layers, distill=distill, seed=self.seed,
             drop=drop, importance=str(glob.get("importance", "l1")),
             act_calibration=str(glob.get("act_calibration", "minmax")),
+            power_modes={k[len(POWER_MODE_PREFIX):]: str(v) for k, v in modes.items()},
         )
 
     @property
