@@ -102,3 +102,72 @@ def test_plans_refuse_bit_widths_the_deployable_graph_cannot_hold():
         LayerPlan(weight_bits=8, act_bits=4)
     with pytest.raises(ConfigError, match=r"weight_bits must be one of .*got 1"):
         LayerPlan(weight_bits=1)
+
+
+def test_model_metrics_at_two_power_modes_give_different_modelled_energy(digits_task):
+    from slimsearch.hardware_profiles import layer_costs, predict
+
+    jetson = "jetson-orin-nano"
+    figures = {mode: model_metrics(digits_task.teacher, digits_task, [PROFILE, jetson], repeats=1,
+                                   power_modes={jetson: mode}, energy=None)
+               for mode in ("7W", "15W")}
+    low, high = figures["7W"], figures["15W"]
+    assert low[f"energy_mj@{jetson}"] != high[f"energy_mj@{jetson}"]
+    assert low[f"latency_ms@{jetson}"] > high[f"latency_ms@{jetson}"]  # 420 MHz against 625 MHz
+    # the names do not carry the mode, and every figure is modelled at either mode
+    for metrics in (low, high):
+        for key in ("latency_ms", "energy_mj", "cost_usd_per_1m"):
+            assert metrics.provenance[f"{key}@{jetson}"] is Provenance.MODELLED
+        assert metrics[f"cost_usd_per_1m@{jetson}"] is None  # not rented: no price, no cost
+    # the figures are predict()'s at that mode; a profile the map leaves out is at its default
+    layers = layer_costs(digits_task.teacher, digits_task.example_input)
+    assert low[f"energy_mj@{jetson}"] == pytest.approx(predict(layers, jetson, power_mode="7W").energy_mj)
+    assert high[f"energy_mj@{PROFILE}"] == pytest.approx(predict(layers, PROFILE).energy_mj)
+    default = model_metrics(digits_task.teacher, digits_task, [jetson], repeats=1, energy=None)
+    assert default[f"energy_mj@{jetson}"] == pytest.approx(high[f"energy_mj@{jetson}"])  # 15W is the default
+
+
+def test_evaluate_models_each_profile_at_the_plans_power_mode(digits_task):
+    jetson = "jetson-orin-nano"
+    plan = CompressionPlan(layers=PLAN.layers, distill=DistillPlan(steps=0), seed=PLAN.seed,
+                           power_modes={jetson: "7W"})
+    at_7w = evaluate(digits_task, plan, [jetson])
+    at_15w = evaluate(digits_task, CompressionPlan(layers=PLAN.layers, distill=DistillPlan(steps=0), seed=PLAN.seed,
+                                                   power_modes={jetson: "15W"}), [jetson])
+    assert at_7w["accuracy"] == at_15w["accuracy"]  # the mode changes the device, not the model
+    assert at_7w[f"energy_mj@{jetson}"] != at_15w[f"energy_mj@{jetson}"]
+
+
+class _FakeMeter:
+    """Stands in for a RAPL meter: this container exposes no energy counters to read."""
+
+    source = "fake:package-0"
+
+    def __init__(self):
+        self.calls = 0
+
+    def measure(self, fn, *, warmup, repeats, min_time_s):
+        from slimsearch.hardware_profiles._energy import EnergyReading
+
+        for _ in range(warmup + repeats):
+            fn()
+        self.calls += 1
+        return EnergyReading(joules=repeats * 0.002, seconds=0.5, calls=repeats, source=self.source)
+
+
+def test_local_energy_is_measured_only_where_a_meter_exists(digits_task):
+    none = model_metrics(digits_task.teacher, digits_task, [PROFILE], repeats=2, energy=None)
+    assert "energy_mj@local" not in none.values and "energy_mj@local" not in none.provenance
+    meter = _FakeMeter()
+    metered = model_metrics(digits_task.teacher, digits_task, [PROFILE], repeats=2, energy=meter)
+    assert meter.calls == 1  # batch 1 only
+    assert metered["energy_mj@local"] == pytest.approx(2.0)
+    assert metered.provenance["energy_mj@local"] is Provenance.MEASURED
+
+
+def test_this_machine_invents_no_local_energy(digits_task, metrics):
+    from slimsearch.hardware_profiles._energy import energy_meter
+
+    if energy_meter() is not None:
+        pytest.skip("this machine exposes RAPL counters: energy_mj@local is measured here")
+    assert "energy_mj@local" not in metrics.values

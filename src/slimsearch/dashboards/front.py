@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from typing import Mapping, NamedTuple, Optional, Sequence
 
 
@@ -23,23 +24,28 @@ def _label(name: str, provenance: Mapping[str, str]) -> str:
 
 
 def front_info(candidates: Sequence[Mapping], objectives: Mapping[str, str], *, front: set[int],
-               teacher: Optional[Mapping[str, float]] = None, provenance: Mapping[str, str] = ()) -> FrontInfo:
-    """Choose the two axes (first objective vs second) and mark front members.
+               teacher: Optional[Mapping[str, float]] = None, provenance: Mapping[str, str] = (),
+               x_name: Optional[str] = None) -> FrontInfo:
+    """The first objective (y) against ``x_name`` (default: the second objective), front members marked.
 
     ``candidates`` are dicts with ``trial``, ``metrics`` and ``describe``;
-    ``front`` holds the trial numbers on the front of all objectives.
+    ``front`` holds the trial numbers on the front of all objectives. Axis labels and
+    hover text say which figures are measured and which modelled.
     """
     from slimsearch.search.pareto import pareto_front
 
     names = list(objectives)
     if len(names) < 2:
         raise ValueError(f"a front plot needs two objectives, got {names}")
-    y_name, x_name = names[0], names[1]
+    y_name, x_name = names[0], x_name or names[1]
+    if x_name not in names[1:]:
+        raise ValueError(f"x_name must be one of the other objectives {names[1:]}, got {x_name!r}")
     provenance = dict(provenance)
     points = []
     for c in candidates:
         m = c["metrics"]
-        hover = f"trial {c['trial']}<br>" + "<br>".join(f"{k}: {m[k]:.4g}" for k in names) + f"<br>{c['describe']}"
+        hover = (f"trial {c['trial']}<br>" + "<br>".join(f"{_label(k, provenance)}: {m[k]:.4g}" for k in names)
+                 + f"<br>{c['describe']}")
         points.append((m[x_name], m[y_name], c["trial"], c["trial"] in front, hover))
     dirs = [objectives[x_name], objectives[y_name]]
     idx = pareto_front([(p[0], p[1]) for p in points], dirs)
@@ -65,11 +71,28 @@ def front_figure(info: FrontInfo):
     if info.teacher:
         fig.add_trace(go.Scatter(x=[info.teacher[0]], y=[info.teacher[1]], mode="markers", name="teacher",
                                  marker={"symbol": "star", "size": 14}))
-    fig.update_layout(title=f"{info.y_name} against {info.x_name}", xaxis_title=info.x_label,
+    fig.update_layout(title=f"{info.y_label} against {info.x_label}", xaxis_title=info.x_label,
                       yaxis_title=info.y_label, template="plotly_white")
     return fig
 
 
-def write_front_html(info: FrontInfo, path) -> None:
-    """Write the figure as one self-contained HTML file that opens offline."""
-    front_figure(info).write_html(str(path), include_plotlyjs=True, full_html=True)
+def front_infos(candidates: Sequence[Mapping], objectives: Mapping[str, str], *, front: set[int],
+                teacher: Optional[Mapping[str, float]] = None, provenance: Mapping[str, str] = ()) -> list[FrontInfo]:
+    """One :func:`front_info` per other objective: the first objective against each of the rest."""
+    return [front_info(candidates, objectives, front=front, teacher=teacher, provenance=provenance, x_name=x)
+            for x in list(objectives)[1:]]
+
+
+def write_front_html(info: FrontInfo | Sequence[FrontInfo], path) -> None:
+    """Write the figure (or one figure per info, one under another) as one self-contained HTML file
+    that opens offline."""
+    infos = [info] if isinstance(info, FrontInfo) else list(info)
+    if len(infos) == 1:
+        front_figure(infos[0]).write_html(str(path), include_plotlyjs=True, full_html=True)
+        return
+    parts = [front_figure(one).to_html(include_plotlyjs=(i == 0), full_html=False) for i, one in enumerate(infos)]
+    title = html.escape(" | ".join(f"{one.y_name} against {one.x_name}" for one in infos))
+    page = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{title}</title></head><body>"
+            + "".join(parts) + "</body></html>")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +19,8 @@ from slimsearch.tasks import Split, Task
 LOCAL = "local"
 CALIBRATION_BATCHES = 4
 TAYLOR_BATCH = 128
+ENERGY_AUTO = "auto"  # measure_local's default: use the CPU energy meter this machine has, if any
+ENERGY_MIN_TIME_S = 0.5  # RAPL counters tick about once a millisecond: count over long enough
 
 
 def apply_plan(task: Task, plan: CompressionPlan) -> nn.Module:
@@ -66,12 +68,19 @@ def score(model: nn.Module, data: Split, task: Task, batch_size: int = 500) -> f
     return task.metric(logits, data.y)
 
 
-def measure_local(model: nn.Module, task: Task, *, repeats: int = 15) -> dict[str, float]:
+def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=ENERGY_AUTO) -> dict[str, float]:
     """Median latency of the deployable ONNX graph on this CPU at batch 1 and ``task.latency_batch``, in ms
-    (measured)."""
+    (measured), and its energy per batch-1 inference in mJ where this machine exposes energy counters.
+
+    ``energy`` is an :class:`~slimsearch.hardware_profiles._energy.EnergyMeter`, None for
+    no energy figure, or (the default) whatever :func:`energy_meter` finds for the CPU.
+    The counters cover the whole CPU package, so ``energy_mj@local`` includes whatever
+    else ran on it meanwhile (other trials, other programs).
+    """
     from slimsearch.evaluators.deploy import deployable_onnx_bytes
     from slimsearch.evaluators.onnx_graph import INPUT_NAME, ort_session
     from slimsearch.hardware_profiles import measure_latency
+    from slimsearch.hardware_profiles._energy import EnergyDomain, energy_meter
 
     session = ort_session(deployable_onnx_bytes(model, task.example_input))
     out = {}
@@ -80,11 +89,25 @@ def measure_local(model: nn.Module, task: Task, *, repeats: int = 15) -> dict[st
         timing = measure_latency(lambda: session.run(None, {INPUT_NAME: x}), warmup=3, repeats=repeats)
         key = "latency_ms" if batch == 1 else f"latency_ms_b{batch}"
         out[f"{key}@{LOCAL}"] = timing.median_ms
+        if batch == 1:
+            meter = energy_meter(EnergyDomain.CPU) if energy is ENERGY_AUTO else energy
+            if meter is not None:
+                reading = meter.measure(lambda: session.run(None, {INPUT_NAME: x}), warmup=1, repeats=repeats,
+                                        min_time_s=ENERGY_MIN_TIME_S)
+                out[f"energy_mj@{LOCAL}"] = reading.mj_per_call
     return out
 
 
-def model_metrics(model: nn.Module, task: Task, profiles: Sequence[str], *, repeats: int = 15) -> Metrics:
-    """Accuracy on validation, size, MACs and BitOps, measured local latency, modelled device costs."""
+def model_metrics(model: nn.Module, task: Task, profiles: Sequence[str], *, repeats: int = 15,
+                  power_modes: Mapping[str, str] | None = None, energy=ENERGY_AUTO) -> Metrics:
+    """Accuracy on validation, size, MACs and BitOps, measured local latency (and energy where this
+    machine can count it), modelled device costs.
+
+    ``power_modes`` maps a profile to the power mode its figures are modelled at; a
+    profile it leaves out is modelled at its default mode. The metric names do not
+    carry the mode (``energy_mj@jetson-orin-nano`` at every mode): the plan records it.
+    ``energy`` is passed to :func:`measure_local`.
+    """
     from slimsearch.hardware_profiles import layer_costs, load_profile, predict
 
     values: dict[str, float | None] = {task.metric_name: score(model, task.val, task)}
@@ -96,12 +119,12 @@ def model_metrics(model: nn.Module, task: Task, profiles: Sequence[str], *, repe
     values["macs"] = float(sum(layer.macs for layer in layers))
     values["bitops"] = float(sum(layer.macs * layer.weight_bits * layer.act_bits for layer in layers))
     provenance: dict[str, Provenance] = {}
-    for name, value in measure_local(model, task, repeats=repeats).items():
+    for name, value in measure_local(model, task, repeats=repeats, energy=energy).items():
         values[name] = value
         provenance[name] = Provenance.MEASURED
     for name in profiles:
         try:
-            pred = predict(layers, load_profile(name))
+            pred = predict(layers, load_profile(name), power_mode=(power_modes or {}).get(name))
             figures = (("latency_ms", pred.latency_ms), ("energy_mj", pred.energy_mj),
                        ("cost_usd_per_1m", pred.cost_usd_per_1m))
         except UnsupportedOnDevice:  # does not run there as it is: no figure rather than a guess
@@ -115,7 +138,7 @@ def model_metrics(model: nn.Module, task: Task, profiles: Sequence[str], *, repe
 def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teacher_score: float | None = None) -> Metrics:
     """Compress the teacher as ``plan`` says and score the result (validation chooses, test reports)."""
     model = apply_plan(task, plan)
-    metrics = model_metrics(model, task, profiles)
+    metrics = model_metrics(model, task, profiles, power_modes=plan.power_modes)
     values = dict(metrics.values)
     # Recorded for every candidate, used by nothing that chooses: validation chooses
     # the front, test reports it (and export checks the exported file against it).

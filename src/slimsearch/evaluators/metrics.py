@@ -68,3 +68,23 @@ def provenance_of(name: str, local_profile: str = "local") -> Optional[Provenanc
 def provenance_map(names) -> dict[str, str]:
     """``name -> "measured"|"modelled"`` for every cost metric among ``names``."""
     return {k: p.value for k in names if (p := provenance_of(k)) is not None}
+
+
+def absent_reasons(values: Mapping[str, Optional[float]]) -> dict[str, str]:
+    """Why each cost metric whose value is ``None`` has none, by metric name.
+
+    A missing figure is recorded as missing, with its reason, never as NaN or 0: MLflow
+    gets a tag ``absent.<metric>`` in its place.
+    """
+    out = {}
+    for name, value in values.items():
+        base, _, profile = name.partition("@")
+        if value is not None or provenance_of(name) is None:
+            continue
+        if values.get(f"latency_ms@{profile}") is None:
+            out[name] = f"the model does not run on {profile} as it is (a layer is wider than every kernel)"
+        elif base == "cost_usd_per_1m":
+            out[name] = f"{profile} has no price per hour in its profile (not rented): no cost is modelled"
+        else:
+            out[name] = "no value"
+    return out

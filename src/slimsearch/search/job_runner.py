@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from slimsearch.exceptions import ConfigError, JobStateError
-from slimsearch.job import BASE_METRICS, PROFILE_METRICS, JobSpec, local_latency_metrics
+from slimsearch.job import BASE_METRICS, LOCAL_ENERGY_METRIC, PROFILE_METRICS, JobSpec, local_latency_metrics
 
 STATE_FILE = "job.json"
 FRONT_FILE = "front.json"
@@ -48,7 +48,8 @@ def build_space(spec: JobSpec, task):
                           "allowed: [0]")
     structure = task.structure or ChannelStructure()
     return SearchSpace.build(spec.space, layer_names(task.teacher), structure.groups(task.teacher, task.example_input),
-                             droppable=structure.droppable(task.teacher), seed=spec.search.seed)
+                             droppable=structure.droppable(task.teacher), seed=spec.search.seed,
+                             power_modes=spec.power_mode_choices())
 
 
 @functools.lru_cache(maxsize=2)
@@ -66,7 +67,7 @@ def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float)
     spec = JobSpec.from_json(job_json)
     task = _cached_task(spec.task, spec.search.seed)
     plan = space.plan_from_params(params)
-    return dict(evaluate(task, plan, spec.profiles, teacher_score=teacher_score).values)
+    return dict(evaluate(task, plan, spec.profile_names, teacher_score=teacher_score).values)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -109,11 +110,12 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     ``source`` names the job file in error messages.
     """
     from slimsearch.evaluators import model_metrics, score
-    from slimsearch.evaluators.metrics import provenance_map
+    from slimsearch.evaluators.metrics import absent_reasons, provenance_map
+    from slimsearch.hardware_profiles._energy import EnergyDomain, energy_meter
     from slimsearch.search.driver import open_study, recover_interrupted, records, run_trials
     from slimsearch.search.samplers import make_sampler
     from slimsearch.storage import default_storage_url, default_tracking_uri, redact
-    from slimsearch.storage.tracking import Tracker
+    from slimsearch.storage.tracking import Tracker, mlflow_key
 
     out = Path(out).resolve()
     objectives = {k: v.value for k, v in spec.objectives.items()}
@@ -129,7 +131,14 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
         task = _cached_task(spec.task, spec.search.seed)
         reported = {task.metric_name, f"{task.metric_name}_drop", *task.extra_metrics}
         costs = {*BASE_METRICS, *local_latency_metrics(task.latency_batch)}
-        costs |= {f"{m}@{p}" for p in spec.profiles for m in PROFILE_METRICS}
+        costs |= {f"{m}@{p}" for p in spec.profile_names for m in PROFILE_METRICS}
+        meter = energy_meter(EnergyDomain.CPU)
+        if meter is not None:
+            costs.add(LOCAL_ENERGY_METRIC)
+        elif LOCAL_ENERGY_METRIC in objectives:
+            raise ConfigError(f"objectives: {LOCAL_ENERGY_METRIC!r} is measured only where the machine exposes "
+                              "readable energy counters (Linux powercap/RAPL), and this one exposes none; "
+                              f"modelled energy is energy_mj@<profile> for {spec.profile_names}")
         unknown = sorted(set(objectives) - reported - costs)
         if unknown:
             raise ConfigError(f"objectives: task {spec.task} does not report {unknown[0]!r}; "
@@ -143,7 +152,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                             "its results would not be comparable: start a new job")
     teacher = state.get("teacher")  # a resumed job keeps the teacher figures it started with
     if teacher is None:
-        teacher = dict(model_metrics(task.teacher, task, spec.profiles).values)
+        teacher = dict(model_metrics(task.teacher, task, spec.profile_names,
+                                     power_modes=spec.teacher_power_modes()).values)
         teacher[f"{task.metric_name}_test"] = score(task.teacher, task.test, task)
     teacher_score = teacher[task.metric_name]
 
@@ -165,10 +175,15 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
 
     tracker = Tracker(tracking_uri, spec.name, artifact_root=out / "mlartifacts")
     params = {"job": spec.to_json(), "task": spec.task, "budget": spec.search.budget, "sampler": spec.search.sampler.value,
-              "workers": workers, "storage": redact(storage_url)}
+              "workers": workers, "storage": redact(storage_url),
+              "local_energy_meter": meter.source if meter is not None else
+              "none (no readable RAPL counters: energy_mj@local not recorded)"}
     parent = tracker.start_parent(spec.name, params, parent_id=state.get("parent_run_id"))
+    default_modes = _power_modes_used(spec, {})
     if not resume:
-        tracker.log_parent_metrics({f"teacher.{k}": v for k, v in teacher.items()})
+        teacher_tags = {f"teacher.{k}": v for k, v in _power_modes_used(spec, spec.teacher_power_modes()).items()}
+        teacher_tags.update({f"absent.teacher.{mlflow_key(k)}": why for k, why in absent_reasons(teacher).items()})
+        tracker.log_parent_metrics({f"teacher.{k}": v for k, v in teacher.items()}, tags=teacher_tags)
     state = {"spec": json.loads(spec.to_json()), "parent_run_id": parent, "study_name": spec.name,
              "storage": storage_url, "tracking_uri": tracking_uri, "teacher": teacher,
              "teacher_sha256": task.teacher_sha256, "created": state.get("created", time.time())}
@@ -176,6 +191,9 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
 
     log(f"[slimsearch] {done} of {spec.search.budget} candidates done; running {remaining} "
         f"on {workers} worker(s) x {threads} thread(s)")
+    if meter is not None and workers > 1:
+        log(f"[slimsearch] {LOCAL_ENERGY_METRIC} counts the whole CPU package ({meter.source}); with {workers} "
+            "workers it includes the other trials running meanwhile")
     bar = _progress(spec.search.budget, done, progress)
     complete = [r for r in records(study) if r.state.value == "complete"]
 
@@ -183,7 +201,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
         provenance = provenance_map(record.values)
         plan = space.plan_from_params(record.params)
         tracker.log_candidate(record.number, record.params, record.values, provenance, plan.to_json(),
-                              failed=record.error)
+                              failed=record.error, tags=candidate_tags(plan, record.values, default_modes))
         if record.state.value == "complete":
             complete.append(record)
         if bar is not None:
@@ -207,7 +225,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
             import ray
 
             ray.shutdown()
-        result = _finish(study, space, tracker, out, objectives, teacher, task.metric_name, state)
+        result = _finish(study, space, tracker, out, objectives, teacher, task.metric_name, state, default_modes)
         tracker.finish(status)
     return result
 
@@ -219,9 +237,28 @@ def _front_numbers(complete, objectives) -> set[int]:
     return {complete[i].number for i in pareto_front(pts, list(objectives.values()))}
 
 
-def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, state) -> JobResult:
+def _power_modes_used(spec: JobSpec, chosen) -> dict[str, str]:
+    """``power_mode.<profile> -> mode`` for every profile of the job: ``chosen`` where it says, else the default."""
+    from slimsearch.hardware_profiles import load_profile
+
+    return {f"power_mode.{p}": chosen.get(p) or load_profile(p).default_power_mode.name for p in spec.profile_names}
+
+
+def candidate_tags(plan, values, default_modes: dict[str, str]) -> dict[str, str]:
+    """MLflow tags of a candidate: the power mode each profile's figures are modelled at, and
+    ``absent.<metric>`` with the reason for every cost figure that has no value."""
+    from slimsearch.evaluators.metrics import absent_reasons
+    from slimsearch.storage.tracking import mlflow_key
+
+    tags = {**default_modes, **{f"power_mode.{p}": m for p, m in plan.power_modes.items()}}
+    tags.update({f"absent.{mlflow_key(k)}": why for k, why in absent_reasons(values).items()})
+    return tags
+
+
+def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, state,
+            default_modes: dict[str, str]) -> JobResult:
     """Reconcile MLflow with the study, mark the front, write front.json and the plot."""
-    from slimsearch.dashboards import front_info, write_front_html
+    from slimsearch.dashboards.front import front_infos, write_front_html
     from slimsearch.evaluators.metrics import provenance_map
     from slimsearch.search.driver import records
 
@@ -230,8 +267,10 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
     for r in all_records:  # a trial told to the study but not yet logged (driver killed in between)
         if r.number not in children:
             provenance = provenance_map(r.values)
+            plan = space.plan_from_params(r.params)
             children[r.number] = tracker.log_candidate(
-                r.number, r.params, r.values, provenance, space.plan_from_params(r.params).to_json(), failed=r.error)
+                r.number, r.params, r.values, provenance, plan.to_json(), failed=r.error,
+                tags=candidate_tags(plan, r.values, default_modes))
     complete = [r for r in all_records if r.state.value == "complete"]
     front = _front_numbers(complete, objectives)
     tracker.set_pareto(children, front)
@@ -250,8 +289,8 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
     tracker.log_artifact(out / FRONT_FILE)
     if len(objectives) >= 2 and candidates:
         provenance = {k: v for c in candidates for k, v in c["provenance"].items()}
-        info = front_info(candidates, objectives, front=front, teacher=teacher, provenance=provenance)
-        write_front_html(info, out / FRONT_HTML)
+        infos = front_infos(candidates, objectives, front=front, teacher=teacher, provenance=provenance)
+        write_front_html(infos, out / FRONT_HTML)
         tracker.log_artifact(out / FRONT_HTML)
     return JobResult(out=out, front=front_list, candidates=candidates, teacher=teacher, objectives=objectives)
 

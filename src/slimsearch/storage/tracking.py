@@ -71,11 +71,16 @@ class Tracker:
         return self.parent_id
 
     def log_candidate(self, number: int, params: Mapping[str, str], values: Mapping[str, Optional[float]],
-                      provenance: Mapping[str, str], plan_json: str, *, failed: Optional[str] = None) -> str:
-        """One nested child run holding a candidate's plan, metrics and provenance tags."""
-        from mlflow.entities import Metric, Param, RunTag
+                      provenance: Mapping[str, str], plan_json: str, *, failed: Optional[str] = None,
+                      tags: Optional[Mapping[str, str]] = None) -> str:
+        """One nested child run holding a candidate's plan, metrics, provenance tags and ``tags``.
 
-        tags = {PARENT_TAG: self.parent_id, TRIAL_TAG: str(number), ROLE_TAG: "candidate"}
+        A metric whose value is None is not logged (MLflow has no 'absent' value and NaN
+        would read as a number); pass its reason in ``tags``.
+        """
+        from mlflow.entities import Metric, Param
+
+        tags = {**(tags or {}), PARENT_TAG: self.parent_id, TRIAL_TAG: str(number), ROLE_TAG: "candidate"}
         tags.update({f"provenance.{mlflow_key(k)}": v for k, v in provenance.items()})
         if failed:
             tags["error"] = failed[:5000]
@@ -99,12 +104,15 @@ class Tracker:
         for number, run_id in children.items():
             self.client.set_tag(run_id, "pareto", "true" if number in front else "false")
 
-    def log_parent_metrics(self, values: Mapping[str, Optional[float]]) -> None:
-        from mlflow.entities import Metric
+    def log_parent_metrics(self, values: Mapping[str, Optional[float]],
+                           tags: Optional[Mapping[str, str]] = None) -> None:
+        """Metrics (None values skipped) and tags on the job's parent run."""
+        from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.parent_id, metrics=[Metric(mlflow_key(k), float(v), now, 0) for k, v in values.items()
-                                                       if v is not None])
+                                                       if v is not None],
+                              tags=[RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()])
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.parent_id, str(path))
