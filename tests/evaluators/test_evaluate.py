@@ -171,3 +171,22 @@ def test_this_machine_invents_no_local_energy(digits_task, metrics):
     if energy_meter() is not None:
         pytest.skip("this machine exposes RAPL counters: energy_mj@local is measured here")
     assert "energy_mj@local" not in metrics.values
+
+
+def test_model_metrics_finds_the_machines_cpu_meter_by_itself(digits_task, monkeypatch):
+    from slimsearch.hardware_profiles import _energy
+
+    class Ticking:  # a FAKE counter (no real RAPL here) that advances 1 mJ per read
+        name, max_uj, now = "package-0", 10**12, 0
+
+        def read_uj(self):
+            Ticking.now += 1000
+            return Ticking.now
+
+    asked = []
+    monkeypatch.setattr(_energy, "energy_meter", lambda domain: asked.append(domain) or
+                        _energy.EnergyMeter([Ticking()], source="rapl:package-0"))
+    metrics = model_metrics(digits_task.teacher, digits_task, [PROFILE], repeats=2)
+    assert asked == [_energy.EnergyDomain.CPU]
+    assert metrics["energy_mj@local"] > 0
+    assert metrics.provenance["energy_mj@local"] is Provenance.MEASURED

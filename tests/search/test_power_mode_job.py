@@ -104,3 +104,17 @@ def test_front_info_plots_the_first_objective_against_each_other_one():
     assert energy.x_label == f"energy_mj@{JETSON} (modelled)" and energy.y_label == "accuracy"
     assert energy.step == [(1.0, 0.7), (2.0, 0.9)]  # trial 1 is dominated on this pair
     assert f"energy_mj@{JETSON} (modelled): 2" in energy.points[0][4]
+
+
+def test_local_energy_as_an_objective_needs_energy_counters(tmp_path):
+    from slimsearch.hardware_profiles._energy import energy_meter
+
+    if energy_meter() is not None:
+        pytest.skip("this machine exposes RAPL counters")
+    job = _write(tmp_path, dict(JOB, objectives={"accuracy": "max", "energy_mj@local": "min"}))
+    result = _run(str(job), "--out", str(tmp_path / "out"), "--executor", "local")
+    assert result.code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"slimsearch: error: {job}: objectives: 'energy_mj@local' is measured only where")
+    assert "energy_mj@<profile>" in line
+    assert not (tmp_path / "out").exists()

@@ -68,12 +68,13 @@ def score(model: nn.Module, data: Split, task: Task, batch_size: int = 500) -> f
     return task.metric(logits, data.y)
 
 
-def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=ENERGY_AUTO) -> dict[str, float]:
+def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=None) -> dict[str, float]:
     """Median latency of the deployable ONNX graph on this CPU at batch 1 and ``task.latency_batch``, in ms
     (measured), and its energy per batch-1 inference in mJ where this machine exposes energy counters.
 
-    ``energy`` is an :class:`~slimsearch.hardware_profiles._energy.EnergyMeter`, None for
-    no energy figure, or (the default) whatever :func:`energy_meter` finds for the CPU.
+    ``energy`` is an :class:`~slimsearch.hardware_profiles._energy.EnergyMeter`, None (the
+    default) for no energy figure, or ``"auto"`` for whatever :func:`energy_meter` finds
+    for the CPU (what :func:`model_metrics` asks for).
     The counters cover the whole CPU package, so ``energy_mj@local`` includes whatever
     else ran on it meanwhile (other trials, other programs).
     """
@@ -90,7 +91,7 @@ def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=ENE
         key = "latency_ms" if batch == 1 else f"latency_ms_b{batch}"
         out[f"{key}@{LOCAL}"] = timing.median_ms
         if batch == 1:
-            meter = energy_meter(EnergyDomain.CPU) if energy is ENERGY_AUTO else energy
+            meter = energy_meter(EnergyDomain.CPU) if energy == ENERGY_AUTO else energy
             if meter is not None:
                 reading = meter.measure(lambda: session.run(None, {INPUT_NAME: x}), warmup=1, repeats=repeats,
                                         min_time_s=ENERGY_MIN_TIME_S)
