@@ -48,10 +48,10 @@ CASES = {
     "no_power_modes": ({"profiles": [{"name": "jetson-orin-nano", "power_modes": []}]}, "profiles.0.power_modes",
                        ["at least one mode", "['15W', '7W']"]),
     "power_modes_key_typo": ({"profiles": [{"name": "jetson-orin-nano", "modes": ["7W"]}]}, "profiles.0.modes",
-                             ["unknown key", "['name', 'power_modes']"]),
+                             ["unknown key", "['file', 'name', 'power_modes']"]),
     "profile_twice": ({"profiles": ["jetson-orin-nano", {"name": "jetson-orin-nano", "power_modes": ["7W"]}]},
                       "profiles", ["'jetson-orin-nano' is named twice"]),
-    "profile_not_a_name": ({"profiles": [4]}, "profiles.0", ["a profile is a name or {name: ..., power_modes:", "4"]),
+    "profile_not_a_name": ({"profiles": [4]}, "profiles.0", ["a profile is a name, a profile file, or {name: ..., power_modes:", "4"]),
     "unknown_objective": ({"objectives": {"accuracy": "max", "flops": "min"}}, "objectives",
                           ["'flops'", "'accuracy'", "'size_bytes'", "'latency_ms@local'",
                            "'latency_ms@raspberry-pi-4'", "'energy_mj@raspberry-pi-4'"]),
@@ -155,3 +155,45 @@ def test_the_mnist_example_searches_two_jetson_power_modes_against_modelled_ener
     assert spec.power_mode_choices() == {"jetson-orin-nano": ("7W", "15W")}
     assert spec.objectives["energy_mj@jetson-orin-nano"].value == "min"
     assert spec.search.budget == 24
+
+
+def _profile_file(folder, name: str, filename: str = "box.yaml"):
+    """A profile file as `slimsearch hw calibrate` would write one: a shipped profile under another name."""
+    import yaml
+
+    from slimsearch.hardware_profiles import load_profile
+
+    data = load_profile("raspberry-pi-4").to_dict()
+    data["name"] = name
+    path = folder / filename
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_profile_file_is_named_by_its_path_relative_to_the_job_file(tmp_path, write_job, monkeypatch):
+    (tmp_path / "hw").mkdir()
+    _profile_file(tmp_path / "hw", "my-box")
+    job = write_job(_job(profiles=["hw/box.yaml"],
+                         objectives={"accuracy": "max", "latency_ms@my-box": "min"}))
+    monkeypatch.chdir("/")  # relative to the job file, not to where the command runs
+    spec = load_job(job)
+    assert spec.profile_names == ["my-box"]
+    assert spec.profile_refs == [str((tmp_path / "hw" / "box.yaml").resolve())]
+    assert "energy_mj@my-box" in spec.metric_names()
+
+
+@pytest.mark.parametrize("entry, words", [
+    ("hw/missing.yaml", ["profiles.0", "missing.yaml", "does not exist"]),
+    ({"file": "hw/box.yaml", "name": "other"}, ["profiles.0", "holds profile 'my-box', not 'other'"]),
+    ("hw/local.yaml", ["profiles.0", "reserved", "latency_ms@local"]),
+])
+def test_bad_profile_files_are_refused_in_one_line(tmp_path, write_job, capsys, entry, words):
+    (tmp_path / "hw").mkdir()
+    _profile_file(tmp_path / "hw", "my-box")
+    _profile_file(tmp_path / "hw", "local", "local.yaml")
+    job = write_job(_job(profiles=[entry]))
+    assert main(["run", str(job), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    for word in words:
+        assert word in line
+    assert not (tmp_path / "out").exists()

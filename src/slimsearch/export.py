@@ -131,7 +131,7 @@ def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
     state, front = _read_job(job_dir)
     candidate, rule = choose(front, run_id)
     spec = JobSpec.from_json(json.dumps(state["spec"]))
-    task = load_task(spec.task, seed=spec.search.seed)
+    task = load_task(spec.task, seed=spec.search.seed, path=spec.task_path)
     if state.get("teacher_sha256") and task.teacher_sha256 != state["teacher_sha256"]:
         raise JobStateError(f"{job_dir}: the teacher of task {spec.task!r} changed since the search "
                             f"(sha256 {task.teacher_sha256[:12]} != {state['teacher_sha256'][:12]}); "

@@ -129,7 +129,25 @@ def _known_profile(name: str) -> str:
 
     known = list_profiles()
     if name not in known:
-        raise ValueError(f"unknown profile {name!r}; allowed: {known}")
+        raise ValueError(f"unknown profile {name!r}; allowed: {known} or a profile file (.yaml, .yml, .json)")
+    return name
+
+
+def _looks_like_file(text: str) -> bool:
+    return text.endswith((".yaml", ".yml", ".json")) or "/" in text or os.sep in text
+
+
+def _profile_file(path: str) -> str:
+    """The name of the profile in file ``path`` (written by ``slimsearch hw profile`` or ``hw calibrate``)."""
+    from slimsearch.hardware_profiles import load_profile
+
+    try:
+        name = load_profile(path).name
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    if name == LOCAL_PROFILE:
+        raise ValueError(f"profile file {path!r} is named {LOCAL_PROFILE!r}, which is reserved for the figures "
+                         "measured on this machine (latency_ms@local); rename the profile in the file")
     return name
 
 
@@ -137,22 +155,40 @@ class ProfileTarget(_Frozen):
     """A target device: a profile name and, optionally, the power modes to search on it.
 
     In a job file either a bare name (``raspberry-pi-4``, modelled at its default
-    mode) or ``{name: jetson-orin-nano, power_modes: [7W, 15W]}``.
+    mode) or ``{name: jetson-orin-nano, power_modes: [7W, 15W]}``. A profile file (one
+    that ``slimsearch hw profile`` or ``hw calibrate`` wrote) is named by its path,
+    bare or as ``{file: ..., power_modes: [...]}``; its metrics carry the profile's own
+    name (``latency_ms@<name>``). Relative paths are relative to the job file.
     """
 
+    file: Optional[str] = None  # a profile file (absolute once read by load_job); validated before ``name``
     name: str
     power_modes: Optional[list[str]] = None
 
     @model_validator(mode="before")
     @classmethod
     def _from_name(cls, data: Any) -> Any:
-        if isinstance(data, str):  # a bare name: its error's path is the list entry itself
-            return {"name": _known_profile(data)}
+        if isinstance(data, str):  # a bare name or file: its error's path is the list entry itself
+            return {"name": _profile_file(data), "file": data} if _looks_like_file(data) else {"name": _known_profile(data)}
         if not isinstance(data, (dict, ProfileTarget)):
-            raise ValueError("a profile is a name or {name: ..., power_modes: [...]}")
+            raise ValueError("a profile is a name, a profile file, or {name: ..., power_modes: [...]} "
+                             "({file: ..., power_modes: [...]} for a file)")
+        if isinstance(data, dict) and data.get("file") is not None:
+            name = _profile_file(str(data["file"]))
+            if data.get("name", name) != name:
+                raise ValueError(f"profile file {data['file']!r} holds profile {name!r}, not {data['name']!r}")
+            data = {**data, "name": name}
         return data
 
-    _name = field_validator("name")(lambda v: _known_profile(v))
+    @field_validator("name")
+    @classmethod
+    def _shipped_unless_file(cls, v: str, info) -> str:
+        return v if info.data.get("file") is not None else _known_profile(v)
+
+    @property
+    def ref(self) -> str:
+        """What :func:`~slimsearch.hardware_profiles.load_profile` loads it from: the file, else the name."""
+        return self.file or self.name
 
     @field_validator("power_modes", mode="before")
     @classmethod
@@ -162,7 +198,7 @@ class ProfileTarget(_Frozen):
         from slimsearch.hardware_profiles import load_profile
 
         name = info.data["name"]
-        allowed = [mode.name for mode in load_profile(name).power_modes]
+        allowed = [mode.name for mode in load_profile(info.data.get("file") or name).power_modes]
         modes = _as_list(v)
         if not modes:
             raise ValueError(f"power_modes of {name!r} needs at least one mode; allowed: {allowed}")
@@ -192,6 +228,8 @@ class JobSpec(_Frozen):
     }
     profiles: list[ProfileTarget] = [ProfileTarget(name="raspberry-pi-4")]
     search: SearchSpec = SearchSpec()
+    task_path: Optional[str] = Field(None, description="folder a package.module:function task is imported from "
+                                     "first; default: the job file's folder")
     storage: Optional[str] = Field(None, description="Optuna storage URL; default sqlite in the job folder")
     tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI; default sqlite in the job folder")
 
@@ -219,6 +257,11 @@ class JobSpec(_Frozen):
         """The target profiles' names, in job-file order."""
         return [p.name for p in self.profiles]
 
+    @property
+    def profile_refs(self) -> list[str]:
+        """What each target profile is loaded from (its file, else its name), in job-file order."""
+        return [p.ref for p in self.profiles]
+
     def power_mode_choices(self) -> dict[str, tuple[str, ...]]:
         """``profile -> power modes`` for the profiles whose modes the job lists.
 
@@ -233,8 +276,9 @@ class JobSpec(_Frozen):
         from slimsearch.hardware_profiles import load_profile
 
         out = {}
+        refs = dict(zip(self.profile_names, self.profile_refs))
         for name, modes in self.power_mode_choices().items():
-            default = load_profile(name).default_power_mode.name
+            default = load_profile(refs[name]).default_power_mode.name
             out[name] = default if default in modes else modes[0]
         return out
 
@@ -298,7 +342,24 @@ def load_job(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    _resolve_paths(data, path.parent)
     return validate_job(data, source=str(path))
+
+
+def _resolve_paths(data: dict, base: Path) -> None:
+    """Make the job's file paths absolute against the job file's folder (in place), so the job
+    means the same thing from any working directory, in Ray workers and at export."""
+    def absolute(text: str) -> str:
+        return str((base / os.path.expanduser(text)).resolve())
+
+    if isinstance(data.get("task"), str) and ":" in data["task"]:
+        data["task_path"] = absolute(data["task_path"]) if isinstance(data.get("task_path"), str) else str(base.resolve())
+    profiles = data.get("profiles")
+    for i, entry in enumerate(profiles if isinstance(profiles, list) else []):
+        if isinstance(entry, str) and _looks_like_file(entry):
+            profiles[i] = absolute(entry)
+        elif isinstance(entry, dict) and isinstance(entry.get("file"), str):
+            entry["file"] = absolute(entry["file"])
 
 
 def validate_job(data: dict, *, source: str = "<job>") -> JobSpec:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -99,12 +99,14 @@ def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=Non
     return out
 
 
-def model_metrics(model: nn.Module, task: Task, profiles: Sequence[str], *, repeats: int = 15,
+def model_metrics(model: nn.Module, task: Task, profiles: Sequence[Any], *, repeats: int = 15,
                   power_modes: Mapping[str, str] | None = None, energy=ENERGY_AUTO) -> Metrics:
     """Accuracy on validation, size, MACs and BitOps, measured local latency (and energy where this
     machine can count it), modelled device costs.
 
-    ``power_modes`` maps a profile to the power mode its figures are modelled at; a
+    ``profiles`` are what :func:`~slimsearch.hardware_profiles.load_profile` takes (names,
+    profile files, profiles); each one's metrics carry its profile's name.
+    ``power_modes`` maps a profile name to the power mode its figures are modelled at; a
     profile it leaves out is modelled at its default mode. The metric names do not
     carry the mode (``energy_mj@jetson-orin-nano`` at every mode): the plan records it.
     ``energy`` is passed to :func:`measure_local`.
@@ -123,9 +125,11 @@ def model_metrics(model: nn.Module, task: Task, profiles: Sequence[str], *, repe
     for name, value in measure_local(model, task, repeats=repeats, energy=energy).items():
         values[name] = value
         provenance[name] = Provenance.MEASURED
-    for name in profiles:
+    for ref in profiles:
+        profile = load_profile(ref)
+        name = profile.name
         try:
-            pred = predict(layers, load_profile(name), power_mode=(power_modes or {}).get(name))
+            pred = predict(layers, profile, power_mode=(power_modes or {}).get(name))
             figures = (("latency_ms", pred.latency_ms), ("energy_mj", pred.energy_mj),
                        ("cost_usd_per_1m", pred.cost_usd_per_1m))
         except UnsupportedOnDevice:  # does not run there as it is: no figure rather than a guess

@@ -53,11 +53,11 @@ def build_space(spec: JobSpec, task):
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_task(name: str, seed: int):
+def _cached_task(name: str, seed: int, path: Optional[str] = None):
     # Per-process cache: a reused Ray worker loads the task (and its data) once, not per trial.
     from slimsearch.tasks import load_task
 
-    return load_task(name, seed=seed)
+    return load_task(name, seed=seed, path=path)
 
 
 def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float) -> dict[str, Optional[float]]:
@@ -65,9 +65,9 @@ def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float)
     from slimsearch.evaluators import evaluate
 
     spec = JobSpec.from_json(job_json)
-    task = _cached_task(spec.task, spec.search.seed)
+    task = _cached_task(spec.task, spec.search.seed, spec.task_path)
     plan = space.plan_from_params(params)
-    return dict(evaluate(task, plan, spec.profile_names, teacher_score=teacher_score).values)
+    return dict(evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score).values)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -128,7 +128,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     torch.set_num_threads(threads)
     log(f"[slimsearch] task {spec.task}: loading data and teacher (trained once, then cached)")
     try:  # what the job file names must fit the task; say so before anything is written
-        task = _cached_task(spec.task, spec.search.seed)
+        task = _cached_task(spec.task, spec.search.seed, spec.task_path)
         reported = {task.metric_name, f"{task.metric_name}_drop", *task.extra_metrics}
         costs = {*BASE_METRICS, *local_latency_metrics(task.latency_batch)}
         costs |= {f"{m}@{p}" for p in spec.profile_names for m in PROFILE_METRICS}
@@ -152,7 +152,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                             "its results would not be comparable: start a new job")
     teacher = state.get("teacher")  # a resumed job keeps the teacher figures it started with
     if teacher is None:
-        teacher = dict(model_metrics(task.teacher, task, spec.profile_names,
+        teacher = dict(model_metrics(task.teacher, task, spec.profile_refs,
                                      power_modes=spec.teacher_power_modes()).values)
         teacher[f"{task.metric_name}_test"] = score(task.teacher, task.test, task)
     teacher_score = teacher[task.metric_name]
@@ -241,7 +241,8 @@ def _power_modes_used(spec: JobSpec, chosen) -> dict[str, str]:
     """``power_mode.<profile> -> mode`` for every profile of the job: ``chosen`` where it says, else the default."""
     from slimsearch.hardware_profiles import load_profile
 
-    return {f"power_mode.{p}": chosen.get(p) or load_profile(p).default_power_mode.name for p in spec.profile_names}
+    return {f"power_mode.{p.name}": chosen.get(p.name) or load_profile(p.ref).default_power_mode.name
+            for p in spec.profiles}
 
 
 def candidate_tags(plan, values, default_modes: dict[str, str]) -> dict[str, str]:

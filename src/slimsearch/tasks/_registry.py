@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import sys
+from typing import Optional
 
 from slimsearch.exceptions import ConfigError
 from slimsearch.tasks._base import Task
@@ -26,16 +28,20 @@ DEFAULT_LATENCY_BATCH = 64
 BUILTIN_LATENCY_BATCH = {"minilm": 8}
 
 
-def load_task(name: str, *, seed: int = 0) -> Task:
+def load_task(name: str, *, seed: int = 0, path: Optional[str] = None) -> Task:
     """Build the task a job names: a built-in name or ``package.module:function``.
 
-    User code runs only through an explicit ``module:function``.
+    User code runs only through an explicit ``module:function``, imported from the
+    folder ``path`` first (a job's ``task_path``: by default the job file's folder),
+    then from the Python path. The function is called as ``function(seed=seed)``.
     """
     if name in _BUILTIN_MODULES:
         module = importlib.import_module(f"slimsearch.tasks.{_BUILTIN_MODULES[name]}")
         return getattr(module, name.replace("-", "_"))(seed=seed)
     if ":" in name:
         module_name, _, func_name = name.partition(":")
+        if path is not None and path not in sys.path:
+            sys.path.insert(0, path)
         try:
             module = importlib.import_module(module_name)
         except Exception as exc:
