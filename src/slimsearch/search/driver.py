@@ -10,17 +10,49 @@ multi-objective trials RUNNING and has no place for per-trial metadata, so
 from __future__ import annotations
 
 import json
+import math
+import operator
 import os
+import re
 import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from slimsearch.exceptions import ConfigError
 
-Space = Mapping[str, Sequence[Any]]
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric dimension: every value in ``[low, high]``; integers when both ends are ints.
+
+    ``step`` makes it discrete (``Range(0, 1, step=0.25)``), ``log`` samples on a log
+    scale. In a ``search()`` space a plain tuple ``(low, high)`` means ``Range(low, high)``.
+    """
+
+    low: float
+    high: float
+    step: Optional[float] = None
+    log: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.low <= self.high:
+            raise ConfigError(f"Range: `low <= high` must hold, but got (low={self.low}, high={self.high})")
+        if self.log and self.low <= 0:
+            raise ConfigError(f"Range: a log range needs low > 0, but got low={self.low}")
+        if self.step is not None and self.step <= 0:
+            raise ConfigError(f"Range: step must be > 0, but got step={self.step}")
+
+    @property
+    def integer(self) -> bool:
+        return all(isinstance(v, int) and not isinstance(v, bool)
+                   for v in (self.low, self.high, 1 if self.step is None else self.step))
+
+
+Dimension = Union[Sequence[Any], Range]
+Space = Mapping[str, Dimension]
 
 
 class Executor(str, Enum):
@@ -31,6 +63,48 @@ class Executor(str, Enum):
 class TrialState(str, Enum):
     COMPLETE = "complete"
     FAILED = "failed"
+    SCREENED = "screened"  # judged by its cheap estimate and never evaluated
+
+
+_OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
+_CONSTRAINT = re.compile(r"^\s*([A-Za-z_][\w.\-]*(?:@[\w.\-]+)?)\s*(<=|>=|<|>)\s*(\S+)\s*$")
+CONSTRAINT_SYNTAX = "'<metric> <op> <number>' with op one of <=, >=, <, > (e.g. 'latency_ms <= 20')"
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """``metric op limit``, e.g. ``latency_ms@raspberry-pi-4 <= 20``; parse strings with :meth:`parse`."""
+
+    metric: str
+    op: str
+    limit: float
+
+    @classmethod
+    def parse(cls, text: str) -> "Constraint":
+        if isinstance(text, Constraint):
+            return text
+        match = _CONSTRAINT.match(text) if isinstance(text, str) else None
+        limit = None
+        if match:
+            try:
+                limit = float(match.group(3))
+            except ValueError:
+                limit = None
+        if match is None or limit is None or not math.isfinite(limit):
+            raise ConfigError(f"constraint {text!r}: not understood; allowed: {CONSTRAINT_SYNTAX}")
+        return cls(match.group(1), match.group(2), limit)
+
+    def violation(self, values: Mapping[str, Any]) -> Optional[float]:
+        """How far ``values`` are from meeting it (0.0 when met); None when the metric is absent."""
+        value = values.get(self.metric)
+        if value is None or value != value:
+            return None
+        if _OPS[self.op](float(value), self.limit):
+            return 0.0
+        return max(abs(float(value) - self.limit), 1e-12)
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.limit:g}"
 
 
 @dataclass(frozen=True)
@@ -43,18 +117,35 @@ class TrialRecord:
     state: TrialState
     error: Optional[str] = None
     duration_s: float = 0.0
+    estimate: dict[str, float] = field(default_factory=dict)
+    feasible: bool = True  # meets every constraint (measured values; screened: estimated)
+    screened: Optional[str] = None  # why it was not evaluated
 
 
 @dataclass(frozen=True)
 class SearchResult:
+    """What a search found: every trial in order, and the feasible non-dominated evaluated ones."""
+
     trials: list[TrialRecord]
     objectives: dict[str, str]
     front: list[TrialRecord] = field(default_factory=list)
+    constraints: tuple[Constraint, ...] = ()
+
+    @property
+    def evaluated(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.state is TrialState.COMPLETE]
+
+    @property
+    def screened(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.state is TrialState.SCREENED]
 
 
 METRICS_ATTR = "metrics"
 ERROR_ATTR = "error"
 DURATION_ATTR = "duration_s"
+ESTIMATE_ATTR = "estimate"
+SCREENED_ATTR = "screened"
+FEASIBLE_ATTR = "feasible"
 
 
 def _check_objectives(objectives: Mapping[str, str]) -> None:
@@ -65,13 +156,20 @@ def _check_objectives(objectives: Mapping[str, str]) -> None:
             raise ConfigError(f"objectives.{name}: direction must be 'max' or 'min', got {direction!r}")
 
 
-def open_study(storage: str, name: str, objectives: Mapping[str, str], sampler):
-    """Create or load the Optuna study that holds a search (RDB storage through SQLAlchemy)."""
+def open_study(storage: Optional[str], name: str, objectives: Mapping[str, str], sampler):
+    """Create or load the Optuna study that holds a search.
+
+    ``storage`` is a database URL (RDB storage through SQLAlchemy), or None for a study
+    kept in memory for this process only.
+    """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
-    rdb = optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
+    if storage is None:
+        rdb = optuna.storages.InMemoryStorage()
+    else:
+        engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
+        rdb = optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
     directions = ["maximize" if d == "max" else "minimize" for d in objectives.values()]
     study = optuna.create_study(storage=rdb, study_name=name, directions=directions, sampler=sampler,
                                 load_if_exists=True)
@@ -91,13 +189,38 @@ def records(study) -> list[TrialRecord]:
             state = TrialState.COMPLETE
         elif t.state == optuna.trial.TrialState.FAIL:
             state = TrialState.FAILED
+        elif t.state == optuna.trial.TrialState.PRUNED and SCREENED_ATTR in t.user_attrs:
+            state = TrialState.SCREENED
         else:
             continue
         out.append(TrialRecord(
             number=t.number, params=dict(t.params), values=dict(t.user_attrs.get(METRICS_ATTR, {})),
             state=state, error=t.user_attrs.get(ERROR_ATTR), duration_s=t.user_attrs.get(DURATION_ATTR, 0.0),
+            estimate=dict(t.user_attrs.get(ESTIMATE_ATTR, {})), feasible=t.user_attrs.get(FEASIBLE_ATTR, True),
+            screened=t.user_attrs.get(SCREENED_ATTR),
         ))
     return out
+
+
+def front_of(trials: Sequence[TrialRecord], objectives: Mapping[str, str]) -> list[TrialRecord]:
+    """The evaluated, feasible, non-dominated trials (of exact ties the earliest)."""
+    from slimsearch.search.pareto import pareto_front
+
+    pool = [t for t in trials if t.state is TrialState.COMPLETE and t.feasible]
+    points = [[t.values[m] for m in objectives] for t in pool]
+    return [pool[i] for i in sorted(pareto_front(points, list(objectives.values())))]
+
+
+def _set_constraints(trial, constraints: Sequence[Constraint], values: Mapping[str, Any]) -> bool:
+    """Record each constraint's violation on ``trial`` (Optuna 5's ``set_constraint``: <= 0 is
+    feasible), so Optuna's samplers steer by them; a constrained metric that is absent counts
+    as violated. True when all are met."""
+    feasible = True
+    for c in constraints:
+        v = c.violation(values)
+        trial.set_constraint(str(c), 1.0 if v is None else v)
+        feasible = feasible and v == 0.0
+    return feasible
 
 
 def recover_interrupted(study) -> int:
@@ -114,18 +237,110 @@ def recover_interrupted(study) -> int:
     return count
 
 
+def suggest(trial, space: Space) -> dict:
+    """Params for ``trial`` from ``space``: a Range is numeric, any other sequence categorical.
+
+    (The ``(low, high)`` shorthand for a Range is the public API's, converted there: the
+    job path passes its choices as tuples.)
+    """
+    params = {}
+    for name, dim in space.items():
+        if isinstance(dim, Range):
+            if dim.integer:
+                params[name] = trial.suggest_int(name, dim.low, dim.high, step=dim.step or 1, log=dim.log)
+            else:
+                params[name] = trial.suggest_float(name, dim.low, dim.high, step=dim.step, log=dim.log)
+        else:
+            params[name] = trial.suggest_categorical(name, list(dim))
+    return params
+
+
+def _key(params: Mapping[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
 class _Teller:
-    """Asks the study for params and tells it the outcome; shared by both executors."""
+    """Asks the study for params and tells it the outcome; shared by both executors.
 
-    def __init__(self, study, space: Space, objectives: Mapping[str, str], listener):
+    With ``estimate`` (or ``screen_duplicates``) a proposal is judged before it is
+    evaluated: one whose estimated metrics break a constraint, whose estimate covers
+    every objective and is dominated by an evaluated feasible trial, or that repeats
+    params already asked, is told to the study as PRUNED with a ``screened`` reason and
+    never evaluated. At most ``max_screened`` are screened; then :meth:`ask` returns
+    None and the search ends early rather than spin on a space it has used up.
+    """
+
+    def __init__(self, study, space: Space, objectives: Mapping[str, str], listener, *,
+                 constraints: Sequence[Constraint] = (), estimate: Optional[Callable[[dict], dict]] = None,
+                 screen_duplicates: bool = False, max_screened: Optional[int] = None):
         self.study, self.space, self.objectives, self.listener = study, space, objectives, listener
+        self.constraints, self.estimate = tuple(constraints), estimate
+        self.screen_duplicates, self.max_screened = screen_duplicates, max_screened
         self.running: dict[int, tuple[Any, float]] = {}  # number -> (optuna trial, start time)
+        self.records: list[TrialRecord] = []
+        self.n_screened = 0
+        self.seen: dict[str, int] = {}
+        self.complete: list[TrialRecord] = []
+        if screen_duplicates or estimate is not None:
+            for r in records(study):
+                if r.state is not TrialState.FAILED:
+                    self.seen.setdefault(_key(r.params), r.number)
+                if r.state is TrialState.COMPLETE and r.feasible:
+                    self.complete.append(r)
 
-    def ask(self) -> tuple[int, dict]:
-        trial = self.study.ask()
-        params = {name: trial.suggest_categorical(name, list(choices)) for name, choices in self.space.items()}
-        self.running[trial.number] = (trial, time.time())
-        return trial.number, params
+    def ask(self) -> Optional[tuple[int, dict]]:
+        while True:
+            trial = self.study.ask()
+            params = suggest(trial, self.space)
+            key = _key(params)
+            reason, estimate = None, {}
+            if self.screen_duplicates and key in self.seen:
+                reason = f"duplicate of trial {self.seen[key]}"
+            elif self.estimate is not None:
+                estimate = _call(self.estimate, params).get("values") or {}
+                estimate = {k: v for k, v in estimate.items() if v is not None}
+                reason = self._screen(estimate)
+            if estimate:
+                trial.set_user_attr(ESTIMATE_ATTR, estimate)
+            self.seen.setdefault(key, trial.number)
+            if reason is None:
+                self.running[trial.number] = (trial, time.time())
+                return trial.number, params
+            self._record_screened(trial, params, estimate, reason)
+            if self.max_screened is not None and self.n_screened >= self.max_screened:
+                return None
+
+    def _screen(self, estimate: Mapping[str, float]) -> Optional[str]:
+        for c in self.constraints:
+            v = c.violation(estimate)
+            if v:
+                return f"estimated infeasible: {c.metric} = {estimate[c.metric]:.4g} breaks {c}"
+        if all(m in estimate for m in self.objectives):
+            from slimsearch.search.pareto import dominates
+
+            point = [estimate[m] for m in self.objectives]
+            directions = list(self.objectives.values())
+            for r in self.complete:
+                if dominates([r.values[m] for m in self.objectives], point, directions):
+                    return f"cannot improve the front: its estimate is dominated by trial {r.number}"
+        return None
+
+    def _record_screened(self, trial, params: dict, estimate: dict, reason: str) -> None:
+        import optuna
+
+        feasible = _set_constraints(trial, [c for c in self.constraints if c.metric in estimate], estimate)
+        trial.set_user_attr(SCREENED_ATTR, reason)
+        trial.set_user_attr(FEASIBLE_ATTR, feasible)
+        self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        self.n_screened += 1
+        self._emit(TrialRecord(trial.number, params, {}, TrialState.SCREENED, estimate=dict(estimate),
+                               feasible=feasible, screened=reason))
+
+    def _emit(self, record: TrialRecord) -> TrialRecord:
+        self.records.append(record)
+        if self.listener is not None:
+            self.listener(record)
+        return record
 
     def tell(self, number: int, params: dict, outcome: dict) -> TrialRecord:
         import optuna
@@ -143,6 +358,11 @@ class _Teller:
             error = "an objective is NaN"
         if values:
             trial.set_user_attr(METRICS_ATTR, values)
+        # a constrained metric evaluate did not report cannot show the constraint is met
+        feasible = _set_constraints(trial, self.constraints, values)
+        if self.constraints:
+            trial.set_user_attr(FEASIBLE_ATTR, feasible)
+        estimate = dict(trial.user_attrs.get(ESTIMATE_ATTR, {}))
         if error is None:
             self.study.tell(trial, [float(values[m]) for m in self.objectives])
             state = TrialState.COMPLETE
@@ -150,10 +370,11 @@ class _Teller:
             trial.set_user_attr(ERROR_ATTR, error)
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             state = TrialState.FAILED
-        record = TrialRecord(number, params, dict(values), state, error, duration)
-        if self.listener is not None:
-            self.listener(record)
-        return record
+        record = TrialRecord(number, params, dict(values), state, error, duration, estimate=estimate,
+                             feasible=feasible)
+        if state is TrialState.COMPLETE and feasible:
+            self.complete.append(record)
+        return self._emit(record)
 
 
 def _call(evaluate: Callable[[dict], dict], params: dict) -> dict:
@@ -178,24 +399,39 @@ def run_trials(
     threads_per_worker: int = 1,
     listener: Optional[Callable[[TrialRecord], None]] = None,
     ray_storage: Optional[str] = None,
+    constraints: Sequence[Constraint] = (),
+    estimate: Optional[Callable[[dict], dict]] = None,
+    screen_duplicates: bool = False,
+    max_screened: Optional[int] = None,
 ) -> list[TrialRecord]:
-    """Evaluate ``n_trials`` new trials of ``study`` and return their records."""
+    """Evaluate ``n_trials`` new trials of ``study`` and return their records, screened ones included.
+
+    ``estimate``, ``constraints`` and ``screen_duplicates`` turn on screening (see
+    :class:`_Teller`); screened trials do not count towards ``n_trials`` and at most
+    ``max_screened`` (default ``max(100, 10 * n_trials)``) are screened. ``listener`` is
+    called with every record, screened ones too, as it is made.
+    """
     _check_objectives(objectives)
     try:
         kind = Executor(executor)
     except ValueError:
         raise ConfigError(f"executor must be one of {[e.value for e in Executor]}, got {executor!r}") from None
-    teller = _Teller(study, space, objectives, listener)
     if n_trials <= 0:
         return []
+    if max_screened is None:
+        max_screened = max(100, 10 * n_trials)
+    teller = _Teller(study, space, objectives, listener, constraints=constraints, estimate=estimate,
+                     screen_duplicates=screen_duplicates, max_screened=max_screened)
     if kind is Executor.LOCAL:
-        out = []
         for _ in range(n_trials):
-            number, params = teller.ask()
-            out.append(teller.tell(number, params, _call(evaluate, params)))
-        return out
-    return _run_ray(teller, evaluate, n_trials=n_trials, workers=workers, threads=threads_per_worker,
-                    storage=ray_storage)
+            asked = teller.ask()
+            if asked is None:
+                break
+            number, params = asked
+            teller.tell(number, params, _call(evaluate, params))
+        return teller.records
+    _run_ray(teller, evaluate, n_trials=n_trials, workers=workers, threads=threads_per_worker, storage=ray_storage)
+    return teller.records
 
 
 def _ray_trainable(config: dict, evaluate=None, threads: int = 1) -> None:
@@ -211,8 +447,6 @@ def _run_ray(teller: _Teller, evaluate, *, n_trials: int, workers: int, threads:
     from ray import tune
     from ray.tune.search import Searcher
 
-    out: list[TrialRecord] = []
-
     class StudySearcher(Searcher):
         """Ray Tune searcher that asks and tells the Optuna study directly."""
 
@@ -221,7 +455,10 @@ def _run_ray(teller: _Teller, evaluate, *, n_trials: int, workers: int, threads:
             self.pending: dict[str, tuple[int, dict]] = {}
 
         def suggest(self, trial_id: str):
-            number, params = teller.ask()
+            asked = teller.ask()
+            if asked is None:  # the screening cap was reached: no more candidates worth evaluating
+                return Searcher.FINISHED
+            number, params = asked
             self.pending[trial_id] = (number, params)
             return {"number": number, "params": params}
 
@@ -231,7 +468,7 @@ def _run_ray(teller: _Teller, evaluate, *, n_trials: int, workers: int, threads:
                 outcome = json.loads(result["outcome"])
             else:
                 outcome = {"error": "the Ray worker running this trial failed or died"}
-            out.append(teller.tell(number, params, outcome))
+            teller.tell(number, params, outcome)
 
     if not ray.is_initialized():
         raise ConfigError("executor 'ray' needs Ray started first (slimsearch starts it for jobs)")
@@ -245,4 +482,17 @@ def _run_ray(teller: _Teller, evaluate, *, n_trials: int, workers: int, threads:
                                   log_to_file=True),
     )
     tuner.fit()
-    return out
+
+
+def start_ray(num_cpus: int) -> bool:
+    """Start Ray in this process unless it runs already; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             configure_logging=True)
+    return True

@@ -1,0 +1,253 @@
+"""Search efficiency for issue 5: hypervolume ratio found per evaluation on NAS-Bench-201.
+
+    python benchmarks/search_efficiency.py [--seeds 10] [--gp-seeds 3] [--json out.json]
+    python benchmarks/search_efficiency.py --overhead [--trials 40]
+
+Each sampler (random, nsga2, tpe, gp, auto) runs ``slimsearch.search.search`` for 200
+evaluations per seed on the 15,625 cells of ../shared/benchmarks/nb201 (6 edges x 5 ops),
+on CIFAR-10 x raspberry-pi-4 and CIFAR-100 x pixel-3. ``evaluate`` looks up the table's
+test accuracy and measured latency (the "expensive" call); ``estimate`` knows only the
+cell: its layer costs (benchmarks/predictor.py's NB201Costs, the deployed graph with dead
+ops folded as on those TFLite devices) and the shipped spec-only device profile give a
+predicted ``latency_ms`` and the ``macs``; no table value. Every sampler gets the same
+``estimate`` (the driver screens repeats and estimated-infeasible candidates for all of
+them; only ``auto`` uses it to choose).
+
+Score (../shared/benchmarks/nb201/README.md): hypervolume of the evaluated cells in the
+box from (best accuracy, lowest latency of the table) to the reference point
+(75th-percentile accuracy, median latency), divided by that of the whole table; axes
+scaled to [0, 1] (the ratio does not depend on the scaling). Mean over seeds after the
+first 50, 100 and 200 evaluations. ``--sanity`` adds Optuna's samplers exactly as they
+come (``NSGAIISampler()``, ``TPESampler()``, ``RandomSampler()``, seeded, no estimate) for
+comparison with the README's reference figures, scored with the reference point as the
+README states and with the median accuracy.
+
+``--overhead``: a no-op ``evaluate`` through ``executor="ray"`` with 2 workers; seconds
+per trial of wall time (Ray start-up excluded and reported apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from predictor import NB201_CSV, NB201_FOLDS_CONSTANTS, NB201Costs  # noqa: E402
+
+EDGES = ("1<-0", "2<-0", "2<-1", "3<-0", "3<-1", "3<-2")
+OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
+SETTINGS = {  # name -> (accuracy column, profile, measured latency column)
+    "cifar10 x raspberry-pi-4": ("cifar10_test_acc", "raspberry-pi-4", "raspi4_latency_ms"),
+    "cifar100 x pixel-3": ("cifar100_test_acc", "pixel-3", "pixel3_latency_ms"),
+}
+SAMPLERS = ("random", "nsga2", "tpe", "gp", "auto")
+CHECKPOINTS = (50, 100, 200)
+OBJECTIVES = {"accuracy": "max", "latency_ms": "min"}
+
+
+def arch_str(params: dict) -> str:
+    ops = [params[e] for e in EDGES]
+    return f"|{ops[0]}~0|+|{ops[1]}~0|{ops[2]}~1|+|{ops[3]}~0|{ops[4]}~1|{ops[5]}~2|"
+
+
+class Setting:
+    """One (dataset, device) pair: the table's answers, the spec-only estimate, the scoring box."""
+
+    def __init__(self, rows: list[dict], acc_col: str, profile_name: str, lat_col: str):
+        self.truth = {r["arch_str"]: (float(r[acc_col]), float(r[lat_col])) for r in rows}
+        self.profile_name = profile_name
+        self._estimates: dict[str, dict] | None = None
+        acc = [a for a, _ in self.truth.values()]
+        lat = [l for _, l in self.truth.values()]
+        self.ideal = (max(acc), min(lat))
+        q = statistics.quantiles(acc, n=4, method="inclusive")
+        self.reference = (q[2], statistics.median(lat))  # 75th-percentile accuracy, median latency
+        self.reference_median = (statistics.median(acc), statistics.median(lat))
+        self.true_hv = self.hv(list(self.truth.values()))
+        self.true_hv_median = self.hv(list(self.truth.values()), self.reference_median)
+
+    def evaluate(self, params: dict) -> dict:
+        acc, lat = self.truth[arch_str(params)]
+        return {"accuracy": acc, "latency_ms": lat}
+
+    def estimates(self) -> dict[str, dict]:
+        """Predicted latency and MACs of every cell from its structure and the shipped profile only."""
+        if self._estimates is None:
+            from slimsearch.hardware_profiles import load_profile, predict
+
+            profile = load_profile(self.profile_name)
+            bits = max(p.bits for p in profile.precisions)
+            costs = NB201Costs(bits, fold_constant=NB201_FOLDS_CONSTANTS[self.profile_name])
+            self._estimates = {}
+            for arch in self.truth:
+                layers = costs(arch)
+                self._estimates[arch] = {"latency_ms": predict(layers, profile).latency_ms,
+                                         "macs": float(sum(l.macs for l in layers))}
+        return self._estimates
+
+    def estimate(self, params: dict) -> dict:
+        return self.estimates()[arch_str(params)]
+
+    def hv(self, points, reference=None) -> float:
+        from slimsearch.search.pareto import hypervolume
+
+        reference = reference or self.reference
+        span = (self.ideal[0] - reference[0], reference[1] - self.ideal[1])
+        scaled = [((a - reference[0]) / span[0], (l - self.ideal[1]) / span[1]) for a, l in points]
+        return hypervolume(scaled, (0.0, 1.0), ["max", "min"])
+
+    def ratios(self, evaluated: list[tuple[float, float]], reference=None) -> list[float]:
+        true = self.true_hv if reference is None else self.true_hv_median
+        return [self.hv(evaluated[:n], reference) / true for n in CHECKPOINTS]
+
+
+def run_one(setting: Setting, sampler: str, seed: int, budget: int) -> tuple[list[tuple[float, float]], int]:
+    from slimsearch.search import search
+
+    space = {e: list(OPS) for e in EDGES}
+    result = search(space, setting.evaluate, OBJECTIVES, budget=budget, sampler=sampler, seed=seed,
+                    estimate=setting.estimate)
+    evaluated = [(t.values["accuracy"], t.values["latency_ms"]) for t in result.evaluated]
+    return evaluated, len(result.screened)
+
+
+def run_optuna_default(setting: Setting, name: str, seed: int, budget: int) -> list[tuple[float, float]]:
+    """Optuna's sampler as it comes, in a plain ask/tell loop (no slimsearch driver)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = {"nsga2": optuna.samplers.NSGAIISampler, "tpe": optuna.samplers.TPESampler,
+               "random": optuna.samplers.RandomSampler}[name](seed=seed)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    out = []
+    for _ in range(budget):
+        trial = study.ask()
+        params = {e: trial.suggest_categorical(e, list(OPS)) for e in EDGES}
+        v = setting.evaluate(params)
+        study.tell(trial, [v["accuracy"], v["latency_ms"]])
+        out.append((v["accuracy"], v["latency_ms"]))
+    return out
+
+
+def overhead(trials: int) -> dict:
+    from slimsearch.search import search
+    from slimsearch.search.driver import start_ray
+
+    t0 = time.perf_counter()
+    start_ray(2)
+    startup = time.perf_counter() - t0
+    import ray
+
+    try:
+        t0 = time.perf_counter()
+        result = search({"x": list(range(1000))}, lambda p: {"y": 0.0}, {"y": "min"}, budget=trials,
+                        sampler="random", executor="ray", workers=2)
+        wall = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    return {"trials": len(result.evaluated), "wall_s": wall, "s_per_trial": wall / max(1, len(result.evaluated)),
+            "ray_start_s": startup, "target_s_per_trial": 0.2}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--gp-seeds", type=int, default=None, help="seeds for gp (default: --seeds); gp is slow")
+    ap.add_argument("--samplers", default=",".join(SAMPLERS))
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--sanity", action="store_true", help="also Optuna's samplers as they come (8 seeds, 100)")
+    ap.add_argument("--overhead", action="store_true", help="only the Ray overhead figure")
+    ap.add_argument("--trials", type=int, default=40, help="trials for --overhead")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    if args.overhead:
+        o = overhead(args.trials)
+        print(f"ray executor, 2 workers, no-op evaluate: {o['trials']} trials in {o['wall_s']:.1f} s = "
+              f"{o['s_per_trial']:.3f} s/trial (target <= 0.2; Ray start {o['ray_start_s']:.1f} s not counted) "
+              f"{'PASS' if o['s_per_trial'] <= 0.2 else 'FAIL'}")
+        if args.json:
+            args.json.write_text(json.dumps({"overhead": o}, indent=2))
+        return
+
+    with open(NB201_CSV, newline="") as f:
+        rows = list(csv.DictReader(f))
+    budget = max(CHECKPOINTS)
+    table = []
+    for name in args.settings.split(","):
+        acc_col, profile, lat_col = SETTINGS[name]
+        setting = Setting(rows, acc_col, profile, lat_col)
+        t0 = time.perf_counter()
+        setting.estimates()
+        print(f"  {name}: estimates of {len(setting.truth)} cells in {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr)
+        for sampler in args.samplers.split(","):
+            seeds = args.gp_seeds if (sampler == "gp" and args.gp_seeds is not None) else args.seeds
+            per_seed, screened, t0 = [], [], time.perf_counter()
+            for seed in range(seeds):
+                evaluated, n_screened = run_one(setting, sampler, seed, budget)
+                per_seed.append(setting.ratios(evaluated))
+                screened.append(n_screened)
+            seconds = time.perf_counter() - t0
+            means = [statistics.fmean(r[i] for r in per_seed) for i in range(len(CHECKPOINTS))]
+            table.append({"setting": name, "sampler": sampler, "seeds": seeds,
+                          **{f"hv@{n}": m for n, m in zip(CHECKPOINTS, means)},
+                          "hv@100_min": min(r[1] for r in per_seed), "screened_mean": statistics.fmean(screened),
+                          "seconds_per_run": seconds / seeds, "per_seed": per_seed})
+            print(f"  {name} {sampler}: {seconds:.0f} s", file=sys.stderr)
+        if args.sanity:
+            for sampler in ("nsga2", "tpe", "random"):
+                as_read, median = [], []
+                for seed in range(8):
+                    evaluated = run_optuna_default(setting, sampler, seed, 100)
+                    as_read.append(setting.hv(evaluated) / setting.true_hv)
+                    median.append(setting.hv(evaluated, setting.reference_median) / setting.true_hv_median)
+                table.append({"setting": name, "sampler": f"optuna-default {sampler}", "seeds": 8,
+                              "hv@100": statistics.fmean(as_read), "hv@100_median_ref": statistics.fmean(median)})
+
+    print(format_table(table))
+    for name in args.settings.split(","):
+        verdict = targets(table, name)
+        if verdict:
+            print(verdict)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": table, "checkpoints": CHECKPOINTS}, indent=2))
+
+
+def targets(table: list[dict], setting: str) -> str:
+    rows = {r["sampler"]: r for r in table if r["setting"] == setting and "hv@50" in r}
+    if "auto" not in rows:
+        return ""
+    optuna_best = max((r["hv@100"] for s, r in rows.items() if s != "auto"), default=float("nan"))
+    auto = rows["auto"]["hv@100"]
+    line = f"{setting}: auto {auto:.3f} at 100 evaluations; best Optuna sampler {optuna_best:.3f}; " \
+           f"ratio {auto / optuna_best:.2f}x"
+    if setting.startswith("cifar10 "):
+        ok = auto >= 0.80 and auto >= 1.5 * optuna_best
+        line += f" (targets >= 0.80 and >= 1.5x: {'PASS' if ok else 'FAIL'})"
+    return line
+
+
+def format_table(table: list[dict]) -> str:
+    head = f"{'setting':<26} {'sampler':<24} {'seeds':>5} {'hv@50':>7} {'hv@100':>7} {'hv@200':>7} " \
+           f"{'min@100':>7} {'screened':>8} {'s/run':>6}"
+    lines = [head, "-" * len(head)]
+    for r in table:
+        if "hv@50" in r:
+            lines.append(f"{r['setting']:<26} {r['sampler']:<24} {r['seeds']:>5} {r['hv@50']:>7.3f} "
+                         f"{r['hv@100']:>7.3f} {r['hv@200']:>7.3f} {r['hv@100_min']:>7.3f} "
+                         f"{r['screened_mean']:>8.1f} {r['seconds_per_run']:>6.1f}")
+        else:
+            lines.append(f"{r['setting']:<26} {r['sampler']:<24} {r['seeds']:>5} {'':>7} {r['hv@100']:>7.3f} "
+                         f"{'':>7} {'':>7}   (median-accuracy reference: {r['hv@100_median_ref']:.3f})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
