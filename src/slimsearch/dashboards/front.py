@@ -25,32 +25,44 @@ def _label(name: str, provenance: Mapping[str, str]) -> str:
 
 def front_info(candidates: Sequence[Mapping], objectives: Mapping[str, str], *, front: set[int],
                teacher: Optional[Mapping[str, float]] = None, provenance: Mapping[str, str] = (),
-               x_name: Optional[str] = None) -> FrontInfo:
-    """The first objective (y) against ``x_name`` (default: the second objective), front members marked.
+               x_name: Optional[str] = None, y_name: Optional[str] = None,
+               directions: Optional[Mapping[str, str]] = None) -> FrontInfo:
+    """``y_name`` (default: the first objective) against ``x_name`` (default: the second), front members marked.
 
     ``candidates`` are dicts with ``trial``, ``metrics`` and ``describe``;
     ``front`` holds the trial numbers on the front of all objectives. Axis labels and
-    hover text say which figures are measured and which modelled.
+    hover text say which figures are measured and which modelled. A metric that is not
+    an objective (e.g. the latency on another profile) may be an axis when
+    ``directions`` says whether it is maximised or minimised; candidates without a value
+    for an axis are left out.
     """
     from slimsearch.search.pareto import pareto_front
 
     names = list(objectives)
-    if len(names) < 2:
+    dirs = {**objectives, **(directions or {})}
+    if len(names) < 2 and not directions:
         raise ValueError(f"a front plot needs two objectives, got {names}")
-    y_name, x_name = names[0], x_name or names[1]
-    if x_name not in names[1:]:
-        raise ValueError(f"x_name must be one of the other objectives {names[1:]}, got {x_name!r}")
+    y_name, x_name = y_name or names[0], x_name or names[1]
+    for axis, name in (("x_name", x_name), ("y_name", y_name)):
+        if name not in dirs:
+            raise ValueError(f"{axis} must be one of {sorted(dirs)}, got {name!r}")
+    if x_name == y_name:
+        raise ValueError(f"x_name and y_name must differ, both are {x_name!r}")
     provenance = dict(provenance)
+    shown = list(dict.fromkeys([y_name, x_name, *names]))
     points = []
     for c in candidates:
         m = c["metrics"]
-        hover = (f"trial {c['trial']}<br>" + "<br>".join(f"{_label(k, provenance)}: {m[k]:.4g}" for k in names)
-                 + f"<br>{c['describe']}")
+        if m.get(x_name) is None or m.get(y_name) is None:
+            continue
+        hover = (f"trial {c['trial']}<br>" + "<br>".join(f"{_label(k, provenance)}: {m[k]:.4g}" for k in shown
+                                                            if m.get(k) is not None)
+                 + f"<br>{html.escape(c['describe'])}")
         points.append((m[x_name], m[y_name], c["trial"], c["trial"] in front, hover))
-    dirs = [objectives[x_name], objectives[y_name]]
-    idx = pareto_front([(p[0], p[1]) for p in points], dirs)
+    idx = pareto_front([(p[0], p[1]) for p in points], [dirs[x_name], dirs[y_name]])
     step = sorted((points[i][0], points[i][1]) for i in idx)
-    t = (teacher[x_name], teacher[y_name]) if teacher and x_name in teacher and y_name in teacher else None
+    t = (teacher[x_name], teacher[y_name]) if teacher and teacher.get(x_name) is not None \
+        and teacher.get(y_name) is not None else None
     return FrontInfo(x_name, y_name, _label(x_name, provenance), _label(y_name, provenance), points, t, step)
 
 

@@ -1,0 +1,417 @@
+"""One self-contained HTML report per job: fronts, hypervolume, choices, per-layer plans.
+
+As in :mod:`slimsearch.dashboards.front`, pure functions turn a job's ``front.json``
+into plain values (``*_info``) and others draw them (``*_figure``); tests check the
+values. The page inlines plotly.js, so it opens offline, and it marks in its own DOM
+whether every figure rendered and which script errors happened (``#report-status``),
+which is what the headless-browser test reads.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from itertools import combinations
+from pathlib import Path
+from typing import Mapping, NamedTuple, Optional, Sequence
+
+from slimsearch.dashboards.front import FrontInfo, front_figure, front_info
+
+REPORT_HTML = "report.html"
+STATUS_ID = "report-status"
+
+
+# ---------------------------------------------------------------- hypervolume
+
+
+class Reference(NamedTuple):
+    """The box hypervolume is measured in: the worst corner and a unit per objective.
+
+    Divided by its unit, every axis is in teacher units, so the uncompressed teacher
+    alone would have hypervolume 1.0 (when the reference comes from the teacher).
+    """
+
+    point: tuple[float, ...]
+    scale: tuple[float, ...]
+    rule: str
+
+
+def hypervolume_reference(objectives: Mapping[str, str], teacher: Optional[Mapping[str, float]],
+                          candidates: Sequence[Mapping] = ()) -> Reference:
+    """The reference point of a job's hypervolume.
+
+    From the teacher when it has a positive value for every objective: half its score
+    for a maximised objective, twice its cost for a minimised one, so a candidate
+    counts while it keeps half the teacher's score and costs at most twice as much. It
+    is known before the first candidate, so the series logged during a run and the one
+    drawn afterwards agree. Otherwise (no teacher value, or a value of 0): the worst
+    value among the candidates, widened by a tenth of their range.
+    """
+    names = list(objectives)
+    vals = [teacher.get(n) if teacher else None for n in names]
+    if all(v is not None and v > 0 for v in vals):
+        point = tuple(v / 2 if objectives[n] == "max" else 2 * v for n, v in zip(names, vals))
+        return Reference(point, tuple(abs(p - v) for p, v in zip(point, vals)),
+                         "teacher: half its score, twice its cost; 1.0 = the teacher's box")
+    point, scale = [], []
+    for n in names:
+        seen = [c["metrics"][n] for c in candidates if c["metrics"].get(n) is not None]
+        if not seen:
+            raise ValueError(f"no candidate has a value for objective {n!r}: no hypervolume reference")
+        lo, hi = min(seen), max(seen)
+        span = (hi - lo) or abs(hi) or 1.0
+        point.append(lo - span / 10 if objectives[n] == "max" else hi + span / 10)
+        scale.append(span)
+    return Reference(tuple(point), tuple(scale), "worst candidate plus a tenth of the range")
+
+
+def _hv_function(n_objectives: int):
+    """The exact hypervolume of :mod:`slimsearch.search.pareto` for this many objectives, or None."""
+    from slimsearch.search import pareto
+
+    if hasattr(pareto, "hypervolume"):
+        return pareto.hypervolume if n_objectives in (2, 3) else None
+    return pareto.hypervolume_2d if n_objectives == 2 else None
+
+
+def hypervolume_series(candidates: Sequence[Mapping], objectives: Mapping[str, str],
+                       reference: Reference) -> Optional[list[float]]:
+    """Hypervolume (in reference units) of the first 1, 2, ... candidates in trial order; None when it
+    is not computed exactly for this many objectives (only 2 and 3 are)."""
+    names, dirs = list(objectives), list(objectives.values())
+    hv = _hv_function(len(names))
+    if hv is None:
+        return None
+    ref = [0.0 if d == "max" else 1.0 for d in dirs]  # the reference corner, in scaled units
+    scaled = []
+    out = []
+    for c in sorted(candidates, key=lambda c: c["trial"]):
+        m = c["metrics"]
+        if all(m.get(n) is not None for n in names):
+            scaled.append([(m[n] - r) / s if d == "max" else (m[n] - r) / s + 1.0
+                           for n, d, r, s in zip(names, dirs, reference.point, reference.scale)])
+        out.append(float(hv(scaled, ref, dirs)) if scaled else 0.0)
+    return out
+
+
+class HypervolumeInfo(NamedTuple):
+    evaluations: list[int]
+    values: list[float]
+    reference: Reference
+    baseline: Optional[list[float]]  # random search on the same job, when one was recorded
+    baseline_label: str  # what the baseline is, or why there is none
+
+
+def hypervolume_info(data: Mapping, baseline: Optional[Mapping] = None) -> Optional[HypervolumeInfo]:
+    """Hypervolume after each evaluation of job ``data`` (a ``front.json``), and of ``baseline``
+    (another job's ``front.json``, random search on the same objectives) measured in the same box.
+    None when the job's objectives are not 2 or 3."""
+    objectives = data["objectives"]
+    reference = hypervolume_reference(objectives, data.get("teacher"), data["candidates"])
+    values = hypervolume_series(data["candidates"], objectives, reference)
+    if values is None:
+        return None
+    sampler = (data.get("sampler") or "").lower()
+    if baseline is not None:
+        if baseline["objectives"] != objectives:
+            raise ValueError(f"the baseline job's objectives {baseline['objectives']} differ from {objectives}")
+        base = hypervolume_series(baseline["candidates"], objectives, reference)
+        label = f"random search: job {baseline.get('job')!r} ({len(base)} evaluations)"
+    elif sampler == "random":
+        base, label = None, "this job is itself random search"
+    else:
+        base, label = None, ("no random-search baseline recorded for this job (run it with search.sampler: "
+                             "random and pass that job as --baseline to `slimsearch report`)")
+    return HypervolumeInfo(list(range(1, len(values) + 1)), values, reference, base, label)
+
+
+def hypervolume_figure(info: HypervolumeInfo):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=info.evaluations, y=info.values, mode="lines+markers", name="this job",
+                             line={"shape": "hv"}))
+    if info.baseline:
+        fig.add_trace(go.Scatter(x=list(range(1, len(info.baseline) + 1)), y=info.baseline, mode="lines",
+                                 name="random search", line={"shape": "hv", "dash": "dash"}))
+    fig.update_layout(title=f"Hypervolume after each evaluation<br><sup>reference: {html.escape(info.reference.rule)}"
+                            "</sup>",
+                      xaxis_title="evaluations", yaxis_title="hypervolume (teacher units)", template="plotly_white")
+    return fig
+
+
+# ---------------------------------------------------------------- fronts
+
+
+def pair_front_infos(data: Mapping) -> list[FrontInfo]:
+    """One 2-D front per pair of objectives, then the task metric against the latency on each
+    device profile that is not an objective already."""
+    objectives = data["objectives"]
+    candidates, teacher = data["candidates"], data.get("teacher")
+    front = {c["trial"] for c in data["front"]}
+    provenance = {k: v for c in candidates for k, v in c["provenance"].items()}
+    names = list(objectives)
+    infos = [front_info(candidates, objectives, front=front, teacher=teacher, provenance=provenance,
+                        x_name=x, y_name=y) for y, x in combinations(names, 2)]
+    metric = data.get("metric", names[0])
+    extra = sorted({k for c in candidates for k in c["metrics"]
+                    if k.startswith("latency_ms@") and k not in objectives})
+    for x in extra:
+        if any(c["metrics"].get(x) is not None for c in candidates):
+            infos.append(front_info(candidates, objectives, front=front, teacher=teacher, provenance=provenance,
+                                    x_name=x, y_name=metric, directions={x: "min", metric: "max"}))
+    return infos
+
+
+class Front3DInfo(NamedTuple):
+    names: tuple[str, str, str]
+    points: list[tuple[float, float, float, bool, str]]  # x, y, z, on_front, hover
+
+
+def front3d_info(data: Mapping) -> Optional[Front3DInfo]:
+    """The first three objectives in 3-D, front members marked; None with fewer than three."""
+    names = tuple(list(data["objectives"])[:3])
+    if len(names) < 3:
+        return None
+    front = {c["trial"] for c in data["front"]}
+    pts = []
+    for c in data["candidates"]:
+        m = c["metrics"]
+        if all(m.get(n) is not None for n in names):
+            hover = f"trial {c['trial']}<br>{html.escape(c['describe'])}"
+            pts.append((m[names[0]], m[names[1]], m[names[2]], c["trial"] in front, hover))
+    return Front3DInfo(names, pts)
+
+
+def front3d_figure(info: Front3DInfo):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for on_front, name, opacity in ((False, "dominated", 0.35), (True, "Pareto front", 1.0)):
+        pts = [p for p in info.points if p[3] == on_front]
+        fig.add_trace(go.Scatter3d(x=[p[0] for p in pts], y=[p[1] for p in pts], z=[p[2] for p in pts],
+                                   mode="markers", name=name, opacity=opacity, text=[p[4] for p in pts],
+                                   hoverinfo="text", marker={"size": 6 if on_front else 4}))
+    fig.update_layout(title="3-D front", scene={"xaxis_title": info.names[0], "yaxis_title": info.names[1],
+                                                "zaxis_title": info.names[2]}, template="plotly_white")
+    return fig
+
+
+# ---------------------------------------------------------------- choices
+
+
+class Dimension(NamedTuple):
+    label: str
+    values: list[float]
+    ticktext: Optional[list[str]]  # categories, when the values are their codes
+
+
+class ParallelInfo(NamedTuple):
+    dimensions: list[Dimension]
+    color: list[float]  # the first objective
+    color_name: str
+
+
+def parallel_info(data: Mapping) -> Optional[ParallelInfo]:
+    """Searched choices (params that vary) then objectives, one line per candidate. Categorical
+    choices become codes with their names as tick labels. None without candidates."""
+    candidates = sorted(data["candidates"], key=lambda c: c["trial"])
+    if not candidates:
+        return None
+    objectives = list(data["objectives"])
+    params = list(dict.fromkeys(k for c in candidates for k in c["params"]))
+    dims = []
+    for p in params:
+        vals = [c["params"].get(p) for c in candidates]
+        if len({json.dumps(v) for v in vals}) < 2:
+            continue
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            dims.append(Dimension(p, [float(v) for v in vals], None))
+        else:
+            cats = sorted({str(v) for v in vals})
+            dims.append(Dimension(p, [float(cats.index(str(v))) for v in vals], cats))
+    for o in objectives:
+        dims.append(Dimension(o, [float("nan") if c["metrics"].get(o) is None else float(c["metrics"][o])
+                                  for c in candidates], None))
+    color = [float(c["metrics"].get(objectives[0]) or 0.0) for c in candidates]
+    return ParallelInfo(dims, color, objectives[0])
+
+
+def parallel_figure(info: ParallelInfo):
+    import plotly.graph_objects as go
+
+    dims = []
+    for d in info.dimensions:
+        dim = {"label": d.label, "values": d.values}
+        if d.ticktext is not None:
+            dim.update(tickvals=list(range(len(d.ticktext))), ticktext=d.ticktext)
+        dims.append(dim)
+    fig = go.Figure(go.Parcoords(dimensions=dims, line={"color": info.color, "colorscale": "Viridis",
+                                                        "showscale": True,
+                                                        "colorbar": {"title": {"text": info.color_name}}}))
+    fig.update_layout(title="Choices against objectives (one line per candidate)", template="plotly_white")
+    return fig
+
+
+class LayerHeatmapInfo(NamedTuple):
+    layers: list[str]
+    members: list[str]  # "trial N", one row per front member
+    weight_bits: list[list[float]]
+    act_bits: list[list[float]]
+    prune_ratio: list[list[float]]
+
+
+def layer_heatmap_info(data: Mapping) -> Optional[LayerHeatmapInfo]:
+    """Per-layer weight bits, activation bits and prune ratios of each front member; a layer a plan
+    does not name is left as it is (32 bits, not pruned). None without front members."""
+    front = sorted(data["front"], key=lambda c: c["trial"])
+    if not front:
+        return None
+    layers = list(dict.fromkeys(name for c in front for name in c["plan"].get("layers", {})))
+    if not layers:
+        return None
+
+    def grid(key: str, default: float) -> list[list[float]]:
+        return [[float(c["plan"]["layers"].get(name, {}).get(key, default)) for name in layers] for c in front]
+
+    return LayerHeatmapInfo(layers, [f"trial {c['trial']}" for c in front], grid("weight_bits", 32),
+                            grid("act_bits", 32), grid("prune_ratio", 0.0))
+
+
+def layer_heatmap_figure(info: LayerHeatmapInfo):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=3, shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=("weight bits", "activation bits", "prune ratio"))
+    for col, (z, scale) in enumerate(((info.weight_bits, "Blues_r"), (info.act_bits, "Greens_r"),
+                                      (info.prune_ratio, "Reds")), start=1):
+        fig.add_trace(go.Heatmap(z=z, x=info.layers, y=info.members, colorscale=scale, showscale=False,
+                                 text=[[f"{v:g}" for v in row] for row in z], texttemplate="%{text}",
+                                 hovertemplate="%{y}, %{x}: %{z}<extra></extra>"), row=1, col=col)
+    fig.update_layout(title="Per-layer plan of each front member", template="plotly_white",
+                      height=max(300, 80 + 40 * len(info.members)))
+    return fig
+
+
+# ---------------------------------------------------------------- page
+
+
+class Section(NamedTuple):
+    title: str
+    figure: Optional[object]  # a plotly figure, or None when the data do not exist
+    note: str
+
+
+def report_sections(data: Mapping, baseline: Optional[Mapping] = None) -> list[Section]:
+    """The report's sections, in order; a section whose data do not exist says why instead."""
+    fronts = []
+    if len(data["objectives"]) >= 2 and data["candidates"]:
+        for info in pair_front_infos(data):
+            fig = front_figure(info)
+            fig.update_layout(height=450)
+            fronts.append(Section(f"{info.y_name} against {info.x_name}", fig,
+                                  "faded: dominated in all objectives; dotted steps: the 2-D front of this pair"))
+    else:
+        fronts.append(Section("Fronts", None, "fewer than two objectives or no completed candidate"))
+    hv = hypervolume_info(data, baseline) if data["candidates"] else None
+    if hv is not None:
+        hv_fig = hypervolume_figure(hv)
+        hv_fig.update_layout(height=400)
+        hv_section = Section("Hypervolume", hv_fig, hv.baseline_label if not hv.baseline
+                             else f"dashed: {hv.baseline_label}")
+    else:
+        hv_section = Section("Hypervolume", None, "computed exactly only for 2 or 3 objectives with candidates")
+    sections = [fronts[0], hv_section, *fronts[1:]]  # the headline front and the hypervolume first
+    info3 = front3d_info(data)
+    if info3 is not None:
+        sections.append(Section("3-D front", front3d_figure(info3), f"first three objectives: {', '.join(info3.names)}"))
+    par = parallel_info(data)
+    sections.append(Section("Choices", parallel_figure(par) if par else None, "colour: " + (par.color_name if par
+                                                                                          else "no candidates")))
+    heat = layer_heatmap_info(data)
+    sections.append(Section("Per-layer plans", layer_heatmap_figure(heat) if heat else None,
+                            "rows: front members" if heat else "no front member names a layer"))
+    sections.append(Section("Predicted against measured latency", None,
+                            "not drawn: no profile of this job is both predicted and measured on the same device"))
+    return sections
+
+
+_PAGE_HEAD = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<script>
+window.__reportErrors = [];
+window.addEventListener("error", function (e) {{ window.__reportErrors.push(String(e.message || e)); }});
+window.addEventListener("unhandledrejection", function (e) {{ window.__reportErrors.push(String(e.reason)); }});
+</script>
+<style>body{{font-family:sans-serif;margin:1.5em;max-width:1200px}} .note{{color:#555;font-size:90%}}
+.fig{{min-height:420px}}</style>
+</head><body>
+"""
+
+_PAGE_TAIL = """<div id="{status}" data-state="pending"></div>
+<script>
+(function () {{
+  var figures = {figures};
+  var status = document.getElementById("{status}");
+  var done = Promise.all(figures.map(function (f) {{
+    return Plotly.newPlot(f.id, f.figure.data, f.figure.layout, {{responsive: true, displaylogo: false}});
+  }}));
+  done.then(function () {{
+    var traces = [];
+    figures.forEach(function (f) {{
+      var div = document.getElementById(f.id);
+      (div._fullData || []).forEach(function (t) {{ traces.push(f.id + ":" + (t.name || t.type)); }});
+    }});
+    status.setAttribute("data-traces", JSON.stringify(traces));
+    status.setAttribute("data-errors", JSON.stringify(window.__reportErrors));
+    status.setAttribute("data-state", window.__reportErrors.length ? "errors" : "rendered");
+  }}).catch(function (e) {{
+    window.__reportErrors.push(String(e));
+    status.setAttribute("data-errors", JSON.stringify(window.__reportErrors));
+    status.setAttribute("data-state", "errors");
+  }});
+}})();
+</script>
+</body></html>
+"""
+
+
+def report_html(data: Mapping, baseline: Optional[Mapping] = None) -> str:
+    """The report page of job ``data`` (its ``front.json``) as one offline HTML string."""
+    from plotly.offline import get_plotlyjs
+
+    sections = report_sections(data, baseline)
+    title = f"slimsearch report: {data.get('job', 'job')}"
+    n, k = len(data["candidates"]), len(data["front"])
+    parts = [_PAGE_HEAD.format(title=html.escape(title)),
+             f"<h1>{html.escape(title)}</h1><p>{k} front members of {n} candidates; objectives: "
+             + ", ".join(f"{html.escape(o)} ({d})" for o, d in data["objectives"].items())
+             + ". Figures labelled <i>modelled</i> are predicted from device profiles, not timed there.</p>",
+             f"<script>{get_plotlyjs()}</script>"]
+    figures = []
+    for i, s in enumerate(sections):
+        parts.append(f"<h2>{html.escape(s.title)}</h2><p class=\"note\">{html.escape(s.note)}</p>")
+        if s.figure is not None:
+            fid = f"fig-{i}"
+            parts.append(f"<div class=\"fig\" id=\"{fid}\"></div>")
+            figures.append(f'{{"id": "{fid}", "figure": {s.figure.to_json()}}}')
+    figures_js = "[" + ",\n".join(figures) + "]"
+    parts.append(_PAGE_TAIL.format(status=STATUS_ID, figures=figures_js.replace("</", "<\\/")))
+    return "".join(parts)
+
+
+def write_report(job_dir: Path, out: Optional[Path] = None, baseline: Optional[Path] = None) -> Path:
+    """Write ``report.html`` for the job in ``job_dir`` (its ``front.json``, and ``job.json`` for the
+    sampler); ``baseline`` is another job folder whose candidates are random search."""
+    job_dir = Path(job_dir)
+    data = json.loads((job_dir / "front.json").read_text())
+    state_path = job_dir / "job.json"
+    if state_path.exists() and "sampler" not in data:
+        data = {**data, "sampler": json.loads(state_path.read_text())["spec"]["search"].get("sampler")}
+    base = json.loads((Path(baseline) / "front.json").read_text()) if baseline else None
+    path = Path(out) if out else job_dir / REPORT_HTML
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(report_html(data, base), encoding="utf-8")
+    tmp.replace(path)
+    return path
