@@ -26,8 +26,11 @@ tau >= 0.85 and >= 90% within ±10% after calibration. Nothing is tuned on test 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import operator
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -150,7 +153,8 @@ def build_nb201(arch_str: str, num_classes: int = 10, *, fold_constant: bool = F
             states = [x]
             for j, edges in enumerate(self.nodes):
                 terms = [self.edges[f"{j + 1}<-{i}"](states[i]) for op, i in edges]
-                states.append(sum(terms) if terms else torch.zeros_like(x))
+                # n terms, n - 1 additions (Python's sum() would add a first 0 + term)
+                states.append(functools.reduce(operator.add, terms) if terms else torch.zeros_like(x))
             return states[-1]
 
     class ResBlock(nn.Module):
@@ -205,9 +209,9 @@ class NB201Costs:
     """Layer costs of NAS-Bench-201 networks without building them.
 
     Cells share their op structure: an op on any edge of any cell of a stage does the
-    same work. The costs of each (stage, op) and of the fixed parts (stem, residual
-    blocks, head) are taken once from ``layer_costs`` on built networks and renamed into
-    place; ``tests/hardware_profiles/test_nb201_costs.py`` checks the assembled list
+    same work, and so does each addition of two edges' results. The costs of each
+    (stage, op), of an addition per stage and of the fixed parts (stem, residual blocks,
+    head) are taken once from ``layer_costs`` on built networks and renamed into place; ``tests/hardware_profiles/test_nb201_costs.py`` checks the assembled list
     equals ``layer_costs`` of the built network.
     """
 
@@ -217,7 +221,9 @@ class NB201Costs:
         self._constant: list | None = None
         self._fixed: dict[str, list] | None = None
         self._ops: dict[tuple[int, str], list[tuple[str, object]]] = {}
+        self._adds: dict[int, object] = {}
         self._edge_cache: dict[tuple[int, str, str], list] = {}
+        self._add_cache: dict[tuple[int, int], object] = {}
 
     def _prepare(self) -> None:
         import dataclasses
@@ -247,6 +253,19 @@ class NB201Costs:
                     (layer.name[len(prefix):], dataclasses.replace(layer, name="")) for layer in costs
                     if layer.name == prefix or layer.name.startswith(prefix + ".")
                 ]
+        two_terms = "|skip_connect~0|+|skip_connect~0|skip_connect~1|+|none~0|none~1|none~2|"
+        costs = {layer.name: layer for layer in layer_costs(set_bits(build_nb201(two_terms), self.bits), x)}
+        for stage, cell in enumerate((0, 6, 12)):
+            self._adds[stage] = costs[f"cells.{cell}.add"]
+
+    def _add(self, cell: int, count: int, stage: int):
+        import dataclasses
+
+        key = (cell, count)
+        if key not in self._add_cache:
+            name = f"cells.{cell}.add" + (f"_{count}" if count else "")
+            self._add_cache[key] = dataclasses.replace(self._adds[stage], name=name)
+        return self._add_cache[key]
 
     def _edge(self, cell: int, edge: str, stage: int, op: str) -> list:
         import dataclasses
@@ -265,7 +284,7 @@ class NB201Costs:
         if self.fold_constant and output_is_constant(arch_str):
             return list(self._constant)
         live = live_edges(arch_str) if self.fold_constant else None
-        nodes = [[(op, i) for op, i in edges if live is None or (i, j) in live]
+        nodes = [[(op, i) for op, i in edges if op != "none" and (live is None or (i, j) in live)]
                  for j, edges in enumerate(parse_arch(arch_str), start=1)]
         out = list(self._fixed["stem"])
         for cell in range(17):
@@ -273,10 +292,23 @@ class NB201Costs:
                 out += self._fixed[f"res{cell}"]
                 continue
             stage = 0 if cell < 5 else 1 if cell < 11 else 2
+            adds = 0
             for j, edges in enumerate(nodes):
                 for op, i in edges:
                     out += self._edge(cell, f"{j + 1}<-{i}", stage, op)
+                for _ in range(len(edges) - 1):
+                    out.append(self._add(cell, adds, stage))
+                    adds += 1
         return out + self._fixed["head"]
+
+
+def fitted_summary(profile) -> dict:
+    """The numbers calibration may change, as plain values."""
+    return {"efficiency": {k.value: v for k, v in profile.efficiency.items()},
+            "memory_bandwidth_gbps": profile.memory_bandwidth_gbps,
+            "layer_overhead_us": profile.layer_overhead_us,
+            "op_overhead_us": {k.value: v for k, v in profile.op_overhead_us.items()},
+            "call_overhead_us": profile.call_overhead_us}
 
 
 def nb201_rows(csv_path: Path, devices=NB201_DEVICES) -> list[dict]:
@@ -317,10 +349,7 @@ def nb201_rows(csv_path: Path, devices=NB201_DEVICES) -> list[dict]:
             "cal_within": cal_test.within_10, "cal_within_20": cal_test.within_20,
             "cal_median_abs_rel_error": cal_test.median_abs_rel_error,
             "target": "tau>=0.85, >=90% within ±10%", "result": "PASS" if passed else "FAIL",
-            "fitted": {"efficiency": {k.value: v for k, v in calibrated.efficiency.items()},
-                       "memory_bandwidth_gbps": calibrated.memory_bandwidth_gbps,
-                       "layer_overhead_us": calibrated.layer_overhead_us,
-                       "call_overhead_us": calibrated.call_overhead_us},
+            "fitted": fitted_summary(calibrated),
             "seconds": time.perf_counter() - t0,
         })
         print(f"  {rows[-1]['row']}: done in {rows[-1]['seconds']:.0f} s", file=sys.stderr)
@@ -353,30 +382,134 @@ def local_candidates(task, rng: random.Random, count: int) -> list:
     return plans
 
 
-def local_rows(profile_path: Path) -> list[dict]:
-    import torch
+LOCAL_ROUNDS = 3  # each candidate is timed in at least this many rounds, spread over the whole run
+LOCAL_REPEATS = 15  # timed calls per batch size and round, after 3 warm-up calls (measure_local's)
+LOCAL_MAX_GAP = 1.10  # the two fastest rounds must agree within this ratio, else more rounds
+LOCAL_MAX_ROUNDS = 10
 
+
+def time_deployed(model, task, batches=(1, 64), repeats: int = LOCAL_REPEATS) -> dict[str, float]:
+    """Median wall and thread-CPU time per call of the graph ``measure_local`` times, in ms.
+
+    The same path as the evaluator's ``measure_local``: the deployable ONNX graph
+    (``deployable_onnx_bytes``), an onnxruntime session from ``ort_session`` with
+    torch's thread count (1 here), the same input (the first validation example
+    repeated to the batch), 3 warm-up calls and 15 timed ones. With one intra-op
+    thread onnxruntime computes on the calling thread, so that thread's CPU time is
+    the time the graph really ran; wall time also counts the waits for a core when
+    other programs oversubscribe the machine, which is noise to a latency model.
+    """
+    from slimsearch.evaluators.deploy import deployable_onnx_bytes
+    from slimsearch.evaluators.onnx_graph import INPUT_NAME, ort_session
+
+    session = ort_session(deployable_onnx_bytes(model, task.example_input))
+    out = {}
+    for batch in batches:
+        x = task.val.x[:1].repeat(batch, *[1] * (task.val.x.dim() - 1)).numpy()
+        for _ in range(3):
+            session.run(None, {INPUT_NAME: x})
+        wall, cpu = [], []
+        for _ in range(repeats):
+            w0, c0 = time.perf_counter(), time.thread_time()
+            session.run(None, {INPUT_NAME: x})
+            cpu.append(time.thread_time() - c0)
+            wall.append(time.perf_counter() - w0)
+        out[f"wall_b{batch}"] = statistics.median(wall) * 1e3
+        out[f"cpu_b{batch}"] = statistics.median(cpu) * 1e3
+    return out
+
+
+def measure_candidates(cache: Path | None = None) -> list[dict]:
+    """Time every local candidate's deployed graph (:func:`time_deployed`) in rounds.
+
+    Round r times every candidate once before round r + 1 starts, so a burst of load
+    from other work on the machine hits one round of many candidates rather than every
+    round of one. Other programs sharing the cores only ever add time (cache and
+    memory contention, a slower clock), so the latency kept is the fastest round's
+    thread-CPU median once a second round confirms it: a candidate whose two fastest
+    rounds differ by more than ``LOCAL_MAX_GAP`` at either batch size is noisy and is
+    timed again, up to ``LOCAL_MAX_ROUNDS`` rounds. One still noisy then is marked
+    ``noisy`` and left out of the scores (the table says how many). Wall-clock medians
+    are kept too. ``cache`` (a JSON file) keeps the rounds: a later run reuses them,
+    times more rounds where they are unconfirmed, and the plans are rebuilt from it
+    with ``apply_plan``, which is deterministic.
+    """
     from slimsearch.evaluators import apply_plan
-    from slimsearch.evaluators.evaluate import measure_local
+    from slimsearch.tasks import load_task
+
+    entries = json.loads(cache.read_text()) if cache is not None and cache.is_file() else []
+    rng = random.Random(SEED)
+    built, tasks = [], {}
+    if not entries:
+        for task_name in LOCAL_TASKS:
+            task = tasks[task_name] = load_task(task_name)
+            for plan in local_candidates(task, rng, LOCAL_PER_TASK):
+                entries.append({"task": task_name, "plan": plan.to_json(), "rounds": []})
+
+    def model(i):
+        from slimsearch.spaces import CompressionPlan
+
+        while len(built) <= i:
+            entry = entries[len(built)]
+            task = tasks.setdefault(entry["task"], load_task(entry["task"]))
+            built.append((task, apply_plan(task, CompressionPlan.from_json(entry["plan"]))))
+        return built[i]
+
+    def time_round(indices):
+        for i in indices:
+            task, deployed = model(i)
+            entries[i]["rounds"].append(time_deployed(deployed, task, (1, task.latency_batch)))
+
+    def gap(entry):
+        def two_fastest(key):
+            low = sorted(r[key] for r in entry["rounds"])[:2]
+            return low[1] / low[0] if len(low) == 2 else float("inf")
+        return max(two_fastest("cpu_b1"), two_fastest("cpu_b64"))
+
+    for r in range(LOCAL_ROUNDS - min((len(e["rounds"]) for e in entries), default=0)):
+        time_round(range(len(entries)))
+        print(f"  local: round {r + 1} timed", file=sys.stderr)
+    while True:
+        noisy = [i for i, e in enumerate(entries) if gap(e) > LOCAL_MAX_GAP and len(e["rounds"]) < LOCAL_MAX_ROUNDS]
+        if not noisy:
+            break
+        print(f"  local: {len(noisy)} noisy candidates timed again", file=sys.stderr)
+        time_round(noisy)
+    for e in entries:
+        for k in ("cpu_b1", "cpu_b64", "wall_b1", "wall_b64"):
+            e[k] = min(r[k] for r in e["rounds"])
+        e["gap"] = gap(e)
+        e["noisy"] = e["gap"] > LOCAL_MAX_GAP
+    if cache is not None:
+        cache.write_text(json.dumps(entries, indent=1))
+    return entries
+
+
+def local_rows(profile_path: Path, cache: Path | None = None) -> list[dict]:
+    from slimsearch.evaluators import apply_plan
     from slimsearch.hardware_profiles import calibrate, layer_costs, load_profile, predict
     from slimsearch.hardware_profiles._calibrate import report
+    from slimsearch.spaces import CompressionPlan
     from slimsearch.tasks import load_task
 
     profile = load_profile(profile_path)
-    rng = random.Random(SEED)
-    measured = []  # (task, batch, layers, latency_ms)
-    for task_name in LOCAL_TASKS:
-        task = load_task(task_name)
-        for plan in local_candidates(task, rng, LOCAL_PER_TASK):
-            model = apply_plan(task, plan)
-            latency = measure_local(model, task)
-            bits = {(lp.weight_bits, lp.act_bits) for lp in plan.layers.values()
-                    if lp.weight_bits < 32 or lp.act_bits < 32}
-            label = f"{task_name} w{min(bits)[0]}a{min(bits)[1]}" if bits else f"{task_name} float"
-            for batch, key in ((1, "latency_ms@local"), (64, "latency_ms_b64@local")):
-                x = task.example_input.repeat(batch, *[1] * (task.example_input.dim() - 1))
-                measured.append((label, batch, layer_costs(model, x), latency[key]))
-        print(f"  local: {task_name} measured", file=sys.stderr)
+    rng = random.Random(SEED + 1)
+    measured = []  # (label, batch, layers, latency_ms), both batches of a candidate in a row
+    tasks = {}
+    entries = measure_candidates(cache)
+    noisy = sum(entry["noisy"] for entry in entries)
+    for entry in entries:
+        if entry["noisy"]:
+            continue  # never confirmed: not used
+        task = tasks.setdefault(entry["task"], load_task(entry["task"]))
+        plan = CompressionPlan.from_json(entry["plan"])
+        model = apply_plan(task, plan)
+        bits = {(lp.weight_bits, lp.act_bits) for lp in plan.layers.values()
+                if lp.weight_bits < 32 or lp.act_bits < 32}
+        label = f"{entry['task']} w{min(bits)[0]}a{min(bits)[1]}" if bits else f"{entry['task']} float"
+        for batch in (1, 64):
+            x = task.example_input.repeat(batch, *[1] * (task.example_input.dim() - 1))
+            measured.append((label, batch, layer_costs(model, x), entry[f"cpu_b{batch}"]))
     candidates = len(measured) // 2
     order = list(range(candidates))
     rng.shuffle(order)
@@ -401,11 +534,8 @@ def local_rows(profile_path: Path) -> list[dict]:
             "cal_within": cal.within_20, "cal_within_20": cal.within_20,
             "cal_median_abs_rel_error": cal.median_abs_rel_error,
             "target": "tau>=0.85, >=80% within ±20%", "result": "PASS" if passed else "FAIL",
-            "fitted": {"efficiency": {k.value: v for k, v in calibrated.efficiency.items()},
-                       "memory_bandwidth_gbps": calibrated.memory_bandwidth_gbps,
-                       "layer_overhead_us": calibrated.layer_overhead_us,
-                       "call_overhead_us": calibrated.call_overhead_us},
-            "tasks": list(LOCAL_TASKS),
+            "fitted": fitted_summary(calibrated),
+            "tasks": list(LOCAL_TASKS), "noisy_left_out": noisy,
             "test_candidates": [
                 {"candidate": label, "measured_ms": ms, "spec_ms": predict(layers, profile).latency_ms,
                  "calibrated_ms": predict(layers, calibrated).latency_ms}
@@ -437,6 +567,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--local-profile", help="profile of this machine (default: measure one now)")
     parser.add_argument("--nb201", default=str(NB201_CSV), help="path of nb201.csv")
+    parser.add_argument("--local-cache", help="JSON file of local timings: read if it exists, else written")
     parser.add_argument("--skip-local", action="store_true", help="leave out the local CPU rows")
     parser.add_argument("--skip-nb201", action="store_true", help="leave out the nb201 rows")
     args = parser.parse_args()
@@ -455,7 +586,7 @@ def main() -> None:
             import yaml
 
             path.write_text(yaml.safe_dump(measure_host(threads=1).to_dict(), sort_keys=False))
-        rows += local_rows(path)
+        rows += local_rows(path, Path(args.local_cache) if args.local_cache else None)
     if not args.skip_nb201:
         rows += nb201_rows(Path(args.nb201))
     print(format_table(rows))

@@ -79,6 +79,13 @@ def test_every_number_has_a_citation_or_a_reasoned_estimate(name):
             assert marker not in text, f"{name}: {path}: unfinished citation"
 
 
+@pytest.mark.parametrize("name", list_profiles())
+def test_shipped_efficiencies_are_fractions_of_the_peak(name):
+    # above 1 only a calibrated profile may go (its peak was not the kernel's ceiling)
+    profile = load_profile(name)
+    assert all(0 < value <= 1 for value in profile.efficiency.values())
+
+
 @pytest.mark.parametrize("name", CATALOGUE)
 def test_small_cnn_predictions_stay_inside_each_power_mode(name, make_cnn):
     profile = load_profile(name)

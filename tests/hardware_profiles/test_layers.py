@@ -31,10 +31,13 @@ def test_macs_match_hand_computation_at_batch_two():
     assert costs["3"].macs == (2 * 16 * 8 * 8) * (8 // 2) * 3 * 3 == 73_728
     # linear: output elements * in_features
     assert costs["6"].macs == (2 * 10) * 1024 == 20_480
-    # other: one MAC per output element
-    assert costs["1"].macs == costs["2"].macs == 2 * 8 * 16 * 16
-    assert [costs[n].op for n in ("0", "1", "3", "6")] == [
-        OpType.CONV, OpType.OTHER, OpType.CONV, OpType.LINEAR]
+    # normalisation and activation: no MACs, one operation per output element
+    assert costs["1"].macs == costs["2"].macs == 0
+    assert costs["1"].ops == costs["2"].ops == 2 * 8 * 16 * 16
+    assert costs["0"].ops == costs["3"].ops == costs["6"].ops == 0
+    assert [costs[n].op for n in ("0", "1", "2", "3", "6")] == [
+        OpType.CONV, OpType.ELEMENTWISE, OpType.ELEMENTWISE, OpType.DWCONV, OpType.LINEAR]
+    assert costs["0"].in_channels == 3 and costs["3"].in_channels == 8
 
 
 def test_params_and_bytes_at_default_32_bits():
@@ -112,7 +115,8 @@ def test_tuple_input_and_transposed_conv():
             return self.up(a + b)
 
     x = torch.randn(1, 4, 5, 5)
-    (cost,) = layer_costs(Two(), (x, x))
+    add, cost = layer_costs(Two(), (x, x))
+    assert (add.name, add.op, add.ops, add.macs) == ("add", OpType.ELEMENTWISE, 100, 0)
     assert cost.op is OpType.CONV
     # transposed conv: input elements * out_channels/groups * kh * kw
     assert cost.macs == (4 * 5 * 5) * 2 * 2 * 2
@@ -121,7 +125,68 @@ def test_tuple_input_and_transposed_conv():
 def test_layer_cost_round_trips_and_validates():
     cost = layer_costs(_tiny(), torch.randn(1, 3, 16, 16))[0]
     assert LayerCost.from_dict(cost.to_dict()) == cost
-    with pytest.raises(ConfigError, match=r"op must be one of \['conv', 'linear', 'other'\]"):
-        LayerCost("x", "pool", 1, 1, 32, 32, 4, 4)
+    with pytest.raises(ConfigError, match=r"op must be one of \['conv', 'conv1x1', 'dwconv', 'linear', "):
+        LayerCost("x", "pooling", 1, 1, 32, 32, 4, 4)
     with pytest.raises(ConfigError, match="sparsity must be a number in"):
         LayerCost("x", "conv", 1, 1, 32, 32, 4, 4, sparsity=1.5)
+
+
+def test_pooling_and_pointwise_convs_have_their_own_types():
+    model = nn.Sequential(nn.Conv2d(4, 6, 1), nn.AvgPool2d(3, stride=1, padding=1), nn.MaxPool2d(2),
+                          nn.AdaptiveAvgPool2d(1))
+    pw, avg, pool, gap = layer_costs(model, torch.randn(1, 4, 8, 8))
+    assert (pw.op, pw.macs) == (OpType.CONV1X1, 6 * 8 * 8 * 4)
+    # pooling: one operation per window element per output, and the channels it spans
+    assert (avg.op, avg.macs, avg.ops, avg.in_channels) == (OpType.POOL, 0, 6 * 8 * 8 * 9, 6)
+    assert pool.ops == 6 * 4 * 4 * 4
+    assert gap.ops == 6 * 16
+
+
+def test_functions_outside_modules_are_costed_once_per_call_and_named_by_their_module():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = torch.relu(self.fc(x)) + x  # relu and add are graph nodes outside any module
+            scores = (y @ y.transpose(-1, -2)).softmax(-1)
+            return torch.cat([scores @ y, y.flatten(1).view_as(y)], -1)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+
+        def forward(self, x):
+            return self.block(x) * 2
+
+    costs = layer_costs(Net(), torch.randn(2, 5, 8))
+    assert [c.name for c in costs] == ["block.fc", "block.relu", "block.add", "block.matmul", "block.softmax",
+                                       "block.matmul_1", "block.cat", "mul"]
+    by_name = {c.name: c for c in costs}
+    assert by_name["block.matmul"].op is OpType.MATMUL
+    assert by_name["block.matmul"].macs == 2 * 5 * 5 * 8  # (5 x 8) @ (8 x 5) per batch item
+    assert by_name["block.matmul_1"].macs == 2 * 5 * 8 * 5
+    assert by_name["block.add"].op is OpType.ELEMENTWISE and by_name["block.add"].ops == 2 * 5 * 8
+    assert by_name["block.cat"].op is OpType.OTHER and by_name["block.cat"].ops == 0
+    assert by_name["block.cat"].act_bytes == (2 * 5 * 8 * 2) * 2 * 4  # in and out, fp32
+    # functions inside a costed module (Linear's own matmul) are that module's work
+    assert by_name["block.fc"].macs == 2 * 5 * 8 * 8
+    # the MAC total counts convolutions, linear layers and matrix products only
+    assert sum(c.macs for c in costs) == 2 * 5 * 8 * 8 + 2 * 5 * 5 * 8 * 2
+
+
+def test_functions_take_the_act_bits_of_their_module():
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x) + x
+
+    model = Res()
+    model.act_bits = 8
+    add = layer_costs(model, torch.randn(1, 2, 4, 4))[-1]
+    assert add.act_bits == 8 and add.act_bytes == 3 * 32

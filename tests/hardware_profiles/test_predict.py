@@ -163,3 +163,63 @@ def test_prediction_round_trips_through_json(make_cnn):
     again = Prediction.from_dict(json.loads(json.dumps(prediction.to_dict())))
     assert again == prediction
     assert predict([], "raspberry-pi-4").latency_ms == 0.0
+
+
+def _simple(op: str, *, ops: int = 0, macs: int = 0, nbytes: int = 1_000, in_channels: int = 0,
+            weight_bits: int = 32, act_bits: int = 32, workspace: int = 0) -> LayerCost:
+    return LayerCost(name=op, op=op, macs=macs, params=0, weight_bits=weight_bits, act_bits=act_bits,
+                     weight_bytes=0, act_bytes=nbytes, ops=ops, in_channels=in_channels,
+                     workspace_bytes=workspace)
+
+
+def test_finer_op_types_fall_back_to_their_base_type():
+    pi = load_profile("raspberry-pi-4")
+    assert pi.op_efficiency("conv1x1") == pi.efficiency["conv"]
+    assert pi.op_efficiency("matmul") == pi.efficiency["linear"]
+    assert pi.op_efficiency("pool") == pi.op_efficiency("elementwise") == pi.efficiency["other"]
+    assert pi.op_overhead("pool") == pi.layer_overhead_us
+    layer = _simple("conv1x1", macs=10**8)
+    assert predict([layer], pi).latency_ms == pytest.approx(
+        predict([dataclasses.replace(layer, op="conv")], pi).latency_ms)
+    own = dataclasses.replace(pi, efficiency={**pi.efficiency, "conv1x1": pi.efficiency["conv"] / 2},
+                              op_overhead_us={"conv1x1": 0.0},
+                              sources={**pi.sources, "efficiency.conv1x1": "test", "op_overhead_us.conv1x1": "test"})
+    compute_ms = 2 * 10**8 / (pi.peak_gops[pi.kernel_precision(32)] * 1e9 * pi.efficiency["conv"]) * 1e3
+    assert predict([layer], own).latency_ms == pytest.approx(2 * compute_ms)
+
+
+def test_pooling_runs_as_a_convolution_only_where_the_device_says_so():
+    eyeriss = load_profile("eyeriss")
+    assert eyeriss.pool_as_conv
+    pool = _simple("pool", ops=16 * 32 * 32 * 9, in_channels=16, weight_bits=16, act_bits=16)
+    conv = _simple("conv", macs=16 * 32 * 32 * 9 * 16, weight_bits=16, act_bits=16)
+    plain = dataclasses.replace(eyeriss, pool_as_conv=False)
+    # the same work as a 3x3 convolution of as many channels in as out, at the pool's efficiency
+    ratio = eyeriss.op_efficiency("conv") / eyeriss.op_efficiency("pool")
+    pool_ms = predict([pool], eyeriss).latency_ms - eyeriss.layer_overhead_us / 1e3
+    conv_ms = predict([conv], eyeriss).latency_ms - eyeriss.layer_overhead_us / 1e3
+    assert pool_ms == pytest.approx(conv_ms * ratio)
+    assert predict([pool], plain).latency_ms < predict([pool], eyeriss).latency_ms
+
+
+def test_narrow_weights_run_in_float_where_the_runtime_has_no_kernel_for_them():
+    pi = load_profile("raspberry-pi-4")
+    w4a8 = _simple("conv", macs=10**9, weight_bits=4, act_bits=8)
+    w8a8 = dataclasses.replace(w4a8, weight_bits=8)
+    fp32 = dataclasses.replace(w4a8, weight_bits=32, act_bits=32)
+    widened = predict([w4a8], pi).latency_ms
+    assert widened == pytest.approx(predict([w8a8], pi).latency_ms)  # 4-bit weights on int8 kernels
+    floated = dataclasses.replace(pi, float_narrow_weights=True)
+    assert predict([w4a8], floated).latency_ms == pytest.approx(predict([fp32], pi).latency_ms)
+    assert predict([w8a8], floated).latency_ms == pytest.approx(widened)
+
+
+def test_without_memory_overlap_compute_and_memory_add_up_with_the_lowered_input():
+    pi = load_profile("raspberry-pi-4")
+    layer = _simple("conv", macs=10**8, nbytes=10**7, workspace=10**7)
+    serial = dataclasses.replace(pi, memory_overlap=False)
+    compute = 2 * 10**8 / (pi.peak_gops[pi.kernel_precision(32)] * 1e9 * pi.efficiency["conv"])
+    memory = 10**7 / (pi.memory_bandwidth_gbps * 1e9)
+    overhead = pi.layer_overhead_us * 1e-6
+    assert predict([layer], pi).latency_ms == pytest.approx((max(compute, memory) + overhead) * 1e3)
+    assert predict([layer], serial).latency_ms == pytest.approx((compute + 3 * memory + overhead) * 1e3)

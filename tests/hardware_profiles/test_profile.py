@@ -150,7 +150,10 @@ def test_a_priced_profile_needs_a_source_for_the_price(tmp_path):
     [
         (lambda d: d["peak_gops"].update(fp64=1.0), "peak_gops.fp64"),
         (lambda d: d.update(kind="tpu"), "kind"),
-        (lambda d: d["efficiency"].update(conv=1.5), "efficiency.conv"),
+        (lambda d: d["efficiency"].update(conv=9.0), "efficiency.conv"),
+        (lambda d: d["efficiency"].pop("linear"), "efficiency: must give the base op types"),
+        (lambda d: d.update(op_overhead_us={"conv": -1}), "op_overhead_us.conv"),
+        (lambda d: d.update(pool_as_conv="yes"), "pool_as_conv: must be true or false"),
         (lambda d: d["energy_pj_per_mac"].pop("int8"), "energy_pj_per_mac"),
         (lambda d: d["power_modes"][0].update(default=False), "exactly one mode must be default"),
         (lambda d: d["power_modes"][0].update(clock_mhz=0), "power_modes.stock.clock_mhz"),

@@ -2,29 +2,28 @@
 
 Why this is written here: latency predictors in the field (nn-Meter, HELP, BRP-NAS)
 learn their own kernel- or graph-level regressors; none fits the few interpretable
-numbers of a roofline profile (efficiency per op type, effective bandwidth,
-overheads), and general solvers (``scipy.optimize.nnls``) are not a dependency of
-slimsearch. The model has at most six non-negative parameters, so an exact
-non-negative least-squares solve by enumerating active sets is a few lines of numpy.
+numbers of a roofline profile (efficiency and overhead per op type, effective
+bandwidth, per-call overhead), and general solvers (``scipy.optimize.nnls``) are not a
+dependency of slimsearch, so the Lawson-Hanson active-set solver is a few lines of
+numpy here.
 
 The model fitted is :func:`~slimsearch.hardware_profiles.predict`'s own::
 
-    latency = sum over layers of max(u_l * x[op_l], m_l * x_mem) + n_layers * o + c
+    latency = sum over layers of max(u_l * x[op_l], m_l * x_mem) + sum of o[op_l] + c
 
 where ``u_l`` is the layer's compute time at full peak, ``m_l`` its memory time at the
 profile's bandwidth, ``x[op] = 1 / efficiency[op]``, ``x_mem`` the factor by which the
-bandwidth is really slower, ``o`` the per-layer and ``c`` the per-call overhead. For a
-fixed choice of which layers are compute-bound this is linear in the parameters; the
-fit alternates between solving the non-negative least squares on *relative* error
-(rows weighted by ``1 / measured``) and re-deciding each layer's bound, and keeps the
-best parameters seen.
+bandwidth is really slower, ``o[op]`` the per-layer overhead of the op type and ``c``
+the per-call overhead. For a fixed choice of which layers are compute-bound this is
+linear in the parameters; the fit alternates between solving the non-negative least
+squares on *relative* error (rows weighted by ``1 / measured``) and re-deciding each
+layer's bound, and keeps the best parameters seen.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import itertools
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -36,7 +35,7 @@ from slimsearch.exceptions import ConfigError
 from slimsearch.hardware_profiles._enums import OpType
 from slimsearch.hardware_profiles._layers import LayerCost, layer_costs
 from slimsearch.hardware_profiles._predict import kernel_work, predict
-from slimsearch.hardware_profiles._profile import HardwareProfile, load_profile
+from slimsearch.hardware_profiles._profile import MAX_EFFICIENCY, HardwareProfile, load_profile
 
 if TYPE_CHECKING:
     import numpy as np
@@ -48,12 +47,18 @@ __all__ = ["FIT_PARAMETERS", "MEASUREMENT_COLUMNS", "FitReport", "calibrate", "f
 Sample = tuple[Union["torch.nn.Module", Sequence[LayerCost]], Any, float]
 """``(model, example_input, measured_latency_ms)``, or ``(layer_costs, None, measured_ms)``."""
 
-FIT_PARAMETERS = ("conv", "linear", "other", "memory", "layer_overhead", "call_overhead")
-"""What :func:`calibrate` can refit: efficiency per op type, effective memory
-bandwidth, per-layer overhead and per-call overhead."""
+_OPS = tuple(OpType)
+FIT_PARAMETERS = (*(op.value for op in _OPS), "memory", "op_overhead", "layer_overhead", "call_overhead")
+"""What :func:`calibrate` can refit: the efficiency of each op type, effective memory
+bandwidth, a per-layer overhead per op type (``op_overhead``) or one shared by all
+(``layer_overhead``), and the per-call overhead."""
+DEFAULT_FIT = tuple(name for name in FIT_PARAMETERS if name != "layer_overhead")
+"""What :func:`calibrate` refits unless told otherwise."""
 
-_OPS = (OpType.CONV, OpType.LINEAR, OpType.OTHER)
+_N = len(_OPS)
+_MEM, _OVER, _CALL = _N, _N + 1, 2 * _N + 1  # positions in the parameter vector
 _MAX_ROUNDS = 30
+_PRIOR_WEIGHT = 1e-4
 _MAX_BANDWIDTH_GAIN = 1e3  # effective bandwidth is kept within 1000x of the profile's
 
 
@@ -87,15 +92,16 @@ class _Rows(NamedTuple):
     op: np.ndarray  # int index into _OPS, one per layer
     compute_s: np.ndarray  # compute time at 100% efficiency, one per layer
     memory_s: np.ndarray  # memory time at the profile's bandwidth, one per layer
-    n_layers: np.ndarray  # one per sample
+    op_counts: np.ndarray  # layers of each op type, one row per sample
     measured_s: np.ndarray  # one per sample
+    overlap: bool  # roofline max of compute and memory time, else their sum
 
 
 def calibrate(
     profile: HardwareProfile | str,
     samples: Iterable[Sample],
     *,
-    fit: Sequence[str] = FIT_PARAMETERS,
+    fit: Sequence[str] = DEFAULT_FIT,
     power_mode: str | None = None,
     name: str | None = None,
     date: datetime.date | str | None = None,
@@ -106,14 +112,17 @@ def calibrate(
     :class:`LayerCost` may stand in for the model (``example_input`` is then ignored),
     so callers that already have layer costs need not rebuild networks. Parameters
     named in ``fit`` are refitted (see :data:`FIT_PARAMETERS`); an op type that no
-    sample's layers use keeps its value. Efficiencies stay in (0, 1]: a fit that wants
-    more than the profile's peak is clipped at 1. Every refitted number's source says
-    ``"calibrated on N samples, <date>, fit by slimsearch calibrate"``.
+    sample's layers use, or whose layers are never compute-bound, keeps its value.
+    A fitted efficiency may exceed 1 (up to ``MAX_EFFICIENCY``): the device then ran
+    that op type faster than ``peak_gops``, which is not that kernel's ceiling (a GEMM
+    rate or datasheet figure), and the source says so. Every refitted number's source
+    says ``"calibrated on N samples, <date>, fit by slimsearch calibrate"``.
 
     Args:
         profile: The profile to start from (a profile, a shipped name or a file path).
         samples: Measured latencies, at least two.
-        fit: Which parameters to refit.
+        fit: Which parameters to refit; ``op_overhead`` and ``layer_overhead`` exclude
+            each other.
         power_mode: The power mode the samples were measured in (None: the default).
         name: Name of the new profile (default: the old one).
         date: Date written into the sources (default: today).
@@ -128,15 +137,28 @@ def calibrate(
     unknown = [p for p in fit if p not in FIT_PARAMETERS]
     if unknown or not fit:
         raise ConfigError(f"fit must name some of {list(FIT_PARAMETERS)}, got {list(fit)!r}")
+    if "op_overhead" in fit and "layer_overhead" in fit:
+        raise ConfigError("fit may name 'op_overhead' or 'layer_overhead', not both: "
+                          "a shared overhead is the sum of the per-type ones")
     rows = _rows(profile, samples, power_mode)
     n = len(rows.measured_s)
 
-    start = np.array([1.0 / profile.efficiency[op] for op in _OPS]
-                     + [1.0, profile.layer_overhead_us * 1e-6, (profile.call_overhead_us or 0.0) * 1e-6])
-    used_ops = [bool(np.any(rows.op == i)) for i in range(len(_OPS))]
-    free = np.array([name_ in fit and (i >= 3 or used_ops[i]) for i, name_ in enumerate(FIT_PARAMETERS)])
-    lower = np.array([1.0, 1.0, 1.0, 1.0 / _MAX_BANDWIDTH_GAIN, 0.0, 0.0])
-    theta = _fit(rows, start, free, lower)
+    start = np.array([1.0 / profile.op_efficiency(op) for op in _OPS] + [1.0]
+                     + [profile.op_overhead(op) * 1e-6 for op in _OPS]
+                     + [(profile.call_overhead_us or 0.0) * 1e-6])
+    used = rows.op_counts.sum(axis=0) > 0
+    compute_used = np.array([np.any(rows.compute_s[rows.op == i] > 0) for i in range(_N)])
+    free = np.zeros(len(start), dtype=bool)
+    free[:_N] = [op.value in fit and compute_used[i] for i, op in enumerate(_OPS)]
+    free[_MEM] = "memory" in fit
+    free[_CALL] = "call_overhead" in fit
+    shared = "layer_overhead" in fit
+    if shared:
+        start[_OVER:_CALL] = profile.layer_overhead_us * 1e-6
+    free[_OVER:_CALL] = used & ("op_overhead" in fit or shared)
+    lower = np.concatenate([np.full(_N, 1.0 / MAX_EFFICIENCY), [1.0 / _MAX_BANDWIDTH_GAIN],
+                            np.zeros(_N), [0.0]])
+    theta = _fit(rows, start, free, lower, shared=shared)
 
     when = date.isoformat() if isinstance(date, datetime.date) else (date or datetime.date.today().isoformat())
     note = f"calibrated on {n} samples, {when}, fit by slimsearch calibrate"
@@ -145,19 +167,30 @@ def calibrate(
     changes: dict[str, Any] = {}
     for i, op in enumerate(_OPS):
         if free[i]:
-            efficiency[op] = float(min(1.0, 1.0 / theta[i]))
+            value = efficiency[op] = float(min(MAX_EFFICIENCY, 1.0 / theta[i]))
+            above = (" - above 1: this device ran these layers faster than peak_gops, which is "
+                     "therefore not their kernel's ceiling" if value > 1 else "")
             sources[f"efficiency.{op.value}"] = (
-                f"{note} (fraction of peak_gops; was {profile.efficiency[op]:g})")
+                f"{note} (fraction of peak_gops{above}; was {profile.op_efficiency(op):g})")
     changes["efficiency"] = efficiency
-    if free[3]:
-        changes["memory_bandwidth_gbps"] = float(profile.memory_bandwidth_gbps / theta[3])
+    if free[_MEM]:
+        changes["memory_bandwidth_gbps"] = float(profile.memory_bandwidth_gbps / theta[_MEM])
         sources["memory_bandwidth_gbps"] = (
             f"{note} (effective bandwidth the layers see; was {profile.memory_bandwidth_gbps:g})")
-    if free[4]:
-        changes["layer_overhead_us"] = float(theta[4] * 1e6)
+    if shared:
+        changes["layer_overhead_us"] = float(theta[_OVER] * 1e6)
         sources["layer_overhead_us"] = f"{note} (was {profile.layer_overhead_us:g})"
-    if free[5]:
-        changes["call_overhead_us"] = float(theta[5] * 1e6)
+        changes["op_overhead_us"] = {}
+        sources = {k: v for k, v in sources.items() if not k.startswith("op_overhead_us.")}
+    elif free[_OVER:_CALL].any():
+        overheads = dict(profile.op_overhead_us)
+        for i, op in enumerate(_OPS):
+            if free[_OVER + i]:
+                overheads[op] = float(theta[_OVER + i] * 1e6)
+                sources[f"op_overhead_us.{op.value}"] = f"{note} (was {profile.op_overhead(op):g})"
+        changes["op_overhead_us"] = overheads
+    if free[_CALL]:
+        changes["call_overhead_us"] = float(theta[_CALL] * 1e6)
         sources["call_overhead_us"] = f"{note} (was {profile.call_overhead_us or 0:g})"
     description = " ".join(profile.description.split())
     if "Calibrated on" not in description:
@@ -264,21 +297,26 @@ def _rows(profile: HardwareProfile, samples: Iterable[Sample], power_mode: str |
     mode = profile.power_mode(power_mode)
     clock_scale = mode.clock_mhz / profile.default_power_mode.clock_mhz
     bandwidth = profile.memory_bandwidth_gbps * 1e9
+    index_of = {op: i for i, op in enumerate(_OPS)}
     sample_ix, op_ix, compute, memory, counts, measured = [], [], [], [], [], []
     memo: dict = {}
     for index, (layers, measured_ms) in enumerate(_layer_samples(samples)):
+        count = np.zeros(_N)
         for layer in layers:
-            precision, macs = kernel_work(layer, profile, memo)
+            precision, work = kernel_work(layer, profile, memo)
             sample_ix.append(index)
-            op_ix.append(_OPS.index(layer.op))
-            compute.append(2.0 * macs / (profile.peak_gops[precision] * 1e9 * clock_scale))
-            memory.append(layer.total_bytes / bandwidth)
-        counts.append(len(layers))
+            op_ix.append(index_of[layer.op])
+            count[index_of[layer.op]] += 1
+            compute.append(work / (profile.peak_gops[precision] * 1e9 * clock_scale))
+            lowered = 0 if profile.memory_overlap else 2 * layer.workspace_bytes
+            memory.append((layer.total_bytes + lowered) / bandwidth)
+        counts.append(count)
         measured.append(measured_ms * 1e-3)
     if len(measured) < 2:
         raise ConfigError(f"calibrate needs at least two samples, got {len(measured)}")
     return _Rows(np.array(sample_ix, dtype=np.int64), np.array(op_ix, dtype=np.int64),
-                 np.array(compute), np.array(memory), np.array(counts, dtype=float), np.array(measured))
+                 np.array(compute), np.array(memory), np.array(counts).reshape(-1, _N), np.array(measured),
+                 profile.memory_overlap)
 
 
 def _predict_s(rows: _Rows, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -286,28 +324,33 @@ def _predict_s(rows: _Rows, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     import numpy as np
 
     compute = rows.compute_s * theta[rows.op]
-    memory = rows.memory_s * theta[3]
+    memory = rows.memory_s * theta[_MEM]
     bound = compute >= memory
-    per_layer = np.where(bound, compute, memory)
+    per_layer = np.where(bound, compute, memory) if rows.overlap else compute + memory
     total = np.bincount(rows.sample, weights=per_layer, minlength=len(rows.measured_s))
-    return total + rows.n_layers * theta[4] + theta[5], bound
+    return total + rows.op_counts @ theta[_OVER:_CALL] + theta[_CALL], bound
 
 
 def _design(rows: _Rows, bound: np.ndarray) -> np.ndarray:
     import numpy as np
 
     n = len(rows.measured_s)
-    design = np.zeros((n, len(FIT_PARAMETERS)))
-    for i in range(len(_OPS)):
+    design = np.zeros((n, _CALL + 1))
+    if not rows.overlap:  # compute plus memory: every layer is in both columns
+        bound = np.ones_like(bound)
+        design[:, _MEM] = np.bincount(rows.sample, weights=rows.memory_s, minlength=n)
+    for i in range(_N):
         mask = bound & (rows.op == i)
         design[:, i] = np.bincount(rows.sample[mask], weights=rows.compute_s[mask], minlength=n)
-    design[:, 3] = np.bincount(rows.sample[~bound], weights=rows.memory_s[~bound], minlength=n)
-    design[:, 4] = rows.n_layers
-    design[:, 5] = 1.0
+    if rows.overlap:
+        design[:, _MEM] = np.bincount(rows.sample[~bound], weights=rows.memory_s[~bound], minlength=n)
+    design[:, _OVER:_CALL] = rows.op_counts
+    design[:, _CALL] = 1.0
     return design
 
 
-def _fit(rows: _Rows, start: np.ndarray, free: np.ndarray, lower: np.ndarray) -> np.ndarray:
+def _fit(rows: _Rows, start: np.ndarray, free: np.ndarray, lower: np.ndarray, *, shared: bool) -> np.ndarray:
+    """Alternate NNLS and bound decisions; ``shared`` ties the per-type overheads to one value."""
     import numpy as np
 
     def loss(theta: np.ndarray) -> float:
@@ -317,6 +360,8 @@ def _fit(rows: _Rows, start: np.ndarray, free: np.ndarray, lower: np.ndarray) ->
     theta = np.where(free, np.maximum(start, lower), start)
     best, best_loss = theta.copy(), loss(theta)
     seen: set[bytes] = set()
+    over = np.zeros(len(theta), dtype=bool)
+    over[_OVER:_CALL] = True
     for _ in range(_MAX_ROUNDS):
         _, bound = _predict_s(rows, theta)
         key = np.packbits(bound).tobytes()
@@ -324,24 +369,40 @@ def _fit(rows: _Rows, start: np.ndarray, free: np.ndarray, lower: np.ndarray) ->
             break
         seen.add(key)
         design = _design(rows, bound) / rows.measured_s[:, None]
-        target = np.ones(len(rows.measured_s))
-        # fixed parameters move to the right-hand side; free ones are lower + z, z >= 0
-        fixed_part = design[:, ~free] @ theta[~free]
-        target = target - fixed_part - design[:, free] @ lower[free]
-        z = _nnls(design[:, free], target)
+        target = np.ones(len(rows.measured_s)) - design[:, ~free] @ theta[~free]
+        # free parameters are lower + z, z >= 0; shared overheads are one column
+        columns = [i for i in range(len(theta)) if free[i] and not (shared and over[i])]
+        matrix = design[:, columns] - 0.0
+        target = target - matrix @ lower[columns]
+        if shared and (free & over).any():
+            tied = free & over
+            matrix = np.column_stack([matrix, design[:, tied].sum(axis=1)])
+            target = target - design[:, tied] @ lower[tied]
+        # A weak prior (0.01% of one sample's weight) pulls efficiencies and bandwidth toward
+        # the starting profile: one the samples leave undetermined (its layers add nothing
+        # measurable) keeps its value instead of landing on a bound.
+        ix = [k for k, c in enumerate(columns) if c <= _MEM]
+        prior = np.zeros((len(ix), matrix.shape[1]))
+        scale = start[[columns[k] for k in ix]]
+        prior[np.arange(len(ix)), ix] = _PRIOR_WEIGHT / scale
+        matrix = np.vstack([matrix, prior])
+        target = np.concatenate([target, _PRIOR_WEIGHT * (scale - lower[[columns[k] for k in ix]]) / scale])
+        z = _nnls(matrix, target)
         theta = theta.copy()
-        theta[free] = lower[free] + z
+        theta[columns] = lower[columns] + z[: len(columns)]
+        if shared and (free & over).any():
+            theta[free & over] = lower[free & over] + z[-1]
         current = loss(theta)
         if current < best_loss:
             best, best_loss = theta.copy(), current
     return best
 
 
-def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """argmin ||a z - b|| over z >= 0, exactly, by trying every set of free columns.
+def _nnls(a: np.ndarray, b: np.ndarray, *, max_iter: int = 500) -> np.ndarray:
+    """argmin ||a z - b|| over z >= 0 (Lawson and Hanson's active-set method).
 
-    ``a`` has at most six columns here, so the 64 candidate sets cost nothing; columns
-    are scaled to unit norm first so seconds and counts are comparable.
+    Columns are scaled to unit norm first so seconds and counts are comparable; an
+    all-zero column gets 0.
     """
     import numpy as np
 
@@ -349,20 +410,27 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(a, axis=0)
     usable = norms > 0
     scaled = np.where(usable, a / np.where(usable, norms, 1.0), 0.0)
-    best, best_residual = np.zeros(k), float(np.sum(b ** 2))
-    columns = [i for i in range(k) if usable[i]]
-    for size in range(1, len(columns) + 1):
-        for subset in itertools.combinations(columns, size):
-            sub = scaled[:, subset]
-            solution, *_ = np.linalg.lstsq(sub, b, rcond=None)
-            if np.any(solution < 0):
-                continue
-            residual = float(np.sum((sub @ solution - b) ** 2))
-            if residual < best_residual - 1e-15:
-                best_residual = residual
-                best = np.zeros(k)
-                best[list(subset)] = solution
-    return np.where(usable, best / np.where(usable, norms, 1.0), 0.0)
+    z = np.zeros(k)
+    passive = np.zeros(k, dtype=bool)
+    tolerance = 1e-12 * max(1.0, float(np.abs(scaled).max(initial=0.0)))
+    for _ in range(max_iter):
+        gradient = scaled.T @ (b - scaled @ z)
+        candidates = ~passive & usable & (gradient > tolerance)
+        if not candidates.any():
+            break
+        passive[int(np.argmax(np.where(candidates, gradient, -np.inf)))] = True
+        while True:
+            solution = np.zeros(k)
+            solution[passive], *_ = np.linalg.lstsq(scaled[:, passive], b, rcond=None)
+            if np.all(solution[passive] > 0):
+                z = solution
+                break
+            negative = passive & (solution <= 0)
+            step = np.min(z[negative] / (z[negative] - solution[negative]))
+            z = z + step * (solution - z)
+            passive &= z > tolerance
+            z[~passive] = 0.0
+    return np.where(usable, z / np.where(usable, norms, 1.0), 0.0)
 
 
 MEASUREMENT_COLUMNS = ("latency_ms", "layers", "task", "plan", "batch")

@@ -45,11 +45,45 @@ _BITS = {Precision.FP32: 32, Precision.FP16: 16, Precision.INT8: 8, Precision.IN
 
 
 class OpType(str, Enum):
-    """How a layer's work is costed: its own efficiency factor per device."""
+    """How a layer's work is costed: its own efficiency factor and overhead per device.
 
-    CONV = "conv"
-    LINEAR = "linear"
-    OTHER = "other"
+    ``conv``, ``linear`` and ``other`` are the base types every profile gives; the
+    finer types fall back to a base type on a profile that does not list them
+    (:attr:`fallback`). MAC types (:attr:`counts_macs`) do multiply-accumulates;
+    ``pool``, ``elementwise`` and ``other`` do simple operations (one per output
+    element, or per window element for pooling).
+    """
+
+    CONV = "conv"  # dense k x k convolution (k > 1), transposed convolutions too
+    CONV1X1 = "conv1x1"  # pointwise (1 x 1) dense convolution
+    DWCONV = "dwconv"  # grouped or depthwise convolution
+    LINEAR = "linear"  # fully connected layer (weights x activations)
+    MATMUL = "matmul"  # activation x activation product (attention scores, ...)
+    POOL = "pool"  # average/max pooling over a window
+    ELEMENTWISE = "elementwise"  # add, multiply, activation, normalisation, softmax
+    OTHER = "other"  # anything else (concatenation, unknown modules)
+
+    @property
+    def fallback(self) -> OpType:
+        """The base type whose efficiency and overhead apply when a profile omits this one."""
+        return _FALLBACK.get(self, self)
+
+    @property
+    def counts_macs(self) -> bool:
+        """Whether this type's work is multiply-accumulates (2 operations each)."""
+        return self in _MAC_TYPES
+
+    @classmethod
+    def base(cls) -> tuple[OpType, ...]:
+        """The types every profile must give an efficiency for."""
+        return (cls.CONV, cls.LINEAR, cls.OTHER)
+
+
+_FALLBACK = {
+    OpType.CONV1X1: OpType.CONV, OpType.DWCONV: OpType.CONV, OpType.MATMUL: OpType.LINEAR,
+    OpType.POOL: OpType.OTHER, OpType.ELEMENTWISE: OpType.OTHER,
+}
+_MAC_TYPES = frozenset({OpType.CONV, OpType.CONV1X1, OpType.DWCONV, OpType.LINEAR, OpType.MATMUL})
 
 
 class DeviceKind(str, Enum):

@@ -32,8 +32,12 @@ class LayerCost:
 
     Attributes:
         name: Qualified module name in the model (``"features.0"``).
-        op: How the layer is costed: conv, linear or other.
-        macs: Multiply-accumulates for the whole example batch.
+        op: How the layer is costed (:class:`OpType`).
+        macs: Multiply-accumulates for the whole example batch; nonzero only for the
+            MAC types (convolutions, linear layers, matrix products).
+        ops: Simple operations of the other types for the whole batch: one per output
+            element (elementwise, normalisation, activation), one per window element
+            per output (pooling), none for data movement (concatenation).
         params: Number of parameters.
         weight_bits: Bit-width the weights are stored and computed at.
         act_bits: Bit-width of the activations.
@@ -41,6 +45,13 @@ class LayerCost:
         act_bytes: Input plus output activations at ``act_bits``.
         sparsity: Fraction of weights that are exactly zero.
         sparsity_pattern: Structured pattern the zeros follow (``"2:4"``), or None.
+        in_channels: Input channels of a convolution or pooling layer, else 0 (a
+            device without a pooling unit runs pooling as a convolution across them).
+        workspace_bytes: Bytes of the lowered input (im2col: every window of every
+            input channel laid out as a matrix column) of a k x k convolution, at
+            ``act_bits``; 0 for 1 x 1 and depthwise convolutions and other layers. A
+            runtime that lowers convolutions to a matrix product writes and reads them
+            (a profile without ``memory_overlap``).
     """
 
     name: str
@@ -53,6 +64,9 @@ class LayerCost:
     act_bytes: int
     sparsity: float = 0.0
     sparsity_pattern: str | None = None
+    ops: int = 0
+    in_channels: int = 0
+    workspace_bytes: int = 0
 
     def __post_init__(self) -> None:
         where = f"layer {self.name!r}"
@@ -61,7 +75,8 @@ class LayerCost:
         except ValueError:
             raise ConfigError(f"{where}: op must be one of {[o.value for o in OpType]}, "
                               f"got {self.op!r}") from None
-        for attribute in ("macs", "params", "weight_bytes", "act_bytes"):
+        for attribute in ("macs", "params", "weight_bytes", "act_bytes", "ops", "in_channels",
+                          "workspace_bytes"):
             value = getattr(self, attribute)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{where}: {attribute} must be an int >= 0, got {value!r}")
@@ -89,6 +104,7 @@ class LayerCost:
             "weight_bits": self.weight_bits, "act_bits": self.act_bits,
             "weight_bytes": self.weight_bytes, "act_bytes": self.act_bytes,
             "sparsity": self.sparsity, "sparsity_pattern": self.sparsity_pattern,
+            "ops": self.ops, "in_channels": self.in_channels, "workspace_bytes": self.workspace_bytes,
         }
 
     @classmethod
@@ -104,20 +120,65 @@ class _Calls:
     module: Any
     name: str
     macs: int = 0
+    ops: int = 0
     act_elements: int = 0
+    in_channels: int = 0
+    workspace_elements: int = 0
+
+
+@dataclass
+class _Functional:
+    """One call of a tensor function outside every costed module (``x + y``, ``torch.cat``)."""
+
+    name: str
+    op: OpType
+    macs: int
+    ops: int
+    act_elements: int
+    weight_elements: int
+    act_bits: int
+
+
+# Tensor functions costed when a model calls them outside its costed modules (a residual
+# ``x + y`` in a block's forward, attention's ``q @ k.T``); names with their leading and
+# trailing underscores stripped. Shape and view functions are free and not listed.
+_ELEMENTWISE_FUNCTIONS = frozenset({
+    "add", "radd", "iadd", "sub", "rsub", "isub", "mul", "rmul", "imul", "div", "truediv",
+    "rtruediv", "itruediv", "true_divide", "maximum", "minimum", "neg", "pow", "rpow", "exp",
+    "sqrt", "rsqrt", "erf", "clamp", "clip", "where", "relu", "relu6", "gelu", "silu", "sigmoid",
+    "tanh", "elu", "leaky_relu", "hardswish", "hardsigmoid", "mish", "softmax", "log_softmax",
+    "layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "normalize",
+})
+_MATMUL_FUNCTIONS = frozenset({"matmul", "rmatmul", "mm", "bmm", "linear", "scaled_dot_product_attention"})
+_POOL_FUNCTIONS = frozenset({
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+    "adaptive_max_pool2d", "adaptive_max_pool3d",
+})
+_MOVE_FUNCTIONS = frozenset({"cat", "concat", "concatenate", "stack"})
 
 
 def layer_costs(
     model: torch.nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...]
 ) -> list[LayerCost]:
-    """Run one forward pass of ``example_input`` and cost every layer that ran, in call order.
+    """Run one forward pass of ``example_input`` and cost every operation that ran, in call order.
 
-    Convolutions and linear layers get exact MACs; other leaf modules (normalisation,
-    activations, pooling, ...) are costed as one MAC per output element. Identity,
+    Modules: convolutions (dense k x k, 1 x 1, grouped) and linear layers get exact MACs;
+    pooling gets one operation per window element per output; normalisation,
+    activations and other leaf modules one operation per output element. Identity,
     dropout and flatten are free and left out. A module called several times is one
-    entry with its MACs and activations summed. Bit-widths come from integer
-    ``weight_bits``/``act_bits`` attributes on a module (32 when absent) and the
-    sparsity pattern from a ``sparsity_pattern`` attribute (None when absent).
+    entry with its work summed.
+
+    Tensor functions a model calls outside those modules (a residual ``x + y``,
+    ``torch.cat``, ``q @ k.transpose(-1, -2)``, ``F.relu``, ``softmax``) are costed too,
+    one entry per call, named after the module whose ``forward`` called them (``"layer1.0.add"``,
+    then ``"layer1.0.add_1"``, ...): they are nodes of the deployed graph and take time.
+    Shape and view functions are free. A function's activations are at the ``act_bits``
+    of the innermost enclosing module that has one (32 when none does).
+
+    Bit-widths come from integer ``weight_bits``/``act_bits`` attributes on a module (32
+    when absent) and the sparsity pattern from a ``sparsity_pattern`` attribute (None
+    when absent).
 
     The model runs in eval mode under ``torch.no_grad()``; its train/eval flags are
     restored afterwards. Batch size is that of ``example_input``; a tuple is unpacked
@@ -128,21 +189,57 @@ def layer_costs(
     """
     import torch
     from torch import nn
+    from torch.overrides import TorchFunctionMode
 
     free = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
-    calls: dict[int, _Calls] = {}
+    entries: list[_Calls | _Functional] = []
+    by_module: dict[int, _Calls] = {}
+    stack: list[tuple[str, Any]] = []  # modules whose forward is running, outermost first
+    inside = [0]  # how many costed modules are running: their inner calls are theirs
+    used_names: dict[str, int] = {}
     handles = []
 
-    def hook(record_name: str):
-        def record(module: nn.Module, inputs: Any, output: Any) -> None:
-            entry = calls.setdefault(id(module), _Calls(module, record_name))
+    def record(record_name: str):
+        def post(module: nn.Module, inputs: Any, output: Any) -> None:
+            inside[0] -= 1
+            entry = by_module.get(id(module))
+            if entry is None:
+                entry = by_module[id(module)] = _Calls(module, record_name)
+                entries.append(entry)
             in_tensors, out_tensors = _tensors(inputs), _tensors(output)
-            entry.macs += _macs(module, in_tensors, out_tensors)
+            macs, ops = _module_work(module, in_tensors, out_tensors)
+            entry.macs += macs
+            entry.ops += ops
             entry.act_elements += sum(t.numel() for t in (*in_tensors, *out_tensors))
-        return record
+            if in_tensors and in_tensors[0].dim() >= 2:
+                entry.in_channels = int(in_tensors[0].shape[1])
+            entry.workspace_elements += _workspace(module, out_tensors)
+        return post
+
+    def enter(module: nn.Module, inputs: Any) -> None:
+        inside[0] += 1
+
+    def push(record_name: str):
+        def pre(module: nn.Module, inputs: Any) -> None:
+            stack.append((record_name, module))
+        return pre
+
+    def pop(module: nn.Module, inputs: Any, output: Any) -> None:
+        stack.pop()
+
+    class Functions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if inside[0] == 0:
+                call = _functional(func, args, kwargs or {}, out, stack, used_names)
+                if call is not None:
+                    entries.append(call)
+            return out
 
     for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(push(name)))
         if "parametrizations" in name.split(".") or isinstance(module, free):
+            handles.append(module.register_forward_hook(pop))
             continue
         costed = (
             isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
@@ -150,12 +247,14 @@ def layer_costs(
             or any(True for _ in module.parameters(recurse=False))
         )
         if costed:
-            handles.append(module.register_forward_hook(hook(name or type(module).__name__)))
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(record(name or type(module).__name__)))
+        handles.append(module.register_forward_hook(pop))
 
     flags = {module: module.training for module in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), Functions():
             if isinstance(example_input, (tuple, list)):
                 model(*example_input)
             else:
@@ -167,7 +266,8 @@ def layer_costs(
             module.training = training
 
     with torch.no_grad():
-        return [_layer_cost(entry) for entry in calls.values()]
+        return [_layer_cost(entry) if isinstance(entry, _Calls) else _functional_cost(entry)
+                for entry in entries]
 
 
 def _tensors(value: Any) -> list[Any]:
@@ -182,18 +282,127 @@ def _tensors(value: Any) -> list[Any]:
     return []
 
 
-def _macs(module: Any, inputs: list[Any], outputs: list[Any]) -> int:
+def _conv_type(module: Any) -> OpType:
+    from torch import nn
+
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return OpType.CONV
+    if module.groups > 1:
+        return OpType.DWCONV
+    if all(k == 1 for k in module.kernel_size):
+        return OpType.CONV1X1
+    return OpType.CONV
+
+
+def _workspace(module: Any, outputs: list[Any]) -> int:
+    """Elements of the im2col matrix of a k x k convolution call (0 for anything else)."""
+    from torch import nn
+
+    if (not isinstance(module, nn.modules.conv._ConvNd) or isinstance(module, nn.modules.conv._ConvTransposeNd)
+            or not outputs or all(k == 1 for k in module.kernel_size)
+            or (module.groups > 1 and module.groups == module.in_channels)):
+        return 0
+    positions = outputs[0].numel() // module.out_channels
+    return positions * module.in_channels * math.prod(module.kernel_size)
+
+
+def _is_pool(module: Any) -> bool:
+    from torch.nn.modules import pooling
+
+    return isinstance(module, (pooling._AvgPoolNd, pooling._MaxPoolNd, pooling._AdaptiveAvgPoolNd,
+                               pooling._AdaptiveMaxPoolNd, pooling._LPPoolNd))
+
+
+def _is_elementwise(module: Any) -> bool:
+    from torch import nn
+
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+                           nn.LocalResponseNorm)):
+        return True
+    return (type(module).__module__ == "torch.nn.modules.activation"
+            and not isinstance(module, nn.MultiheadAttention))
+
+
+def _window_ops(inputs: list[Any], outputs: list[Any]) -> int:
+    """Window elements read by a pooling call: each output reads in/out of its channel's input."""
+    if not inputs or not outputs or outputs[0].numel() == 0:
+        return 0
+    inp, out = inputs[0], outputs[0]
+    lead = 2 if inp.dim() >= 3 else 1  # batch and channel dimensions
+    window_in = math.prod(inp.shape[lead:]) if inp.dim() > lead else 1
+    window_out = math.prod(out.shape[lead:]) if out.dim() > lead else 1
+    return out.numel() * max(1, round(window_in / max(window_out, 1)))
+
+
+def _module_work(module: Any, inputs: list[Any], outputs: list[Any]) -> tuple[int, int]:
+    """``(macs, ops)`` of one call of ``module``."""
     from torch import nn
 
     if isinstance(module, nn.modules.conv._ConvTransposeNd) and inputs:
         per_input = module.out_channels // module.groups * math.prod(module.kernel_size)
-        return inputs[0].numel() * per_input
+        return inputs[0].numel() * per_input, 0
     if isinstance(module, nn.modules.conv._ConvNd) and outputs:
         per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
-        return outputs[0].numel() * per_output
+        return outputs[0].numel() * per_output, 0
     if isinstance(module, nn.Linear) and outputs:
-        return outputs[0].numel() * module.in_features
-    return sum(t.numel() for t in outputs)
+        return outputs[0].numel() * module.in_features, 0
+    if _is_pool(module):
+        kernel = getattr(module, "kernel_size", None)
+        if kernel is not None and outputs:
+            size = kernel if isinstance(kernel, (tuple, list)) else (kernel,) * max(outputs[0].dim() - 2, 1)
+            return 0, outputs[0].numel() * math.prod(size)
+        return 0, _window_ops(inputs, outputs)
+    return 0, sum(t.numel() for t in outputs)
+
+
+def _functional(func: Any, args: tuple, kwargs: dict, out: Any, stack: list, used: dict) -> _Functional | None:
+    """The cost of one tensor-function call, or None when the function is free."""
+    name = getattr(func, "__name__", "").strip("_")
+    if name not in _ELEMENTWISE_FUNCTIONS | _MATMUL_FUNCTIONS | _POOL_FUNCTIONS | _MOVE_FUNCTIONS:
+        return None
+    inputs = _tensors(list(args) + list(kwargs.values()))
+    outputs = _tensors(out)
+    if not outputs:
+        return None
+    macs = ops = weight_elements = 0
+    if name in _MATMUL_FUNCTIONS and inputs:
+        op = OpType.MATMUL
+        if name == "scaled_dot_product_attention" and len(inputs) >= 3:
+            q, k = inputs[0], inputs[1]
+            macs = 2 * q.numel() * k.shape[-2]  # scores q k^T, then scores @ v
+        elif name == "linear" and len(inputs) >= 2:
+            weight_elements = sum(t.numel() for t in inputs[1:])
+            inputs = inputs[:1]
+            macs = outputs[0].numel() * inputs[0].shape[-1]
+        else:
+            macs = outputs[0].numel() * (inputs[0].shape[-1] if inputs[0].dim() else 1)
+    elif name in _POOL_FUNCTIONS:
+        op, ops = OpType.POOL, _window_ops(inputs, outputs)
+    elif name in _MOVE_FUNCTIONS:
+        op = OpType.OTHER
+    else:
+        op, ops = OpType.ELEMENTWISE, sum(t.numel() for t in outputs)
+    prefix = next((n for n, _ in reversed(stack) if n), "")
+    base = f"{prefix}.{name}" if prefix else name
+    count = used.get(base, 0)
+    used[base] = count + 1
+    act_bits = next((m.act_bits for _, m in reversed(stack) if isinstance(getattr(m, "act_bits", None), int)),
+                    DEFAULT_BITS)
+    return _Functional(
+        name=base if count == 0 else f"{base}_{count}", op=op, macs=int(macs), ops=int(ops),
+        act_elements=sum(t.numel() for t in (*inputs, *outputs)), weight_elements=weight_elements,
+        act_bits=act_bits,
+    )
+
+
+def _functional_cost(call: _Functional) -> LayerCost:
+    where = f"layer {call.name!r}"
+    act_bits = _check_bits(where, "act_bits", call.act_bits)
+    return LayerCost(
+        name=call.name, op=call.op, macs=call.macs, params=0, weight_bits=act_bits, act_bits=act_bits,
+        weight_bytes=math.ceil(call.weight_elements * act_bits / 8),
+        act_bytes=math.ceil(call.act_elements * act_bits / 8), ops=call.ops,
+    )
 
 
 def _layer_cost(entry: _Calls) -> LayerCost:
@@ -203,15 +412,20 @@ def _layer_cost(entry: _Calls) -> LayerCost:
     module, where = entry.module, f"layer {entry.name!r}"
     weight_bits = _bits(module, "weight_bits", where)
     act_bits = _bits(module, "act_bits", where)
+    in_channels = 0
     if isinstance(module, nn.modules.conv._ConvNd):
-        op = OpType.CONV
+        op, in_channels = _conv_type(module), module.in_channels
     elif isinstance(module, nn.Linear):
         op = OpType.LINEAR
+    elif _is_pool(module):
+        op, in_channels = OpType.POOL, entry.in_channels
+    elif _is_elementwise(module):
+        op = OpType.ELEMENTWISE
     else:
         op = OpType.OTHER
     # Conv/linear children are parametrizations of their own weights; anything else with
     # children has those children costed on their own.
-    recurse = op is not OpType.OTHER
+    recurse = op.counts_macs
     params, weight_bits_total = 0, 0
     for param_name, param in module.named_parameters(recurse=recurse):
         params += param.numel()
@@ -240,6 +454,9 @@ def _layer_cost(entry: _Calls) -> LayerCost:
         act_bytes=math.ceil(entry.act_elements * act_bits / 8),
         sparsity=sparsity,
         sparsity_pattern=pattern,
+        ops=int(entry.ops),
+        in_channels=int(in_channels),
+        workspace_bytes=math.ceil(entry.workspace_elements * act_bits / 8),
     )
 
 

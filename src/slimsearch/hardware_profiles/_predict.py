@@ -91,14 +91,15 @@ def predict(
 ) -> Prediction:
     """Model latency, energy and cost of ``layers`` on ``profile``.
 
-    Per layer: the precision is the narrowest one the device has kernels for that holds
-    ``max(weight_bits, act_bits)``; compute time is ``2 * macs / (peak * efficiency[op] *
-    clock_scale)``, with MACs cut to N/M only where the device accelerates the layer's
-    ``N:M`` sparsity pattern; memory time is ``(weight_bytes + act_bytes) / bandwidth``;
-    the layer takes the larger of the two plus the per-layer overhead. A profile's
+    Per layer: the precision is the one :func:`kernel_work` picks; compute time is the
+    layer's operations (2 per MAC, with MACs cut to N/M only where the device
+    accelerates the layer's ``N:M`` sparsity pattern, plus its simple operations)
+    over ``peak * efficiency[op] * clock_scale``; memory time is ``(weight_bytes +
+    act_bytes) / bandwidth``; the layer takes the larger of the two (their sum on a
+    profile without ``memory_overlap``) plus its op type's overhead (:meth:`HardwareProfile.op_overhead`). A profile's
     ``call_overhead_us`` (when set) is added once per inference, at static power.
 
-    Energy is ``macs * e_mac * v_scale + bytes * e_byte + idle_power * time``, capped at
+    Energy is ``(macs + ops) * e_mac * v_scale + bytes * e_byte + idle_power * time``, capped at
     the mode's full-load power times the time. A power mode scales the clock by
     ``clock_mhz / default.clock_mhz`` and power by ``power_w / default.power_w``; energy
     per MAC scales by their ratio (dynamic energy per operation goes as power over
@@ -122,19 +123,20 @@ def predict(
     static_w = profile.idle_power_w
     ceiling_w = max(profile.active_power_w * power_scale, static_w)
     bandwidth = profile.memory_bandwidth_gbps * 1e9
-    overhead_s = profile.layer_overhead_us * 1e-6
+    overhead_s = {op: profile.op_overhead(op) * 1e-6 for op in OpType}
+    efficiency = {op: profile.op_efficiency(op) for op in OpType}
 
     per_layer = []
-    memo: dict[int, Precision] = {}
-    peak, efficiency = profile.peak_gops, profile.efficiency
+    memo: dict = {}
+    peak = profile.peak_gops
     for layer in layers:
-        precision, macs = kernel_work(layer, profile, memo)
-        throughput = peak[precision] * 1e9 * efficiency[layer.op] * clock_scale
-        compute_s = 2.0 * macs / throughput
-        memory_s = layer.total_bytes / bandwidth
-        time_s = max(compute_s, memory_s) + overhead_s
+        precision, work = kernel_work(layer, profile, memo)
+        compute_s = work / (peak[precision] * 1e9 * efficiency[layer.op] * clock_scale)
+        memory_s = (layer.total_bytes + (0 if profile.memory_overlap else 2 * layer.workspace_bytes)) / bandwidth
+        busy_s = max(compute_s, memory_s) if profile.memory_overlap else compute_s + memory_s
+        time_s = busy_s + overhead_s[layer.op]
         dynamic_j = (
-            macs * profile.energy_pj_per_mac[precision] * mac_energy_scale
+            work / 2.0 * profile.energy_pj_per_mac[precision] * mac_energy_scale
             + layer.total_bytes * profile.energy_pj_per_byte
         ) * 1e-12
         energy_j = min(dynamic_j + static_w * time_s, ceiling_w * time_s)
@@ -158,28 +160,35 @@ def predict(
 
 
 def kernel_work(
-    layer: LayerCost, profile: HardwareProfile, _memo: dict[int, Precision] | None = None
+    layer: LayerCost, profile: HardwareProfile, _memo: dict | None = None
 ) -> tuple[Precision, float]:
-    """The precision ``layer`` runs at on ``profile`` and the MACs it really executes.
+    """The precision ``layer`` runs at on ``profile`` and the operations it really executes.
 
-    The precision is the narrowest kernel that holds ``max(weight_bits, act_bits)``;
-    elementwise and pooling layers wider than every kernel run at the widest one. MACs
-    are cut to N/M only where the device accelerates the layer's ``N:M`` pattern.
-    ``_memo`` (bits to precision, for this profile only) saves repeating the lookup.
+    The precision is the narrowest kernel that holds ``max(weight_bits, act_bits)``
+    (for the simple op types, ``act_bits``); simple layers wider than every kernel run
+    at the widest one. On a ``float_narrow_weights`` profile a MAC layer whose weights
+    are narrower than its activations' precision (W4A8) runs in fp32. Operations are 2 per MAC, with MACs cut to N/M only where the
+    device accelerates the layer's ``N:M`` pattern, plus the layer's simple operations;
+    on a ``pool_as_conv`` device a pooling layer does 2 operations per window element
+    per input channel instead. ``_memo`` (for this profile only) saves repeating lookups.
 
     Raises:
         ConfigError: ``layer`` is not a :class:`LayerCost`.
-        UnsupportedOnDevice: A conv or linear layer is wider than every kernel of the device.
+        UnsupportedOnDevice: A MAC layer is wider than every kernel of the device.
     """
     if not isinstance(layer, LayerCost):
         raise ConfigError(f"layers must be LayerCost values, got {type(layer).__name__}")
-    bits = max(layer.weight_bits, layer.act_bits)
+    macs_layer = layer.op.counts_macs
+    bits = max(layer.weight_bits, layer.act_bits) if macs_layer else layer.act_bits
+    if (macs_layer and profile.float_narrow_weights and layer.weight_bits < 32
+            and Precision.from_bits(layer.weight_bits) != Precision.from_bits(bits)):
+        bits = 32  # no integer kernel takes these weights: the layer runs in float
     memo = {} if _memo is None else _memo
     precision = memo.get(bits)
     if precision is None:
         widest = max(p.bits for p in profile.precisions)
         if bits > widest:
-            if layer.op is not OpType.OTHER:
+            if macs_layer:
                 raise UnsupportedOnDevice(
                     f"layer {layer.name!r} needs {bits}-bit kernels; {profile.name!r} has only "
                     f"{[p.value for p in profile.precisions]}: quantize it to run there")
@@ -192,7 +201,10 @@ def kernel_work(
     if layer.sparsity_pattern is not None and layer.sparsity_pattern in profile.sparsity_patterns:
         kept, group = parse_sparsity_pattern(layer.sparsity_pattern)
         macs *= kept / group
-    return precision, macs
+    ops = float(layer.ops)
+    if profile.pool_as_conv and layer.op is OpType.POOL and layer.in_channels:
+        ops *= 2 * layer.in_channels
+    return precision, 2.0 * macs + ops
 
 
 def predict_model(

@@ -27,6 +27,11 @@ __all__ = [
 SCHEMA_VERSION = 1
 """Version of the profile file format this code reads and writes."""
 
+MAX_EFFICIENCY = 8.0
+"""Largest efficiency a profile may carry. Above 1 only from calibration: the device ran
+that op type faster than ``peak_gops`` (see :class:`HardwareProfile`); 8 bounds what a
+fit may claim."""
+
 _FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _PATTERN_RE = re.compile(r"^([1-9][0-9]*):([1-9][0-9]*)$")
@@ -169,8 +174,29 @@ class HardwareProfile:
         active_power_w: Sustained full-load draw at the default mode; caps modelled power.
         energy_pj_per_mac: Dynamic energy per multiply-accumulate, by precision.
         energy_pj_per_byte: Dynamic energy per byte moved to or from off-chip memory.
-        efficiency: Fraction of peak compute really reached, per op type.
+        efficiency: Fraction of peak compute really reached, per op type. ``conv``,
+            ``linear`` and ``other`` are required; a finer type left out uses its
+            :attr:`OpType.fallback` (see :meth:`op_efficiency`). At most 1 in a profile
+            from specs; a calibrated profile may exceed 1 (up to ``MAX_EFFICIENCY``)
+            where the device beat the peak on that op type, i.e. where ``peak_gops``
+            (a datasheet figure or a measured GEMM rate) is not that kernel's ceiling.
         layer_overhead_us: Fixed cost per layer (dispatch, kernel launch, sync).
+        op_overhead_us: Fixed cost per layer of a given op type, overriding
+            ``layer_overhead_us`` for that type (empty: every type pays ``layer_overhead_us``).
+        pool_as_conv: The device has no pooling unit and runs a k x k pooling layer as
+            a k x k convolution across all its channels (a fixed kernel with the
+            averaging weights on the channel diagonal), at ``channels`` times the
+            window MACs. False: pooling costs one operation per window element.
+        float_narrow_weights: The runtime has no integer kernel for weights narrower
+            than its narrowest integer precision and runs such layers in float (weights
+            dequantized, activations quantized and dequantized around the float op), as
+            onnxruntime does with slimsearch's deployable graph. False: narrow weights
+            are widened to the next integer kernel (the DESIGN rule for a bit-width the
+            device has no kernel for).
+        memory_overlap: A layer's memory traffic overlaps its compute (DMA and double
+            buffering, as on accelerators and GPUs): the layer takes the larger of the
+            two times (a roofline). False: it takes their sum, as a CPU kernel that first
+            rearranges its input (im2col, packing) and then multiplies does.
         call_overhead_us: Fixed cost per inference call (runtime entry, input and output
             handling), or None when the profile does not model one (counted as 0).
         sources: Field path (e.g. ``"peak_gops.int8"``) to a short citation, for every number.
@@ -195,6 +221,10 @@ class HardwareProfile:
     sources: Mapping[str, str]
     price_usd_per_hour: float | None = None
     call_overhead_us: float | None = None
+    op_overhead_us: Mapping[OpType, float] | None = None
+    pool_as_conv: bool = False
+    float_narrow_weights: bool = False
+    memory_overlap: bool = True
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -264,13 +294,18 @@ class HardwareProfile:
             "energy_pj_per_byte", self.energy_pj_per_byte, low=0))
 
         efficiency = _enum_mapping("efficiency", self.efficiency, OpType, low=0,
-                                   low_inclusive=False, high=1)
-        if set(efficiency) != set(OpType):
-            raise _FieldError("efficiency", f"must give every op type {[o.value for o in OpType]}, "
-                              f"got {[o.value for o in efficiency]}")
+                                   low_inclusive=False, high=MAX_EFFICIENCY)
+        missing = [o.value for o in OpType.base() if o not in efficiency]
+        if missing:
+            raise _FieldError("efficiency", f"must give the base op types {[o.value for o in OpType.base()]} "
+                              f"(the others are optional), missing {missing}")
         put(self, "efficiency", efficiency)
         put(self, "layer_overhead_us", _check_number(
             "layer_overhead_us", self.layer_overhead_us, low=0))
+        put(self, "op_overhead_us", _enum_mapping("op_overhead_us", self.op_overhead_us or {}, OpType, low=0))
+        for flag in ("pool_as_conv", "float_narrow_weights", "memory_overlap"):
+            if not isinstance(getattr(self, flag), bool):
+                raise _FieldError(flag, f"must be true or false, got {getattr(self, flag)!r}")
         if self.price_usd_per_hour is not None:
             put(self, "price_usd_per_hour", _check_number(
                 "price_usd_per_hour", self.price_usd_per_hour, low=0))
@@ -314,11 +349,24 @@ class HardwareProfile:
         for op, value in self.efficiency.items():
             out[f"efficiency.{op.value}"] = value
         out["layer_overhead_us"] = self.layer_overhead_us
+        for op, value in self.op_overhead_us.items():
+            out[f"op_overhead_us.{op.value}"] = value
         if self.call_overhead_us is not None:
             out["call_overhead_us"] = self.call_overhead_us
         if self.price_usd_per_hour is not None:
             out["price_usd_per_hour"] = self.price_usd_per_hour
         return out
+
+    def op_efficiency(self, op: OpType) -> float:
+        """Efficiency of ``op``: its own entry, else its fallback type's."""
+        op = _coerce_enum("op", op, OpType)
+        value = self.efficiency.get(op)
+        return self.efficiency[op.fallback] if value is None else value
+
+    def op_overhead(self, op: OpType) -> float:
+        """Fixed cost in us of one layer of type ``op``: its own entry, else ``layer_overhead_us``."""
+        op = _coerce_enum("op", op, OpType)
+        return self.op_overhead_us.get(op, self.layer_overhead_us)
 
     @property
     def precisions(self) -> tuple[Precision, ...]:
@@ -360,7 +408,7 @@ class HardwareProfile:
                           f"it supports {[p.value for p in self.precisions]}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values in the layout of a profile file (``call_overhead_us`` only when set)."""
+        """Plain values in the layout of a profile file (optional keys only when set)."""
         out = {
             "schema_version": self.schema_version,
             "name": self.name,
@@ -382,6 +430,14 @@ class HardwareProfile:
         }
         if self.call_overhead_us is not None:
             out["call_overhead_us"] = self.call_overhead_us
+        if self.op_overhead_us:
+            out["op_overhead_us"] = {op.value: v for op, v in self.op_overhead_us.items()}
+        if self.pool_as_conv:
+            out["pool_as_conv"] = True
+        if self.float_narrow_weights:
+            out["float_narrow_weights"] = True
+        if not self.memory_overlap:
+            out["memory_overlap"] = False
         return out
 
     @classmethod
@@ -431,7 +487,8 @@ _REQUIRED_KEYS = (
     "active_power_w", "energy_pj_per_mac", "energy_pj_per_byte", "efficiency",
     "layer_overhead_us", "sources",
 )
-_OPTIONAL_KEYS = ("price_usd_per_hour", "call_overhead_us", "schema_version")
+_OPTIONAL_KEYS = ("price_usd_per_hour", "call_overhead_us", "op_overhead_us", "pool_as_conv",
+                  "float_narrow_weights", "memory_overlap", "schema_version")
 
 
 def _parse_text(text: str, *, origin: str, suffix: str) -> Any:
