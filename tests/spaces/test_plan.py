@@ -72,7 +72,7 @@ def test_flat_params_and_describe():
     assert flat["act_bits.fc"] == "32"
     assert flat["distill.steps"] == "50"
     assert flat["seed"] == "3"
-    assert plan.describe() == "conv1:w4a8 -25%, fc:w32a32, KD 50 steps"
+    assert plan.describe() == "conv1:w4a8 -25%, KD 50 steps"  # the float, unpruned fc is not listed
 
 
 def test_a_plan_with_power_modes_round_trips_through_json_and_says_the_modes():
@@ -93,3 +93,13 @@ def test_a_plan_with_power_modes_round_trips_through_json_and_says_the_modes():
 def test_power_modes_must_map_profile_names_to_mode_names():
     with pytest.raises(ConfigError, match="power_modes must map profile names to power mode names"):
         CompressionPlan.from_json('{"power_modes": {"jetson-orin-nano": 7}}')
+
+
+def test_describe_lists_changed_layers_and_counts_them_in_big_plans():
+    small = CompressionPlan(layers={"conv1": LayerPlan(0.5, 4, 8), "fc": LayerPlan()}, distill=DistillPlan(steps=10))
+    assert small.describe() == "conv1:w4a8 -50%, KD 10 steps"  # the untouched fc is not listed
+    layers = {f"encoder.layer.{i}.{part}": LayerPlan(weight_bits=8, act_bits=8 if i < 4 else 32)
+              for i in range(6) for part in ("query", "key")}
+    layers.update({f"encoder.layer.{i}.ffn": LayerPlan(prune_ratio=0.5) for i in range(3)})
+    big = CompressionPlan(layers=layers, drop=("encoder.layer.5",))
+    assert big.describe() == "4 layers w8a32, 8 layers w8a8, 3 groups -50%, drop encoder.layer.5, KD 0 steps"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from slimsearch.exceptions import ConfigError
 
 FULL_PRECISION = 32
+DESCRIBE_LAYERS = 8  # plans with more changed layers are described by counts
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
 ACT_BITS = (8, 16, 32)  # 16-bit activations export as opset-21 uint16 QDQ
 SPARSITY_PATTERNS = ("unstructured", "2:4")
@@ -145,12 +147,27 @@ class CompressionPlan:
         return out
 
     def describe(self) -> str:
-        """The plan in words, for hover text and tables."""
+        """The plan in words, for hover text and tables.
+
+        Up to ``DESCRIBE_LAYERS`` layers: each one's bits and prune ratio. More (a
+        transformer's 36 Linear layers): how many layers have each bit-width pair
+        and how many groups each prune ratio, so the line stays readable. Layers and
+        groups the plan leaves as they are (float, unpruned, dense) are not listed.
+        """
+        changed = {name: lp for name, lp in self.layers.items()
+                   if lp.weight_bits < FULL_PRECISION or lp.act_bits < FULL_PRECISION or lp.prune_ratio or lp.sparsity}
         parts = []
-        for name, lp in self.layers.items():
-            bits = f"w{lp.weight_bits}a{lp.act_bits}"
-            prune = f" -{lp.prune_ratio:.0%}" if lp.prune_ratio else ""
-            parts.append(f"{name}:{bits}{prune}")
+        if len(changed) <= DESCRIBE_LAYERS:
+            for name, lp in changed.items():
+                bits = f"w{lp.weight_bits}a{lp.act_bits}"
+                prune = f" -{lp.prune_ratio:.0%}" if lp.prune_ratio else ""
+                parts.append(f"{name}:{bits}{prune}")
+        else:
+            bits = Counter(f"w{lp.weight_bits}a{lp.act_bits}" for lp in changed.values()
+                           if lp.weight_bits < FULL_PRECISION or lp.act_bits < FULL_PRECISION)
+            prunes = Counter(lp.prune_ratio for lp in changed.values() if lp.prune_ratio)
+            parts += [f"{n} layers {pair}" for pair, n in sorted(bits.items())]
+            parts += [f"{n} groups -{ratio:.0%}" for ratio, n in sorted(prunes.items())]
         if self.drop:
             parts.append(f"drop {'+'.join(self.drop)}")
         parts.append(f"KD {self.distill.steps} steps")
