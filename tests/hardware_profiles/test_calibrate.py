@@ -54,11 +54,11 @@ def test_calibrate_recovers_known_efficiency_factors():
     truth = _truth()
     fitted = calibrate("raspberry-pi-4", _samples(truth), date="2025-01-02")
     for op, value in truth.efficiency.items():
-        assert fitted.efficiency[op] == pytest.approx(value, rel=1e-3)
-    assert fitted.memory_bandwidth_gbps == pytest.approx(3.0, rel=1e-3)
+        assert fitted.efficiency[op] == pytest.approx(value, rel=1e-6)
+    assert fitted.memory_bandwidth_gbps == pytest.approx(3.0, rel=1e-6)
     for op in ("conv", "linear", "other"):  # per-type overheads by default
-        assert fitted.op_overhead_us[op] == pytest.approx(25.0, rel=1e-3)
-    assert fitted.call_overhead_us == pytest.approx(80.0, rel=1e-3)
+        assert fitted.op_overhead_us[op] == pytest.approx(25.0, rel=1e-6)
+    assert fitted.call_overhead_us == pytest.approx(80.0, rel=1e-6)
     held_out = fit_report(fitted, _samples(truth, n=20, seed=1))
     assert held_out.kendall_tau == pytest.approx(1.0)
     assert held_out.within_10 == 1.0
@@ -78,16 +78,16 @@ def test_calibrate_recovers_per_type_overheads_and_finer_op_types():
         samples.append((layers, None, predict(layers, truth).latency_ms))
     fitted = calibrate("raspberry-pi-4", samples)
     for op, value in truth.efficiency.items():
-        assert fitted.efficiency[op] == pytest.approx(value, rel=1e-3)
+        assert fitted.efficiency[op] == pytest.approx(value, rel=1e-6)
     for op in ("conv1x1", "elementwise", "pool"):
-        assert fitted.op_overhead(op) == pytest.approx(truth.op_overhead(op), rel=1e-2, abs=1e-3)
-    assert fitted.op_overhead("conv") == pytest.approx(25.0, rel=1e-3)
+        assert fitted.op_overhead(op) == pytest.approx(truth.op_overhead(op), rel=1e-4, abs=1e-6)
+    assert fitted.op_overhead("conv") == pytest.approx(25.0, rel=1e-6)
 
 
 def test_a_shared_layer_overhead_is_fitted_on_request():
     fitted = calibrate("raspberry-pi-4", _samples(_truth()),
                        fit=("conv", "linear", "other", "memory", "layer_overhead", "call_overhead"))
-    assert fitted.layer_overhead_us == pytest.approx(25.0, rel=1e-3)
+    assert fitted.layer_overhead_us == pytest.approx(25.0, rel=1e-6)
     assert fitted.op_overhead_us == {}
     with pytest.raises(ConfigError, match="'op_overhead' or 'layer_overhead', not both"):
         calibrate("raspberry-pi-4", _samples(_truth()), fit=("op_overhead", "layer_overhead"))
@@ -96,7 +96,7 @@ def test_a_shared_layer_overhead_is_fitted_on_request():
 def test_a_device_faster_than_its_peak_gets_an_efficiency_above_one_and_says_why():
     truth = dataclasses.replace(_truth(), efficiency={"conv": 2.0, "linear": 0.15, "other": 0.05})
     fitted = calibrate("raspberry-pi-4", _samples(truth))
-    assert fitted.efficiency["conv"] == pytest.approx(2.0, rel=1e-3)
+    assert fitted.efficiency["conv"] == pytest.approx(2.0, rel=1e-6)
     assert "faster than peak_gops" in fitted.sources["efficiency.conv"]
 
 

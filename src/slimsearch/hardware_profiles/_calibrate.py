@@ -58,7 +58,6 @@ DEFAULT_FIT = tuple(name for name in FIT_PARAMETERS if name != "layer_overhead")
 _N = len(_OPS)
 _MEM, _OVER, _CALL = _N, _N + 1, 2 * _N + 1  # positions in the parameter vector
 _MAX_ROUNDS = 30
-_PRIOR_WEIGHT = 1e-4
 _MAX_BANDWIDTH_GAIN = 1e3  # effective bandwidth is kept within 1000x of the profile's
 
 
@@ -112,7 +111,9 @@ def calibrate(
     :class:`LayerCost` may stand in for the model (``example_input`` is then ignored),
     so callers that already have layer costs need not rebuild networks. Parameters
     named in ``fit`` are refitted (see :data:`FIT_PARAMETERS`); an op type that no
-    sample's layers use, or whose layers are never compute-bound, keeps its value.
+    sample's layers use, or whose layers are never compute-bound, keeps its value. An
+    op type whose layers add no measurable time lands on the bound ``MAX_EFFICIENCY``
+    (it is as good as free on that device, e.g. fused into the layer before it).
     A fitted efficiency may exceed 1 (up to ``MAX_EFFICIENCY``): the device then ran
     that op type faster than ``peak_gops``, which is not that kernel's ceiling (a GEMM
     rate or datasheet figure), and the source says so. Every refitted number's source
@@ -357,45 +358,51 @@ def _fit(rows: _Rows, start: np.ndarray, free: np.ndarray, lower: np.ndarray, *,
         predicted, _ = _predict_s(rows, theta)
         return float(np.sum((predicted / rows.measured_s - 1.0) ** 2))
 
-    theta = np.where(free, np.maximum(start, lower), start)
-    best, best_loss = theta.copy(), loss(theta)
-    seen: set[bytes] = set()
-    over = np.zeros(len(theta), dtype=bool)
+    initial = np.where(free, np.maximum(start, lower), start)
+    best, best_loss = initial.copy(), loss(initial)
+    over = np.zeros(len(initial), dtype=bool)
     over[_OVER:_CALL] = True
-    for _ in range(_MAX_ROUNDS):
-        _, bound = _predict_s(rows, theta)
-        key = np.packbits(bound).tobytes()
-        if key in seen:
-            break
-        seen.add(key)
-        design = _design(rows, bound) / rows.measured_s[:, None]
-        target = np.ones(len(rows.measured_s)) - design[:, ~free] @ theta[~free]
-        # free parameters are lower + z, z >= 0; shared overheads are one column
-        columns = [i for i in range(len(theta)) if free[i] and not (shared and over[i])]
-        matrix = design[:, columns] - 0.0
-        target = target - matrix @ lower[columns]
-        if shared and (free & over).any():
-            tied = free & over
-            matrix = np.column_stack([matrix, design[:, tied].sum(axis=1)])
-            target = target - design[:, tied] @ lower[tied]
-        # A weak prior (0.01% of one sample's weight) pulls efficiencies and bandwidth toward
-        # the starting profile: one the samples leave undetermined (its layers add nothing
-        # measurable) keeps its value instead of landing on a bound.
-        ix = [k for k, c in enumerate(columns) if c <= _MEM]
-        prior = np.zeros((len(ix), matrix.shape[1]))
-        scale = start[[columns[k] for k in ix]]
-        prior[np.arange(len(ix)), ix] = _PRIOR_WEIGHT / scale
-        matrix = np.vstack([matrix, prior])
-        target = np.concatenate([target, _PRIOR_WEIGHT * (scale - lower[[columns[k] for k in ix]]) / scale])
-        z = _nnls(matrix, target)
-        theta = theta.copy()
-        theta[columns] = lower[columns] + z[: len(columns)]
-        if shared and (free & over).any():
-            theta[free & over] = lower[free & over] + z[-1]
-        current = loss(theta)
-        if current < best_loss:
-            best, best_loss = theta.copy(), current
+    n_layers = len(rows.op)
+    # The alternation finds a local optimum of the bound decisions; start it from the
+    # profile's own decisions, from every layer compute-bound and from every layer
+    # memory-bound, and keep the best fit.
+    for first in (None, np.ones(n_layers, dtype=bool), np.zeros(n_layers, dtype=bool)):
+        theta = initial.copy()
+        seen: set[bytes] = set()
+        for round_ in range(_MAX_ROUNDS):
+            bound = _predict_s(rows, theta)[1] if round_ or first is None else first
+            key = np.packbits(bound).tobytes()
+            if key in seen:
+                break
+            seen.add(key)
+            theta = _solve(rows, bound, theta, start, free, lower, over, shared)
+            current = loss(theta)
+            if current < best_loss:
+                best, best_loss = theta.copy(), current
     return best
+
+
+def _solve(rows: _Rows, bound: np.ndarray, theta: np.ndarray, start: np.ndarray, free: np.ndarray,
+           lower: np.ndarray, over: np.ndarray, shared: bool) -> np.ndarray:
+    """The NNLS step of :func:`_fit` for fixed bound decisions."""
+    import numpy as np
+
+    design = _design(rows, bound) / rows.measured_s[:, None]
+    target = np.ones(len(rows.measured_s)) - design[:, ~free] @ theta[~free]
+    # free parameters are lower + z, z >= 0; shared overheads are one column
+    columns = [i for i in range(len(theta)) if free[i] and not (shared and over[i])]
+    matrix = design[:, columns]
+    target = target - matrix @ lower[columns]
+    tied = free & over
+    if shared and tied.any():
+        matrix = np.column_stack([matrix, design[:, tied].sum(axis=1)])
+        target = target - design[:, tied] @ lower[tied]
+    z = _nnls(matrix, target)
+    theta = theta.copy()
+    theta[columns] = lower[columns] + z[: len(columns)]
+    if shared and tied.any():
+        theta[tied] = lower[tied] + z[-1]
+    return theta
 
 
 def _nnls(a: np.ndarray, b: np.ndarray, *, max_iter: int = 500) -> np.ndarray:
