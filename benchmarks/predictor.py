@@ -7,11 +7,14 @@ Prints one table; ``--json PATH`` writes the same rows.
 Rows:
   local CPU: compressed candidates of the built-in tasks (digits, mnist, mnist-resnet;
     random per-group prune ratios and model-wide weight/activation bits, no
-    distillation), each measured as the evaluator measures it (its deployable ONNX
-    graph in onnxruntime, ``measure_local``, batch 1 and 64, one thread) and predicted
-    with a profile of this machine from ``slimsearch hw profile`` (written to a
-    temporary file unless ``--local-profile`` names one). Candidates are split in
-    two disjoint halves by a seeded shuffle: one calibrates, the other is scored.
+    distillation), each timed on the graph the evaluator times (its deployable ONNX
+    graph in onnxruntime, as ``measure_local`` runs it: batch 1 and 64, one thread,
+    3 warm-up and 15 timed calls) by thread CPU time, in rounds, keeping the fastest
+    round confirmed by a second (see ``measure_candidates``; ``--local-cache`` keeps
+    the rounds), and predicted with a profile of this machine from ``slimsearch hw
+    profile`` (written to a temporary file unless ``--local-profile`` names one).
+    Candidates never confirmed are left out and counted. The rest are split in two
+    disjoint halves by a seeded shuffle: one calibrates, the other is scored.
   nb201: the 15,625 NAS-Bench-201 cells of ../shared/benchmarks/nb201 with their
     published latencies, on raspberry-pi-4, pixel-3, zc706-fpga and eyeriss: the
     shipped (spec-only) profile on all cells, then the profile calibrated on 200
@@ -559,6 +562,10 @@ def format_table(rows: list[dict]) -> str:
     lines.append("spec = shipped/measured profile as is (nb201: all 15,625 cells; local: the test half); "
                  "cal = calibrated on 'cal on' cells/candidates, scored on the other 'test n'; "
                  "'in' = share within the row's tolerance")
+    noisy = next((r["noisy_left_out"] for r in rows if "noisy_left_out" in r), None)
+    if noisy is not None:
+        lines.append(f"local: {noisy} candidate(s) whose two fastest timing rounds never agreed within "
+                     f"{LOCAL_MAX_GAP - 1:.0%} were left out")
     return "\n".join(lines)
 
 
