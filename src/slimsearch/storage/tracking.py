@@ -30,7 +30,32 @@ def _client(tracking_uri: str):
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    return MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if tracking_uri.startswith("sqlite:"):
+        _wal(client)
+    return client
+
+
+def _wal(client) -> None:
+    """SQLite store in WAL mode with ``synchronous=NORMAL``: one commit no longer waits for fsyncs, which
+    made logging a candidate cost 150-250 ms on a busy disk (benchmarks/tracking.py). A power cut may
+    lose the last runs logged, never corrupt the store; the Optuna study is the record, and
+    ``run_job`` logs any trial it holds that MLflow lacks when the job ends or resumes."""
+    from sqlalchemy import event
+
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    engine = getattr(store, "engine", None)
+    if engine is None:  # another MLflow layout: keep its defaults
+        return
+
+    def pragmas(dbapi_conn, _record) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    event.listen(engine, "connect", pragmas)
+    engine.dispose()  # pooled connections reopen with the pragmas
 
 
 class Tracker:
@@ -41,6 +66,7 @@ class Tracker:
         self.experiment = experiment
         self.artifact_root = artifact_root
         self._client_obj = None
+        self._experiment_id_cached: Optional[str] = None
         self.parent_id: Optional[str] = None
 
     @property
@@ -50,11 +76,15 @@ class Tracker:
         return self._client_obj
 
     def _experiment_id(self) -> str:
-        found = self.client.get_experiment_by_name(self.experiment)
-        if found is not None:
-            return found.experiment_id
-        location = self.artifact_root.resolve().as_uri() if self.artifact_root else None
-        return self.client.create_experiment(self.experiment, artifact_location=location)
+        if self._experiment_id_cached is None:
+            found = self.client.get_experiment_by_name(self.experiment)
+            if found is not None:
+                self._experiment_id_cached = found.experiment_id
+            else:
+                location = self.artifact_root.resolve().as_uri() if self.artifact_root else None
+                self._experiment_id_cached = self.client.create_experiment(self.experiment,
+                                                                           artifact_location=location)
+        return self._experiment_id_cached
 
     def start_parent(self, job_name: str, params: Mapping[str, str], parent_id: Optional[str] = None) -> str:
         """Create the job's parent run, or reopen ``parent_id`` when resuming."""
@@ -113,6 +143,10 @@ class Tracker:
         self.client.log_batch(self.parent_id, metrics=[Metric(mlflow_key(k), float(v), now, 0) for k, v in values.items()
                                                        if v is not None],
                               tags=[RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()])
+
+    def log_parent_series(self, name: str, value: float, step: int) -> None:
+        """One point of a metric series on the parent run (e.g. hypervolume after each evaluation)."""
+        self.client.log_metric(self.parent_id, mlflow_key(name), float(value), step=step)
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.parent_id, str(path))
