@@ -29,7 +29,7 @@ def test_one_front_per_pair_of_objectives_then_metric_against_each_profile_laten
 
 def test_reference_comes_from_the_teacher_so_the_teacher_alone_is_one(job_data):
     ref = hypervolume_reference(job_data["objectives"], job_data["teacher"])
-    assert ref.point == (0.49, 10.0, 20000)
+    assert ref.point == (0.49, 20.0, 40000)
     teacher_as_candidate = [{"trial": 0, "metrics": job_data["teacher"]}]
     assert hypervolume_series(teacher_as_candidate, job_data["objectives"], ref) == pytest.approx([1.0])
 
@@ -84,3 +84,22 @@ def test_report_is_one_offline_page(job_data, tmp_path):
     (tmp_path / "front.json").write_text(json.dumps(job_data))
     path = write_report(tmp_path)
     assert path == tmp_path / "report.html" and path.read_text(encoding="utf-8") == page
+
+
+def test_hypervolume_past_three_objectives_is_exact_by_slicing():
+    from slimsearch.dashboards.report import _hv_sliced
+    from slimsearch.search.pareto import hypervolume_2d
+
+    # two boxes in 4-D: [0,2]x[0,1]x[0,1]x[0,1] and [0,1]x[0,2]x[0,1]x[0,1] overlap in a unit cube: 2 + 2 - 1
+    pts = [(0.0, 1.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0)]
+    assert _hv_sliced(pts, (2.0, 2.0, 1.0, 1.0), ["min"] * 4) == pytest.approx(3.0)
+    pts2 = [(0.9, 1.0), (0.5, 0.2), (0.7, 0.5)]
+    assert _hv_sliced(pts2, (0.0, 2.0), ["max", "min"]) == pytest.approx(hypervolume_2d(pts2, (0.0, 2.0), ["max", "min"]))
+
+
+def test_four_objectives_get_a_hypervolume_too(job_data):
+    objectives = dict(job_data["objectives"], **{"latency_ms@raspberry-pi-4": "min"})
+    data = dict(job_data, objectives=objectives, teacher=dict(job_data["teacher"], **{"latency_ms@raspberry-pi-4": 15.0}))
+    info = hypervolume_info(data)
+    assert len(info.values) == 4 and info.values[-1] > 0
+    assert all(b >= a for a, b in zip(info.values, info.values[1:]))

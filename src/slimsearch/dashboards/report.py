@@ -24,6 +24,9 @@ STATUS_ID = "report-status"
 # ---------------------------------------------------------------- hypervolume
 
 
+COST_FACTOR = 4.0  # a minimised objective's reference is this many times the teacher's value
+
+
 class Reference(NamedTuple):
     """The box hypervolume is measured in: the worst corner and a unit per objective.
 
@@ -41,8 +44,9 @@ def hypervolume_reference(objectives: Mapping[str, str], teacher: Optional[Mappi
     """The reference point of a job's hypervolume.
 
     From the teacher when it has a positive value for every objective: half its score
-    for a maximised objective, twice its cost for a minimised one, so a candidate
-    counts while it keeps half the teacher's score and costs at most twice as much. It
+    for a maximised objective, four times its cost for a minimised one, so a candidate
+    counts while it keeps half the teacher's score and costs at most four times as much
+    (a quantized graph can run slower than the float teacher on a CPU). It
     is known before the first candidate, so the series logged during a run and the one
     drawn afterwards agree. Otherwise (no teacher value, or a value of 0): the worst
     value among the candidates, widened by a tenth of their range.
@@ -50,9 +54,9 @@ def hypervolume_reference(objectives: Mapping[str, str], teacher: Optional[Mappi
     names = list(objectives)
     vals = [teacher.get(n) if teacher else None for n in names]
     if all(v is not None and v > 0 for v in vals):
-        point = tuple(v / 2 if objectives[n] == "max" else 2 * v for n, v in zip(names, vals))
+        point = tuple(v / 2 if objectives[n] == "max" else COST_FACTOR * v for n, v in zip(names, vals))
         return Reference(point, tuple(abs(p - v) for p, v in zip(point, vals)),
-                         "teacher: half its score, twice its cost; 1.0 = the teacher's box")
+                         f"teacher: half its score, {COST_FACTOR:g}x its cost; 1.0 = the teacher's box")
     point, scale = [], []
     for n in names:
         seen = [c["metrics"][n] for c in candidates if c["metrics"].get(n) is not None]
@@ -65,21 +69,51 @@ def hypervolume_reference(objectives: Mapping[str, str], teacher: Optional[Mappi
     return Reference(tuple(point), tuple(scale), "worst candidate plus a tenth of the range")
 
 
-def _hv_function(n_objectives: int):
-    """The exact hypervolume of :mod:`slimsearch.search.pareto` for this many objectives, or None."""
+MAX_SLICED_POINTS = 300  # beyond 3 objectives the sliced hypervolume grows as n^(d-1) log n
+
+
+def _hv_min_sliced(points: list[tuple[float, ...]], ref: tuple[float, ...]) -> float:
+    """Exact hypervolume of minimisation ``points`` inside ``ref``, any number of objectives, by
+    slicing along the last axis (HSO); 1-D is a length."""
+    if not points:
+        return 0.0
+    if len(ref) == 1:
+        return max(0.0, ref[0] - min(p[0] for p in points))
+    pts = sorted(points, key=lambda p: p[-1])
+    volume = 0.0
+    for i, p in enumerate(pts):
+        top = pts[i + 1][-1] if i + 1 < len(pts) else ref[-1]
+        if top > p[-1]:
+            volume += (top - p[-1]) * _hv_min_sliced([q[:-1] for q in pts[: i + 1]], ref[:-1])
+    return volume
+
+
+def _hv_sliced(points, reference, directions) -> float:
+    ref = tuple(-r if d == "max" else r for r, d in zip(reference, directions))
+    pts = [tuple(-v if d == "max" else v for v, d in zip(p, directions)) for p in points]
+    return _hv_min_sliced([p for p in pts if all(x < r for x, r in zip(p, ref))], ref)
+
+
+def _hv_function(n_objectives: int, n_points: int = 0):
+    """An exact hypervolume for this many objectives: :mod:`slimsearch.search.pareto`'s for 2 (and 3
+    where it has one), slicing otherwise (None past ``MAX_SLICED_POINTS`` points with 4 or more)."""
     from slimsearch.search import pareto
 
-    if hasattr(pareto, "hypervolume"):
-        return pareto.hypervolume if n_objectives in (2, 3) else None
-    return pareto.hypervolume_2d if n_objectives == 2 else None
+    if n_objectives == 2:
+        return getattr(pareto, "hypervolume", pareto.hypervolume_2d)
+    if n_objectives == 3 and hasattr(pareto, "hypervolume"):
+        return pareto.hypervolume
+    if n_objectives <= 3 or n_points <= MAX_SLICED_POINTS:
+        return _hv_sliced
+    return None
 
 
 def hypervolume_series(candidates: Sequence[Mapping], objectives: Mapping[str, str],
                        reference: Reference) -> Optional[list[float]]:
     """Hypervolume (in reference units) of the first 1, 2, ... candidates in trial order; None when it
-    is not computed exactly for this many objectives (only 2 and 3 are)."""
+    is not computed (one objective, or more than three with more than ``MAX_SLICED_POINTS`` candidates)."""
     names, dirs = list(objectives), list(objectives.values())
-    hv = _hv_function(len(names))
+    hv = _hv_function(len(names), len(candidates)) if len(names) >= 2 else None
     if hv is None:
         return None
     ref = [0.0 if d == "max" else 1.0 for d in dirs]  # the reference corner, in scaled units
@@ -105,7 +139,7 @@ class HypervolumeInfo(NamedTuple):
 def hypervolume_info(data: Mapping, baseline: Optional[Mapping] = None) -> Optional[HypervolumeInfo]:
     """Hypervolume after each evaluation of job ``data`` (a ``front.json``), and of ``baseline``
     (another job's ``front.json``, random search on the same objectives) measured in the same box.
-    None when the job's objectives are not 2 or 3."""
+    None when it is not computed (see :func:`hypervolume_series`)."""
     objectives = data["objectives"]
     reference = hypervolume_reference(objectives, data.get("teacher"), data["candidates"])
     values = hypervolume_series(data["candidates"], objectives, reference)
@@ -143,6 +177,12 @@ def hypervolume_figure(info: HypervolumeInfo):
 # ---------------------------------------------------------------- fronts
 
 
+def _metric_first(data: Mapping) -> list[str]:
+    """The objectives with the task metric first (``front.json`` stores them sorted by name)."""
+    metric = data.get("metric")
+    return sorted(data["objectives"], key=lambda n: n != metric)
+
+
 def pair_front_infos(data: Mapping) -> list[FrontInfo]:
     """One 2-D front per pair of objectives, then the task metric against the latency on each
     device profile that is not an objective already."""
@@ -150,10 +190,10 @@ def pair_front_infos(data: Mapping) -> list[FrontInfo]:
     candidates, teacher = data["candidates"], data.get("teacher")
     front = {c["trial"] for c in data["front"]}
     provenance = {k: v for c in candidates for k, v in c["provenance"].items()}
-    names = list(objectives)
+    names = _metric_first(data)
     infos = [front_info(candidates, objectives, front=front, teacher=teacher, provenance=provenance,
                         x_name=x, y_name=y) for y, x in combinations(names, 2)]
-    metric = data.get("metric", names[0])
+    metric = names[0]
     extra = sorted({k for c in candidates for k in c["metrics"]
                     if k.startswith("latency_ms@") and k not in objectives})
     for x in extra:
@@ -170,7 +210,7 @@ class Front3DInfo(NamedTuple):
 
 def front3d_info(data: Mapping) -> Optional[Front3DInfo]:
     """The first three objectives in 3-D, front members marked; None with fewer than three."""
-    names = tuple(list(data["objectives"])[:3])
+    names = tuple(_metric_first(data)[:3])
     if len(names) < 3:
         return None
     front = {c["trial"] for c in data["front"]}
@@ -218,7 +258,7 @@ def parallel_info(data: Mapping) -> Optional[ParallelInfo]:
     candidates = sorted(data["candidates"], key=lambda c: c["trial"])
     if not candidates:
         return None
-    objectives = list(data["objectives"])
+    objectives = _metric_first(data)
     params = list(dict.fromkeys(k for c in candidates for k in c["params"]))
     dims = []
     for p in params:
@@ -321,7 +361,8 @@ def report_sections(data: Mapping, baseline: Optional[Mapping] = None) -> list[S
         hv_section = Section("Hypervolume", hv_fig, hv.baseline_label if not hv.baseline
                              else f"dashed: {hv.baseline_label}")
     else:
-        hv_section = Section("Hypervolume", None, "computed exactly only for 2 or 3 objectives with candidates")
+        hv_section = Section("Hypervolume", None, "not computed: needs two or more objectives, completed "
+                             f"candidates, and at most {MAX_SLICED_POINTS} of them with four or more objectives")
     sections = [fronts[0], hv_section, *fronts[1:]]  # the headline front and the hypervolume first
     info3 = front3d_info(data)
     if info3 is not None:
