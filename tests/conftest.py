@@ -24,6 +24,22 @@ def teacher_cache(tmp_path_factory):
         os.environ["SLIMSEARCH_CACHE"] = before
 
 
+@pytest.fixture(scope="session", autouse=True)
+def slimsearch_home(tmp_path_factory):
+    """Point SLIMSEARCH_HOME at a fresh folder, so jobs run by tests register in a throwaway job
+    registry, never in the user's ~/.slimsearch/registry.db."""
+    path = tmp_path_factory.mktemp("slimsearch-home")
+    before = {k: os.environ.get(k) for k in ("SLIMSEARCH_HOME", "SLIMSEARCH_REGISTRY")}
+    os.environ["SLIMSEARCH_HOME"] = str(path)
+    os.environ.pop("SLIMSEARCH_REGISTRY", None)
+    yield path
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def digits_task(teacher_cache):
     """The built-in digits task (tiny CNN teacher on scikit-learn's 8x8 digits)."""

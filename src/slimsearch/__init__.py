@@ -3,11 +3,51 @@
 Importing this package is cheap: it does not import torch, Ray, MLflow or Optuna,
 start anything or open a database. Heavy parts load when a function that needs
 them is called.
+
+The functions below mirror the commands: ``jobs()`` (``slimsearch jobs``),
+``status(job)``, ``front(job)`` and ``export(job, out, ...)``; ``job`` is a registry
+id, a job name or a job folder.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 from slimsearch.exceptions import ConfigError, SlimSearchError
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "SlimSearchError", "__version__"]
+__all__ = ["ConfigError", "SlimSearchError", "__version__", "export", "front", "jobs", "status"]
+
+
+def jobs() -> list:
+    """Every job in the job registry (``JobRecord`` values), oldest first."""
+    from slimsearch.storage.registry import Registry
+
+    return Registry().jobs()
+
+
+def status(job: str | Path):
+    """The job's progress (``JobProgress``): candidates done of the budget, front size, hypervolume,
+    time left."""
+    from slimsearch.storage.jobs import progress
+
+    return progress(job)
+
+
+def front(job: str | Path) -> list[dict]:
+    """The job's Pareto front members (trial, run_id, metrics, provenance, plan, describe)."""
+    from slimsearch.storage.jobs import read_front
+
+    return read_front(job)["front"]
+
+
+def export(job: str | Path, out: str | Path, *, run_id: Optional[str] = None, where: Optional[str] = None,
+           minimize: Optional[str] = None, formats: tuple[str, ...] = ("onnx", "torchscript"),
+           register: bool = True) -> dict:
+    """Export a candidate of ``job`` into folder ``out`` (as ``slimsearch export``); returns the manifest."""
+    from slimsearch.export import export_job
+    from slimsearch.storage.jobs import resolve_job
+
+    return export_job(resolve_job(job).folder, Path(out), run_id=run_id, formats=formats, where=where,
+                      minimize=minimize, register=register)

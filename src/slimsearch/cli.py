@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 EXIT_BAD_INPUT = 2
+JOB_HELP = "job: registry id, job name (the latest of that name) or job folder"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,11 +30,39 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     export = sub.add_parser("export", help="export a front member as ONNX + TorchScript + manifest")
-    export.add_argument("job_dir", help="the job folder a run wrote")
+    export.add_argument("job_dir", metavar="job", help=JOB_HELP)
     export.add_argument("--out", required=True, help="folder for model.onnx, model.pt and manifest.json")
     export.add_argument("--run", dest="run_id", help="MLflow child run id of the candidate to export")
+    export.add_argument("--where", help='conditions every candidate considered meets, e.g. "accuracy>=0.97" '
+                                        '(comma-separated; OP one of >=, <=, >, <, ==)')
+    export.add_argument("--minimize", metavar="METRIC",
+                        help="export the candidate with the lowest METRIC, e.g. latency_ms@raspberry-pi-4 "
+                             "(default: the job's latency objective)")
+    export.add_argument("--no-register", action="store_true",
+                        help="do not register the ONNX model in the job's MLflow Model Registry")
     export.add_argument("--format", default="onnx,torchscript",
                         help="comma-separated: onnx, torchscript, packed (default: onnx,torchscript)")
+
+    jobs = sub.add_parser("jobs", help="the jobs in the job registry, as a table")
+    jobs.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+    status = sub.add_parser("status", help="a job's progress, front size, hypervolume and time left")
+    status.add_argument("job", help=JOB_HELP)
+    status.add_argument("--json", action="store_true", help="JSON instead of text")
+
+    front = sub.add_parser("front", help="a job's Pareto front")
+    front.add_argument("job", help=JOB_HELP)
+    front.add_argument("--json", action="store_true", help="the front members as JSON")
+
+    report = sub.add_parser("report", help="(re)write a job's report.html")
+    report.add_argument("job", help=JOB_HELP)
+    report.add_argument("--baseline", help="a random-search job (same objectives) to draw against")
+    report.add_argument("--out", help="where to write it (default: <job folder>/report.html)")
+    report.add_argument("--screenshot", help="also save a PNG of its top, taken by headless Chromium")
+
+    ui = sub.add_parser("ui", help="serve the MLflow UI of a job's tracking store on 127.0.0.1")
+    ui.add_argument("job", help=JOB_HELP)
+    ui.add_argument("--port", type=int, help="port (default: a free one)")
 
     hw = sub.add_parser("hw", help="hardware profiles: measure this machine, calibrate a profile")
     hw_sub = hw.add_subparsers(dest="hw_command", required=True)
@@ -78,6 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _run(args)
         if args.command == "hw":
             return _hw_profile(args) if args.hw_command == "profile" else _hw_calibrate(args)
+        if args.command in _JOB_COMMANDS:
+            return _JOB_COMMANDS[args.command](args)
         return _export(args)
     except SlimSearchError as exc:
         print(f"slimsearch: error: {exc}", file=sys.stderr)
@@ -139,8 +170,11 @@ def _fmt(v) -> str:
 def _export(args) -> int:
     from slimsearch.export import export_job
 
+    from slimsearch.storage.jobs import resolve_job
+
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
-    manifest = export_job(Path(args.job_dir), Path(args.out), run_id=args.run_id, formats=formats)
+    manifest = export_job(resolve_job(args.job_dir).folder, Path(args.out), run_id=args.run_id, formats=formats,
+                          where=args.where, minimize=args.minimize, register=not args.no_register)
     metric = manifest["metric"]
     recorded = manifest["metrics"].get(f"{metric}_test")
     print(f"Exported trial {manifest['trial']} (run {manifest['run_id']}) to {args.out}: {manifest['selection']}")
@@ -148,7 +182,123 @@ def _export(args) -> int:
         print(f"  test {metric} of the {fmt} file, loaded back: {value:.4f} "
               f"(recorded: {'-' if recorded is None else f'{recorded:.4f}'})")
     print(f"  files: {', '.join(sorted(manifest['files']))}")
+    if manifest.get("registry"):
+        reg = manifest["registry"]
+        print(f"  MLflow Model Registry: {reg['uri']} (version {reg['version']})")
     return 0
+
+
+def _when(ts) -> str:
+    import time
+
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [headers] + rows) for i in range(len(headers))]
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in [headers] + rows)
+
+
+def _jobs(args) -> int:
+    import json
+
+    from slimsearch.storage.registry import Registry
+
+    records = Registry().jobs()
+    if args.json:
+        print(json.dumps([r.to_dict() for r in records], indent=2))
+        return 0
+    if not records:
+        print("No jobs registered yet; `slimsearch run JOB.yaml` registers one.")
+        return 0
+    rows = [[str(r.id), r.name, r.status, str(r.budget or "-"), _when(r.started), _when(r.ended),
+             str(len(r.exports)), r.out] for r in records]
+    print(_table(["id", "name", "status", "budget", "started", "ended", "exports", "folder"], rows))
+    return 0
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
+
+
+def _status(args) -> int:
+    import json
+
+    from slimsearch.storage.jobs import progress
+
+    p = progress(args.job)
+    if args.json:
+        print(json.dumps(p.to_dict(), indent=2))
+        return 0
+    print(f"job {p.name}" + (f" (id {p.id})" if p.id is not None else "") + f": {p.status}, folder {p.folder}")
+    extra = ", ".join(x for x in (f"{p.running} running" if p.running else "",
+                                  f"{p.failed} failed" if p.failed else "") if x)
+    print(f"  progress: {p.done}/{p.budget} candidates" + (f" ({extra})" if extra else ""))
+    print(f"  front: {p.front_size} candidates")
+    if p.hypervolume is not None:
+        print(f"  hypervolume: {p.hypervolume:.4f} (reference: {p.hypervolume_rule})")
+    else:
+        print("  hypervolume: - (computed for 2 or 3 objectives once a candidate is done)")
+    left = _duration(p.seconds_left) if p.status == "running" else "- (not running)"
+    print(f"  time per candidate: {_duration(p.seconds_per_candidate)}; time left: {left}")
+    return 0
+
+
+def _front(args) -> int:
+    import json
+    from types import SimpleNamespace
+
+    from slimsearch.storage.jobs import read_front
+
+    data = read_front(args.job)
+    if args.json:
+        keep = ("trial", "run_id", "metrics", "provenance", "describe", "plan")
+        print(json.dumps({"job": data["job"], "objectives": data["objectives"], "teacher": data["teacher"],
+                          "front": [{k: c[k] for k in keep if k in c} for c in data["front"]]}, indent=2))
+        return 0
+    print(format_front(SimpleNamespace(front=data["front"], candidates=data["candidates"], teacher=data["teacher"],
+                                       objectives=data["objectives"])))
+    return 0
+
+
+def _report(args) -> int:
+    from slimsearch.dashboards.report import write_report
+    from slimsearch.storage.jobs import resolve_job
+
+    job = resolve_job(args.job)
+    baseline = resolve_job(args.baseline).folder if args.baseline else None
+    path = write_report(job.folder, Path(args.out) if args.out else None, baseline=baseline)
+    print(f"Wrote {path}")
+    if args.screenshot:
+        from slimsearch.dashboards.browser import screenshot
+
+        print(f"Wrote {screenshot(path, Path(args.screenshot))}")
+    return 0
+
+
+def _ui(args) -> int:
+    from slimsearch.storage.jobs import read_state, resolve_job
+    from slimsearch.storage.ui import start_ui
+
+    job = resolve_job(args.job)
+    server = start_ui(read_state(job.folder)["tracking_uri"], port=args.port, log_path=job.folder / "mlflow-ui.log")
+    try:
+        server.wait_ready()
+        print(f"MLflow UI of job {job.folder.name} on {server.url} (Ctrl-C stops it; log: {server.log_path})",
+              flush=True)
+        server.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+_JOB_COMMANDS = {"jobs": _jobs, "status": _status, "front": _front, "report": _report, "ui": _ui}
 
 
 def _write_profile(profile, out: str) -> Path:

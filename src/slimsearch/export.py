@@ -11,8 +11,10 @@ import hashlib
 import json
 import os
 import platform
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 from slimsearch.exceptions import ConfigError, JobStateError
 
@@ -65,6 +67,98 @@ def choose(front: dict, run_id: Optional[str] = None) -> tuple[dict, str]:
     return best, f"no front member within {ACCURACY_WINDOW:g} of the teacher's {metric}; most accurate front member"
 
 
+_CONDITION = re.compile(r"^\s*([A-Za-z_][\w.@/-]*)\s*(>=|<=|==|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+_OPS = {">=": lambda v, t: v >= t, "<=": lambda v, t: v <= t, ">": lambda v, t: v > t, "<": lambda v, t: v < t,
+        "==": lambda v, t: v == t}
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One ``metric OP number`` of ``--where``."""
+
+    metric: str
+    op: str
+    value: float
+
+    def holds(self, metrics: Mapping) -> bool:
+        v = metrics.get(self.metric)
+        return v is not None and _OPS[self.op](v, self.value)
+
+    def shortfall(self, metrics: Mapping) -> float:
+        """How far ``metrics`` miss this condition, relative to its threshold (0 when it holds)."""
+        v = metrics.get(self.metric)
+        if v is None:
+            return float("inf")
+        if self.holds(metrics):
+            return 0.0
+        return abs(v - self.value) / (abs(self.value) or 1.0)
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
+
+
+def parse_where(text: str, known: Sequence[str]) -> list[Condition]:
+    """``"accuracy>=0.97, size_bytes<20000"`` as conditions: comma-separated ``metric OP number`` with
+    OP one of >=, <=, >, <, ==, and metric one of ``known``."""
+    conditions = []
+    for part in text.split(","):
+        m = _CONDITION.match(part)
+        if m is None:
+            raise ConfigError(f"--where {text!r}: {part.strip()!r} is not 'metric OP number' "
+                              f"(OP one of {list(_OPS)}; conditions separated by commas)")
+        metric, op, value = m.group(1), m.group(2), float(m.group(3))
+        if metric not in known:
+            raise ConfigError(f"--where {text!r}: no metric {metric!r}; the candidates have {sorted(known)}")
+        conditions.append(Condition(metric, op, value))
+    return conditions
+
+
+def alias_for(metric: str) -> str:
+    """The Model Registry alias of the model chosen by minimising ``metric``: ``best-<profile>`` for a
+    per-device metric (``latency_ms@raspberry-pi-4`` -> ``best-raspberry-pi-4``), else ``best-<metric>``."""
+    tail = metric.split("@", 1)[1] if "@" in metric else metric
+    return "best-" + re.sub(r"[^A-Za-z0-9_-]+", "-", tail).strip("-").lower()
+
+
+def select(front: dict, *, where: Optional[str] = None, minimize: Optional[str] = None) -> tuple[dict, str, str]:
+    """The candidate meeting every ``where`` condition with the lowest ``minimize`` (default: the
+    job's speed metric), the rule in words and the metric minimised. Refuses a ``where`` that no
+    candidate meets, naming the closest candidate."""
+    candidates = front["candidates"]
+    if not candidates:
+        raise JobStateError("the job has no completed candidate to export")
+    known = sorted({k for c in candidates for k in c["metrics"]})
+    target = minimize or latency_objective(front["objectives"], candidates[0]["metrics"])
+    if target not in known:
+        raise ConfigError(f"--minimize: no metric {target!r}; the candidates have {known}")
+    conditions = parse_where(where, known) if where else []
+    meeting = [c for c in candidates if all(k.holds(c["metrics"]) for k in conditions)
+               and c["metrics"].get(target) is not None]
+    if not meeting:
+        closest = min(candidates, key=lambda c: sum(k.shortfall(c["metrics"]) for k in conditions))
+        shown = ", ".join(f"{k.metric}={closest['metrics'].get(k.metric, float('nan')):.4g}" for k in conditions)
+        raise ConfigError(f"--where {where!r}: no candidate meets it; closest: trial {closest['trial']} "
+                          f"(run {closest['run_id']}) with {shown}")
+    best = min(meeting, key=lambda c: (c["metrics"][target], c["trial"]))
+    rule = f"lowest {target}" + (f" where {', '.join(map(str, conditions))}" if conditions else "")
+    return best, rule, target
+
+
+def safe_out(out: Path, names: Sequence[str]) -> Path:
+    """The resolved export folder, refusing an ``out`` that climbs with ``..`` and any file to be
+    written there that resolves (through a symlink) outside it."""
+    given = Path(out).expanduser()
+    if ".." in given.parts:
+        raise ConfigError(f"--out {str(out)!r}: '..' is not allowed in the export folder; name the folder itself")
+    folder = given.resolve()
+    for name in names:
+        target = (folder / name).resolve()
+        if target.parent != folder:
+            raise ConfigError(f"--out {str(out)!r}: {name} there resolves to {target}, outside the export folder "
+                              "(a symlink?); remove it or choose another --out")
+    return folder
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -108,16 +202,23 @@ def _write_format(fmt: str, model, task, out: Path) -> tuple[Path, float]:
 
 
 def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
-               formats: tuple[str, ...] = ("onnx", "torchscript")) -> dict:
+               formats: tuple[str, ...] = ("onnx", "torchscript"), where: Optional[str] = None,
+               minimize: Optional[str] = None, register: bool = True) -> dict:
     """Rebuild a front member, verify each file written, and write them with ``manifest.json``.
 
+    The candidate is ``run_id``, else the one meeting ``where`` with the lowest
+    ``minimize`` (when either is given), else the default choice of :func:`choose`.
     Every file is loaded back and scored on the test split; export refuses (and
     removes what it wrote) when a score differs from the record by more than
-    ``REBUILD_TOLERANCE``.
+    ``REBUILD_TOLERANCE``. With ``register`` and an ONNX file, the model is
+    registered in the job's MLflow Model Registry under an alias (``manifest["registry"]``).
     """
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise ConfigError(f"--format: {bad[0] if bad else 'nothing'!r} is not a format; allowed: {list(FORMATS)}")
+    if run_id and (where or minimize):
+        raise ConfigError("--run names the candidate itself; it cannot be combined with --where or --minimize")
+    out = safe_out(out, [FILE_NAMES[f] for f in formats] + ["manifest.json", "manifest.json.tmp"])
     import torch
 
     from slimsearch.evaluators import apply_plan, score
@@ -129,7 +230,13 @@ def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
 
     job_dir = Path(job_dir).resolve()
     state, front = _read_job(job_dir)
-    candidate, rule = choose(front, run_id)
+    target = None
+    if where or minimize:
+        candidate, rule, target = select(front, where=where, minimize=minimize)
+    else:
+        candidate, rule = choose(front, run_id)
+        if not run_id:
+            target = latency_objective(front["objectives"], candidate["metrics"])
     spec = JobSpec.from_json(json.dumps(state["spec"]))
     task = load_task(spec.task, seed=spec.search.seed, path=spec.task_path)
     if state.get("teacher_sha256") and task.teacher_sha256 != state["teacher_sha256"]:
@@ -140,7 +247,6 @@ def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
     model = apply_plan(task, plan)
     metric = front["metric"]
     rebuilt_val = score(model, task.val, task)
-    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     recorded = candidate["metrics"].get(f"{metric}_test")
     written: list[Path] = []
@@ -189,7 +295,61 @@ def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
         "packed_bytes": packed_size(model),
         "files": {p.name: _sha256(p) for p in written},
     }
+    if register and "onnx" in formats and candidate.get("run_id"):
+        alias = alias_for(target) if target else f"run-{candidate['run_id'][:8]}"
+        manifest["registry"] = register_onnx(state["tracking_uri"], front["job"], out / FILE_NAMES["onnx"],
+                                             candidate["run_id"], alias)
     tmp = manifest_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     os.replace(tmp, manifest_path)
+    _record_export(job_dir, out, manifest)
     return manifest
+
+
+def model_name(job: str) -> str:
+    """The Model Registry name of a job's exported models."""
+    return "slimsearch-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", job)
+
+
+def register_onnx(tracking_uri: str, job: str, onnx_path: Path, run_id: str, alias: str) -> dict:
+    """Log ``onnx_path`` as an MLflow model (ONNX flavour) under the candidate's run, register it as a new
+    version of :func:`model_name` and point ``alias`` at it; ``models:/<name>@<alias>`` then loads it."""
+    import logging
+
+    import mlflow
+    import onnx
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    name = model_name(job)
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model")
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        if not client.search_registered_models(filter_string=f"name = '{name}'"):
+            client.create_registered_model(name, description="slimsearch exports of job " + job)
+        version = str(client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id,
+                                                  tags={"slimsearch.alias": alias}).version)
+        client.set_registered_model_alias(name, alias, version)
+    finally:
+        if previous is not None:
+            mlflow.set_tracking_uri(previous)
+    return {"tracking_uri": tracking_uri, "name": name, "version": version, "alias": alias,
+            "uri": f"models:/{name}@{alias}"}
+
+
+def _record_export(job_dir: Path, out: Path, manifest: dict) -> None:
+    from slimsearch.storage.registry import Registry, safely
+
+    registry = Registry()
+    reg = manifest.get("registry") or {}
+
+    def record():
+        job = registry.find_by_out(job_dir)
+        if job is not None:
+            registry.record_export(job.id, out=out, formats=manifest["formats"], run_id=manifest["run_id"],
+                                   trial=manifest["trial"], model_name=reg.get("name"),
+                                   model_version=reg.get("version"), alias=reg.get("alias"))
+
+    safely(record)

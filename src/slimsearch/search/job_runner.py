@@ -188,6 +188,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
              "storage": storage_url, "tracking_uri": tracking_uri, "teacher": teacher,
              "teacher_sha256": task.teacher_sha256, "created": state.get("created", time.time())}
     _write_json(out / STATE_FILE, state)
+    job_id = _register(spec, out, state, tracker, log)
 
     log(f"[slimsearch] {done} of {spec.search.budget} candidates done; running {remaining} "
         f"on {workers} worker(s) x {threads} thread(s)")
@@ -201,9 +202,10 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
         provenance = provenance_map(record.values)
         plan = space.plan_from_params(record.params)
         tracker.log_candidate(record.number, record.params, record.values, provenance, plan.to_json(),
-                              failed=record.error, tags=candidate_tags(plan, record.values, default_modes))
+                              failed=record.error, tags=candidate_tags(plan, record.values, default_modes, record))
         if record.state.value == "complete":
             complete.append(record)
+            _log_hypervolume(tracker, complete, objectives, teacher, log)
         if bar is not None:
             bar.set_postfix_str(f"front {len(_front_numbers(complete, objectives))}, last {record.state.value}")
             bar.update(1 if record.state.value == "complete" else 0)
@@ -218,6 +220,9 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                    workers=workers, threads_per_worker=threads, listener=on_trial,
                    ray_storage=str(out / "ray"))
         status = "FINISHED"
+    except BaseException as exc:
+        _register_end(job_id, exc, log)
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -227,7 +232,48 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
             ray.shutdown()
         result = _finish(study, space, tracker, out, objectives, teacher, task.metric_name, state, default_modes)
         tracker.finish(status)
+    _register_end(job_id, None, log)
     return result
+
+
+def _register(spec: JobSpec, out: Path, state: dict, tracker, log) -> Optional[int]:
+    """Record the job as running in the job registry (storage/registry.py); None if it cannot be."""
+    from slimsearch.storage import redact
+    from slimsearch.storage.registry import Registry, safely
+
+    return safely(lambda: Registry().record_start(
+        name=spec.name, out=out, config_json=spec.to_json(), study_name=state["study_name"],
+        storage=redact(state["storage"]), tracking_uri=redact(state["tracking_uri"]),
+        experiment_id=tracker.client.get_run(state["parent_run_id"]).info.experiment_id,
+        parent_run_id=state["parent_run_id"], budget=spec.search.budget), log)
+
+
+def _register_end(job_id: Optional[int], exc: Optional[BaseException], log) -> None:
+    """finished (``exc`` None), stopped (interrupted) or failed, in the job registry."""
+    from slimsearch.storage.registry import JobStatus, Registry, safely
+
+    if job_id is None:
+        return
+    stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
+    status = JobStatus.FINISHED if exc is None else JobStatus.STOPPED if stopped else JobStatus.FAILED
+    safely(lambda: Registry().record_end(job_id, status, None if exc is None else f"{type(exc).__name__}: {exc}"),
+           log)
+
+
+def _log_hypervolume(tracker, complete, objectives, teacher, log) -> None:
+    """The hypervolume of the candidates done so far as the parent run's ``hypervolume`` series
+    (step = candidates done), in the report's teacher units."""
+    from slimsearch.dashboards.report import hypervolume_reference, hypervolume_series
+
+    if len(objectives) < 2:
+        return
+    cands = [{"trial": r.number, "metrics": r.values} for r in complete]
+    try:
+        series = hypervolume_series(cands, objectives, hypervolume_reference(objectives, teacher, cands))
+        if series:
+            tracker.log_parent_series("hypervolume", series[-1], step=len(cands))
+    except Exception as exc:  # noqa: BLE001 - a missing chart point must not stop the search
+        log(f"[slimsearch] hypervolume not logged ({type(exc).__name__}: {exc})")
 
 
 def _front_numbers(complete, objectives) -> set[int]:
@@ -245,13 +291,17 @@ def _power_modes_used(spec: JobSpec, chosen) -> dict[str, str]:
             for p in spec.profiles}
 
 
-def candidate_tags(plan, values, default_modes: dict[str, str]) -> dict[str, str]:
-    """MLflow tags of a candidate: the power mode each profile's figures are modelled at, and
-    ``absent.<metric>`` with the reason for every cost figure that has no value."""
+def candidate_tags(plan, values, default_modes: dict[str, str], record=None) -> dict[str, str]:
+    """MLflow tags of a candidate: the power mode each profile's figures are modelled at,
+    ``absent.<metric>`` with the reason for every cost figure that has no value, and (given the
+    trial ``record``) ``screened`` and ``stopped_early`` as ``true``/``false``."""
     from slimsearch.evaluators.metrics import absent_reasons
     from slimsearch.storage.tracking import mlflow_key
 
     tags = {**default_modes, **{f"power_mode.{p}": m for p, m in plan.power_modes.items()}}
+    if record is not None:
+        tags["screened"] = "true" if record.state.value == "screened" else "false"
+        tags["stopped_early"] = "true" if getattr(record, "stopped_early", False) else "false"
     tags.update({f"absent.{mlflow_key(k)}": why for k, why in absent_reasons(values).items()})
     return tags
 
@@ -271,7 +321,7 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
             plan = space.plan_from_params(r.params)
             children[r.number] = tracker.log_candidate(
                 r.number, r.params, r.values, provenance, plan.to_json(), failed=r.error,
-                tags=candidate_tags(plan, r.values, default_modes))
+                tags=candidate_tags(plan, r.values, default_modes, r))
     complete = [r for r in all_records if r.state.value == "complete"]
     front = _front_numbers(complete, objectives)
     tracker.set_pareto(children, front)
@@ -293,6 +343,10 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
         infos = front_infos(candidates, objectives, front=front, teacher=teacher, provenance=provenance)
         write_front_html(infos, out / FRONT_HTML)
         tracker.log_artifact(out / FRONT_HTML)
+    if candidates:
+        from slimsearch.dashboards.report import write_report
+
+        tracker.log_artifact(write_report(out))
     return JobResult(out=out, front=front_list, candidates=candidates, teacher=teacher, objectives=objectives)
 
 

@@ -1,0 +1,112 @@
+"""Finding a job (registry id, name or folder) and reading its progress and front.
+
+Behind ``slimsearch jobs|status|front`` and ``slimsearch.jobs()``/``front()``; reads the
+job folder's files, the registry and the Optuna study, and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from slimsearch.exceptions import ConfigError, JobStateError
+from slimsearch.storage.registry import JobRecord, Registry, safely
+
+
+@dataclass(frozen=True)
+class JobRef:
+    folder: Path
+    record: Optional[JobRecord]  # None for a folder the registry does not know (e.g. another machine's)
+
+
+def resolve_job(ref: str | Path, registry: Optional[Registry] = None) -> JobRef:
+    """The job ``ref`` names: a job folder (holding ``job.json``), else a registry id or name."""
+    registry = registry or Registry()
+    path = Path(ref).expanduser()
+    if (path / "job.json").is_file():
+        return JobRef(path.resolve(), safely(lambda: registry.find_by_out(path)))
+    record = registry.find(str(ref))
+    if record is None:
+        raise ConfigError(f"JOB {str(ref)!r}: no registered job has this id or name and it is not a job folder "
+                          "(no job.json in it); `slimsearch jobs` lists the registered ones")
+    if not (Path(record.out) / "job.json").is_file():
+        raise JobStateError(f"JOB {str(ref)!r}: registered job {record.id} lived in {record.out}, "
+                            "which no longer holds its job.json")
+    return JobRef(Path(record.out), record)
+
+
+def read_state(folder: Path) -> dict:
+    return json.loads((Path(folder) / "job.json").read_text())
+
+
+def read_front(ref: str | Path, registry: Optional[Registry] = None) -> dict:
+    """The job's ``front.json`` (objectives, teacher, front members, every candidate)."""
+    job = resolve_job(ref, registry)
+    path = job.folder / "front.json"
+    if not path.is_file():
+        raise JobStateError(f"{job.folder}: no front.json yet (it is written when the job ends or stops); "
+                            "`slimsearch status` shows its progress")
+    return json.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    id: Optional[int]
+    name: str
+    folder: Path
+    status: str
+    done: int
+    failed: int
+    running: int
+    budget: int
+    front_size: int
+    hypervolume: Optional[float]  # in teacher units (see dashboards.report.hypervolume_reference); None if not computed
+    hypervolume_rule: Optional[str]
+    seconds_per_candidate: Optional[float]
+    seconds_left: Optional[float]
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "folder": str(self.folder)}
+
+
+def progress(ref: str | Path, registry: Optional[Registry] = None) -> JobProgress:
+    """Candidates done of the budget, front size, hypervolume (2-3 objectives) and time left, from the
+    Optuna study as it is now (also while the job runs)."""
+    import optuna
+
+    from slimsearch.dashboards.report import hypervolume_reference, hypervolume_series
+    from slimsearch.search.pareto import pareto_front
+
+    job = resolve_job(ref, registry)
+    state = read_state(job.folder)
+    spec = state["spec"]
+    objectives = {k: (v if isinstance(v, str) else v.get("value")) for k, v in spec["objectives"].items()}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=state["study_name"], storage=state["storage"])
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    # job.json stores the spec with sorted keys; the study's values follow the job file's order
+    names = list(study.metric_names or objectives)
+    objectives = {n: objectives[n] for n in names}
+    cands = [{"trial": t.number, "metrics": dict(zip(names, t.values))} for t in complete]
+    front = pareto_front([[c["metrics"][n] for n in names] for c in cands], list(objectives.values())) if cands else []
+    hv = rule = None
+    if len(names) >= 2 and cands:
+        reference = hypervolume_reference(objectives, state.get("teacher"), cands)
+        series = hypervolume_series(cands, objectives, reference)
+        hv, rule = (series[-1] if series else None), (reference.rule if series else None)
+    budget = int(spec["search"]["budget"])
+    workers = max(1, int(spec["search"].get("workers") or 1))
+    durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in complete
+                 if t.datetime_complete and t.datetime_start]
+    per = sum(durations) / len(durations) if durations else None
+    status = job.record.status if job.record else ("finished" if (job.folder / "front.json").is_file() else "unknown")
+    left = None
+    if per is not None and status == "running":
+        left = per * max(0, budget - len(complete)) / workers
+    return JobProgress(job.record.id if job.record else None, spec["name"], job.folder, status, len(complete),
+                       sum(t.state == optuna.trial.TrialState.FAIL for t in trials),
+                       sum(t.state == optuna.trial.TrialState.RUNNING for t in trials), budget, len(front), hv,
+                       rule, per, left)

@@ -1,0 +1,76 @@
+"""The job registry: schema versions, job records, statuses, exports, lookup by id, name and folder."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from slimsearch.exceptions import ConfigError
+from slimsearch.storage.registry import MIGRATIONS, JobStatus, Registry, config_hash, registry_url
+
+
+def _start(registry, tmp_path, name="j", folder="out"):
+    return registry.record_start(name=name, out=tmp_path / folder, config_json='{"name": "%s", "b": 1}' % name,
+                                 study_name=name, storage="sqlite:///s.db", tracking_uri="sqlite:///m.db",
+                                 experiment_id="1", parent_run_id="abc", budget=4)
+
+
+def test_default_location_follows_slimsearch_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("SLIMSEARCH_REGISTRY", raising=False)
+    monkeypatch.setenv("SLIMSEARCH_HOME", str(tmp_path))
+    assert registry_url() == f"sqlite:///{tmp_path / 'registry.db'}"
+    monkeypatch.setenv("SLIMSEARCH_REGISTRY", "sqlite:///elsewhere.db")
+    assert registry_url() == "sqlite:///elsewhere.db"
+
+
+def test_a_new_database_is_migrated_to_the_latest_version(tmp_path):
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    registry = Registry(url)
+    assert registry.jobs() == []
+    engine = create_engine(url)
+    assert Registry.schema_version(engine) == len(MIGRATIONS) == 1
+    assert {"jobs", "exports", "schema_version"} <= set(inspect(engine).get_table_names())
+    assert Registry.migrate(engine) == 1  # idempotent
+
+
+def test_a_database_newer_than_the_code_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    Registry(url).jobs()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE schema_version SET version = 99"))
+    with pytest.raises(ConfigError, match="schema version 99 is newer"):
+        Registry(url).jobs()
+
+
+def test_jobs_are_recorded_found_and_finished(tmp_path):
+    registry = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+    first = _start(registry, tmp_path, "alpha", "a")
+    second = _start(registry, tmp_path, "alpha", "b")
+    third = _start(registry, tmp_path, "beta", "c")
+    assert (first, second, third) == (1, 2, 3)
+    registry.record_end(first, JobStatus.FINISHED)
+    registry.record_end(second, JobStatus.STOPPED, "KeyboardInterrupt: ")
+    registry.record_end(third, JobStatus.FAILED, "RuntimeError: boom")
+    jobs = registry.jobs()
+    assert [(j.id, j.name, j.status) for j in jobs] == [(1, "alpha", "finished"), (2, "alpha", "stopped"),
+                                                        (3, "beta", "failed")]
+    assert jobs[2].error == "RuntimeError: boom" and jobs[0].ended >= jobs[0].started
+    assert jobs[0].config_hash == config_hash('{"b": 1, "name": "alpha"}')  # key order does not matter
+    assert registry.find("1").out == str(tmp_path / "a")
+    assert registry.find("alpha").id == 2  # the latest of that name
+    assert registry.find(str(tmp_path / "c")).name == "beta"
+    assert registry.find("nothing") is None
+    # resuming a job in the same folder updates its row instead of adding one
+    assert _start(registry, tmp_path, "alpha", "a") == 1
+    assert registry.find("1").status == "running" and len(registry.jobs()) == 3
+
+
+def test_exports_belong_to_their_job(tmp_path):
+    registry = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+    job = _start(registry, tmp_path)
+    registry.record_export(job, out=tmp_path / "x", formats=["onnx"], run_id="r1", trial=2, model_name="m",
+                           model_version="1", alias="best-raspberry-pi-4")
+    (record,) = registry.jobs()
+    (export,) = record.exports
+    assert export["alias"] == "best-raspberry-pi-4" and export["trial"] == 2 and export["formats"] == "onnx"
