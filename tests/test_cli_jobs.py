@@ -247,3 +247,21 @@ def test_ui_command_prints_its_loopback_url_and_stops_on_ctrl_c(job):
             proc.wait(timeout=30)
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
+
+
+def test_report_command_draws_a_given_random_search_baseline_and_takes_a_screenshot(job, tmp_path):
+    from slimsearch.dashboards.browser import find_chromium
+
+    page, png = tmp_path / "r.html", tmp_path / "r.png"
+    args = ["report", NAME, "--baseline", str(job.out), "--out", str(page)]
+    if find_chromium() is not None:
+        args += ["--screenshot", str(png)]
+    result = cli(*args)
+    assert result.code == 0, result.stderr
+    import html
+
+    assert f"random search: job '{NAME}' (3 evaluations)" in html.unescape(page.read_text(encoding="utf-8"))
+    if find_chromium() is not None:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = cli("report", NAME, "--baseline", "no-such-job")
+    assert bad.code == 2 and "JOB 'no-such-job'" in bad.stderr
