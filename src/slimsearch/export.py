@@ -151,6 +151,8 @@ def safe_out(out: Path, names: Sequence[str]) -> Path:
     if ".." in given.parts:
         raise ConfigError(f"--out {str(out)!r}: '..' is not allowed in the export folder; name the folder itself")
     folder = given.resolve()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--out {str(out)!r}: is a file, not a folder")
     for name in names:
         target = (folder / name).resolve()
         if target.parent != folder:

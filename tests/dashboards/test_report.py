@@ -103,3 +103,14 @@ def test_four_objectives_get_a_hypervolume_too(job_data):
     info = hypervolume_info(data)
     assert len(info.values) == 4 and info.values[-1] > 0
     assert all(b >= a for a, b in zip(info.values, info.values[1:]))
+
+
+def test_predicted_against_measured_only_for_a_profile_of_this_machine(job_data):
+    from slimsearch.dashboards.report import predicted_infos
+
+    assert predicted_infos(job_data) == []  # raspberry-pi-4 is not this machine
+    for c in job_data["candidates"]:
+        c["metrics"]["latency_ms@local-box"] = c["metrics"]["latency_ms@local"] * 1.1
+    (info,) = predicted_infos(job_data)
+    assert info.profile == "local-box"
+    assert info.measured == [2.0, 4.0, 4.5, 3.0] and info.predicted == pytest.approx([2.2, 4.4, 4.95, 3.3])

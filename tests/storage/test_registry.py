@@ -74,3 +74,32 @@ def test_exports_belong_to_their_job(tmp_path):
     (record,) = registry.jobs()
     (export,) = record.exports
     assert export["alias"] == "best-raspberry-pi-4" and export["trial"] == 2 and export["formats"] == "onnx"
+
+
+def test_a_random_search_twin_is_found_as_the_baseline(tmp_path):
+    import json
+
+    from slimsearch.storage.jobs import find_random_baseline
+
+    registry = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+    base = {"task": "digits", "space": {"weight_bits": [4, 8]}, "objectives": {"accuracy": "max", "size_bytes": "min"},
+            "profiles": ["raspberry-pi-4"]}
+
+    def job(folder, name, sampler, status=JobStatus.FINISHED, **changes):
+        spec = dict(base, name=name, search={"budget": 4, "workers": 1, "seed": 0, "sampler": sampler}, **changes)
+        out = tmp_path / folder
+        out.mkdir()
+        (out / "job.json").write_text(json.dumps({"spec": spec}))
+        (out / "front.json").write_text("{}")
+        job_id = registry.record_start(name=name, out=out, config_json=json.dumps(spec), study_name=name,
+                                       storage="s", tracking_uri="t", experiment_id="1", parent_run_id="p",
+                                       budget=4)
+        registry.record_end(job_id, status)
+        return out
+
+    mine = job("mine", "digits", "nsga2")
+    assert find_random_baseline(mine, registry) is None
+    job("other-space", "digits-r1", "random", space={"weight_bits": [2, 4]})
+    job("stopped", "digits-r2", "random", status=JobStatus.STOPPED)
+    twin = job("twin", "digits-random", "random")
+    assert find_random_baseline(mine, registry) == twin

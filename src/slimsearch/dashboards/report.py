@@ -154,8 +154,9 @@ def hypervolume_info(data: Mapping, baseline: Optional[Mapping] = None) -> Optio
     elif sampler == "random":
         base, label = None, "this job is itself random search"
     else:
-        base, label = None, ("no random-search baseline recorded for this job (run it with search.sampler: "
-                             "random and pass that job as --baseline to `slimsearch report`)")
+        base, label = None, ("no random-search baseline recorded for this job (run the same job with "
+                             "search.sampler: random: its report and `slimsearch report` then find it in the "
+                             "job registry; or pass one with `slimsearch report JOB --baseline RANDOM_JOB`)")
     return HypervolumeInfo(list(range(1, len(values) + 1)), values, reference, base, label)
 
 
@@ -334,6 +335,42 @@ def layer_heatmap_figure(info: LayerHeatmapInfo):
     return fig
 
 
+class PredictedInfo(NamedTuple):
+    profile: str
+    predicted: list[float]  # latency_ms@<profile>, modelled
+    measured: list[float]  # latency_ms@local, timed on this machine
+    hover: list[str]
+
+
+def predicted_infos(data: Mapping) -> list[PredictedInfo]:
+    """Modelled latency on each profile of this machine (named ``local-*``, as ``slimsearch hw profile``
+    names them) against the latency measured here, per candidate; empty when the job has none."""
+    out = []
+    profiles = sorted({k.split("@", 1)[1] for c in data["candidates"] for k in c["metrics"]
+                       if k.startswith("latency_ms@local-")})
+    for p in profiles:
+        rows = [(c["metrics"][f"latency_ms@{p}"], c["metrics"]["latency_ms@local"],
+                 f"trial {c['trial']}<br>{html.escape(c['describe'])}") for c in data["candidates"]
+                if c["metrics"].get(f"latency_ms@{p}") is not None and c["metrics"].get("latency_ms@local") is not None]
+        if rows:
+            out.append(PredictedInfo(p, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]))
+    return out
+
+
+def predicted_figure(info: PredictedInfo):
+    import plotly.graph_objects as go
+
+    hi = max(info.predicted + info.measured)
+    fig = go.Figure([go.Scatter(x=info.predicted, y=info.measured, mode="markers", name="candidates",
+                                text=info.hover, hoverinfo="text"),
+                     go.Scatter(x=[0, hi], y=[0, hi], mode="lines", name="predicted = measured",
+                                line={"dash": "dot"})])
+    fig.update_layout(title=f"latency_ms: predicted on profile {info.profile} (modelled) against measured here",
+                      xaxis_title=f"latency_ms@{info.profile} (modelled)", yaxis_title="latency_ms@local (measured)",
+                      template="plotly_white", height=450)
+    return fig
+
+
 # ---------------------------------------------------------------- page
 
 
@@ -373,8 +410,14 @@ def report_sections(data: Mapping, baseline: Optional[Mapping] = None) -> list[S
     heat = layer_heatmap_info(data)
     sections.append(Section("Per-layer plans", layer_heatmap_figure(heat) if heat else None,
                             "rows: front members" if heat else "no front member names a layer"))
-    sections.append(Section("Predicted against measured latency", None,
-                            "not drawn: no profile of this job is both predicted and measured on the same device"))
+    predicted = predicted_infos(data)
+    for info in predicted:
+        sections.append(Section(f"Predicted against measured latency ({info.profile})", predicted_figure(info),
+                                "batch 1; the profile was measured on this machine by `slimsearch hw profile`"))
+    if not predicted:
+        sections.append(Section("Predicted against measured latency", None,
+                                "not drawn: the job has no profile of this machine (a `local-*` profile written "
+                                "by `slimsearch hw profile`) to compare the measured latency with"))
     return sections
 
 
@@ -444,12 +487,19 @@ def report_html(data: Mapping, baseline: Optional[Mapping] = None) -> str:
 
 def write_report(job_dir: Path, out: Optional[Path] = None, baseline: Optional[Path] = None) -> Path:
     """Write ``report.html`` for the job in ``job_dir`` (its ``front.json``, and ``job.json`` for the
-    sampler); ``baseline`` is another job folder whose candidates are random search."""
+    sampler); ``baseline`` is another job folder whose candidates are random search. Without one,
+    the job registry is asked for a finished random-search job of the same task, space,
+    objectives and profiles (:func:`slimsearch.storage.jobs.find_random_baseline`)."""
     job_dir = Path(job_dir)
     data = json.loads((job_dir / "front.json").read_text())
     state_path = job_dir / "job.json"
     if state_path.exists() and "sampler" not in data:
         data = {**data, "sampler": json.loads(state_path.read_text())["spec"]["search"].get("sampler")}
+    if baseline is None and state_path.exists() and data.get("sampler") != "random":
+        from slimsearch.storage.jobs import find_random_baseline
+        from slimsearch.storage.registry import safely
+
+        baseline = safely(lambda: find_random_baseline(job_dir))
     base = json.loads((Path(baseline) / "front.json").read_text()) if baseline else None
     path = Path(out) if out else job_dir / REPORT_HTML
     tmp = path.with_suffix(".html.tmp")

@@ -110,3 +110,30 @@ def progress(ref: str | Path, registry: Optional[Registry] = None) -> JobProgres
                        sum(t.state == optuna.trial.TrialState.FAIL for t in trials),
                        sum(t.state == optuna.trial.TrialState.RUNNING for t in trials), budget, len(front), hv,
                        rule, per, left)
+
+
+_SEARCH_SETTINGS = ("budget", "workers", "seed", "sampler")
+
+
+def _comparable(config: dict) -> dict:
+    """A job config without its name and search settings: what a fair baseline must share."""
+    out = {k: v for k, v in config.items() if k != "name"}
+    out["search"] = {k: v for k, v in config.get("search", {}).items() if k not in _SEARCH_SETTINGS}
+    return out
+
+
+def find_random_baseline(folder: Path, registry: Optional[Registry] = None) -> Optional[Path]:
+    """The folder of the latest finished random-search job in the registry that searched the same
+    task, space, objectives, constraints and profiles as the job in ``folder``; None if there is none."""
+    registry = registry or Registry()
+    folder = Path(folder).resolve()
+    mine = _comparable(read_state(folder)["spec"])
+    for record in reversed(registry.jobs()):
+        if record.out == str(folder) or record.status != "finished":
+            continue
+        config = json.loads(record.config)
+        if config.get("search", {}).get("sampler") != "random" or _comparable(config) != mine:
+            continue
+        if (Path(record.out) / "front.json").is_file():
+            return Path(record.out)
+    return None

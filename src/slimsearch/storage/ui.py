@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -69,8 +70,9 @@ def start_ui(tracking_uri: str, *, port: Optional[int] = None, log_path: Optiona
            "--host", HOST, "--port", str(port), "--workers", "1"]
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed when it exits
     try:
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}  # a loopback UI reports nowhere
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   cwd=log_path.parent)
+                                   cwd=log_path.parent, env=env)
     finally:
         log.close()
     return UiServer(process, f"http://{HOST}:{port}", log_path)
