@@ -112,7 +112,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     from slimsearch.evaluators import model_metrics, score
     from slimsearch.evaluators.metrics import absent_reasons, provenance_map
     from slimsearch.hardware_profiles._energy import EnergyDomain, energy_meter
-    from slimsearch.search.driver import open_study, recover_interrupted, records, run_trials
+    from slimsearch.search.driver import open_study, recover_interrupted, records, run_trials, start_ray
     from slimsearch.search.samplers import make_sampler
     from slimsearch.storage import default_storage_url, default_tracking_uri, redact
     from slimsearch.storage.tracking import Tracker, mlflow_key
@@ -215,7 +215,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     status = "FAILED"
     try:
         if remaining and executor == "ray":
-            started_ray = _start_ray(workers * threads)
+            started_ray = start_ray(workers * threads)
         run_trials(study, dict(space.choices), job_fn, objectives, n_trials=remaining, executor=executor,
                    workers=workers, threads_per_worker=threads, listener=on_trial,
                    ray_storage=str(out / "ray"))
@@ -348,19 +348,6 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
 
         tracker.log_artifact(write_report(out))
     return JobResult(out=out, front=front_list, candidates=candidates, teacher=teacher, objectives=objectives)
-
-
-def _start_ray(num_cpus: int) -> bool:
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             configure_logging=True)
-    return True
 
 
 def _progress(total: int, initial: int, enabled: bool):
