@@ -226,6 +226,8 @@ class JobSpec(_Frozen):
         "latency_ms_b64@local": Direction.MIN,
         "size_bytes": Direction.MIN,
     }
+    constraints: list[str] = Field([], description="e.g. 'accuracy_drop <= 0.01' or 'latency_ms@jetson-orin-nano <= 5'; "
+                                   "a candidate that breaks one never enters the front")
     profiles: list[ProfileTarget] = [ProfileTarget(name="raspberry-pi-4")]
     search: SearchSpec = SearchSpec()
     task_path: Optional[str] = Field(None, description="folder a package.module:function task is imported from "
@@ -291,6 +293,15 @@ class JobSpec(_Frozen):
         for metric in self.objectives:
             if metric not in allowed and not (user_task and "@" not in metric):
                 raise ValueError(f"objectives: unknown metric {metric!r}; allowed: {allowed}")
+        from slimsearch.search.driver import Constraint
+
+        for i, text in enumerate(self.constraints):
+            try:
+                metric = Constraint.parse(text).metric
+            except ConfigError as exc:
+                raise ValueError(f"constraints.{i}: {exc}") from None
+            if metric not in allowed and not (user_task and "@" not in metric):
+                raise ValueError(f"constraints.{i}: {text!r}: unknown metric {metric!r}; allowed: {allowed}")
         return self
 
     def metric_names(self) -> list[str]:

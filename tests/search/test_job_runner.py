@@ -243,3 +243,16 @@ def test_hidden_state_matching_on_a_task_without_hidden_states_is_refused(tmp_pa
     assert line == (f"slimsearch: error: {job}: space.distill_hidden_weight: task 'digits' exposes no hidden "
                     "states to match; allowed: [0]")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_candidate_that_breaks_a_constraint_never_enters_the_front(tmp_path):
+    job = _write(tmp_path, dict(JOB, constraints=["size_bytes <= 1"], search={"budget": 2, "workers": 1}))
+    out = tmp_path / "out"
+    result = _run(str(job), "--out", str(out), "--executor", "local")
+    assert result.code == 0, result.stderr
+    front = json.loads((out / "front.json").read_text())
+    assert len(front["candidates"]) == 2
+    assert all(c["feasible"] is False and not c["on_front"] for c in front["candidates"])
+    assert front["front"] == []
+    _, children = _runs(out)
+    assert [r.data.tags["pareto"] for r in children] == ["false", "false"]

@@ -112,7 +112,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     from slimsearch.evaluators import model_metrics, score
     from slimsearch.evaluators.metrics import absent_reasons, provenance_map
     from slimsearch.hardware_profiles._energy import EnergyDomain, energy_meter
-    from slimsearch.search.driver import open_study, recover_interrupted, records, run_trials, start_ray
+    from slimsearch.search.driver import Constraint, open_study, recover_interrupted, records, run_trials, start_ray
     from slimsearch.search.samplers import make_sampler
     from slimsearch.storage import default_storage_url, default_tracking_uri, redact
     from slimsearch.storage.tracking import Tracker, mlflow_key
@@ -218,7 +218,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
             started_ray = start_ray(workers * threads)
         run_trials(study, dict(space.choices), job_fn, objectives, n_trials=remaining, executor=executor,
                    workers=workers, threads_per_worker=threads, listener=on_trial,
-                   ray_storage=str(out / "ray"))
+                   ray_storage=str(out / "ray"), constraints=[Constraint.parse(c) for c in spec.constraints])
         status = "FINISHED"
     except BaseException as exc:
         _register_end(job_id, exc, log)
@@ -277,10 +277,13 @@ def _log_hypervolume(tracker, complete, objectives, teacher, log) -> None:
 
 
 def _front_numbers(complete, objectives) -> set[int]:
+    """Trial numbers of the non-dominated candidates among the feasible ones (a candidate that breaks
+    a job constraint never enters the front)."""
     from slimsearch.search.pareto import pareto_front
 
-    pts = [[r.values[m] for m in objectives] for r in complete]
-    return {complete[i].number for i in pareto_front(pts, list(objectives.values()))}
+    feasible = [r for r in complete if r.feasible]
+    pts = [[r.values[m] for m in objectives] for r in feasible]
+    return {feasible[i].number for i in pareto_front(pts, list(objectives.values()))}
 
 
 def _power_modes_used(spec: JobSpec, chosen) -> dict[str, str]:
@@ -331,7 +334,7 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
         provenance = provenance_map(r.values)
         candidates.append({"trial": r.number, "run_id": children.get(r.number), "params": r.params,
                            "plan": plan.to_dict(), "describe": plan.describe(), "metrics": r.values,
-                           "provenance": provenance, "on_front": r.number in front})
+                           "provenance": provenance, "on_front": r.number in front, "feasible": r.feasible})
     front_list = sorted((c for c in candidates if c["on_front"]), key=lambda c: c["trial"])
     data = {"job": state["spec"]["name"], "objectives": objectives, "metric": metric_name, "teacher": teacher,
             "front": front_list, "candidates": candidates,
