@@ -21,7 +21,7 @@ def test_median_is_positive_and_defaults_are_used():
 
 def test_sleep_is_timed_in_milliseconds():
     timing = measure_latency(lambda: time.sleep(0.002), warmup=0, repeats=3)
-    assert 1.5 < timing.median_ms < 50
+    assert 1.5 < timing.median_ms < 1000  # milliseconds, not seconds or microseconds; no speed asserted
 
 
 def test_min_time_extends_the_repeats():
