@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional, Protocol
 
 from slimsearch.exceptions import ConfigError
+from slimsearch.hardware_profiles._measure import check_schedule
 
 __all__ = ["EnergyDomain", "EnergyMeter", "EnergyReading", "energy_meter", "rapl_counters"]
 
@@ -133,12 +134,7 @@ class EnergyMeter:
         Raises:
             ConfigError: ``warmup < 0``, ``repeats < 1`` or ``min_time_s < 0``.
         """
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ConfigError(f"warmup must be an int >= 0, got {warmup!r}")
-        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-            raise ConfigError(f"repeats must be an int >= 1, got {repeats!r}")
-        if isinstance(min_time_s, bool) or not isinstance(min_time_s, (int, float)) or not min_time_s >= 0:
-            raise ConfigError(f"min_time_s must be a number >= 0, got {min_time_s!r}")
+        check_schedule(warmup, repeats, min_time_s)
         for _ in range(warmup):
             fn()
         total_uj = 0

@@ -40,6 +40,16 @@ class Timing:
         return cls(**data)
 
 
+def check_schedule(warmup: int, repeats: int, min_time_s: float) -> None:
+    """Refuse a measurement schedule that makes no sense (shared by latency and energy measurement)."""
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"warmup must be an int >= 0, got {warmup!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"repeats must be an int >= 1, got {repeats!r}")
+    if isinstance(min_time_s, bool) or not isinstance(min_time_s, (int, float)) or not min_time_s >= 0:
+        raise ConfigError(f"min_time_s must be a number >= 0, got {min_time_s!r}")
+
+
 def measure_latency(
     fn: Callable[[], object],
     *,
@@ -56,12 +66,7 @@ def measure_latency(
     Raises:
         ConfigError: ``warmup < 0``, ``repeats < 1`` or ``min_time_s < 0``.
     """
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ConfigError(f"warmup must be an int >= 0, got {warmup!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ConfigError(f"repeats must be an int >= 1, got {repeats!r}")
-    if isinstance(min_time_s, bool) or not isinstance(min_time_s, (int, float)) or not min_time_s >= 0:
-        raise ConfigError(f"min_time_s must be a number >= 0, got {min_time_s!r}")
+    check_schedule(warmup, repeats, min_time_s)
 
     for _ in range(warmup):
         fn()
