@@ -47,6 +47,10 @@ def _params(model) -> int:
 def test_minilm_is_a_builtin_task(task):
     assert "minilm" in BUILTIN_TASKS
     assert BUILTIN_METRICS["minilm"] == (task.metric_name, *task.extra_metrics)
+    # The registry states the latency batch too, so job files can be checked without loading the task.
+    from slimsearch.tasks._registry import BUILTIN_LATENCY_BATCH
+
+    assert BUILTIN_LATENCY_BATCH["minilm"] == task.latency_batch
 
 
 def test_paragraphs_are_prose_with_a_first_sentence():
