@@ -223,6 +223,32 @@ def test_parent_run_has_the_hypervolume_after_each_evaluation_and_children_their
         assert (tags["screened"], tags["stopped_early"]) == ("false", "false")
 
 
+def test_front_members_carry_their_onnx_model_and_it_reproduces_their_metric(job):
+    import mlflow.onnx
+    import onnxruntime as ort
+    from mlflow.tracking import MlflowClient
+
+    from slimsearch.evaluators.onnx_graph import ort_predict
+    from slimsearch.storage.tracking import MODEL_TAG
+    from slimsearch.tasks import load_task
+
+    state = json.loads((job.out / "job.json").read_text())
+    client = MlflowClient(tracking_uri=state["tracking_uri"])
+    mlflow.set_tracking_uri(state["tracking_uri"])
+    task = load_task("digits")
+    assert job.front["front"]
+    for c in job.front["candidates"]:
+        tags = client.get_run(c["run_id"]).data.tags
+        if not c["on_front"]:
+            assert MODEL_TAG not in tags, f"trial {c['trial']} is off the front yet holds a model"
+            continue
+        model = mlflow.onnx.load_model(tags[MODEL_TAG])
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        score = task.metric(ort_predict(session, task.val.x), task.val.y)
+        assert abs(score - c["metrics"]["accuracy"]) <= 0.005, c["trial"]
+    assert list((job.out / "models").iterdir()) == []  # logged, then removed; the dominated ones deleted
+
+
 def test_ui_command_prints_its_loopback_url_and_stops_on_ctrl_c(job):
     import os
     import signal

@@ -319,24 +319,18 @@ def register_onnx(tracking_uri: str, job: str, onnx_path: Path, run_id: str, ali
     import logging
 
     import mlflow
-    import onnx
+
+    from slimsearch.storage.tracking import log_onnx_model
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     name = model_name(job)
-    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model")
-        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-        if not client.search_registered_models(filter_string=f"name = '{name}'"):
-            client.create_registered_model(name, description="slimsearch exports of job " + job)
-        version = str(client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id,
-                                                  tags={"slimsearch.alias": alias}).version)
-        client.set_registered_model_alias(name, alias, version)
-    finally:
-        if previous is not None:
-            mlflow.set_tracking_uri(previous)
+    info = log_onnx_model(tracking_uri, run_id, onnx_path)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description="slimsearch exports of job " + job)
+    version = str(client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id,
+                                              tags={"slimsearch.alias": alias}).version)
+    client.set_registered_model_alias(name, alias, version)
     return {"tracking_uri": tracking_uri, "name": name, "version": version, "alias": alias,
             "uri": f"models:/{name}@{alias}"}
 

@@ -140,9 +140,23 @@ def model_metrics(model: nn.Module, task: Task, profiles: Sequence[Any], *, repe
     return Metrics(values=values, provenance=provenance)
 
 
-def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teacher_score: float | None = None) -> Metrics:
-    """Compress the teacher as ``plan`` says and score the result (validation chooses, test reports)."""
+def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teacher_score: float | None = None,
+             onnx_out: str | None = None) -> Metrics:
+    """Compress the teacher as ``plan`` says and score the result (validation chooses, test reports).
+
+    With ``onnx_out``, the model's deployable ONNX graph is also written to that path
+    (atomically), so a job can keep the models of its front without rebuilding them.
+    """
     model = apply_plan(task, plan)
+    if onnx_out is not None:
+        import os
+
+        from slimsearch.evaluators.deploy import deployable_onnx_bytes
+
+        tmp = f"{onnx_out}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(deployable_onnx_bytes(model, task.example_input))
+        os.replace(tmp, onnx_out)
     metrics = model_metrics(model, task, profiles, power_modes=plan.power_modes)
     values = dict(metrics.values)
     # Recorded for every candidate, used by nothing that chooses: validation chooses

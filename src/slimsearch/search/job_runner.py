@@ -21,6 +21,20 @@ from slimsearch.job import BASE_METRICS, LOCAL_ENERGY_METRIC, PROFILE_METRICS, J
 STATE_FILE = "job.json"
 FRONT_FILE = "front.json"
 FRONT_HTML = "front.html"
+MODELS_DIR = "models"  # the ONNX graphs of candidates that may still join the front
+
+
+def model_file(out: Path, plan) -> Path:
+    """Where a worker leaves the deployable ONNX graph of ``plan``'s model in job folder ``out``.
+
+    Named by a hash of the plan, which the worker and the driver both know (the trial
+    number is the driver's alone). Workers must share the job folder's filesystem: one
+    machine, or a shared mount on a cluster; elsewhere no model is kept and the front
+    runs have none logged.
+    """
+    import hashlib
+
+    return Path(out) / MODELS_DIR / (hashlib.sha256(plan.to_json().encode()).hexdigest()[:20] + ".onnx")
 
 
 @dataclass(frozen=True)
@@ -60,14 +74,21 @@ def _cached_task(name: str, seed: int, path: Optional[str] = None):
     return load_task(name, seed=seed, path=path)
 
 
-def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float) -> dict[str, Optional[float]]:
-    """Worker side: params -> plan -> compressed model -> metric values."""
+def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
+                    out: Optional[str] = None) -> dict[str, Optional[float]]:
+    """Worker side: params -> plan -> compressed model -> metric values.
+
+    With the job folder ``out``, the model's ONNX graph is left at :func:`model_file`.
+    """
     from slimsearch.evaluators import evaluate
 
     spec = JobSpec.from_json(job_json)
     task = _cached_task(spec.task, spec.search.seed, spec.task_path)
     plan = space.plan_from_params(params)
-    return dict(evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score).values)
+    onnx_out = None
+    if out is not None and os.path.isdir(Path(out) / MODELS_DIR):
+        onnx_out = str(model_file(Path(out), plan))
+    return dict(evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score, onnx_out=onnx_out).values)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -206,11 +227,19 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
         if record.state.value == "complete":
             complete.append(record)
             _log_hypervolume(tracker, complete, objectives, teacher, log)
+        front = _front_numbers(complete, objectives)
+        if record.number not in front:  # dominated (or failed) now means dominated for good
+            model_file(out, plan).unlink(missing_ok=True)
+        for r in complete:
+            if r.number not in front:
+                model_file(out, space.plan_from_params(r.params)).unlink(missing_ok=True)
         if bar is not None:
-            bar.set_postfix_str(f"front {len(_front_numbers(complete, objectives))}, last {record.state.value}")
+            bar.set_postfix_str(f"front {len(front)}, last {record.state.value}")
             bar.update(1 if record.state.value == "complete" else 0)
 
-    job_fn = functools.partial(evaluate_params, job_json=spec.to_json(), space=space, teacher_score=teacher_score)
+    (out / MODELS_DIR).mkdir(exist_ok=True)
+    job_fn = functools.partial(evaluate_params, job_json=spec.to_json(), space=space, teacher_score=teacher_score,
+                               out=str(out))
     started_ray = False
     status = "FAILED"
     try:
@@ -328,6 +357,9 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
     complete = [r for r in all_records if r.state.value == "complete"]
     front = _front_numbers(complete, objectives)
     tracker.set_pareto(children, front)
+    for r in complete:
+        if r.number in front and children.get(r.number):
+            tracker.log_onnx_model(children[r.number], model_file(out, space.plan_from_params(r.params)))
     candidates = []
     for r in complete:
         plan = space.plan_from_params(r.params)

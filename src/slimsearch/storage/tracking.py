@@ -16,6 +16,7 @@ PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "slimsearch.trial"
 JOB_TAG = "slimsearch.job"
 ROLE_TAG = "slimsearch.role"
+MODEL_TAG = "slimsearch.model"  # on a candidate run: the URI of its logged ONNX model
 
 
 def mlflow_key(name: str) -> str:
@@ -34,6 +35,28 @@ def _client(tracking_uri: str):
     if tracking_uri.startswith("sqlite:"):
         _wal(client)
     return client
+
+
+def log_onnx_model(tracking_uri: str, run_id: str, onnx_path: Path):
+    """Log the ONNX file as an MLflow model (ONNX flavour) under run ``run_id``; MLflow's ``ModelInfo``.
+
+    The one place that uses the fluent API: ``mlflow.onnx.log_model`` logs into the
+    active run only. The process's previous tracking URI is restored.
+    """
+    import mlflow
+    import mlflow.onnx
+    import onnx
+
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model")
+        mlflow.MlflowClient(tracking_uri=tracking_uri).set_tag(run_id, MODEL_TAG, info.model_uri)
+    finally:
+        if previous is not None:
+            mlflow.set_tracking_uri(previous)
+    return info
 
 
 def _wal(client) -> None:
@@ -129,6 +152,15 @@ class Tracker:
             [self._experiment_id()], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'", max_results=50000
         )
         return {int(r.data.tags[TRIAL_TAG]): r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
+
+    def log_onnx_model(self, run_id: str, onnx_path: Path) -> Optional[str]:
+        """Log a front member's ONNX graph under its run (once: a run holding a model keeps it) and
+        delete the file; the model's URI, or None when there is no file or the run has one already."""
+        if not onnx_path.exists() or self.client.get_run(run_id).data.tags.get(MODEL_TAG):
+            return None
+        uri = log_onnx_model(self.tracking_uri, run_id, onnx_path).model_uri
+        onnx_path.unlink()
+        return uri
 
     def set_pareto(self, children: Mapping[int, str], front: set[int]) -> None:
         for number, run_id in children.items():
