@@ -246,7 +246,8 @@ def test_hidden_state_matching_on_a_task_without_hidden_states_is_refused(tmp_pa
 
 
 def test_a_candidate_that_breaks_a_constraint_never_enters_the_front(tmp_path):
-    job = _write(tmp_path, dict(JOB, constraints=["size_bytes <= 1"], search={"budget": 2, "workers": 1}))
+    # accuracy is not estimated before training, so these candidates are trained, then found infeasible
+    job = _write(tmp_path, dict(JOB, constraints=["accuracy >= 1.01"], search={"budget": 2, "workers": 1}))
     out = tmp_path / "out"
     result = _run(str(job), "--out", str(out), "--executor", "local")
     assert result.code == 0, result.stderr
@@ -256,3 +257,33 @@ def test_a_candidate_that_breaks_a_constraint_never_enters_the_front(tmp_path):
     assert front["front"] == []
     _, children = _runs(out)
     assert [r.data.tags["pareto"] for r in children] == ["false", "false"]
+
+
+def test_a_plan_estimated_to_break_a_constraint_is_screened_not_trained(tmp_path, teacher_cache):
+    import optuna
+
+    from slimsearch.evaluators.pack import packed_size
+    from slimsearch.tasks import load_task
+
+    limit = packed_size(load_task("digits").teacher) // 2  # 8-bit weights fit, 32-bit ones (mostly) do not
+    space = {"prune_ratio": [0.0], "weight_bits": [8, 32], "act_bits": [32], "distill_steps": [0]}
+    job = _write(tmp_path, dict(JOB, space=space, constraints=[f"size_bytes <= {limit}"],
+                                search={"budget": 1, "workers": 1, "sampler": "random"}))
+    out = tmp_path / "out"
+    result = _run(str(job), "--out", str(out), "--executor", "local")
+    assert result.code == 0, result.stderr
+    trials = _study(out).get_trials(deepcopy=False)
+    (trained,) = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    measured = trained.user_attrs["metrics"]["size_bytes"]
+    assert measured <= limit and trained.user_attrs["estimate"]["size_bytes"] == measured  # the estimate is exact
+    screened = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert screened, "every proposal fitted: no screening was exercised"
+    for t in screened:  # never trained: no metrics, a reason, and the estimate it was judged on
+        assert "metrics" not in t.user_attrs
+        assert t.user_attrs["estimate"]["size_bytes"] > limit
+        assert t.user_attrs["screened"].startswith("estimated infeasible: size_bytes = ")
+    _, children = _runs(out)
+    tags = sorted(r.data.tags["screened"] for r in children)
+    assert tags == ["false"] + ["true"] * len(screened)
+    front = json.loads((out / "front.json").read_text())
+    assert [c["trial"] for c in front["candidates"]] == [trained.number]

@@ -9,8 +9,6 @@ from torch import nn
 
 from slimsearch.evaluators.distill import distill
 from slimsearch.evaluators.metrics import Metrics, Provenance
-from slimsearch.exceptions import UnsupportedOnDevice
-from slimsearch.evaluators.pack import packed_size
 from slimsearch.evaluators.prune import ChannelStructure, fold_batchnorm
 from slimsearch.evaluators.quantize import calibrate, freeze, quantize_layers
 from slimsearch.spaces.plan import CompressionPlan
@@ -111,32 +109,21 @@ def model_metrics(model: nn.Module, task: Task, profiles: Sequence[Any], *, repe
     carry the mode (``energy_mj@jetson-orin-nano`` at every mode): the plan records it.
     ``energy`` is passed to :func:`measure_local`.
     """
-    from slimsearch.hardware_profiles import layer_costs, load_profile, predict
+    from slimsearch.evaluators.estimate import modelled_costs, static_costs
+    from slimsearch.hardware_profiles import layer_costs
 
     values: dict[str, float | None] = {task.metric_name: score(model, task.val, task)}
     for name, metric in task.extra_metrics.items():
         values[name] = metric(model, task.val)
     layers = layer_costs(model, task.example_input)
-    values["size_bytes"] = float(packed_size(model))
-    values["params"] = float(sum(p.numel() for p in model.parameters()))
-    values["macs"] = float(sum(layer.macs for layer in layers))
-    values["bitops"] = float(sum(layer.macs * layer.weight_bits * layer.act_bits for layer in layers))
+    values.update(static_costs(model, layers))
     provenance: dict[str, Provenance] = {}
     for name, value in measure_local(model, task, repeats=repeats, energy=energy).items():
         values[name] = value
         provenance[name] = Provenance.MEASURED
-    for ref in profiles:
-        profile = load_profile(ref)
-        name = profile.name
-        try:
-            pred = predict(layers, profile, power_mode=(power_modes or {}).get(name))
-            figures = (("latency_ms", pred.latency_ms), ("energy_mj", pred.energy_mj),
-                       ("cost_usd_per_1m", pred.cost_usd_per_1m))
-        except UnsupportedOnDevice:  # does not run there as it is: no figure rather than a guess
-            figures = (("latency_ms", None), ("energy_mj", None), ("cost_usd_per_1m", None))
-        for key, value in figures:
-            values[f"{key}@{name}"] = value
-            provenance[f"{key}@{name}"] = Provenance.MODELLED
+    costs = modelled_costs(layers, profiles, power_modes)
+    values.update(costs.values)
+    provenance.update(costs.provenance)
     return Metrics(values=values, provenance=provenance)
 
 

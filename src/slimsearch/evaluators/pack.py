@@ -239,8 +239,6 @@ def layer_state(name: str, module: "nn.Module") -> dict[str, bytes]:
 
 def _raw(tensor) -> bytes:
     """Little-endian bytes of a tensor in its own dtype."""
-    import numpy as np
-
     array = tensor.detach().cpu().contiguous().numpy()
     return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
 

@@ -91,6 +91,14 @@ def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
     return dict(evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score, onnx_out=onnx_out).values)
 
 
+def estimate_params(params: dict, *, task, space, profiles) -> dict[str, Optional[float]]:
+    """Driver side, before training: the plan's exact size and modelled device costs (see
+    :func:`slimsearch.evaluators.estimate.estimate`), for screening and the ``auto`` sampler."""
+    from slimsearch.evaluators.estimate import estimate
+
+    return dict(estimate(task, space.plan_from_params(params), profiles).values)
+
+
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
@@ -134,8 +142,9 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     from slimsearch.evaluators.metrics import absent_reasons, provenance_map
     from slimsearch.hardware_profiles._energy import EnergyDomain, energy_meter
     from slimsearch.search.driver import Constraint, open_study, recover_interrupted, records, run_trials, start_ray
-    from slimsearch.search.samplers import make_sampler
+    from slimsearch.search.samplers import make_sampler, seeded_at_first_trial
     from slimsearch.storage import default_storage_url, default_tracking_uri, redact
+    from slimsearch.storage.urls import claim_sqlite
     from slimsearch.storage.tracking import Tracker, mlflow_key
 
     out = Path(out).resolve()
@@ -180,13 +189,15 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
 
     storage_url = spec.storage or default_storage_url(out)
     tracking_uri = spec.tracking_uri or default_tracking_uri(out)
-    study = open_study(storage_url, spec.name, objectives,
-                       make_sampler(spec.search.sampler.value, seed=spec.search.seed, budget=spec.search.budget))
-    if study.trials:
-        # A resumed sampler seeded as at the start would propose the same plans again:
-        # offset its seed by the trials already asked.
-        study.sampler = make_sampler(spec.search.sampler.value, seed=spec.search.seed + len(study.trials),
-                                     budget=spec.search.budget)
+    constraints = [Constraint.parse(c) for c in spec.constraints]
+    estimate_fn = functools.partial(estimate_params, task=task, space=space, profiles=spec.profile_refs)
+    sampler_args = {"budget": spec.search.budget, "estimate": estimate_fn, "constraints": spec.constraints,
+                    "space": dict(space.choices)}
+    lock = claim_sqlite(storage_url, f"{source}: storage" if spec.storage else f"--out {out}")
+    # Seeded at this driver's first trial: a resumed driver, or one sharing the study with
+    # others, does not propose the plans already asked again.
+    study = open_study(storage_url, spec.name, objectives, seeded_at_first_trial(
+        lambda seed: make_sampler(spec.search.sampler.value, seed=seed, **sampler_args), spec.search.seed))
     if resume:
         requeued = recover_interrupted(study)
         if requeued:
@@ -195,7 +206,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     remaining = max(0, spec.search.budget - done)
 
     tracker = Tracker(tracking_uri, spec.name, artifact_root=out / "mlartifacts")
-    params = {"job": spec.to_json(), "task": spec.task, "budget": spec.search.budget, "sampler": spec.search.sampler.value,
+    params = {"job": redact(spec.to_json()), "task": spec.task, "budget": spec.search.budget, "sampler": spec.search.sampler.value,
               "workers": workers, "storage": redact(storage_url),
               "local_energy_meter": meter.source if meter is not None else
               "none (no readable RAPL counters: energy_mj@local not recorded)"}
@@ -245,14 +256,22 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     try:
         if remaining and executor == "ray":
             started_ray = start_ray(workers * threads)
-        run_trials(study, dict(space.choices), job_fn, objectives, n_trials=remaining, executor=executor,
-                   workers=workers, threads_per_worker=threads, listener=on_trial,
-                   ray_storage=str(out / "ray"), constraints=[Constraint.parse(c) for c in spec.constraints])
+        ran = run_trials(study, dict(space.choices), job_fn, objectives, n_trials=remaining, executor=executor,
+                         workers=workers, threads_per_worker=threads, listener=on_trial,
+                         ray_storage=str(out / "ray"), constraints=constraints, estimate=estimate_fn,
+                         screen_duplicates=True, study_budget=spec.search.budget)
+        evaluated = sum(1 for r in ran if r.state.value != "screened")
+        full = sum(1 for r in records(study) if r.state.value == "complete") >= spec.search.budget
+        if evaluated < remaining and not full:  # full: other drivers sharing the study did the rest
+            log(f"[slimsearch] stopped after {evaluated} of {remaining} evaluations: the sampler kept proposing plans "
+                "already tried or estimated infeasible (the space may be too small for the budget)")
         status = "FINISHED"
     except BaseException as exc:
         _register_end(job_id, exc, log)
         raise
     finally:
+        if lock is not None:
+            lock.close()
         if bar is not None:
             bar.close()
         if started_ray:
