@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--executor", choices=["ray", "local"], default="ray",
                      help="where candidates are evaluated (default: ray)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--storage", help="Optuna study database URL, e.g. postgresql://user@host/db; drivers "
+                                       "given the same URL and job name share the study and its budget "
+                                       "(default: the job file's storage, else SQLite in the job folder)")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://mlflow-host:5000 (default: the "
+                                            "job file's tracking_uri, else SQLite in the job folder)")
 
     export = sub.add_parser("export", help="export a front member as ONNX + TorchScript + manifest")
     export.add_argument("job_dir", metavar="job", help=JOB_HELP)
@@ -126,6 +131,10 @@ def _run(args) -> int:
         overrides["search.budget"] = args.budget
     if args.workers is not None:
         overrides["search.workers"] = args.workers
+    if args.storage is not None:
+        overrides["storage"] = args.storage
+    if args.tracking_uri is not None:
+        overrides["tracking_uri"] = args.tracking_uri
     spec = load_job(args.job, overrides)
     out = Path(args.out) if args.out else Path("runs") / spec.name
     from slimsearch.search.job_runner import run_job
@@ -133,8 +142,12 @@ def _run(args) -> int:
     result = run_job(spec, out, resume=args.resume, executor=args.executor, progress=not args.no_progress,
                      source=args.job)
     print(format_front(result))
+    from slimsearch.storage import redact
+
+    mlflow = (redact(spec.tracking_uri) if spec.tracking_uri
+              else f"mlflow ui --backend-store-uri sqlite:///{result.out / 'mlflow.db'}")
     print(f"\nJob folder: {result.out}\n  front: {result.out / 'front.json'}, plot: {result.out / 'front.html'}"
-          f"\n  MLflow: mlflow ui --backend-store-uri sqlite:///{result.out / 'mlflow.db'}")
+          f"\n  MLflow: {mlflow}")
     return 0
 
 

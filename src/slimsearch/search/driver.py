@@ -14,6 +14,7 @@ import math
 import operator
 import os
 import re
+import socket
 import time
 import traceback
 import warnings
@@ -146,6 +147,7 @@ DURATION_ATTR = "duration_s"
 ESTIMATE_ATTR = "estimate"
 SCREENED_ATTR = "screened"
 FEASIBLE_ATTR = "feasible"
+DRIVER_ATTR = "driver"  # host:pid of the driver that asked the trial (several may share a study)
 
 
 def _check_objectives(objectives: Mapping[str, str]) -> None:
@@ -169,7 +171,7 @@ def open_study(storage: Optional[str], name: str, objectives: Mapping[str, str],
         rdb = optuna.storages.InMemoryStorage()
     else:
         engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
-        rdb = optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
+        rdb = _rdb_storage(storage, engine_kwargs)
     directions = ["maximize" if d == "max" else "minimize" for d in objectives.values()]
     study = optuna.create_study(storage=rdb, study_name=name, directions=directions, sampler=sampler,
                                 load_if_exists=True)
@@ -177,6 +179,22 @@ def open_study(storage: Optional[str], name: str, objectives: Mapping[str, str],
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(objectives))
     return study
+
+
+def _rdb_storage(url: str, engine_kwargs: dict):
+    """Optuna's RDB storage at ``url``. Drivers that open a new database at the same moment race
+    to create Optuna's tables, and PostgreSQL refuses the loser's ``CREATE TYPE``/``CREATE TABLE``;
+    the loser tries again and finds them made."""
+    import optuna
+    from sqlalchemy import exc
+
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (exc.IntegrityError, exc.ProgrammingError):
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def records(study) -> list[TrialRecord]:
@@ -268,14 +286,20 @@ class _Teller:
     params already asked, is told to the study as PRUNED with a ``screened`` reason and
     never evaluated. At most ``max_screened`` are screened; then :meth:`ask` returns
     None and the search ends early rather than spin on a space it has used up.
+
+    With ``study_budget`` several drivers may share the study: :meth:`ask` returns None
+    once complete and running trials fill the budget (see :func:`_places_taken`).
     """
 
     def __init__(self, study, space: Space, objectives: Mapping[str, str], listener, *,
                  constraints: Sequence[Constraint] = (), estimate: Optional[Callable[[dict], dict]] = None,
-                 screen_duplicates: bool = False, max_screened: Optional[int] = None):
+                 screen_duplicates: bool = False, max_screened: Optional[int] = None,
+                 study_budget: Optional[int] = None):
         self.study, self.space, self.objectives, self.listener = study, space, objectives, listener
         self.constraints, self.estimate = tuple(constraints), estimate
         self.screen_duplicates, self.max_screened = screen_duplicates, max_screened
+        self.study_budget = study_budget
+        self.driver = f"{socket.gethostname()}:{os.getpid()}"
         self.running: dict[int, tuple[Any, float]] = {}  # number -> (optuna trial, start time)
         self.records: list[TrialRecord] = []
         self.n_screened = 0
@@ -290,10 +314,22 @@ class _Teller:
 
     def ask(self) -> Optional[tuple[int, dict]]:
         while True:
+            if self.study_budget is not None and len(_places_taken(self.study)) >= self.study_budget:
+                return None
             trial = self.study.ask()
+            trial.set_user_attr(DRIVER_ATTR, self.driver)
             params = suggest(trial, self.space)
             key = _key(params)
             reason, estimate = None, {}
+            if self.study_budget is not None:
+                ahead = _places_taken(self.study, trial)
+                if len(ahead) >= self.study_budget:  # another driver took the last place meanwhile
+                    self._record_screened(trial, params, {}, f"not evaluated: the study's budget of "
+                                          f"{self.study_budget} was filled by other drivers")
+                    return None
+                if self.screen_duplicates:  # what other drivers have asked since this one started
+                    for t in ahead:
+                        self.seen.setdefault(_key(t.params), t.number)
             if self.screen_duplicates and key in self.seen:
                 reason = f"duplicate of trial {self.seen[key]}"
             elif self.estimate is not None:
@@ -377,6 +413,26 @@ class _Teller:
         return self._emit(record)
 
 
+def _places_taken(study, trial=None) -> list:
+    """The complete and running trials of ``study``: the places its budget has given out. With
+    ``trial`` (just asked), those ahead of it.
+
+    Optuna numbers trials in the order the storage creates them (under a lock on the study's
+    row, so every driver sees one order), and a trial counts only those numbered before it:
+    of two drivers asking for the last place at once, exactly one gets it. A trial queued again
+    (``fixed_params``, after an interruption) keeps an old number, so it counts every other.
+    Optuna's ``MaxTrialsCallback`` counts all trials instead, which lets racing drivers overrun.
+    """
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    taken = study.get_trials(deepcopy=False, states=states)
+    if trial is None:
+        return taken
+    requeued = "fixed_params" in study._storage.get_trial_system_attrs(trial._trial_id)
+    return [t for t in taken if t.number != trial.number and (requeued or t.number < trial.number)]
+
+
 def _call(evaluate: Callable[[dict], dict], params: dict) -> dict:
     """Run one evaluation, turning an exception into a recorded error instead of a crash."""
     try:
@@ -403,6 +459,7 @@ def run_trials(
     estimate: Optional[Callable[[dict], dict]] = None,
     screen_duplicates: bool = False,
     max_screened: Optional[int] = None,
+    study_budget: Optional[int] = None,
 ) -> list[TrialRecord]:
     """Evaluate ``n_trials`` new trials of ``study`` and return their records, screened ones included.
 
@@ -410,6 +467,11 @@ def run_trials(
     :class:`_Teller`); screened trials do not count towards ``n_trials`` and at most
     ``max_screened`` (default ``max(100, 10 * n_trials)``) are screened. ``listener`` is
     called with every record, screened ones too, as it is made.
+
+    ``study_budget`` caps the study's complete plus running trials, for several drivers (processes
+    or machines) that share one study: each stops asking once the study is full, so together
+    they complete at most that many; a trial that loses the race for the last place is recorded
+    as screened (never evaluated).
     """
     _check_objectives(objectives)
     try:
@@ -421,7 +483,7 @@ def run_trials(
     if max_screened is None:
         max_screened = max(100, 10 * n_trials)
     teller = _Teller(study, space, objectives, listener, constraints=constraints, estimate=estimate,
-                     screen_duplicates=screen_duplicates, max_screened=max_screened)
+                     screen_duplicates=screen_duplicates, max_screened=max_screened, study_budget=study_budget)
     if kind is Executor.LOCAL:
         for _ in range(n_trials):
             asked = teller.ask()

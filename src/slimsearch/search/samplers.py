@@ -50,6 +50,46 @@ def make_sampler(name: str, *, seed: int, budget: int, estimate: Optional[Callab
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def seeded_at_first_trial(build: Callable[[int], Any], seed: int):
+    """A sampler that calls ``build(seed + n)`` at this driver's first trial, numbered ``n``.
+
+    A driver starting a study gets ``seed`` (so a run repeats for a seed); a resumed one
+    ``seed`` plus the trials already asked (so it does not propose its first plans again);
+    and drivers sharing a study each get their own, since the storage numbers every trial
+    once: seeded alike they would propose the same plans. (Optuna's ``reseed_rng``, its
+    answer for threads, draws from the OS and would end repeatable runs.)
+    """
+    from optuna.samplers import BaseSampler
+
+    class _FirstTrialSeeded(BaseSampler):
+        def __init__(self):
+            self.sampler = None
+
+        def before_trial(self, study, trial) -> None:
+            if self.sampler is None:
+                self.sampler = build(seed + trial.number)
+            self.sampler.before_trial(study, trial)
+
+        def infer_relative_search_space(self, study, trial):
+            return self.sampler.infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self.sampler.sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self.sampler.sample_independent(study, trial, param_name, param_distribution)
+
+        def after_trial(self, study, trial, state, values) -> None:
+            if self.sampler is not None:  # None: a trial of an earlier driver, told on resume
+                self.sampler.after_trial(study, trial, state, values)
+
+        def reseed_rng(self) -> None:
+            if self.sampler is not None:
+                self.sampler.reseed_rng()
+
+    return _FirstTrialSeeded()
+
+
 def _distributions(space: Mapping[str, Any]) -> dict:
     """The Optuna distributions ``driver.suggest`` creates for ``space``."""
     import optuna.distributions as od

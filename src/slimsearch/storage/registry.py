@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from slimsearch.exceptions import ConfigError
+from slimsearch.storage.urls import redact
 
 ENV_URL = "SLIMSEARCH_REGISTRY"
 ENV_HOME = "SLIMSEARCH_HOME"
@@ -124,6 +125,20 @@ class JobRecord:
         return {**self.__dict__, "exports": list(self.exports)}
 
 
+_TURNS_KEY = 0x51153A7C  # PostgreSQL advisory lock key of slimsearch's registry migrations
+
+
+def _take_turns(conn) -> None:
+    """On PostgreSQL, wait until no other process is migrating the registry (an advisory lock held
+    until the transaction ends): PostgreSQL runs concurrent ``CREATE TABLE IF NOT EXISTS`` and
+    ``INSERT ... WHERE NOT EXISTS`` side by side, and both may fail or both insert. SQLite
+    serializes every write with its file lock already."""
+    from sqlalchemy import text
+
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _TURNS_KEY})
+
+
 class Registry:
     """The job registry at ``url`` (default :func:`registry_url`). The constructor only stores."""
 
@@ -164,19 +179,26 @@ class Registry:
     @classmethod
     def migrate(cls, engine) -> int:
         """Apply the migrations the database lacks; return the version it is at. A database newer
-        than this slimsearch is refused rather than written to."""
+        than this slimsearch is refused rather than written to. Drivers that open a new registry
+        at the same moment (several machines, one PostgreSQL) take turns: each step re-reads the
+        version under :func:`_take_turns` and applies only what is still missing."""
         from sqlalchemy import text
 
         with engine.begin() as conn:
+            _take_turns(conn)
             conn.execute(text("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"))
-            if conn.execute(text("SELECT COUNT(*) FROM schema_version")).scalar_one() == 0:
-                conn.execute(text("INSERT INTO schema_version (version) VALUES (0)"))
+            # one statement, so SQLite's write lock makes it atomic too
+            conn.execute(text("INSERT INTO schema_version (version) SELECT 0 "
+                              "WHERE NOT EXISTS (SELECT 1 FROM schema_version)"))
         version = cls.schema_version(engine)
         if version > len(MIGRATIONS):
             raise ConfigError(f"job registry {engine.url!r}: schema version {version} is newer than this "
                               f"slimsearch knows ({len(MIGRATIONS)}); upgrade slimsearch")
         for step in range(version, len(MIGRATIONS)):
             with engine.begin() as conn:
+                _take_turns(conn)
+                if int(conn.execute(text("SELECT version FROM schema_version")).scalar_one()) > step:
+                    continue  # another process applied it meanwhile
                 MIGRATIONS[step](conn)
                 conn.execute(text("UPDATE schema_version SET version = :v"), {"v": step + 1})
         return len(MIGRATIONS)
@@ -186,14 +208,18 @@ class Registry:
     def record_start(self, *, name: str, out: Path, config_json: str, study_name: str, storage: str,
                      tracking_uri: str, experiment_id: Optional[str], parent_run_id: Optional[str],
                      budget: int, status: JobStatus = JobStatus.RUNNING) -> int:
-        """Register the job in folder ``out`` (or update it, when resumed) and return its id."""
+        """Register the job in folder ``out`` (or update it, when resumed) and return its id.
+
+        Database passwords in the config and URLs are stored as ``***`` (:func:`redact`); the
+        job folder's ``job.json`` keeps what reopening the study needs."""
         from sqlalchemy import insert, select, update
 
         engine = self._open()
         now = time.time()
+        config_json = redact(config_json)
         values = {"name": name, "config": config_json, "config_hash": config_hash(config_json),
                   "status": JobStatus(status).value, "started": now, "ended": None, "study_name": study_name,
-                  "storage": storage, "tracking_uri": tracking_uri, "experiment_id": experiment_id,
+                  "storage": redact(storage), "tracking_uri": redact(tracking_uri), "experiment_id": experiment_id,
                   "parent_run_id": parent_run_id, "budget": budget, "error": None}
         key = str(Path(out).resolve())
         with engine.begin() as conn:
@@ -209,7 +235,7 @@ class Registry:
 
         with self._open().begin() as conn:
             conn.execute(update(self._jobs).where(self._jobs.c.id == job_id).values(
-                status=JobStatus(status).value, ended=time.time(), error=(error or None) and error[:2000]))
+                status=JobStatus(status).value, ended=time.time(), error=(error or None) and redact(error)[:2000]))
 
     def record_export(self, job_id: int, *, out: Path, formats: list[str], run_id: Optional[str],
                       trial: Optional[int], model_name: Optional[str] = None, model_version: Optional[str] = None,
@@ -270,5 +296,5 @@ def safely(action: Callable[[], object], log=None):
         return action()
     except Exception as exc:  # noqa: BLE001 - the registry is bookkeeping, the job is what matters
         if log is not None:
-            log(f"[slimsearch] job registry not updated ({type(exc).__name__}: {exc})")
+            log(redact(f"[slimsearch] job registry not updated ({type(exc).__name__}: {exc})"))
         return None

@@ -104,7 +104,9 @@ class Tracker:
             if found is not None:
                 self._experiment_id_cached = found.experiment_id
             else:
-                location = self.artifact_root.resolve().as_uri() if self.artifact_root else None
+                # a tracking server keeps artifacts where it is configured to (e.g. an object store)
+                served = self.tracking_uri.startswith(("http://", "https://"))
+                location = self.artifact_root.resolve().as_uri() if self.artifact_root and not served else None
                 self._experiment_id_cached = self.client.create_experiment(self.experiment,
                                                                            artifact_location=location)
         return self._experiment_id_cached

@@ -1,0 +1,58 @@
+"""Redacting database passwords, and the one-driver lock of a SQLite study."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from slimsearch.exceptions import JobStateError
+from slimsearch.storage.urls import claim_sqlite, redact, sqlite_path
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://slim:s3cret@db.example:5432/study", "postgresql://slim:***@db.example:5432/study"),
+    ("postgresql+psycopg://slim:p%40ss/w:rd@10.0.0.2/study", "postgresql+psycopg://slim:***@10.0.0.2/study"),
+    ("mysql://root:@db/study", "mysql://root:***@db/study"),
+    ("https://alice:tok3n@mlflow.example/", "https://alice:***@mlflow.example/"),
+    ("postgresql://slim@db/study", "postgresql://slim@db/study"),  # no password: unchanged
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),  # a port is not a password
+    ("sqlite:////tmp/study.db", "sqlite:////tmp/study.db"),
+])
+def test_redact_hides_the_password_and_keeps_the_rest(url, shown):
+    assert redact(url) == shown
+
+
+def test_redact_finds_urls_inside_longer_text_and_stops_at_each():
+    job = json.dumps({"storage": "postgresql://slim:s3cret@db/study", "tracking_uri": "http://127.0.0.1:5000",
+                      "objectives": {"latency_ms@raspberry-pi-4": "min"}})
+    out = redact(job)
+    assert "s3cret" not in out
+    # everything after the URL survives, including the '@' of a metric name
+    assert json.loads(out) == {"storage": "postgresql://slim:***@db/study", "tracking_uri": "http://127.0.0.1:5000",
+                               "objectives": {"latency_ms@raspberry-pi-4": "min"}}
+    assert redact("cannot open postgresql://a:b@h/d: refused") == "cannot open postgresql://a:***@h/d: refused"
+
+
+def test_sqlite_path_only_for_sqlite_files(tmp_path):
+    assert sqlite_path(f"sqlite:///{tmp_path}/s.db") == tmp_path / "s.db"
+    assert sqlite_path("sqlite:///:memory:") is None
+    assert sqlite_path("postgresql://u:p@h/d") is None
+
+
+def test_a_sqlite_study_is_held_by_one_driver_at_a_time(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    first = claim_sqlite(url, "job.yaml: storage")
+    assert first is not None
+    with pytest.raises(JobStateError) as err:
+        claim_sqlite(url, "job.yaml: storage")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"job.yaml: storage: {url} is in use by another slimsearch driver (pid {os.getpid()})")
+    assert "PostgreSQL" in message
+    first.close()  # the driver ends: the next one may start
+    again = claim_sqlite(url, "job.yaml: storage")
+    assert again is not None
+    again.close()
+    assert claim_sqlite("postgresql://u:p@h/d", "storage") is None  # PostgreSQL serves many drivers
