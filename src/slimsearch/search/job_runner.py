@@ -218,6 +218,9 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
         tracker.log_parent_metrics({f"teacher.{k}": v for k, v in teacher.items()}, tags=teacher_tags)
     state = {"spec": json.loads(spec.to_json()), "parent_run_id": parent, "study_name": spec.name,
              "storage": storage_url, "tracking_uri": tracking_uri, "teacher": teacher,
+             # torch's thread count changes float rounding in training: export rebuilds a trial with
+             # the count its worker had (an entry per start: [first trial number it ran, threads])
+             "threads": [*state.get("threads", []), [len(study.trials), threads]],
              "teacher_sha256": task.teacher_sha256, "created": state.get("created", time.time())}
     _write_json(out / STATE_FILE, state)
     job_id = _register(spec, out, state, tracker, log)
