@@ -15,8 +15,15 @@ EXIT_BAD_INPUT = 2
 JOB_HELP = "job: registry id, job name (the latest of that name) or job folder"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (exit 2) like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}; `{self.prog} --help` lists what is allowed\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slimsearch", description="AutoML compression search for PyTorch models.")
+    parser = _Parser(prog="slimsearch", description="AutoML compression search for PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run (or resume) a compression search job")
@@ -106,7 +113,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from slimsearch.exceptions import SlimSearchError
 
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed as one line)
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     try:
         if args.command == "run":
             return _run(args)
@@ -124,19 +134,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args) -> int:
-    from slimsearch.job import load_job
+    from slimsearch.exceptions import ConfigError
+    from slimsearch.job import check_reachable, load_job
 
-    overrides = {}
-    if args.budget is not None:
-        overrides["search.budget"] = args.budget
-    if args.workers is not None:
-        overrides["search.workers"] = args.workers
-    if args.storage is not None:
-        overrides["storage"] = args.storage
-    if args.tracking_uri is not None:
-        overrides["tracking_uri"] = args.tracking_uri
-    spec = load_job(args.job, overrides)
+    flags = {"search.budget": ("--budget", args.budget), "search.workers": ("--workers", args.workers),
+             "storage": ("--storage", args.storage), "tracking_uri": ("--tracking-uri", args.tracking_uri)}
+    flags = {k: (flag, v) for k, (flag, v) in flags.items() if v is not None}  # the flags given
+    spec = load_job(args.job, {k: v for k, (_, v) in flags.items()}, flags={k: flag for k, (flag, _) in flags.items()})
     out = Path(args.out) if args.out else Path("runs") / spec.name
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r}: is a file; allowed: a new folder, or the folder of this job "
+                          "with --resume")
+    check_reachable(spec, source=args.job, flags={k: flag for k, (flag, _) in flags.items()})
     from slimsearch.search.job_runner import run_job
 
     result = run_job(spec, out, resume=args.resume, executor=args.executor, progress=not args.no_progress,

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from slimsearch._yaml import safe_load
 from slimsearch.exceptions import ConfigError
 from slimsearch.search.samplers import Sampler
 from slimsearch.spaces.plan import (
@@ -218,7 +219,7 @@ class SearchSpec(_Frozen):
 class JobSpec(_Frozen):
     """A whole job file."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    name: str
     task: str
     space: SpaceSpec = SpaceSpec()
     objectives: dict[str, Direction] = {
@@ -234,6 +235,14 @@ class JobSpec(_Frozen):
                                      "first; default: the job file's folder")
     storage: Optional[str] = Field(None, description="Optuna storage URL; default sqlite in the job folder")
     tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI; default sqlite in the job folder")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        # It names the job folder (runs/<name>) and the study: no path separators, no '..'.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
+            raise ValueError("allowed: 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit")
+        return v
 
     @field_validator("task")
     @classmethod
@@ -295,13 +304,16 @@ class JobSpec(_Frozen):
                 raise ValueError(f"objectives: unknown metric {metric!r}; allowed: {allowed}")
         from slimsearch.search.driver import Constraint
 
+        parsed = []
         for i, text in enumerate(self.constraints):
             try:
-                metric = Constraint.parse(text).metric
+                parsed.append(Constraint.parse(text))
             except ConfigError as exc:
                 raise ValueError(f"constraints.{i}: {exc}") from None
+            metric = parsed[-1].metric
             if metric not in allowed and not (user_task and "@" not in metric):
                 raise ValueError(f"constraints.{i}: {text!r}: unknown metric {metric!r}; allowed: {allowed}")
+        _check_satisfiable(parsed)
         return self
 
     def metric_names(self) -> list[str]:
@@ -326,35 +338,56 @@ class JobSpec(_Frozen):
         return cls.model_validate_json(text)
 
 
+def _check_satisfiable(constraints: list) -> None:
+    """Refuse constraints that no value can meet together (``size_bytes <= 1000`` and
+    ``size_bytes >= 2000``): such a job would train its whole budget for an empty front."""
+    lower: dict[str, tuple[float, bool, int]] = {}  # metric -> (bound, strict, index)
+    upper: dict[str, tuple[float, bool, int]] = {}
+    for i, c in enumerate(constraints):
+        bounds, tighter = (lower, max) if c.op in (">=", ">") else (upper, min)
+        new = (c.limit, c.op in (">", "<"), i)
+        old = bounds.get(c.metric)
+        if old is None or tighter(new[0], old[0]) != old[0] or (new[0] == old[0] and new[1]):
+            bounds[c.metric] = new
+        lo, hi = lower.get(c.metric), upper.get(c.metric)
+        if lo and hi and (lo[0] > hi[0] or (lo[0] == hi[0] and (lo[1] or hi[1]))):
+            first, second = sorted((lo[2], hi[2]))
+            raise ValueError(f"constraints.{second}: {str(constraints[second])!r} contradicts constraints.{first} "
+                             f"{str(constraints[first])!r}: no value of {c.metric} meets both; allowed: "
+                             "constraints that leave some value of each metric")
+
+
 def _as_list(v: Any) -> list:
     return v if isinstance(v, list) else [v]
 
 
-def load_job(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> JobSpec:
-    """Read and validate a job file; ``overrides`` maps dotted paths to values (from the CLI)."""
-    import yaml
+def load_job(path: str | os.PathLike, overrides: dict[str, Any] | None = None,
+             flags: dict[str, str] | None = None) -> JobSpec:
+    """Read and validate a job file; ``overrides`` maps dotted paths to values (from the CLI).
 
+    ``flags`` names the command-line flag each override came from (``{"search.budget":
+    "--budget"}``), so an error in an overridden value names the flag, not the job field.
+    """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the job file ({exc.strerror})") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+        raise ConfigError(f"{path}: cannot read the job file ({exc.strerror}); allowed: a YAML job file") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8); allowed: a YAML job file") from None
+    data = safe_load(text, str(path))
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a job file must be a mapping with keys {list(JobSpec.model_fields)}")
+        raise ConfigError(f"{path}: a job file must be a mapping with keys {list(JobSpec.model_fields)}, "
+                          f"got {'an empty file' if data is None else type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+            node = node.setdefault(key, {}) if isinstance(node, dict) else None
+        if isinstance(node, dict):  # else the file's own wrong type is reported below
+            node[leaf] = value
     _resolve_paths(data, path.parent)
-    return validate_job(data, source=str(path))
+    return validate_job(data, source=str(path), flags=flags)
 
 
 def _resolve_paths(data: dict, base: Path) -> None:
@@ -373,17 +406,20 @@ def _resolve_paths(data: dict, base: Path) -> None:
             entry["file"] = absolute(entry["file"])
 
 
-def validate_job(data: dict, *, source: str = "<job>") -> JobSpec:
+def validate_job(data: dict, *, source: str = "<job>", flags: dict[str, str] | None = None) -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
+        loc = ".".join(str(p) for p in exc.errors(include_url=False)[0]["loc"])
+        if flags and loc in flags:  # the value came from a command-line flag: name the flag
+            raise ConfigError(_one_line(exc, label=flags[loc])) from None
         raise ConfigError(f"{source}: {_one_line(exc)}") from None
 
 
-def _one_line(exc: ValidationError) -> str:
+def _one_line(exc: ValidationError, label: str | None = None) -> str:
     err = exc.errors(include_url=False)[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"]
+    loc = label or ".".join(str(p) for p in err["loc"])
+    msg = " ".join(err["msg"].split())
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     if err["type"] == "extra_forbidden":
@@ -425,3 +461,86 @@ def _allowed_keys(loc: tuple) -> list[str]:
 def dump_job(spec: JobSpec) -> dict:
     """The job as plain JSON-ready data (for MLflow params and the job folder)."""
     return json.loads(spec.to_json())
+
+
+# URL schemes that name a database SQLAlchemy opens (Optuna storage, MLflow backend store).
+_DB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "mssql", "oracle")
+
+
+def check_reachable(spec: JobSpec, *, source: str = "<job>", flags: dict[str, str] | None = None) -> None:
+    """Refuse, before anything is written, a ``storage`` or ``tracking_uri`` that cannot be opened.
+
+    Database URLs are opened once through SQLAlchemy (a connection, no table created; for
+    SQLite only the folder is checked, since opening would create the file); an HTTP
+    tracking server must accept a TCP connection. Passwords never appear in the message.
+    ``flags`` names the command-line flag a field's value came from (``{"storage": "--storage"}``).
+    """
+    for field, url in (("storage", spec.storage), ("tracking_uri", spec.tracking_uri)):
+        if not url:
+            continue
+        where = (flags or {}).get(field) or f"{source}: {field}"
+        scheme = url.split(":", 1)[0].split("+", 1)[0].lower()
+        if field == "storage" or scheme in _DB_SCHEMES:
+            _check_database(url, where)
+        elif scheme in ("http", "https"):
+            _check_server(url, where)
+
+
+def _check_database(url: str, where: str) -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy import exc as sa_exc
+    from sqlalchemy.engine import make_url
+
+    from slimsearch.storage import redact
+
+    choices = ("a reachable database URL (sqlite:////abs/path.db, postgresql://user:password@host:port/db), "
+               "or leave it out for SQLite in the job folder")
+    allowed = f"allowed: {choices}"
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError:
+        raise ConfigError(f"{where}: {redact(url)!r} is not a database URL; {allowed}") from None
+    shown = parsed.render_as_string(hide_password=True)
+    secret = parsed.password
+
+    def scrub(text: str) -> str:
+        text = " ".join(str(text).split())
+        return text.replace(str(secret), "***") if secret else text
+
+    if parsed.get_backend_name() == "sqlite":
+        folder = Path(parsed.database or ".").expanduser().resolve().parent
+        if parsed.database not in (None, "", ":memory:") and not folder.is_dir():
+            raise ConfigError(f"{where}: {shown}: folder {folder} does not exist; {allowed}")
+        return
+    connect_args = {"connect_timeout": 10} if parsed.get_backend_name() in ("postgresql", "mysql", "mariadb") else {}
+    try:
+        engine = create_engine(parsed, connect_args=connect_args)
+    except sa_exc.NoSuchModuleError:
+        raise ConfigError(f"{where}: {shown}: unknown database kind {parsed.drivername!r}; {allowed}") from None
+    except ImportError as exc:
+        raise ConfigError(f"{where}: {shown}: its database driver is not installed ({scrub(exc)}); "
+                          f"install it (e.g. pip install 'psycopg[binary]' for PostgreSQL); allowed: {choices}") from None
+    try:
+        with engine.connect():
+            pass
+    except sa_exc.DBAPIError as exc:
+        reason = scrub(str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__)
+        raise ConfigError(f"{where}: cannot connect to {shown} ({reason}); {allowed}") from None
+    finally:
+        engine.dispose()
+
+
+def _check_server(url: str, where: str) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    from slimsearch.storage import redact
+
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=10).close()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot reach the tracking server {redact(url)} ({exc.strerror or exc}); "
+                          "allowed: a running MLflow tracking server, a database URL, or leave it out for "
+                          "SQLite in the job folder") from None

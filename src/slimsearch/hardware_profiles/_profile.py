@@ -497,13 +497,9 @@ def _parse_text(text: str, *, origin: str, suffix: str) -> Any:
             return json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{origin}: not valid JSON: {exc}") from None
-    import yaml
+    from slimsearch._yaml import safe_load
 
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        detail = " ".join(str(exc).split())
-        raise ConfigError(f"{origin}: not valid YAML: {detail}") from None
+    return safe_load(text, origin)
 
 
 def _shipped_dir():  # -> importlib.resources.abc.Traversable

@@ -45,7 +45,8 @@ def load_or_train(path: Path, model, train_fn) -> str:
         model.load_state_dict(state)
     except Exception as exc:  # a truncated or foreign file: say which, and how to fix it
         raise SlimSearchError(
-            f"teacher cache {path} is unreadable ({type(exc).__name__}); delete it to retrain"
+            f"teacher cache {path} is unreadable ({type(exc).__name__}); delete it (rm '{path}') "
+            "and the next run retrains the teacher"
         ) from exc
     model.eval()
     return file_sha256(path)

@@ -40,19 +40,49 @@ def load_task(name: str, *, seed: int = 0, path: Optional[str] = None) -> Task:
         return getattr(module, name.replace("-", "_"))(seed=seed)
     if ":" in name:
         module_name, _, func_name = name.partition(":")
+        where = f"from {path} or the Python path" if path else "from the Python path"
         if path is not None and path not in sys.path:
             sys.path.insert(0, path)
         try:
             module = importlib.import_module(module_name)
         except Exception as exc:
-            raise ConfigError(f"task: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from exc
+            detail = " ".join(str(exc).split())
+            raise ConfigError(f"task: {name}: cannot import module {module_name!r} ({type(exc).__name__}: {detail}); "
+                              f"allowed: 'package.module:function' with the module importable {where}") from exc
         factory = getattr(module, func_name, None)
         if not callable(factory):
-            raise ConfigError(f"task: module {module_name!r} has no function {func_name!r}")
-        task = factory(seed=seed)
+            found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
+                           and getattr(v, "__module__", None) == module.__name__)
+            raise ConfigError(f"task: {name}: module {module_name!r} has no function {func_name!r}; "
+                              f"allowed: one of its functions {found}")
+        try:
+            task = factory(seed=seed)
+        except Exception as exc:  # user code: one line here; calling it directly shows the traceback
+            detail = " ".join(str(exc).split())
+            raise ConfigError(f"task: {name}(seed={seed}) raised {type(exc).__name__}: {detail}; it must return a "
+                              f"slimsearch.tasks.Task (python -c 'import {module_name}; "
+                              f"{module_name}.{func_name}(seed={seed})' shows the traceback)") from exc
         if not isinstance(task, Task):
             raise ConfigError(f"task: {name} returned {type(task).__name__}, expected slimsearch.tasks.Task")
+        if not task.teacher_sha256:  # so a resumed job notices a changed teacher, as for built-in tasks
+            import dataclasses
+
+            task = dataclasses.replace(task, teacher_sha256=_weights_sha256(task.teacher))
         return task
     raise ConfigError(
         f"task: unknown task {name!r}; allowed: one of {list(BUILTIN_TASKS)} or 'package.module:function'"
     )
+
+
+def _weights_sha256(model) -> str:
+    """sha256 of a model's parameters and buffers (names, shapes, dtypes, values), in order."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

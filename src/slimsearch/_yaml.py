@@ -1,0 +1,43 @@
+"""Reading YAML the one safe way: job files and hardware-profile files alike.
+
+PyYAML's SafeLoader builds only plain mappings, lists, strings, numbers and booleans, so
+a file cannot make Python run code (``!!python/object`` tags are refused). On top of it,
+a key given twice in one mapping is refused (PyYAML would silently keep the last one),
+and every error is one line naming the file and the line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slimsearch.exceptions import ConfigError
+
+
+def safe_load(text: str, origin: str) -> Any:
+    """``text`` (read from ``origin``, named in errors) parsed by a SafeLoader."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, str) and key in seen:
+                    raise ConfigError(f"{origin}: line {key_node.start_mark.line + 1}: key {key!r} appears twice "
+                                      "in one mapping; allowed: each key once")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    loader = Loader(text)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        if isinstance(exc, yaml.constructor.ConstructorError) and "python/" in problem:
+            raise ConfigError(f"{origin}: tag {problem.split()[-1]}{where} is not allowed; files are read with "
+                              "safe loading: allowed are plain mappings, lists, strings, numbers and booleans") from None
+        raise ConfigError(f"{origin}: not valid YAML{where}: {problem}") from None
+    finally:
+        loader.dispose()
