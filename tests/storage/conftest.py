@@ -128,7 +128,8 @@ def mlflow_server(postgres, tmp_path):
     artifacts, log = tmp_path / "server-artifacts", tmp_path / "mlflow-server.log"
     artifacts.mkdir()
     port = _free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # no telemetry from a test server, and none of MLflow 3's background job workers (unused here)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
@@ -155,7 +156,7 @@ def mlflow_server(postgres, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, 15)  # the server and the workers it started, nothing else
             try:
-                proc.wait(30)
+                proc.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 9)
                 proc.wait(30)

@@ -120,6 +120,33 @@ def test_three_drivers_racing_on_a_new_postgres_study_complete_exactly_its_budge
     assert len({t.user_attrs["driver"] for t in complete}) == 3
 
 
+def test_resume_recovers_only_the_interrupted_trials_of_its_own_job(postgres):
+    """Two jobs share a study and each has a trial RUNNING; --resume of one (recover_interrupted
+    with its owner) requeues its own trial and leaves the other job's, still being evaluated."""
+    import optuna
+
+    from slimsearch.search.driver import open_study, recover_interrupted, run_trials
+
+    url = postgres.database("owners")
+    objectives = {"score": "max"}
+
+    def stopped(params):  # the driver stops mid-candidate (Ctrl-C; a kill leaves the same state)
+        raise KeyboardInterrupt
+
+    for seed, owner in enumerate(("/jobs/a", "/jobs/b")):
+        study = open_study(url, "owners", objectives, optuna.samplers.RandomSampler(seed=seed))
+        with pytest.raises(KeyboardInterrupt):
+            run_trials(study, {"x": list(range(100))}, stopped, objectives, n_trials=2, study_budget=4, owner=owner)
+    study = open_study(url, "owners", objectives, optuna.samplers.RandomSampler(seed=2))
+    a_params = [t.params for t in study.trials if t.user_attrs["owner"] == "/jobs/a"]
+    assert recover_interrupted(study, owner="/jobs/a") == 1
+    states = {t.user_attrs.get("owner", "queued"): t.state for t in study.get_trials(deepcopy=False)}
+    assert states == {"/jobs/a": optuna.trial.TrialState.FAIL, "/jobs/b": optuna.trial.TrialState.RUNNING,
+                      "queued": optuna.trial.TrialState.WAITING}
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    assert [t.system_attrs["fixed_params"] for t in waiting] == a_params
+
+
 def test_two_slimsearch_runs_share_a_postgres_study_and_registry(postgres, tmp_path, digits_task):
     """`slimsearch run` twice at once, each with its own --out, the same job name and study URL: the
     study ends with exactly the budget of candidates, none repeated; one driver has the password

@@ -148,6 +148,7 @@ ESTIMATE_ATTR = "estimate"
 SCREENED_ATTR = "screened"
 FEASIBLE_ATTR = "feasible"
 DRIVER_ATTR = "driver"  # host:pid of the driver that asked the trial (several may share a study)
+OWNER_ATTR = "owner"  # the job (folder) that asked it: what --resume of that job may recover
 
 
 def _check_objectives(objectives: Mapping[str, str]) -> None:
@@ -241,12 +242,17 @@ def _set_constraints(trial, constraints: Sequence[Constraint], values: Mapping[s
     return feasible
 
 
-def recover_interrupted(study) -> int:
-    """Mark trials left RUNNING by a stopped driver as failed and queue their params again."""
+def recover_interrupted(study, owner: Optional[str] = None) -> int:
+    """Mark trials left RUNNING by a stopped driver as failed and queue their params again.
+
+    With ``owner``, only the trials that owner asked (and unowned ones): the RUNNING trials
+    of other drivers sharing the study are theirs, still being evaluated."""
     import optuna
 
     count = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if owner is not None and t.user_attrs.get(OWNER_ATTR, owner) != owner:
+            continue
         # Optuna has no public way to annotate a trial this process did not ask for.
         study._storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, "interrupted: the driver stopped")
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
@@ -294,12 +300,13 @@ class _Teller:
     def __init__(self, study, space: Space, objectives: Mapping[str, str], listener, *,
                  constraints: Sequence[Constraint] = (), estimate: Optional[Callable[[dict], dict]] = None,
                  screen_duplicates: bool = False, max_screened: Optional[int] = None,
-                 study_budget: Optional[int] = None):
+                 study_budget: Optional[int] = None, owner: Optional[str] = None):
         self.study, self.space, self.objectives, self.listener = study, space, objectives, listener
         self.constraints, self.estimate = tuple(constraints), estimate
         self.screen_duplicates, self.max_screened = screen_duplicates, max_screened
         self.study_budget = study_budget
         self.driver = f"{socket.gethostname()}:{os.getpid()}"
+        self.owner = owner
         self.running: dict[int, tuple[Any, float]] = {}  # number -> (optuna trial, start time)
         self.records: list[TrialRecord] = []
         self.n_screened = 0
@@ -318,6 +325,8 @@ class _Teller:
                 return None
             trial = self.study.ask()
             trial.set_user_attr(DRIVER_ATTR, self.driver)
+            if self.owner is not None:
+                trial.set_user_attr(OWNER_ATTR, self.owner)
             params = suggest(trial, self.space)
             key = _key(params)
             reason, estimate = None, {}
@@ -460,6 +469,7 @@ def run_trials(
     screen_duplicates: bool = False,
     max_screened: Optional[int] = None,
     study_budget: Optional[int] = None,
+    owner: Optional[str] = None,
 ) -> list[TrialRecord]:
     """Evaluate ``n_trials`` new trials of ``study`` and return their records, screened ones included.
 
@@ -471,7 +481,8 @@ def run_trials(
     ``study_budget`` caps the study's complete plus running trials, for several drivers (processes
     or machines) that share one study: each stops asking once the study is full, so together
     they complete at most that many; a trial that loses the race for the last place is recorded
-    as screened (never evaluated).
+    as screened (never evaluated). ``owner`` (e.g. the job folder) is recorded on each trial, so
+    that :func:`recover_interrupted` of one driver leaves the others' running trials alone.
     """
     _check_objectives(objectives)
     try:
@@ -483,7 +494,7 @@ def run_trials(
     if max_screened is None:
         max_screened = max(100, 10 * n_trials)
     teller = _Teller(study, space, objectives, listener, constraints=constraints, estimate=estimate,
-                     screen_duplicates=screen_duplicates, max_screened=max_screened, study_budget=study_budget)
+                     screen_duplicates=screen_duplicates, max_screened=max_screened, study_budget=study_budget, owner=owner)
     if kind is Executor.LOCAL:
         for _ in range(n_trials):
             asked = teller.ask()

@@ -199,7 +199,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     study = open_study(storage_url, spec.name, objectives, seeded_at_first_trial(
         lambda seed: make_sampler(spec.search.sampler.value, seed=seed, **sampler_args), spec.search.seed))
     if resume:
-        requeued = recover_interrupted(study)
+        requeued = recover_interrupted(study, owner=str(out))
         if requeued:
             log(f"[slimsearch] {requeued} trial(s) interrupted by the last stop will run again")
     done = sum(1 for r in records(study) if r.state.value == "complete")
@@ -262,7 +262,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
         ran = run_trials(study, dict(space.choices), job_fn, objectives, n_trials=remaining, executor=executor,
                          workers=workers, threads_per_worker=threads, listener=on_trial,
                          ray_storage=str(out / "ray"), constraints=constraints, estimate=estimate_fn,
-                         screen_duplicates=True, study_budget=spec.search.budget)
+                         screen_duplicates=True, study_budget=spec.search.budget, owner=str(out))
         evaluated = sum(1 for r in ran if r.state.value != "screened")
         full = sum(1 for r in records(study) if r.state.value == "complete") >= spec.search.budget
         if evaluated < remaining and not full:  # full: other drivers sharing the study did the rest
