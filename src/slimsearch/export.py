@@ -355,7 +355,9 @@ def register_onnx(tracking_uri: str, job: str, onnx_path: Path, run_id: str, ali
     version = str(client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id,
                                               tags={"slimsearch.alias": alias}).version)
     client.set_registered_model_alias(name, alias, version)
-    return {"tracking_uri": tracking_uri, "name": name, "version": version, "alias": alias,
+    from slimsearch.storage import redact
+
+    return {"tracking_uri": redact(tracking_uri), "name": name, "version": version, "alias": alias,
             "uri": f"models:/{name}@{alias}"}
 
 
