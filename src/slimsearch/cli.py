@@ -35,6 +35,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--executor", choices=["ray", "local"], default="ray",
                      help="where candidates are evaluated (default: ray)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--ray-address", metavar="ADDR",
+                     help="join this running Ray cluster (HOST:PORT of its head, or 'auto') instead of starting "
+                          "Ray here; nodes carrying a device:<profile> resource measure that profile's latency")
+
+    submit = sub.add_parser("submit", help="submit a job to a Ray cluster through its Job Submission API")
+    submit.add_argument("job", help="job file (YAML); its folder is uploaded as the job's working_dir")
+    submit.add_argument("--address", required=True, help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265")
+    submit.add_argument("--out", help="job folder on the head (default: the absolute path of runs/<job name>)")
+    submit.add_argument("--budget", type=int, help="number of candidates to train and measure")
+    submit.add_argument("--workers", type=int, help="parallel Ray workers")
+    submit.add_argument("--executor", choices=["ray", "local"], default="ray",
+                        help="where candidates are evaluated (default: ray)")
+    submit.add_argument("--resume", action="store_true", help="continue the job in --out where it stopped")
     run.add_argument("--storage", help="Optuna study database URL, e.g. postgresql://user@host/db; drivers "
                                        "given the same URL and job name share the study and its budget "
                                        "(default: the job file's storage, else SQLite in the job folder)")
@@ -148,8 +161,11 @@ def _run(args) -> int:
     check_reachable(spec, source=args.job, flags={k: flag for k, (flag, _) in flags.items()})
     from slimsearch.search.job_runner import run_job
 
-    result = run_job(spec, out, resume=args.resume, executor=args.executor, progress=not args.no_progress,
-                     source=args.job)
+    from slimsearch.cluster import joined
+
+    with joined(args.ray_address, spec.profile_refs) as devices:
+        result = run_job(spec, out, resume=args.resume, executor=args.executor, progress=not args.no_progress,
+                         source=args.job, devices=devices)
     print(format_front(result))
     from slimsearch.storage import redact
 
@@ -166,9 +182,8 @@ def format_front(result) -> str:
     for extra in ("size_bytes", "latency_ms@local"):
         if extra not in metric_cols:
             metric_cols.append(extra)
-    modelled = sorted({k for c in result.front for k, v in c["provenance"].items()
-                       if v == "modelled" and k.startswith("latency_ms@")})
-    metric_cols += [m for m in modelled if m not in metric_cols]
+    devices = sorted({k for c in result.front for k in c["provenance"] if k.startswith("latency_ms@")})
+    metric_cols += [m for m in devices if m not in metric_cols]  # each labelled measured or modelled below
     prov = {k: v for c in result.front for k, v in c["provenance"].items()}
     headers = ["trial"] + [f"{m} [{prov[m]}]" if m in prov else m for m in metric_cols] + ["plan"]
     rows = [["teacher"] + [_fmt(result.teacher.get(m)) for m in metric_cols] + ["uncompressed"]]
@@ -226,7 +241,11 @@ def _jobs(args) -> int:
 
     from slimsearch.storage.registry import Registry
 
-    records = Registry().jobs()
+    from slimsearch.cluster import refresh_submitted
+
+    registry = Registry()
+    ray_status = refresh_submitted(registry.jobs(), registry)
+    records = registry.jobs()
     if args.json:
         print(json.dumps([r.to_dict() for r in records], indent=2))
         return 0
@@ -235,7 +254,12 @@ def _jobs(args) -> int:
         return 0
     rows = [[str(r.id), r.name, r.status, str(r.budget or "-"), _when(r.started), _when(r.ended),
              str(len(r.exports)), r.out] for r in records]
-    print(_table(["id", "name", "status", "budget", "started", "ended", "exports", "folder"], rows))
+    headers = ["id", "name", "status", "budget", "started", "ended", "exports", "folder"]
+    if any(r.submission_id for r in records):  # jobs handed to a Ray cluster: its id and Ray's word
+        for row, r in zip(rows, records):
+            row.append(f"{r.submission_id} ({ray_status[r.id]})" if r.id in ray_status else r.submission_id or "-")
+        headers.append("ray submission")
+    print(_table(headers, rows))
     return 0
 
 
@@ -320,7 +344,18 @@ def _ui(args) -> int:
     return 0
 
 
-_JOB_COMMANDS = {"jobs": _jobs, "status": _status, "front": _front, "report": _report, "ui": _ui}
+def _submit(args) -> int:
+    from slimsearch.cluster import submit
+
+    s = submit(args.job, args.address, out=args.out, executor=args.executor, budget=args.budget,
+               workers=args.workers, resume=args.resume)
+    print(s.submission_id)
+    print(f"  submitted to {s.address} (registry job {s.job_id}, queued); the head runs: {s.entrypoint}")
+    print(f"  follow it: slimsearch jobs; ray job logs --address {s.address} {s.submission_id}")
+    return 0
+
+
+_JOB_COMMANDS = {"submit": _submit, "jobs": _jobs, "status": _status, "front": _front, "report": _report, "ui": _ui}
 
 
 def _write_profile(profile, out: str) -> Path:

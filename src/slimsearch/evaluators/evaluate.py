@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -98,7 +98,8 @@ def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=Non
 
 
 def model_metrics(model: nn.Module, task: Task, profiles: Sequence[Any], *, repeats: int = 15,
-                  power_modes: Mapping[str, str] | None = None, energy=ENERGY_AUTO) -> Metrics:
+                  power_modes: Mapping[str, str] | None = None, energy=ENERGY_AUTO,
+                  devices: Mapping[str, Callable[[bytes, Any], float]] | None = None) -> Metrics:
     """Accuracy on validation, size, MACs and BitOps, measured local latency (and energy where this
     machine can count it), modelled device costs.
 
@@ -108,6 +109,10 @@ def model_metrics(model: nn.Module, task: Task, profiles: Sequence[Any], *, repe
     profile it leaves out is modelled at its default mode. The metric names do not
     carry the mode (``energy_mj@jetson-orin-nano`` at every mode): the plan records it.
     ``energy`` is passed to :func:`measure_local`.
+    ``devices`` maps a profile name to a function that times the deployable ONNX graph at
+    batch 1 on that very device and returns the median ms (a Ray node carrying
+    ``device:<profile>``, :class:`slimsearch.cluster.DeviceMeter`): that profile's
+    ``latency_ms`` is then measured, its energy and cost stay modelled.
     """
     from slimsearch.evaluators.estimate import modelled_costs, static_costs
     from slimsearch.hardware_profiles import layer_costs
@@ -124,15 +129,24 @@ def model_metrics(model: nn.Module, task: Task, profiles: Sequence[Any], *, repe
     costs = modelled_costs(layers, profiles, power_modes)
     values.update(costs.values)
     provenance.update(costs.provenance)
+    if devices:
+        from slimsearch.evaluators.deploy import deployable_onnx_bytes
+
+        graph = deployable_onnx_bytes(model, task.example_input)
+        for name, measure in devices.items():
+            if f"latency_ms@{name}" in values:
+                values[f"latency_ms@{name}"] = float(measure(graph, task.val.x[:1].numpy()))
+                provenance[f"latency_ms@{name}"] = Provenance.MEASURED
     return Metrics(values=values, provenance=provenance)
 
 
 def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teacher_score: float | None = None,
-             onnx_out: str | None = None) -> Metrics:
+             onnx_out: str | None = None, devices: Mapping[str, Callable[[bytes, Any], float]] | None = None) -> Metrics:
     """Compress the teacher as ``plan`` says and score the result (validation chooses, test reports).
 
     With ``onnx_out``, the model's deployable ONNX graph is also written to that path
     (atomically), so a job can keep the models of its front without rebuilding them.
+    ``devices`` is passed to :func:`model_metrics`.
     """
     model = apply_plan(task, plan)
     if onnx_out is not None:
@@ -144,7 +158,7 @@ def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teac
         with open(tmp, "wb") as f:
             f.write(deployable_onnx_bytes(model, task.example_input))
         os.replace(tmp, onnx_out)
-    metrics = model_metrics(model, task, profiles, power_modes=plan.power_modes)
+    metrics = model_metrics(model, task, profiles, power_modes=plan.power_modes, devices=devices)
     values = dict(metrics.values)
     # Recorded for every candidate, used by nothing that chooses: validation chooses
     # the front, test reports it (and export checks the exported file against it).

@@ -21,7 +21,10 @@ class Metrics:
     """Metric values by name (``accuracy``, ``size_bytes``, ``latency_ms@raspberry-pi-4``, ...).
 
     ``provenance`` says, for every latency, energy and cost metric, whether it was
-    timed on the device (measured) or predicted from its profile (modelled).
+    timed on the device (measured) or predicted from its profile (modelled). It travels
+    with the values (the driver stores it with the trial), because the name alone cannot
+    say: ``latency_ms@raspberry-pi-4`` is measured when a Ray node carrying
+    ``device:raspberry-pi-4`` timed it, modelled otherwise.
     A value of ``None`` means the metric does not exist for that device (no price).
     """
 
@@ -54,10 +57,13 @@ _BATCH_LATENCY = re.compile(r"latency_ms_b\d+")
 
 
 def provenance_of(name: str, local_profile: str = "local") -> Optional[Provenance]:
-    """Whether metric ``name`` is measured or modelled; ``None`` for non-cost metrics.
+    """Whether metric ``name`` is measured or modelled *when nothing recorded it*; ``None`` for
+    non-cost metrics.
 
-    Only ``@local`` figures are timed here; every other device's figures come from
-    its profile.
+    The default for figures that carry no recorded provenance (trials of jobs from before
+    provenance was stored, ``search()`` objectives): ``@local`` figures are timed here,
+    every other device's come from its profile. A device node of a Ray cluster measures
+    its own figures, and :class:`Metrics` then says so (see :func:`provenance_map`).
     """
     base, _, profile = name.partition("@")
     if not profile or (base not in COST_METRICS and not _BATCH_LATENCY.fullmatch(base)):
@@ -65,9 +71,21 @@ def provenance_of(name: str, local_profile: str = "local") -> Optional[Provenanc
     return Provenance.MEASURED if profile == local_profile else Provenance.MODELLED
 
 
-def provenance_map(names) -> dict[str, str]:
-    """``name -> "measured"|"modelled"`` for every cost metric among ``names``."""
-    return {k: p.value for k in names if (p := provenance_of(k)) is not None}
+def provenance_map(names, recorded: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """``name -> "measured"|"modelled"`` for every cost metric among ``names``.
+
+    ``recorded`` is the provenance that travelled with the values (:attr:`Metrics.provenance`,
+    stored with the trial): it wins. A cost metric it does not cover falls back to
+    :func:`provenance_of`; a recorded label that is neither value is refused, not guessed.
+    """
+    recorded = recorded or {}
+    out = {}
+    for name in names:
+        if name in recorded:
+            out[name] = Provenance(getattr(recorded[name], "value", recorded[name])).value
+        elif (p := provenance_of(name)) is not None:
+            out[name] = p.value
+    return out
 
 
 def absent_reasons(values: Mapping[str, Optional[float]]) -> dict[str, str]:

@@ -121,6 +121,7 @@ class TrialRecord:
     estimate: dict[str, float] = field(default_factory=dict)
     feasible: bool = True  # meets every constraint (measured values; screened: estimated)
     screened: Optional[str] = None  # why it was not evaluated
+    provenance: dict[str, str] = field(default_factory=dict)  # measured|modelled, as evaluate reported it
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ DURATION_ATTR = "duration_s"
 ESTIMATE_ATTR = "estimate"
 SCREENED_ATTR = "screened"
 FEASIBLE_ATTR = "feasible"
+PROVENANCE_ATTR = "provenance"
 DRIVER_ATTR = "driver"  # host:pid of the driver that asked the trial (several may share a study)
 OWNER_ATTR = "owner"  # the job (folder) that asked it: what --resume of that job may recover
 
@@ -216,7 +218,7 @@ def records(study) -> list[TrialRecord]:
             number=t.number, params=dict(t.params), values=dict(t.user_attrs.get(METRICS_ATTR, {})),
             state=state, error=t.user_attrs.get(ERROR_ATTR), duration_s=t.user_attrs.get(DURATION_ATTR, 0.0),
             estimate=dict(t.user_attrs.get(ESTIMATE_ATTR, {})), feasible=t.user_attrs.get(FEASIBLE_ATTR, True),
-            screened=t.user_attrs.get(SCREENED_ATTR),
+            screened=t.user_attrs.get(SCREENED_ATTR), provenance=dict(t.user_attrs.get(PROVENANCE_ATTR, {})),
         ))
     return out
 
@@ -403,6 +405,9 @@ class _Teller:
             error = "an objective is NaN"
         if values:
             trial.set_user_attr(METRICS_ATTR, values)
+        provenance = dict(outcome.get("provenance") or {})
+        if provenance:
+            trial.set_user_attr(PROVENANCE_ATTR, provenance)
         # a constrained metric evaluate did not report cannot show the constraint is met
         feasible = _set_constraints(trial, self.constraints, values)
         if self.constraints:
@@ -416,7 +421,7 @@ class _Teller:
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             state = TrialState.FAILED
         record = TrialRecord(number, params, dict(values), state, error, duration, estimate=estimate,
-                             feasible=feasible)
+                             feasible=feasible, provenance=provenance)
         if state is TrialState.COMPLETE and feasible:
             self.complete.append(record)
         return self._emit(record)
@@ -443,10 +448,18 @@ def _places_taken(study, trial=None) -> list:
 
 
 def _call(evaluate: Callable[[dict], dict], params: dict) -> dict:
-    """Run one evaluation, turning an exception into a recorded error instead of a crash."""
+    """Run one evaluation, turning an exception into a recorded error instead of a crash.
+
+    ``evaluate`` returns a mapping of values, or a Metrics-like object whose ``provenance``
+    (measured|modelled per cost metric) then travels with its ``values``."""
     try:
-        values = evaluate(params)
-        return {"values": {k: (None if v is None else float(v)) for k, v in values.items()}}
+        result = evaluate(params)
+        provenance = getattr(result, "provenance", None)
+        values = result.values if provenance is not None else result
+        out = {"values": {k: (None if v is None else float(v)) for k, v in values.items()}}
+        if provenance:
+            out["provenance"] = {k: getattr(v, "value", v) for k, v in provenance.items()}
+        return out
     except Exception as exc:  # any failure of one candidate costs that candidate only
         last = traceback.extract_tb(exc.__traceback__)[-1]
         return {"error": f"{type(exc).__name__}: {exc} (at {os.path.basename(last.filename)}:{last.lineno})"}
@@ -557,8 +570,12 @@ def _run_ray(teller: _Teller, evaluate, *, n_trials: int, workers: int, threads:
     tuner.fit()
 
 
-def start_ray(num_cpus: int) -> bool:
-    """Start Ray in this process unless it runs already; True when this call started it."""
+def start_ray(num_cpus: int, address: Optional[str] = None) -> bool:
+    """Start Ray in this process unless it runs already; True when this call started it.
+
+    With ``address``, join that running cluster instead (:func:`slimsearch.cluster.connect`);
+    ``ray.shutdown()`` then leaves it running.
+    """
     import ray
 
     if ray.is_initialized():
@@ -566,6 +583,11 @@ def start_ray(num_cpus: int) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if address is not None:
+        from slimsearch.cluster import connect
+
+        connect(address)
+        return True
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              configure_logging=True)
     return True

@@ -75,10 +75,11 @@ def _cached_task(name: str, seed: int, path: Optional[str] = None):
 
 
 def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
-                    out: Optional[str] = None) -> dict[str, Optional[float]]:
-    """Worker side: params -> plan -> compressed model -> metric values.
+                    out: Optional[str] = None, devices=None):
+    """Worker side: params -> plan -> compressed model -> Metrics (values and their provenance).
 
-    With the job folder ``out``, the model's ONNX graph is left at :func:`model_file`.
+    With the job folder ``out``, the model's ONNX graph is left at :func:`model_file`;
+    ``devices`` (profile -> meter on a device node) is passed to ``evaluate``.
     """
     from slimsearch.evaluators import evaluate
 
@@ -88,7 +89,7 @@ def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
     onnx_out = None
     if out is not None and os.path.isdir(Path(out) / MODELS_DIR):
         onnx_out = str(model_file(Path(out), plan))
-    return dict(evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score, onnx_out=onnx_out).values)
+    return evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score, onnx_out=onnx_out, devices=devices)
 
 
 def estimate_params(params: dict, *, task, space, profiles) -> dict[str, Optional[float]]:
@@ -133,10 +134,13 @@ def _prepare_folder(spec: JobSpec, out: Path, resume: bool) -> dict:
 
 
 def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "ray",
-            progress: bool = True, log=print, source: str = "<job>") -> JobResult:
+            progress: bool = True, log=print, source: str = "<job>", devices=None) -> JobResult:
     """Run (or resume) a job into folder ``out`` and return its front.
 
-    ``source`` names the job file in error messages.
+    ``source`` names the job file in error messages. ``devices`` maps a profile name to a
+    meter on a Ray node that is that device (:func:`slimsearch.cluster.device_meters`, with
+    Ray already joined to the cluster): the teacher's and every candidate's
+    ``latency_ms@<profile>`` are then measured there, and labelled so.
     """
     from slimsearch.evaluators import model_metrics, score
     from slimsearch.evaluators.metrics import absent_reasons, provenance_map
@@ -182,8 +186,10 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                             "its results would not be comparable: start a new job")
     teacher = state.get("teacher")  # a resumed job keeps the teacher figures it started with
     if teacher is None:
-        teacher = dict(model_metrics(task.teacher, task, spec.profile_refs,
-                                     power_modes=spec.teacher_power_modes()).values)
+        measured = model_metrics(task.teacher, task, spec.profile_refs, power_modes=spec.teacher_power_modes(),
+                                 devices=devices)
+        teacher, state["teacher_provenance"] = dict(measured.values), provenance_map(measured.values,
+                                                                                      measured.provenance)
         teacher[f"{task.metric_name}_test"] = score(task.teacher, task.test, task)
     teacher_score = teacher[task.metric_name]
 
@@ -209,19 +215,23 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     params = {"job": redact(spec.to_json()), "task": spec.task, "budget": spec.search.budget, "sampler": spec.search.sampler.value,
               "workers": workers, "storage": redact(storage_url),
               "local_energy_meter": meter.source if meter is not None else
-              "none (no readable RAPL counters: energy_mj@local not recorded)"}
+              "none (no readable RAPL counters: energy_mj@local not recorded)",
+              "measured_on_device_nodes": ", ".join(sorted(devices or {})) or "none"}
     parent = tracker.start_parent(spec.name, params, parent_id=state.get("parent_run_id"))
     default_modes = _power_modes_used(spec, {})
     if not resume:
         teacher_tags = {f"teacher.{k}": v for k, v in _power_modes_used(spec, spec.teacher_power_modes()).items()}
         teacher_tags.update({f"absent.teacher.{mlflow_key(k)}": why for k, why in absent_reasons(teacher).items()})
+        teacher_tags.update({f"teacher.provenance.{mlflow_key(k)}": v
+                             for k, v in provenance_map(teacher, state.get("teacher_provenance")).items()})
         tracker.log_parent_metrics({f"teacher.{k}": v for k, v in teacher.items()}, tags=teacher_tags)
     state = {"spec": json.loads(spec.to_json()), "parent_run_id": parent, "study_name": spec.name,
              "storage": storage_url, "tracking_uri": tracking_uri, "teacher": teacher,
              # torch's thread count changes float rounding in training: export rebuilds a trial with
              # the count its worker had (an entry per start: [first trial number it ran, threads])
              "threads": [*state.get("threads", []), [len(study.trials), threads]],
-             "teacher_sha256": task.teacher_sha256, "created": state.get("created", time.time())}
+             "teacher_sha256": task.teacher_sha256, "created": state.get("created", time.time()),
+             "teacher_provenance": provenance_map(teacher, state.get("teacher_provenance"))}
     _write_json(out / STATE_FILE, state)
     job_id = _register(spec, out, state, tracker, log)
 
@@ -234,7 +244,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     complete = [r for r in records(study) if r.state.value == "complete"]
 
     def on_trial(record) -> None:
-        provenance = provenance_map(record.values)
+        provenance = provenance_map(record.values, record.provenance)
         plan = space.plan_from_params(record.params)
         tracker.log_candidate(record.number, record.params, record.values, provenance, plan.to_json(),
                               failed=record.error, tags=candidate_tags(plan, record.values, default_modes, record))
@@ -253,7 +263,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
 
     (out / MODELS_DIR).mkdir(exist_ok=True)
     job_fn = functools.partial(evaluate_params, job_json=spec.to_json(), space=space, teacher_score=teacher_score,
-                               out=str(out))
+                               out=str(out), devices=devices or None)
     started_ray = False
     status = "FAILED"
     try:
@@ -371,7 +381,7 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
     children = tracker.children()
     for r in all_records:  # a trial told to the study but not yet logged (driver killed in between)
         if r.number not in children:
-            provenance = provenance_map(r.values)
+            provenance = provenance_map(r.values, r.provenance)
             plan = space.plan_from_params(r.params)
             children[r.number] = tracker.log_candidate(
                 r.number, r.params, r.values, provenance, plan.to_json(), failed=r.error,
@@ -385,12 +395,13 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
     candidates = []
     for r in complete:
         plan = space.plan_from_params(r.params)
-        provenance = provenance_map(r.values)
+        provenance = provenance_map(r.values, r.provenance)
         candidates.append({"trial": r.number, "run_id": children.get(r.number), "params": r.params,
                            "plan": plan.to_dict(), "describe": plan.describe(), "metrics": r.values,
                            "provenance": provenance, "on_front": r.number in front, "feasible": r.feasible})
     front_list = sorted((c for c in candidates if c["on_front"]), key=lambda c: c["trial"])
     data = {"job": state["spec"]["name"], "objectives": objectives, "metric": metric_name, "teacher": teacher,
+            "teacher_provenance": provenance_map(teacher, state.get("teacher_provenance")),
             "front": front_list, "candidates": candidates,
             "failed": [{"trial": r.number, "error": r.error} for r in all_records if r.state.value == "failed"]}
     _write_json(out / FRONT_FILE, data)

@@ -32,7 +32,7 @@ ENV_HOME = "SLIMSEARCH_HOME"
 
 
 class JobStatus(str, Enum):
-    QUEUED = "queued"  # registered, not started (no command queues jobs yet)
+    QUEUED = "queued"  # registered, not started: `slimsearch submit` queues a job until its Ray job runs it
     RUNNING = "running"
     FINISHED = "finished"
     FAILED = "failed"
@@ -73,6 +73,8 @@ def _tables(metadata):
         Column("parent_run_id", String(64)),
         Column("budget", Integer),
         Column("error", Text),
+        Column("submission_id", String(128)),  # Ray Job Submission id (slimsearch submit), else NULL
+        Column("submission_address", Text),  # the dashboard it was submitted to
     )
     exports = Table(
         "exports", metadata,
@@ -98,7 +100,17 @@ def _v1(conn) -> None:
     metadata.create_all(conn)
 
 
-MIGRATIONS: list[Callable] = [_v1]  # append only: MIGRATIONS[i] takes the schema from version i to i + 1
+def _v2(conn) -> None:
+    """The Ray submission of a job (``slimsearch submit``): its id and dashboard address."""
+    from sqlalchemy import inspect, text
+
+    have = {c["name"] for c in inspect(conn).get_columns("jobs")}
+    for name, kind in (("submission_id", "VARCHAR(128)"), ("submission_address", "TEXT")):
+        if name not in have:  # a registry created at v2 or later has them from _v1's current tables
+            conn.execute(text(f"ALTER TABLE jobs ADD COLUMN {name} {kind}"))
+
+
+MIGRATIONS: list[Callable] = [_v1, _v2]  # append only: MIGRATIONS[i] takes the schema from version i to i + 1
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,8 @@ class JobRecord:
     parent_run_id: Optional[str]
     budget: Optional[int]
     error: Optional[str]
+    submission_id: Optional[str] = None
+    submission_address: Optional[str] = None
     exports: tuple[dict, ...] = ()
 
     def to_dict(self) -> dict:
@@ -236,6 +250,16 @@ class Registry:
         with self._open().begin() as conn:
             conn.execute(update(self._jobs).where(self._jobs.c.id == job_id).values(
                 status=JobStatus(status).value, ended=time.time(), error=(error or None) and redact(error)[:2000]))
+
+    def record_submission(self, job_id: int, *, submission_id: str, address: str) -> None:
+        """The Ray Job Submission id and dashboard address of a job handed to a cluster."""
+        from sqlalchemy import update
+
+        from slimsearch.storage.urls import redact
+
+        with self._open().begin() as conn:
+            conn.execute(update(self._jobs).where(self._jobs.c.id == job_id).values(
+                submission_id=submission_id, submission_address=redact(address)))
 
     def record_export(self, job_id: int, *, out: Path, formats: list[str], run_id: Optional[str],
                       trial: Optional[int], model_name: Optional[str] = None, model_version: Optional[str] = None,
