@@ -151,7 +151,8 @@ def test_two_slimsearch_runs_share_a_postgres_study_and_registry(postgres, tmp_p
     """`slimsearch run` twice at once, each with its own --out, the same job name and study URL: the
     study ends with exactly the budget of candidates, none repeated; one driver has the password
     in its URL, the other gets it from PGPASSWORD (libpq); the job registry is PostgreSQL too.
-    The password is in no output, no registry row and no MLflow param or tag."""
+    The password is in no output, no registry row, no MLflow param or tag, and no file of the job
+    folders but job.json, which only its owner may read."""
     study_url = postgres.database("shared_study")
     registry_url = postgres.database("registry")
     password = postgres.password
@@ -203,6 +204,11 @@ def test_two_slimsearch_runs_share_a_postgres_study_and_registry(postgres, tmp_p
         texts = _mlflow_texts(f"sqlite:///{out / 'mlflow.db'}")
         assert any(t.startswith("storage=postgresql://slim") for t in texts)
         assert not [t for t in texts if password in t]
+    # in the job folders the password is only in job.json (it reopens the study), readable by its owner only
+    holding = [p.relative_to(tmp_path) for p in tmp_path.glob("driver-*/**/*")
+               if p.is_file() and password.encode() in p.read_bytes()]
+    assert holding == [Path("driver-a/job.json")]
+    assert (out_a / "job.json").stat().st_mode & 0o077 == 0
 
 
 def test_a_sqlite_study_refuses_a_second_driver(tmp_path, digits_task):

@@ -101,8 +101,15 @@ def estimate_params(params: dict, *, task, space, profiles) -> dict[str, Optiona
 
 
 def _write_json(path: Path, data: Any) -> None:
+    from slimsearch.storage.urls import redact
+
+    text = json.dumps(data, indent=2, sort_keys=True)
+    # With a database password in it (job.json keeps the URLs it reopens): readable by its owner only.
+    mode = 0o600 if redact(text) != text else 0o666
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as f:
+        f.write(text)
     os.replace(tmp, path)
 
 
@@ -262,7 +269,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
             bar.update(1 if record.state.value == "complete" else 0)
 
     (out / MODELS_DIR).mkdir(exist_ok=True)
-    job_fn = functools.partial(evaluate_params, job_json=spec.to_json(), space=space, teacher_score=teacher_score,
+    job_fn = functools.partial(evaluate_params, job_json=redact(spec.to_json()), space=space, teacher_score=teacher_score,
                                out=str(out), devices=devices or None)
     started_ray = False
     status = "FAILED"
