@@ -84,7 +84,8 @@ def postgres():
         except KeyError:
             pytest.skip("running as root and there is no 'postgres' user to run PostgreSQL as "
                         "(PostgreSQL refuses to run as root)")
-    home = Path(tempfile.mkdtemp(prefix="slimsearch-pg-"))  # short path: it holds the server's socket
+    # short path (it holds the server's socket), in /tmp when root: the postgres user must reach it
+    home = Path(tempfile.mkdtemp(prefix="slimsearch-pg-", dir="/tmp" if as_root else None))
     data, pwfile, log = home / "data", home / "pw", home / "server.log"
     password = secrets.token_hex(12)
     pwfile.write_text(password + "\n")
