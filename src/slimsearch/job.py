@@ -214,6 +214,10 @@ class SearchSpec(_Frozen):
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     sampler: Sampler = Sampler.NSGA2
     seed: int = 0
+    max_retries: int = Field(1, ge=0, le=10, description="times a candidate whose Ray worker died is run "
+                             "again before it is recorded as failed (a candidate that raises is not retried)")
+    memory_limit_mb: Optional[int] = Field(None, ge=64, description="address space one candidate's evaluation "
+                                           "may add to its worker, in MiB; above it the candidate fails")
 
 
 class JobSpec(_Frozen):

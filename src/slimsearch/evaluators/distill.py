@@ -79,7 +79,9 @@ def distill(student: nn.Module, teacher: nn.Module, data: Split, plan: DistillPl
                     wanted = teacher.eval()(x)
             loss = loss_fn(student(x), wanted, data.y[idx], plan)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"distillation loss became {loss.item()} at step {step}; the candidate diverged")
+            value = "NaN" if torch.isnan(loss) else f"{loss.item()}"
+            raise FloatingPointError(f"distillation loss became {value} at step {step} of {plan.steps}; "
+                                     "the candidate diverged")
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -321,6 +321,10 @@ class _Teller:
                 if r.state is TrialState.COMPLETE and r.feasible:
                     self.complete.append(r)
 
+    def count(self, state: TrialState) -> int:
+        """Trials of this run that ended in ``state``."""
+        return sum(1 for r in self.records if r.state is state)
+
     def ask(self) -> Optional[tuple[int, dict]]:
         while True:
             if self.study_budget is not None and len(_places_taken(self.study)) >= self.study_budget:
@@ -483,13 +487,24 @@ def run_trials(
     max_screened: Optional[int] = None,
     study_budget: Optional[int] = None,
     owner: Optional[str] = None,
+    max_retries: int = 1,
+    max_failed: Optional[int] = None,
 ) -> list[TrialRecord]:
-    """Evaluate ``n_trials`` new trials of ``study`` and return their records, screened ones included.
+    """Evaluate new trials of ``study`` until ``n_trials`` complete; their records, screened and failed ones included.
+
+    A failed evaluation (it raised, returned no objective, or its worker died past its
+    retries) does not count towards ``n_trials``: the search goes on, and stops early only
+    after ``max_failed`` (default :func:`failure_cap`) failures in this call.
 
     ``estimate``, ``constraints`` and ``screen_duplicates`` turn on screening (see
     :class:`_Teller`); screened trials do not count towards ``n_trials`` and at most
     ``max_screened`` (default ``max(100, 10 * n_trials)``) are screened. ``listener`` is
     called with every record, screened ones too, as it is made.
+
+    With ``executor="ray"``, a trial whose worker process dies (killed, crashed) is run again
+    up to ``max_retries`` times, then recorded as failed with the reason; with ``"local"`` the
+    worker is this process, and a trial it was running when it died is run again by ``--resume``
+    (:func:`recover_interrupted`).
 
     ``study_budget`` caps the study's complete plus running trials, for several drivers (processes
     or machines) that share one study: each stops asking once the study is full, so together
@@ -506,18 +521,27 @@ def run_trials(
         return []
     if max_screened is None:
         max_screened = max(100, 10 * n_trials)
+    if max_failed is None:
+        max_failed = failure_cap(n_trials)
     teller = _Teller(study, space, objectives, listener, constraints=constraints, estimate=estimate,
                      screen_duplicates=screen_duplicates, max_screened=max_screened, study_budget=study_budget, owner=owner)
     if kind is Executor.LOCAL:
-        for _ in range(n_trials):
+        while teller.count(TrialState.COMPLETE) < n_trials and teller.count(TrialState.FAILED) < max_failed:
             asked = teller.ask()
             if asked is None:
                 break
             number, params = asked
             teller.tell(number, params, _call(evaluate, params))
         return teller.records
-    _run_ray(teller, evaluate, n_trials=n_trials, workers=workers, threads=threads_per_worker, storage=ray_storage)
+    _run_ray(teller, evaluate, n_trials=n_trials, workers=workers, threads=threads_per_worker, storage=ray_storage,
+             max_retries=max_retries, max_failed=max_failed)
     return teller.records
+
+
+def failure_cap(n_trials: int) -> int:
+    """How many failed evaluations a search of ``n_trials`` takes before it stops: a task that
+    fails every candidate must not run forever, one that fails some must still fill the budget."""
+    return max(10, n_trials)
 
 
 def _ray_trainable(config: dict, evaluate=None, threads: int = 1) -> None:
@@ -528,19 +552,53 @@ def _ray_trainable(config: dict, evaluate=None, threads: int = 1) -> None:
     tune.report({"outcome": json.dumps(_call(evaluate, config["params"]))})
 
 
-def _run_ray(teller: _Teller, evaluate, *, n_trials: int, workers: int, threads: int, storage: Optional[str]):
+def _worker_failure(trial, max_retries: int) -> str:
+    """Why a Ray Tune trial ended in error, in one line: how often its worker failed and the last error."""
+    try:
+        error = trial.get_error()
+    except Exception:  # noqa: BLE001 - the error file is a courtesy; the count is what matters
+        error = None
+    text = " ".join(str(error or "").split())
+    if "worker process has died" in text or "died unexpectedly" in text:
+        text = "the worker process died (killed, crashed or out of memory)"
+    elif len(text) > 300:
+        text = text[:300] + "..."
+    attempts = getattr(trial, "num_failures", 0) or max_retries + 1
+    return (f"the Ray worker running this candidate failed {attempts} time(s) (search.max_retries = "
+            f"{max_retries}): {text or 'no error recorded'}")
+
+
+def _run_ray(teller: _Teller, evaluate, *, n_trials: int, workers: int, threads: int, storage: Optional[str],
+             max_retries: int = 1, max_failed: int = 10):
     import ray
     from ray import tune
     from ray.tune.search import Searcher
 
+    started: dict[str, Any] = {}  # Tune trial id -> Tune Trial, to read its failures
+
+    class TrialRegister(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            started[trial.trial_id] = trial
+
     class StudySearcher(Searcher):
-        """Ray Tune searcher that asks and tells the Optuna study directly."""
+        """Ray Tune searcher that asks and tells the Optuna study directly.
+
+        A trial whose worker dies is run again by Tune itself (``FailureConfig(max_failures=
+        max_retries)``, same trial id and params, so the study sees one trial); only once the
+        retries are used up does :meth:`on_trial_complete` get ``error=True``. A candidate that
+        raises is not a Tune failure: :func:`_call` turns it into a recorded error, once.
+        """
 
         def __init__(self):
             super().__init__(metric=None, mode=None)
             self.pending: dict[str, tuple[int, dict]] = {}
 
         def suggest(self, trial_id: str):
+            complete = teller.count(TrialState.COMPLETE)
+            if complete >= n_trials or teller.count(TrialState.FAILED) >= max_failed:
+                return Searcher.FINISHED
+            if complete + len(self.pending) >= n_trials:  # enough running; ask again if one fails
+                return None
             asked = teller.ask()
             if asked is None:  # the screening cap was reached: no more candidates worth evaluating
                 return Searcher.FINISHED
@@ -553,7 +611,8 @@ def _run_ray(teller: _Teller, evaluate, *, n_trials: int, workers: int, threads:
             if result and "outcome" in result:
                 outcome = json.loads(result["outcome"])
             else:
-                outcome = {"error": "the Ray worker running this trial failed or died"}
+                outcome = {"error": _worker_failure(started.get(trial_id), max_retries)}
+            started.pop(trial_id, None)
             teller.tell(number, params, outcome)
 
     if not ray.is_initialized():
@@ -562,10 +621,12 @@ def _run_ray(teller: _Teller, evaluate, *, n_trials: int, workers: int, threads:
                                     {"cpu": threads})
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=StudySearcher(), num_samples=n_trials,
+        # num_samples=-1: Tune asks until the searcher says FINISHED (when n_trials are complete)
+        tune_config=tune.TuneConfig(search_alg=StudySearcher(), num_samples=-1,
                                     max_concurrent_trials=workers, reuse_actors=True),
         run_config=tune.RunConfig(storage_path=storage, name=f"trials-{int(time.time())}", verbose=0,
-                                  log_to_file=True),
+                                  log_to_file=True, failure_config=tune.FailureConfig(max_failures=max_retries),
+                                  callbacks=[TrialRegister()]),
     )
     tuner.fit()
 

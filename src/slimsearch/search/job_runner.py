@@ -6,9 +6,11 @@ call into the module that owns it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -89,7 +91,54 @@ def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
     onnx_out = None
     if out is not None and os.path.isdir(Path(out) / MODELS_DIR):
         onnx_out = str(model_file(Path(out), plan))
-    return evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score, onnx_out=onnx_out, devices=devices)
+    with memory_limit(spec.search.memory_limit_mb):
+        return evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score, onnx_out=onnx_out,
+                        devices=devices)
+
+
+_OUT_OF_MEMORY = ("can't allocate memory", "cannot allocate memory", "bad_alloc", "can't start new thread",
+                  "failed to allocate")
+
+
+@contextlib.contextmanager
+def memory_limit(mb: Optional[int]):
+    """Let the code inside add at most ``mb`` MiB of address space to this process (None: no limit).
+
+    Enforced with ``RLIMIT_AS`` set to the process's current size plus ``mb`` and put back
+    afterwards, so an allocation beyond it fails at once inside the candidate (torch,
+    numpy and Python all turn that into an error) instead of the kernel's OOM killer taking
+    the worker. The limit counts address space, not resident memory: a generous figure
+    (hundreds of MiB for a small model: thread stacks and allocator arenas count) is needed.
+    Linux only (``/proc/self/statm``); the failure says which limit was exceeded.
+    """
+    if mb is None:
+        yield
+        return
+    import resource
+
+    try:
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        raise ConfigError("search.memory_limit_mb: enforced only on Linux (it reads /proc/self/statm); "
+                          "allowed here: leave it out") from None
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = used + mb * 2**20
+    for bound in (soft, hard):  # never loosen a limit already set
+        if bound != resource.RLIM_INFINITY:
+            limit = min(limit, bound)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    except Exception as exc:
+        text = str(exc)
+        if isinstance(exc, MemoryError) or any(s in text.lower() for s in _OUT_OF_MEMORY):
+            brief = " ".join(text.split())[:200] or type(exc).__name__
+            raise MemoryError(f"the candidate exceeded search.memory_limit_mb = {mb} MiB (address space beyond "
+                              f"the {used // 2**20} MiB its worker held): {brief}") from exc
+        raise
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def estimate_params(params: dict, *, task, space, profiles) -> dict[str, Optional[float]]:
@@ -152,7 +201,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     from slimsearch.evaluators import model_metrics, score
     from slimsearch.evaluators.metrics import absent_reasons, provenance_map
     from slimsearch.hardware_profiles._energy import EnergyDomain, energy_meter
-    from slimsearch.search.driver import Constraint, open_study, recover_interrupted, records, run_trials, start_ray
+    from slimsearch.search.driver import (Constraint, failure_cap, open_study, recover_interrupted, records,
+                                          run_trials, start_ray)
     from slimsearch.search.samplers import make_sampler, seeded_at_first_trial
     from slimsearch.storage import default_storage_url, default_tracking_uri, redact
     from slimsearch.storage.urls import claim_sqlite
@@ -250,14 +300,15 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     bar = _progress(spec.search.budget, done, progress)
     complete = [r for r in records(study) if r.state.value == "complete"]
 
+    candidate_log = _CandidateLog(tracker, space, default_modes, log)
+
     def on_trial(record) -> None:
-        provenance = provenance_map(record.values, record.provenance)
         plan = space.plan_from_params(record.params)
-        tracker.log_candidate(record.number, record.params, record.values, provenance, plan.to_json(),
-                              failed=record.error, tags=candidate_tags(plan, record.values, default_modes, record))
+        logged = candidate_log(record)
         if record.state.value == "complete":
             complete.append(record)
-            _log_hypervolume(tracker, complete, objectives, teacher, log)
+            if logged:
+                _log_hypervolume(tracker, complete, objectives, teacher, log)
         front = _front_numbers(complete, objectives)
         if record.number not in front:  # dominated (or failed) now means dominated for good
             model_file(out, plan).unlink(missing_ok=True)
@@ -279,12 +330,17 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
         ran = run_trials(study, dict(space.choices), job_fn, objectives, n_trials=remaining, executor=executor,
                          workers=workers, threads_per_worker=threads, listener=on_trial,
                          ray_storage=str(out / "ray"), constraints=constraints, estimate=estimate_fn,
-                         screen_duplicates=True, study_budget=spec.search.budget, owner=str(out))
-        evaluated = sum(1 for r in ran if r.state.value != "screened")
+                         screen_duplicates=True, study_budget=spec.search.budget, owner=str(out),
+                         max_retries=spec.search.max_retries)
+        evaluated = sum(1 for r in ran if r.state.value == "complete")
+        failed = sum(1 for r in ran if r.state.value == "failed")
         full = sum(1 for r in records(study) if r.state.value == "complete") >= spec.search.budget
         if evaluated < remaining and not full:  # full: other drivers sharing the study did the rest
-            log(f"[slimsearch] stopped after {evaluated} of {remaining} evaluations: the sampler kept proposing plans "
-                "already tried or estimated infeasible (the space may be too small for the budget)")
+            why = (f"{failed} candidates failed (see front.json's 'failed' or the runs' error tags)"
+                   if failed >= failure_cap(remaining) else
+                   "the sampler kept proposing plans already tried or estimated infeasible (the space may be too "
+                   "small for the budget)")
+            log(f"[slimsearch] stopped after {evaluated} of {remaining} candidates: {why}")
         status = "FINISHED"
     except BaseException as exc:
         _register_end(job_id, exc, log)
@@ -298,10 +354,72 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
             import ray
 
             ray.shutdown()
-        result = _finish(study, space, tracker, out, objectives, teacher, task.metric_name, state, default_modes)
-        tracker.finish(status)
+        try:
+            result = _finish(study, space, tracker, out, objectives, teacher, task.metric_name, state,
+                             default_modes)
+            tracker.finish(status)
+        except TrackingUnavailable as exc:
+            if status != "FINISHED":  # an error is on its way out already: say this one, raise that one
+                log(f"[slimsearch] {exc}")
+            else:
+                _register_end(job_id, exc, log)
+                raise JobStateError(f"{exc}; every result is in the Optuna study ({redact(storage_url)}): when the "
+                                    f"store is back, `slimsearch run {source} --out {out} --resume` logs them")
     _register_end(job_id, None, log)
     return result
+
+
+class TrackingUnavailable(Exception):
+    """The MLflow store could not be written to when the job ended (internal: run_job says what to do)."""
+
+
+def _short_error(exc: BaseException) -> str:
+    """An MLflow or database error in one short line: the DB-API error when there is one."""
+    text = " ".join(str(exc).split())
+    found = re.search(r"\((?:\w+\.)*\w*(?:Error|Exception)\) [^\[(]*", text)
+    return (found.group(0).strip() if found else text[:200]) or type(exc).__name__
+
+
+def _log_record(tracker, space, default_modes: dict[str, str], record) -> str:
+    """Log one trial as its MLflow child run; the run id."""
+    from slimsearch.evaluators.metrics import provenance_map
+
+    plan = space.plan_from_params(record.params)
+    return tracker.log_candidate(record.number, record.params, record.values,
+                                 provenance_map(record.values, record.provenance), plan.to_json(),
+                                 failed=record.error, tags=candidate_tags(plan, record.values, default_modes, record))
+
+
+class _CandidateLog:
+    """Logs each finished trial as an MLflow child run as it comes.
+
+    While the store cannot be written (server down, SQLite locked or read-only), a trial
+    that could not be logged waits here (its results are in the Optuna study already) and
+    is logged, oldest first, with the next trial once a write succeeds; :func:`_finish`
+    logs whatever still waits when the job ends. Calling it returns True when the store
+    took everything.
+    """
+
+    def __init__(self, tracker, space, default_modes: dict[str, str], log):
+        self.tracker, self.space, self.default_modes, self.log = tracker, space, default_modes, log
+        self.waiting: dict[int, Any] = {}
+        self.down: Optional[str] = None
+
+    def __call__(self, record) -> bool:
+        self.waiting[record.number] = record
+        for number in sorted(self.waiting):
+            try:
+                _log_record(self.tracker, self.space, self.default_modes, self.waiting[number])
+            except Exception as exc:  # noqa: BLE001 - the study holds the trial; logging it can wait
+                self.down = _short_error(exc)
+                self.log(f"[slimsearch] MLflow store not writable ({self.down}); {len(self.waiting)} candidate(s) "
+                         "wait to be logged (their results are in the Optuna study)")
+                return False
+            del self.waiting[number]
+        if self.down is not None:
+            self.log("[slimsearch] MLflow store writable again: the waiting candidates are logged")
+            self.down = None
+        return True
 
 
 def _register(spec: JobSpec, out: Path, state: dict, tracker, log) -> Optional[int]:
@@ -379,26 +497,33 @@ def candidate_tags(plan, values, default_modes: dict[str, str], record=None) -> 
 
 def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, state,
             default_modes: dict[str, str]) -> JobResult:
-    """Reconcile MLflow with the study, mark the front, write front.json and the plot."""
+    """Reconcile MLflow with the study, mark the front, write front.json and the plot.
+
+    The files in ``out`` are written even when the MLflow store cannot be; that is then
+    raised as :class:`TrackingUnavailable` (the study holds every result, and the next
+    ``--resume`` logs what MLflow lacks).
+    """
     from slimsearch.dashboards.front import front_infos, write_front_html
     from slimsearch.evaluators.metrics import provenance_map
     from slimsearch.search.driver import records
+    from slimsearch.storage import redact
 
     all_records = records(study)
-    children = tracker.children()
-    for r in all_records:  # a trial told to the study but not yet logged (driver killed in between)
-        if r.number not in children:
-            provenance = provenance_map(r.values, r.provenance)
-            plan = space.plan_from_params(r.params)
-            children[r.number] = tracker.log_candidate(
-                r.number, r.params, r.values, provenance, plan.to_json(), failed=r.error,
-                tags=candidate_tags(plan, r.values, default_modes, r))
     complete = [r for r in all_records if r.state.value == "complete"]
     front = _front_numbers(complete, objectives)
-    tracker.set_pareto(children, front)
-    for r in complete:
-        if r.number in front and children.get(r.number):
-            tracker.log_onnx_model(children[r.number], model_file(out, space.plan_from_params(r.params)))
+    children: dict[int, str] = {}
+    unreachable = None
+    try:
+        children = tracker.children()
+        for r in all_records:  # told to the study but not logged: store down, or driver killed in between
+            if r.number not in children:
+                children[r.number] = _log_record(tracker, space, default_modes, r)
+        tracker.set_pareto(children, front)
+        for r in complete:
+            if r.number in front and children.get(r.number):
+                tracker.log_onnx_model(children[r.number], model_file(out, space.plan_from_params(r.params)))
+    except Exception as exc:  # noqa: BLE001 - whatever the store says, the files below are still written
+        unreachable = exc
     candidates = []
     for r in complete:
         plan = space.plan_from_params(r.params)
@@ -412,16 +537,27 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
             "front": front_list, "candidates": candidates,
             "failed": [{"trial": r.number, "error": r.error} for r in all_records if r.state.value == "failed"]}
     _write_json(out / FRONT_FILE, data)
-    tracker.log_artifact(out / FRONT_FILE)
+    artifacts = [out / FRONT_FILE]
     if len(objectives) >= 2 and candidates:
         provenance = {k: v for c in candidates for k, v in c["provenance"].items()}
         infos = front_infos(candidates, objectives, front=front, teacher=teacher, provenance=provenance)
         write_front_html(infos, out / FRONT_HTML)
-        tracker.log_artifact(out / FRONT_HTML)
+        artifacts.append(out / FRONT_HTML)
     if candidates:
         from slimsearch.dashboards.report import write_report
 
-        tracker.log_artifact(write_report(out))
+        artifacts.append(write_report(out))
+    if unreachable is None:
+        try:
+            for path in artifacts:
+                tracker.log_artifact(path)
+        except Exception as exc:  # noqa: BLE001
+            unreachable = exc
+    if unreachable is not None:
+        missing = sum(1 for r in all_records if r.number not in children)
+        raise TrackingUnavailable(f"the MLflow store {redact(tracker.tracking_uri)} could not be written when the job "
+                                  f"ended ({_short_error(unreachable)}): {missing} of {len(all_records)} candidate(s) "
+                                  "are not logged there yet") from unreachable
     return JobResult(out=out, front=front_list, candidates=candidates, teacher=teacher, objectives=objectives)
 
 

@@ -51,7 +51,10 @@ def log_onnx_model(tracking_uri: str, run_id: str, onnx_path: Path):
     mlflow.set_tracking_uri(tracking_uri)
     try:
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model")
+            # The flavour's own requirements, given rather than inferred: inference imports the
+            # model in a subprocess, 10-15 s per model, to find the same two packages.
+            info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model",
+                                         pip_requirements=mlflow.onnx.get_default_pip_requirements())
         mlflow.MlflowClient(tracking_uri=tracking_uri).set_tag(run_id, MODEL_TAG, info.model_uri)
     finally:
         if previous is not None:
@@ -91,6 +94,7 @@ class Tracker:
         self._client_obj = None
         self._experiment_id_cached: Optional[str] = None
         self.parent_id: Optional[str] = None
+        self._partial: dict[int, str] = {}  # trial number -> run begun but not completed (store failed meanwhile)
 
     @property
     def client(self):
@@ -132,28 +136,51 @@ class Tracker:
 
         A metric whose value is None is not logged (MLflow has no 'absent' value and NaN
         would read as a number); pass its reason in ``tags``.
+
+        If the store fails part way (unreachable, locked), the error propagates and the
+        half-written run is deleted when the candidate is logged again or at :meth:`children`,
+        so a trial never has two runs.
         """
         from mlflow.entities import Metric, Param
 
+        if number in self._partial:
+            self.client.delete_run(self._partial[number])
+            del self._partial[number]
         tags = {**(tags or {}), PARENT_TAG: self.parent_id, TRIAL_TAG: str(number), ROLE_TAG: "candidate"}
         tags.update({f"provenance.{mlflow_key(k)}": v for k, v in provenance.items()})
         if failed:
             tags["error"] = failed[:5000]
         run = self.client.create_run(self._experiment_id(), run_name=f"trial-{number}", tags=tags)
         run_id = run.info.run_id
+        self._partial[number] = run_id
         now = int(time.time() * 1000)
         metrics = [Metric(mlflow_key(k), float(v), now, 0) for k, v in values.items() if v is not None]
         params_list = [Param(k, str(v)) for k, v in params.items()] + [Param("plan", plan_json[:6000])]
         self.client.log_batch(run_id, metrics=metrics, params=params_list)
         self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+        del self._partial[number]
         return run_id
 
     def children(self) -> dict[int, str]:
-        """Trial number -> child run id, for every candidate already logged under the parent."""
+        """Trial number -> child run id, for every candidate completely logged under the parent.
+
+        A child run still RUNNING was begun by a logger that stopped part way (the store failed,
+        or the driver was killed, mid-candidate): it is deleted here, so the candidate is logged
+        again whole, once.
+        """
         runs = self.client.search_runs(
             [self._experiment_id()], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'", max_results=50000
         )
-        return {int(r.data.tags[TRIAL_TAG]): r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
+        out = {}
+        for r in runs:
+            if TRIAL_TAG not in r.data.tags:
+                continue
+            if r.info.status == "RUNNING":
+                self.client.delete_run(r.info.run_id)
+                self._partial.pop(int(r.data.tags[TRIAL_TAG]), None)
+            else:
+                out[int(r.data.tags[TRIAL_TAG])] = r.info.run_id
+        return out
 
     def log_onnx_model(self, run_id: str, onnx_path: Path) -> Optional[str]:
         """Log a front member's ONNX graph under its run (once: a run holding a model keeps it) and
