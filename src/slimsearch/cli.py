@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", metavar="ADDR",
                      help="join this running Ray cluster (HOST:PORT of its head, or 'auto') instead of starting "
                           "Ray here; nodes carrying a device:<profile> resource measure that profile's latency")
+    run.add_argument("--storage", help="Optuna study database URL, e.g. postgresql://user@host/db; drivers "
+                                       "given the same URL and job name share the study and its budget "
+                                       "(default: the job file's storage, else SQLite in the job folder)")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://mlflow-host:5000 (default: the "
+                                            "job file's tracking_uri, else SQLite in the job folder)")
 
     submit = sub.add_parser("submit", help="submit a job to a Ray cluster through its Job Submission API")
     submit.add_argument("job", help="job file (YAML); its folder is uploaded as the job's working_dir")
@@ -48,11 +53,6 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--executor", choices=["ray", "local"], default="ray",
                         help="where candidates are evaluated (default: ray)")
     submit.add_argument("--resume", action="store_true", help="continue the job in --out where it stopped")
-    run.add_argument("--storage", help="Optuna study database URL, e.g. postgresql://user@host/db; drivers "
-                                       "given the same URL and job name share the study and its budget "
-                                       "(default: the job file's storage, else SQLite in the job folder)")
-    run.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://mlflow-host:5000 (default: the "
-                                            "job file's tracking_uri, else SQLite in the job folder)")
 
     export = sub.add_parser("export", help="export a front member as ONNX + TorchScript + manifest")
     export.add_argument("job_dir", metavar="job", help=JOB_HELP)
