@@ -238,7 +238,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     state = _prepare_folder(spec, out, resume)
-    if state.get("teacher_sha256") not in (None, task.teacher_sha256):
+    if state.get("teacher_sha256") and state["teacher_sha256"] != task.teacher_sha256:  # "" = not recorded
         raise JobStateError(f"{out}: the teacher of task {spec.task!r} changed since the job started; "
                             "its results would not be comparable: start a new job")
     teacher = state.get("teacher")  # a resumed job keeps the teacher figures it started with
