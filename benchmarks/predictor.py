@@ -12,15 +12,19 @@ Rows:
     3 warm-up and 15 timed calls) by thread CPU time, in rounds, keeping the fastest
     round confirmed by a second (see ``measure_candidates``; ``--local-cache`` keeps
     the rounds), and predicted with a profile of this machine from ``slimsearch hw
-    profile`` (written to a temporary file unless ``--local-profile`` names one).
+    profile`` (written to a temporary file unless ``--local-profile`` names one), to
+    which this CPU's onnxruntime NCHWc channel block is added (:func:`with_channel_block`).
     Candidates never confirmed are left out and counted. The rest are split in two
-    disjoint halves by a seeded shuffle: one calibrates, the other is scored.
+    disjoint halves by a seeded shuffle: one calibrates (both batch sizes together, so
+    per-sample overheads and per-precision factors are fitted), the other is scored.
   nb201: the 15,625 NAS-Bench-201 cells of ../shared/benchmarks/nb201 with their
     published latencies, on raspberry-pi-4, pixel-3, zc706-fpga and eyeriss: the
     shipped (spec-only) profile on all cells, then the profile calibrated on 200
     seeded random cells and scored on the other 15,425. Layers run at the widest
     precision each device has kernels for (fp32 on the CPUs, 16-bit on the FPGA and
-    Eyeriss).
+    Eyeriss). Below the table, a noise bound: the 1,500 pairs of cells that are one
+    graph under two names (:func:`strict_twins`) and how often each pair's two published
+    latencies can both be met within ±10% by one prediction (:func:`twin_agreement`).
 
 Targets (issue 4): local tau >= 0.85 and >= 80% within ±20% after calibration; nb201
 tau >= 0.85 and >= 90% within ±10% after calibration. Nothing is tuned on test rows.
@@ -311,7 +315,45 @@ def fitted_summary(profile) -> dict:
             "memory_bandwidth_gbps": profile.memory_bandwidth_gbps,
             "layer_overhead_us": profile.layer_overhead_us,
             "op_overhead_us": {k.value: v for k, v in profile.op_overhead_us.items()},
+            "sample_overhead_us": {k.value: v for k, v in profile.sample_overhead_us.items()},
             "call_overhead_us": profile.call_overhead_us}
+
+
+def strict_twins(arch_strs: list[str]) -> list[tuple[int, int]]:
+    """Pairs of cells that are the same graph: nodes 1 and 2 swapped, every op kept.
+
+    With no edge from node 1 to node 2, relabelling the two intermediate nodes gives a
+    different ``arch_str`` for the very same network (same ops on the same tensors), so
+    a device runs both identically and any difference between their published
+    latencies is measurement noise.
+    """
+    seen: dict[tuple, int] = {}
+    pairs = []
+    for index, arch in enumerate(arch_strs):
+        edges = {(i, j): op for j, group in enumerate(parse_arch(arch), start=1) for op, i in group}
+        swap = {0: 0, 1: 2, 2: 1, 3: 3}
+        key = tuple(sorted((i, j, op) for (i, j), op in edges.items() if op != "none"))
+        if edges[(1, 2)] == "none":
+            swapped = tuple(sorted((swap[i], swap[j], op) for (i, j), op in edges.items()
+                                   if op != "none" and (i, j) != (1, 2)))
+            key = min(key, swapped)
+        if key in seen:
+            pairs.append((seen[key], index))
+        else:
+            seen[key] = index
+    return pairs
+
+
+def twin_agreement(measured: list[float], pairs: list[tuple[int, int]], tolerance: float) -> float:
+    """Share of twin pairs whose two latencies one prediction can meet within ``tolerance``.
+
+    One value is within ``tolerance`` of both ``a <= b`` iff ``b / a <= (1 + t) / (1 - t)``
+    (1.22 for ±10%). This bounds the share within tolerance that any predictor giving
+    the same graph the same latency can reach on these cells.
+    """
+    limit = (1 + tolerance) / (1 - tolerance)
+    ok = [max(measured[a], measured[b]) / min(measured[a], measured[b]) <= limit + 1e-12 for a, b in pairs]
+    return sum(ok) / len(ok) if ok else float("nan")
 
 
 def nb201_rows(csv_path: Path, devices=NB201_DEVICES) -> list[dict]:
@@ -324,6 +366,7 @@ def nb201_rows(csv_path: Path, devices=NB201_DEVICES) -> list[dict]:
         table = list(csv.DictReader(f))
     rng = random.Random(SEED)
     calibration_ix = set(rng.sample(range(len(table)), NB201_CALIBRATION_CELLS))
+    twins = strict_twins([r["arch_str"] for r in table])
     costs_by_bits: dict[tuple[int, bool], NB201Costs] = {}
     rows = []
     for name, column in devices.items():
@@ -353,6 +396,7 @@ def nb201_rows(csv_path: Path, devices=NB201_DEVICES) -> list[dict]:
             "cal_median_abs_rel_error": cal_test.median_abs_rel_error,
             "target": "tau>=0.85, >=90% within ±10%", "result": "PASS" if passed else "FAIL",
             "fitted": fitted_summary(calibrated),
+            "twin_pairs": len(twins), "twin_agreement": twin_agreement(measured, twins, 0.10),
             "seconds": time.perf_counter() - t0,
         })
         print(f"  {rows[-1]['row']}: done in {rows[-1]['seconds']:.0f} s", file=sys.stderr)
@@ -488,6 +532,40 @@ def measure_candidates(cache: Path | None = None) -> list[dict]:
     return entries
 
 
+def nchwc_block() -> int | None:
+    """Channels per block of onnxruntime's NCHWc float convolutions on this CPU, or None.
+
+    MLAS (onnxruntime's kernel library) blocks channels by one vector register: 16
+    floats with AVX-512F, 8 with AVX2 (``MlasNchwcGetBlockSize``); its NCHWc
+    transformer runs a float convolution blocked only when the channel counts fit the
+    block. Read from the CPU flags in /proc/cpuinfo (x86 only).
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return 16 if "avx512f" in flags else 8 if "avx2" in flags else None
+
+
+def with_channel_block(profile):
+    """``profile`` with this CPU's NCHWc block as its fp32 ``channel_block``, unless it has one.
+
+    ``slimsearch hw profile`` (``measure_host``) does not record the block yet, so the
+    benchmark adds it here, with its source.
+    """
+    import dataclasses
+
+    from slimsearch.hardware_profiles._enums import Precision
+
+    block = nchwc_block()
+    if profile.channel_block or block is None or Precision.FP32 not in profile.peak_gops:
+        return profile
+    source = (f"onnxruntime MLAS NCHWc block on this CPU ({'AVX-512F' if block == 16 else 'AVX2'} in "
+              "/proc/cpuinfo): MlasNchwcGetBlockSize is 16 floats with AVX-512F, 8 with AVX2")
+    return dataclasses.replace(profile, channel_block={Precision.FP32: block},
+                               sources={**profile.sources, "channel_block.fp32": source})
+
+
 def local_rows(profile_path: Path, cache: Path | None = None) -> list[dict]:
     from slimsearch.evaluators import apply_plan
     from slimsearch.hardware_profiles import calibrate, layer_costs, load_profile, predict
@@ -495,7 +573,7 @@ def local_rows(profile_path: Path, cache: Path | None = None) -> list[dict]:
     from slimsearch.spaces import CompressionPlan
     from slimsearch.tasks import load_task
 
-    profile = load_profile(profile_path)
+    profile = with_channel_block(load_profile(profile_path))
     rng = random.Random(SEED + 1)
     measured = []  # (label, batch, layers, latency_ms), both batches of a candidate in a row
     tasks = {}
@@ -562,6 +640,11 @@ def format_table(rows: list[dict]) -> str:
     lines.append("spec = shipped/measured profile as is (nb201: all 15,625 cells; local: the test half); "
                  "cal = calibrated on 'cal on' cells/candidates, scored on the other 'test n'; "
                  "'in' = share within the row's tolerance")
+    twins = [r for r in rows if "twin_agreement" in r]
+    if twins:
+        lines.append(f"nb201 noise bound: of the {twins[0]['twin_pairs']} pairs of cells that are the same graph "
+                     "(nodes 1 and 2 swapped), the share whose two published latencies one prediction can meet "
+                     "within ±10%: " + ", ".join(f"{r['row'].split()[-1]} {r['twin_agreement']:.1%}" for r in twins))
     noisy = next((r["noisy_left_out"] for r in rows if "noisy_left_out" in r), None)
     if noisy is not None:
         lines.append(f"local: {noisy} candidate(s) whose two fastest timing rounds never agreed within "

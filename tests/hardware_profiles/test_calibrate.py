@@ -153,6 +153,77 @@ def test_bad_samples_are_config_errors():
         calibrate("raspberry-pi-4", _samples(_truth()), fit=("bandwidth",))
 
 
+def _mixed_truth():
+    """Int8 convolutions slower than fp32 ones, with a per-image cost (as onnxruntime's loops have)."""
+    base = _truth()
+    extra = {"efficiency": {"conv@int8": 0.2}, "op_overhead_us": {"conv@int8": 40.0},
+             "sample_overhead_us": {"conv@int8": 3.0, "linear": 0.5}}
+    sources = {**base.sources, **{f"{field}.{key}": "synthetic truth for a test"
+                                  for field, table in extra.items() for key in table}}
+    return dataclasses.replace(base, efficiency={**base.efficiency, **extra["efficiency"]},
+                               op_overhead_us=extra["op_overhead_us"],
+                               sample_overhead_us=extra["sample_overhead_us"], sources=sources)
+
+
+def _mixed_samples(truth, n=80, seed=7, batches=(1, 16, 64)):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        bits, batch = rng.choice((8, 32)), rng.choice(batches)
+        layers = [dataclasses.replace(_layer(rng, j), weight_bits=bits, act_bits=bits, batch=batch)
+                  for j in range(rng.randint(2, 12))]
+        out.append((layers, None, predict(layers, truth).latency_ms))
+    return out
+
+
+def test_calibrate_fits_an_op_type_per_precision_and_per_sample_overheads():
+    truth = _mixed_truth()
+    fitted = calibrate("raspberry-pi-4", _mixed_samples(truth), date="2025-01-02")
+    # conv runs at two precisions: a key each; linear and other each at their one precision
+    assert fitted.efficiency["conv@int8"] == pytest.approx(0.2, rel=1e-4)
+    assert fitted.efficiency["conv@fp32"] == pytest.approx(0.6, rel=1e-4)
+    assert fitted.op_overhead_us["conv@int8"] == pytest.approx(40.0, rel=1e-4)
+    assert fitted.sample_overhead("conv", "int8") == pytest.approx(3.0, rel=1e-4)
+    assert fitted.sample_overhead("linear", "int8") == pytest.approx(0.5, rel=1e-4)
+    assert fitted.sample_overhead("conv", "fp32") == pytest.approx(0.0, abs=1e-6)
+    assert fitted.sources["sample_overhead_us.conv@int8"].startswith("calibrated on 80 samples, 2025-01-02")
+    held_out = fit_report(fitted, _mixed_samples(truth, n=20, seed=8))
+    assert held_out.within_10 == 1.0
+
+
+def test_per_sample_overheads_need_more_than_one_batch_size():
+    pi = load_profile("raspberry-pi-4")
+    fitted = calibrate(pi, _mixed_samples(_mixed_truth(), batches=(1,)))
+    assert fitted.sample_overhead_us == pi.sample_overhead_us == {}  # kept: it cannot be told from op_overhead
+
+
+def test_robust_calibration_follows_the_bulk_of_the_samples_not_the_outliers():
+    truth = _truth()
+    samples = _samples(truth, n=80, seed=11)
+    # every tenth measurement ran at a throttled clock: 60% slower
+    slowed = [(layers, x, ms * (1.6 if k % 10 == 0 else 1.0)) for k, (layers, x, ms) in enumerate(samples)]
+    robust = fit_report(calibrate("raspberry-pi-4", slowed), samples)
+    squared = fit_report(calibrate("raspberry-pi-4", slowed, robust=False), samples)
+    # scored on the clean latencies of every model, the outliers' included
+    assert robust.within_10 == 1.0
+    assert robust.median_abs_rel_error < 0.01 < squared.median_abs_rel_error
+    with pytest.raises(ConfigError, match="robust must be true or false"):
+        calibrate("raspberry-pi-4", samples, robust="yes")
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_a_profile_calibrated_per_precision_round_trips_through_a_file(tmp_path, suffix):
+    fitted = calibrate("raspberry-pi-4", _mixed_samples(_mixed_truth(), n=40), name="pi-per-precision")
+    path = tmp_path / f"calibrated{suffix}"
+    dump = json.dumps if suffix == ".json" else yaml.safe_dump
+    path.write_text(dump(fitted.to_dict()))
+    assert load_profile(path) == fitted
+    bad = {**fitted.to_dict(), "sample_overhead_us": {"conv@int3": 1.0}}
+    path.write_text(dump(bad))
+    with pytest.raises(ConfigError, match=r"sample_overhead_us\.conv@int3: 'conv@int3' is not allowed"):
+        load_profile(path)
+
+
 def test_kendall_tau_matches_the_pairwise_definition_with_ties():
     rng = random.Random(3)
     a = [rng.choice(range(8)) for _ in range(60)]

@@ -223,3 +223,57 @@ def test_without_memory_overlap_compute_and_memory_add_up_with_the_lowered_input
     overhead = pi.layer_overhead_us * 1e-6
     assert predict([layer], pi).latency_ms == pytest.approx((max(compute, memory) + overhead) * 1e3)
     assert predict([layer], serial).latency_ms == pytest.approx((compute + 3 * memory + overhead) * 1e3)
+
+
+def _with(profile, **fields):
+    """``profile`` with extra per-op entries, each given a (test) source."""
+    sources = dict(profile.sources)
+    for field, table in fields.items():
+        sources.update({f"{field}.{key}": "test value" for key in table})
+    merged = {field: {**(getattr(profile, field) or {}), **table} for field, table in fields.items()}
+    return dataclasses.replace(profile, **merged, sources=sources)
+
+
+def test_an_op_type_can_have_its_own_efficiency_and_overhead_at_one_precision():
+    pi = load_profile("raspberry-pi-4")
+    own = _with(pi, efficiency={"conv@int8": pi.efficiency["conv"] / 4}, op_overhead_us={"conv@int8": 100.0})
+    int8, fp32 = _simple("conv", macs=10**8, weight_bits=8, act_bits=8), _simple("conv", macs=10**8)
+    assert predict([fp32], own).latency_ms == pytest.approx(predict([fp32], pi).latency_ms)
+    compute_ms = 2 * 10**8 / (pi.peak_gops[pi.kernel_precision(8)] * 1e9 * pi.efficiency["conv"]) * 1e3
+    assert predict([int8], own).latency_ms == pytest.approx(4 * compute_ms + 0.1)
+    # a finer type at that precision falls back to its base type at the same precision
+    assert own.op_efficiency("conv1x1", "int8") == own.efficiency["conv@int8"]
+    assert own.op_efficiency("conv1x1", "fp32") == own.efficiency["conv"]
+
+
+def test_a_per_sample_overhead_grows_with_the_batch_and_only_where_it_is_given():
+    pi = load_profile("raspberry-pi-4")
+    own = _with(pi, sample_overhead_us={"conv@int8": 2.0})
+    int8 = _simple("conv", macs=10**6, weight_bits=8, act_bits=8)
+    fp32 = _simple("conv", macs=10**6)
+    for layer, per_sample_ms in ((int8, 2e-3), (fp32, 0.0)):
+        batch64 = dataclasses.replace(layer, batch=64)
+        extra = predict([batch64], own).latency_ms - predict([batch64], pi).latency_ms
+        assert extra == pytest.approx(64 * per_sample_ms)
+
+
+def test_layer_costs_record_the_batch_and_the_output_channels(make_cnn):
+    layers = layer_costs(make_cnn(24), torch.randn(5, 3, 32, 32))
+    assert {layer.batch for layer in layers} == {5}
+    assert [layer.out_channels for layer in layers if layer.op.value == "conv"] == [24, 24, 48]
+    assert LayerCost.from_dict(json.loads(json.dumps(layers[0].to_dict()))) == layers[0]
+
+
+def test_channels_off_the_runtime_block_cost_as_if_rounded_up(make_cnn):
+    pi = load_profile("raspberry-pi-4")
+    blocked = _with(pi, channel_block={"fp32": 16})
+    x = torch.randn(1, 3, 32, 32)
+    conv = [layer for layer in layer_costs(make_cnn(24), x) if layer.op.value == "conv"]
+    rounded = [layer for layer in layer_costs(make_cnn(32), x) if layer.op.value == "conv"]
+    # 3 -> 24: output rounded to 32, input (fewer than a block) read as it is; 24 -> 24: both rounded
+    for small, big in zip(conv[:2], rounded[:2]):
+        assert predict([small], blocked).latency_ms == pytest.approx(predict([big], pi).latency_ms)
+    # 24 -> 48: 48 is a multiple of 16, only the input is rounded: 24 * 48 -> 32 * 48 MACs per position
+    assert predict([conv[2]], blocked).per_layer[0].latency_ms > predict([conv[2]], pi).per_layer[0].latency_ms
+    int8 = [dataclasses.replace(layer, weight_bits=8, act_bits=8) for layer in conv]
+    assert predict(int8, blocked).latency_ms == pytest.approx(predict(int8, pi).latency_ms)  # fp32 only

@@ -52,6 +52,10 @@ class LayerCost:
             ``act_bits``; 0 for 1 x 1 and depthwise convolutions and other layers. A
             runtime that lowers convolutions to a matrix product writes and reads them
             (a profile without ``memory_overlap``).
+        out_channels: Output channels of a convolution, else 0 (a runtime that works in
+            blocks of channels rounds both counts up; see ``HardwareProfile.channel_block``).
+        batch: Samples in the batch the layer ran on (the leading dimension of its first
+            input), for costs paid once per sample.
     """
 
     name: str
@@ -67,6 +71,8 @@ class LayerCost:
     ops: int = 0
     in_channels: int = 0
     workspace_bytes: int = 0
+    out_channels: int = 0
+    batch: int = 1
 
     def __post_init__(self) -> None:
         where = f"layer {self.name!r}"
@@ -76,10 +82,12 @@ class LayerCost:
             raise ConfigError(f"{where}: op must be one of {[o.value for o in OpType]}, "
                               f"got {self.op!r}") from None
         for attribute in ("macs", "params", "weight_bytes", "act_bytes", "ops", "in_channels",
-                          "workspace_bytes"):
+                          "workspace_bytes", "out_channels"):
             value = getattr(self, attribute)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{where}: {attribute} must be an int >= 0, got {value!r}")
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
+            raise ConfigError(f"{where}: batch must be an int >= 1, got {self.batch!r}")
         _check_bits(where, "weight_bits", self.weight_bits)
         _check_bits(where, "act_bits", self.act_bits)
         if (isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float))
@@ -105,6 +113,7 @@ class LayerCost:
             "weight_bytes": self.weight_bytes, "act_bytes": self.act_bytes,
             "sparsity": self.sparsity, "sparsity_pattern": self.sparsity_pattern,
             "ops": self.ops, "in_channels": self.in_channels, "workspace_bytes": self.workspace_bytes,
+            "out_channels": self.out_channels, "batch": self.batch,
         }
 
     @classmethod
@@ -124,6 +133,7 @@ class _Calls:
     act_elements: int = 0
     in_channels: int = 0
     workspace_elements: int = 0
+    batch: int = 1
 
 
 @dataclass
@@ -137,6 +147,7 @@ class _Functional:
     act_elements: int
     weight_elements: int
     act_bits: int
+    batch: int = 1
 
 
 # Tensor functions costed when a model calls them outside its costed modules (a residual
@@ -213,6 +224,7 @@ def layer_costs(
             entry.act_elements += sum(t.numel() for t in (*in_tensors, *out_tensors))
             if in_tensors and in_tensors[0].dim() >= 2:
                 entry.in_channels = int(in_tensors[0].shape[1])
+            entry.batch = _batch(in_tensors)
             entry.workspace_elements += _workspace(module, out_tensors)
         return post
 
@@ -280,6 +292,14 @@ def _tensors(value: Any) -> list[Any]:
     if isinstance(value, Mapping):
         return [t for item in value.values() for t in _tensors(item)]
     return []
+
+
+def _batch(tensors: list[Any]) -> int:
+    """Samples in a call: the leading dimension of its first input of two or more dimensions."""
+    for t in tensors:
+        if t.dim() >= 2:
+            return max(1, int(t.shape[0]))
+    return 1
 
 
 def _conv_type(module: Any) -> OpType:
@@ -391,7 +411,7 @@ def _functional(func: Any, args: tuple, kwargs: dict, out: Any, stack: list, use
     return _Functional(
         name=base if count == 0 else f"{base}_{count}", op=op, macs=int(macs), ops=int(ops),
         act_elements=sum(t.numel() for t in (*inputs, *outputs)), weight_elements=weight_elements,
-        act_bits=act_bits,
+        act_bits=act_bits, batch=_batch(inputs or outputs),
     )
 
 
@@ -401,7 +421,7 @@ def _functional_cost(call: _Functional) -> LayerCost:
     return LayerCost(
         name=call.name, op=call.op, macs=call.macs, params=0, weight_bits=act_bits, act_bits=act_bits,
         weight_bytes=math.ceil(call.weight_elements * act_bits / 8),
-        act_bytes=math.ceil(call.act_elements * act_bits / 8), ops=call.ops,
+        act_bytes=math.ceil(call.act_elements * act_bits / 8), ops=call.ops, batch=call.batch,
     )
 
 
@@ -412,9 +432,9 @@ def _layer_cost(entry: _Calls) -> LayerCost:
     module, where = entry.module, f"layer {entry.name!r}"
     weight_bits = _bits(module, "weight_bits", where)
     act_bits = _bits(module, "act_bits", where)
-    in_channels = 0
+    in_channels = out_channels = 0
     if isinstance(module, nn.modules.conv._ConvNd):
-        op, in_channels = _conv_type(module), module.in_channels
+        op, in_channels, out_channels = _conv_type(module), module.in_channels, module.out_channels
     elif isinstance(module, nn.Linear):
         op = OpType.LINEAR
     elif _is_pool(module):
@@ -457,6 +477,8 @@ def _layer_cost(entry: _Calls) -> LayerCost:
         ops=int(entry.ops),
         in_channels=int(in_channels),
         workspace_bytes=math.ceil(entry.workspace_elements * act_bits / 8),
+        out_channels=int(out_channels),
+        batch=int(entry.batch),
     )
 
 

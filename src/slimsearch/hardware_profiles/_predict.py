@@ -1,7 +1,8 @@
 """Latency, energy and cost of a model on a device, modelled from its layer costs.
 
 Each layer is a roofline: the slower of its compute time and its memory time, plus a
-fixed per-layer overhead; a profile may add a fixed per-call overhead. Energy is the dynamic energy of the MACs and bytes plus the
+fixed per-layer overhead and a fixed overhead per sample of the batch; a profile may
+add a fixed per-call overhead. Energy is the dynamic energy of the MACs and bytes plus the
 device's static power for the layer's time, never more than the device's full-load
 power. Everything here is *modelled*, not measured.
 """
@@ -94,10 +95,13 @@ def predict(
     Per layer: the precision is the one :func:`kernel_work` picks; compute time is the
     layer's operations (2 per MAC, with MACs cut to N/M only where the device
     accelerates the layer's ``N:M`` sparsity pattern, plus its simple operations)
-    over ``peak * efficiency[op] * clock_scale``; memory time is ``(weight_bytes +
-    act_bytes) / bandwidth``; the layer takes the larger of the two (their sum on a
-    profile without ``memory_overlap``) plus its op type's overhead (:meth:`HardwareProfile.op_overhead`). A profile's
-    ``call_overhead_us`` (when set) is added once per inference, at static power.
+    over ``peak * efficiency * clock_scale``, the efficiency of the layer's op type at
+    its precision (:meth:`HardwareProfile.op_efficiency`); memory time is ``(weight_bytes
+    + act_bytes) / bandwidth``; the layer takes the larger of the two (their sum on a
+    profile without ``memory_overlap``) plus its op type's overhead
+    (:meth:`HardwareProfile.op_overhead`) plus ``batch`` times its per-sample overhead
+    (:meth:`HardwareProfile.sample_overhead`). A profile's ``call_overhead_us`` (when
+    set) is added once per inference, at static power.
 
     Energy is ``(macs + ops) * e_mac * v_scale + bytes * e_byte + idle_power * time``, capped at
     the mode's full-load power times the time. A power mode scales the clock by
@@ -123,18 +127,23 @@ def predict(
     static_w = profile.idle_power_w
     ceiling_w = max(profile.active_power_w * power_scale, static_w)
     bandwidth = profile.memory_bandwidth_gbps * 1e9
-    overhead_s = {op: profile.op_overhead(op) * 1e-6 for op in OpType}
-    efficiency = {op: profile.op_efficiency(op) for op in OpType}
+    rates: dict = {}  # (op, precision) -> (ops per second, overhead s, overhead s per sample)
 
     per_layer = []
     memo: dict = {}
     peak = profile.peak_gops
     for layer in layers:
         precision, work = kernel_work(layer, profile, memo)
-        compute_s = work / (peak[precision] * 1e9 * efficiency[layer.op] * clock_scale)
+        rate = rates.get((layer.op, precision))
+        if rate is None:
+            rate = rates[(layer.op, precision)] = (
+                peak[precision] * 1e9 * profile.op_efficiency(layer.op, precision) * clock_scale,
+                profile.op_overhead(layer.op, precision) * 1e-6,
+                profile.sample_overhead(layer.op, precision) * 1e-6)
+        compute_s = work / rate[0]
         memory_s = (layer.total_bytes + (0 if profile.memory_overlap else 2 * layer.workspace_bytes)) / bandwidth
         busy_s = max(compute_s, memory_s) if profile.memory_overlap else compute_s + memory_s
-        time_s = busy_s + overhead_s[layer.op]
+        time_s = busy_s + rate[1] + layer.batch * rate[2]
         dynamic_j = (
             work / 2.0 * profile.energy_pj_per_mac[precision] * mac_energy_scale
             + layer.total_bytes * profile.energy_pj_per_byte
@@ -167,10 +176,14 @@ def kernel_work(
     The precision is the narrowest kernel that holds ``max(weight_bits, act_bits)``
     (for the simple op types, ``act_bits``); simple layers wider than every kernel run
     at the widest one. On a ``float_narrow_weights`` profile a MAC layer whose weights
-    are narrower than its activations' precision (W4A8) runs in fp32. Operations are 2 per MAC, with MACs cut to N/M only where the
-    device accelerates the layer's ``N:M`` pattern, plus the layer's simple operations;
-    on a ``pool_as_conv`` device a pooling layer does 2 operations per window element
-    per input channel instead. ``_memo`` (for this profile only) saves repeating lookups.
+    are narrower than its activations' precision (W4A8) runs in fp32. Operations are 2 per
+    MAC, with MACs cut to N/M only where the device accelerates the layer's ``N:M``
+    pattern, plus the layer's simple operations; on a ``pool_as_conv`` device a pooling
+    layer does 2 operations per window element per input channel instead. Where the
+    profile gives a ``channel_block`` for the precision, a dense convolution's MACs
+    grow as its channel counts are rounded up to the block (input channels only when
+    there are at least a block of them). ``_memo`` (for this profile only) saves
+    repeating lookups.
 
     Raises:
         ConfigError: ``layer`` is not a :class:`LayerCost`.
@@ -198,6 +211,11 @@ def kernel_work(
         else:
             precision = memo[bits] = profile.kernel_precision(bits)
     macs = float(layer.macs)
+    block = profile.channel_block.get(precision)
+    if block and layer.op in (OpType.CONV, OpType.CONV1X1) and layer.out_channels and layer.in_channels:
+        macs *= _rounded_up(layer.out_channels, block) / layer.out_channels
+        if layer.in_channels >= block:
+            macs *= _rounded_up(layer.in_channels, block) / layer.in_channels
     if layer.sparsity_pattern is not None and layer.sparsity_pattern in profile.sparsity_patterns:
         kept, group = parse_sparsity_pattern(layer.sparsity_pattern)
         macs *= kept / group
@@ -205,6 +223,10 @@ def kernel_work(
     if profile.pool_as_conv and layer.op is OpType.POOL and layer.in_channels:
         ops *= 2 * layer.in_channels
     return precision, 2.0 * macs + ops
+
+
+def _rounded_up(count: int, block: int) -> int:
+    return -(-count // block) * block
 
 
 def predict_model(

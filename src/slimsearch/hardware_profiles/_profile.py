@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from slimsearch.exceptions import ConfigError
 from slimsearch.hardware_profiles._enums import DeviceKind, OpType, Precision
@@ -18,6 +18,7 @@ from slimsearch.hardware_profiles._enums import DeviceKind, OpType, Precision
 __all__ = [
     "SCHEMA_VERSION",
     "HardwareProfile",
+    "OpAtPrecision",
     "PowerMode",
     "list_profiles",
     "load_profile",
@@ -93,6 +94,66 @@ def _enum_mapping(path: str, value: Any, enum: type, *, low: float, low_inclusiv
         )
     order = list(enum)
     return dict(sorted(out.items(), key=lambda item: order.index(item[0])))
+
+
+class OpAtPrecision(str):
+    """An op type at one precision, written ``"conv@int8"``: a key of the per-op tables.
+
+    A str (so it is a plain key in JSON, YAML and ``sources`` paths) that also carries
+    :attr:`op` and :attr:`precision`; ``value`` is the text, as for the enums.
+    """
+
+    op: OpType
+    precision: Precision
+
+    def __new__(cls, op: OpType | str, precision: Precision | str) -> Self:
+        op, precision = OpType(op), Precision(precision)
+        obj = super().__new__(cls, f"{op.value}@{precision.value}")
+        obj.op, obj.precision = op, precision
+        return obj
+
+    @property
+    def value(self) -> str:
+        """The key as text (``"conv@int8"``)."""
+        return str(self)
+
+    def __reduce__(self):
+        return OpAtPrecision, (self.op, self.precision)
+
+
+OpKey = OpType | OpAtPrecision
+"""A key of a per-op table: an op type, or an op type at one precision."""
+
+
+def _op_key(path: str, key: Any) -> OpKey:
+    if isinstance(key, str) and "@" in key:
+        op, _, precision = key.partition("@")
+        op_allowed, precision_allowed = [o.value for o in OpType], [p.value for p in Precision]
+        if op not in op_allowed or precision not in precision_allowed:
+            raise _FieldError(path, f"{key!r} is not allowed; keys are an op type {op_allowed} or "
+                              f"'<op type>@<precision>' with a precision in {precision_allowed}")
+        return OpAtPrecision(op, precision)
+    return _coerce_enum(path, key, OpType)
+
+
+def _op_mapping(path: str, value: Any, *, low: float, low_inclusive: bool = True,
+                high: float | None = None) -> dict:
+    """A per-op table: keys are op types or ``op@precision``, ordered op first, then precision."""
+    if not isinstance(value, Mapping):
+        raise _FieldError(path, f"must be a mapping, got {type(value).__name__}")
+    out = {}
+    for key, number in value.items():
+        member = _op_key(f"{path}.{key}", key)
+        out[member] = _check_number(f"{path}.{member.value}", number, low=low, low_inclusive=low_inclusive,
+                                    high=high)
+    ops, precisions = list(OpType), list(Precision.ascending())
+
+    def order(key: OpKey) -> tuple[int, int]:
+        if isinstance(key, OpAtPrecision):
+            return ops.index(key.op), 1 + precisions.index(key.precision)
+        return ops.index(key), 0
+
+    return dict(sorted(out.items(), key=lambda item: order(item[0])))
 
 
 @dataclass(frozen=True)
@@ -180,9 +241,20 @@ class HardwareProfile:
             from specs; a calibrated profile may exceed 1 (up to ``MAX_EFFICIENCY``)
             where the device beat the peak on that op type, i.e. where ``peak_gops``
             (a datasheet figure or a measured GEMM rate) is not that kernel's ceiling.
+            A key ``"<op type>@<precision>"`` (``"conv@int8"``) gives that op type's
+            efficiency at one precision, where the runtime's kernels for it differ.
         layer_overhead_us: Fixed cost per layer (dispatch, kernel launch, sync).
-        op_overhead_us: Fixed cost per layer of a given op type, overriding
-            ``layer_overhead_us`` for that type (empty: every type pays ``layer_overhead_us``).
+        op_overhead_us: Fixed cost per layer of a given op type (or ``op@precision``),
+            overriding ``layer_overhead_us`` for it (empty: every type pays ``layer_overhead_us``).
+        sample_overhead_us: Fixed cost per layer *per sample of the batch*, by op type (or
+            ``op@precision``): kernels that loop over the batch (im2col and a GEMM per
+            image, per-image quantization of activations) pay it once per image. Empty:
+            none.
+        channel_block: By precision, the block of channels the runtime's convolution
+            kernels work in (e.g. 16 floats for onnxruntime's NCHWc kernels with
+            AVX-512): a convolution whose channel counts are not multiples of it costs
+            as if they were rounded up to one (input channels only when there are at
+            least a block of them; fewer are read directly). Empty: no rounding.
         pool_as_conv: The device has no pooling unit and runs a k x k pooling layer as
             a k x k convolution across all its channels (a fixed kernel with the
             averaging weights on the channel diagonal), at ``channels`` times the
@@ -216,12 +288,14 @@ class HardwareProfile:
     active_power_w: float
     energy_pj_per_mac: Mapping[Precision, float]
     energy_pj_per_byte: float
-    efficiency: Mapping[OpType, float]
+    efficiency: Mapping[OpKey, float]
     layer_overhead_us: float
     sources: Mapping[str, str]
     price_usd_per_hour: float | None = None
     call_overhead_us: float | None = None
-    op_overhead_us: Mapping[OpType, float] | None = None
+    op_overhead_us: Mapping[OpKey, float] | None = None
+    sample_overhead_us: Mapping[OpKey, float] | None = None
+    channel_block: Mapping[Precision, int] | None = None
     pool_as_conv: bool = False
     float_narrow_weights: bool = False
     memory_overlap: bool = True
@@ -293,8 +367,8 @@ class HardwareProfile:
         put(self, "energy_pj_per_byte", _check_number(
             "energy_pj_per_byte", self.energy_pj_per_byte, low=0))
 
-        efficiency = _enum_mapping("efficiency", self.efficiency, OpType, low=0,
-                                   low_inclusive=False, high=MAX_EFFICIENCY)
+        efficiency = _op_mapping("efficiency", self.efficiency, low=0, low_inclusive=False,
+                                 high=MAX_EFFICIENCY)
         missing = [o.value for o in OpType.base() if o not in efficiency]
         if missing:
             raise _FieldError("efficiency", f"must give the base op types {[o.value for o in OpType.base()]} "
@@ -302,7 +376,13 @@ class HardwareProfile:
         put(self, "efficiency", efficiency)
         put(self, "layer_overhead_us", _check_number(
             "layer_overhead_us", self.layer_overhead_us, low=0))
-        put(self, "op_overhead_us", _enum_mapping("op_overhead_us", self.op_overhead_us or {}, OpType, low=0))
+        put(self, "op_overhead_us", _op_mapping("op_overhead_us", self.op_overhead_us or {}, low=0))
+        put(self, "sample_overhead_us", _op_mapping("sample_overhead_us", self.sample_overhead_us or {}, low=0))
+        blocks = _enum_mapping("channel_block", self.channel_block or {}, Precision, low=1)
+        for precision, block in blocks.items():
+            if not float(block).is_integer():
+                raise _FieldError(f"channel_block.{precision.value}", f"must be an int >= 1, got {block!r}")
+        put(self, "channel_block", {precision: int(block) for precision, block in blocks.items()})
         for flag in ("pool_as_conv", "float_narrow_weights", "memory_overlap"):
             if not isinstance(getattr(self, flag), bool):
                 raise _FieldError(flag, f"must be true or false, got {getattr(self, flag)!r}")
@@ -351,22 +431,54 @@ class HardwareProfile:
         out["layer_overhead_us"] = self.layer_overhead_us
         for op, value in self.op_overhead_us.items():
             out[f"op_overhead_us.{op.value}"] = value
+        for op, value in self.sample_overhead_us.items():
+            out[f"sample_overhead_us.{op.value}"] = value
+        for precision, block in self.channel_block.items():
+            out[f"channel_block.{precision.value}"] = block
         if self.call_overhead_us is not None:
             out["call_overhead_us"] = self.call_overhead_us
         if self.price_usd_per_hour is not None:
             out["price_usd_per_hour"] = self.price_usd_per_hour
         return out
 
-    def op_efficiency(self, op: OpType) -> float:
-        """Efficiency of ``op``: its own entry, else its fallback type's."""
-        op = _coerce_enum("op", op, OpType)
-        value = self.efficiency.get(op)
-        return self.efficiency[op.fallback] if value is None else value
+    def op_efficiency(self, op: OpType, precision: Precision | None = None) -> float:
+        """Efficiency of ``op`` (at ``precision``): the most specific entry there is.
 
-    def op_overhead(self, op: OpType) -> float:
-        """Fixed cost in us of one layer of type ``op``: its own entry, else ``layer_overhead_us``."""
+        Tried in turn: ``op@precision``, ``op``, then the same two for ``op``'s fallback
+        type (``conv1x1@int8``, ``conv1x1``, ``conv@int8``, ``conv``).
+        """
         op = _coerce_enum("op", op, OpType)
-        return self.op_overhead_us.get(op, self.layer_overhead_us)
+        for kind in (op, op.fallback):
+            if precision is not None:
+                value = self.efficiency.get(OpAtPrecision(kind, precision))
+                if value is not None:
+                    return value
+            if kind in self.efficiency:
+                return self.efficiency[kind]
+        raise AssertionError("unreachable: every fallback type is a base type")  # pragma: no cover
+
+    def op_overhead(self, op: OpType, precision: Precision | None = None) -> float:
+        """Fixed cost in us of one layer of type ``op`` (at ``precision``).
+
+        ``op@precision``'s entry, else ``op``'s, else ``layer_overhead_us``.
+        """
+        return self._op_entry(self.op_overhead_us, op, precision, self.layer_overhead_us)
+
+    def sample_overhead(self, op: OpType, precision: Precision | None = None) -> float:
+        """Fixed cost in us of one layer of type ``op`` (at ``precision``) per sample of the batch.
+
+        ``op@precision``'s entry, else ``op``'s, else 0.
+        """
+        return self._op_entry(self.sample_overhead_us, op, precision, 0.0)
+
+    @staticmethod
+    def _op_entry(table: Mapping, op: OpType, precision: Precision | None, default: float) -> float:
+        op = _coerce_enum("op", op, OpType)
+        if precision is not None:
+            value = table.get(OpAtPrecision(op, precision))
+            if value is not None:
+                return value
+        return table.get(op, default)
 
     @property
     def precisions(self) -> tuple[Precision, ...]:
@@ -432,6 +544,10 @@ class HardwareProfile:
             out["call_overhead_us"] = self.call_overhead_us
         if self.op_overhead_us:
             out["op_overhead_us"] = {op.value: v for op, v in self.op_overhead_us.items()}
+        if self.sample_overhead_us:
+            out["sample_overhead_us"] = {op.value: v for op, v in self.sample_overhead_us.items()}
+        if self.channel_block:
+            out["channel_block"] = {p.value: v for p, v in self.channel_block.items()}
         if self.pool_as_conv:
             out["pool_as_conv"] = True
         if self.float_narrow_weights:
@@ -487,8 +603,8 @@ _REQUIRED_KEYS = (
     "active_power_w", "energy_pj_per_mac", "energy_pj_per_byte", "efficiency",
     "layer_overhead_us", "sources",
 )
-_OPTIONAL_KEYS = ("price_usd_per_hour", "call_overhead_us", "op_overhead_us", "pool_as_conv",
-                  "float_narrow_weights", "memory_overlap", "schema_version")
+_OPTIONAL_KEYS = ("price_usd_per_hour", "call_overhead_us", "op_overhead_us", "sample_overhead_us",
+                  "channel_block", "pool_as_conv", "float_narrow_weights", "memory_overlap", "schema_version")
 
 
 def _parse_text(text: str, *, origin: str, suffix: str) -> Any:
