@@ -110,10 +110,17 @@ def test_report_of_a_real_job_renders_in_chromium(job):
 
 @pytest.fixture(scope="module")
 def exported(job, tmp_path_factory):
+    import mlflow
+
     out = tmp_path_factory.mktemp("export") / "pi4"
+    # a process whose MLflow points at another store (as an earlier job leaves it): export must
+    # still log and register in the job's own store, and leave the process's choice alone
+    elsewhere = f"sqlite:///{tmp_path_factory.mktemp('elsewhere') / 'mlflow.db'}"
+    mlflow.set_tracking_uri(elsewhere)
     result = cli("export", NAME, "--out", str(out), "--where", "accuracy>=0.5",
                  "--minimize", "latency_ms@raspberry-pi-4", "--format", "onnx")
     assert result.code == 0, result.stderr
+    assert mlflow.get_tracking_uri() == elsewhere
     return SimpleNamespace(out=out, manifest=json.loads((out / "manifest.json").read_text()), stdout=result.stdout)
 
 

@@ -344,7 +344,7 @@ def register_onnx(tracking_uri: str, job: str, onnx_path: Path, run_id: str, ali
 
     import mlflow
 
-    from slimsearch.storage.tracking import log_onnx_model
+    from slimsearch.storage.tracking import global_tracking_uri, log_onnx_model
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     name = model_name(job)
@@ -352,8 +352,9 @@ def register_onnx(tracking_uri: str, job: str, onnx_path: Path, run_id: str, ali
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, description="slimsearch exports of job " + job)
-    version = str(client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id,
-                                              tags={"slimsearch.alias": alias}).version)
+    with global_tracking_uri(tracking_uri):
+        version = str(client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id,
+                                                  tags={"slimsearch.alias": alias}).version)
     client.set_registered_model_alias(name, alias, version)
     from slimsearch.storage import redact
 

@@ -7,6 +7,7 @@ API, so nothing depends on a process-global active run and each candidate is one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -37,28 +38,40 @@ def _client(tracking_uri: str):
     return client
 
 
+@contextlib.contextmanager
+def global_tracking_uri(tracking_uri: str):
+    """MLflow's process-wide tracking URI set to ``tracking_uri`` inside the block, the previous one
+    restored after it. For the MLflow calls that read only the global URI: the fluent
+    ``log_model``, and ``create_model_version`` of a ``models:/m-...`` source (it looks the
+    logged model up through a default ``MlflowClient()``)."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            mlflow.set_tracking_uri(previous)
+
+
 def log_onnx_model(tracking_uri: str, run_id: str, onnx_path: Path):
     """Log the ONNX file as an MLflow model (ONNX flavour) under run ``run_id``; MLflow's ``ModelInfo``.
 
     The one place that uses the fluent API: ``mlflow.onnx.log_model`` logs into the
-    active run only. The process's previous tracking URI is restored.
+    active run only.
     """
     import mlflow
     import mlflow.onnx
     import onnx
 
-    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
+    with global_tracking_uri(tracking_uri):
         with mlflow.start_run(run_id=run_id):
             # The flavour's own requirements, given rather than inferred: inference imports the
             # model in a subprocess, 10-15 s per model, to find the same two packages.
             info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model",
                                          pip_requirements=mlflow.onnx.get_default_pip_requirements())
         mlflow.MlflowClient(tracking_uri=tracking_uri).set_tag(run_id, MODEL_TAG, info.model_uri)
-    finally:
-        if previous is not None:
-            mlflow.set_tracking_uri(previous)
     return info
 
 
