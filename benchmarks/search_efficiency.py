@@ -9,7 +9,9 @@ on CIFAR-10 x raspberry-pi-4 and CIFAR-100 x pixel-3. ``evaluate`` looks up the 
 test accuracy and measured latency (the "expensive" call); ``estimate`` knows only the
 cell: its layer costs (benchmarks/predictor.py's NB201Costs, the deployed graph with dead
 ops folded as on those TFLite devices) and the shipped spec-only device profile give a
-predicted ``latency_ms`` and the ``macs``; no table value. Every sampler gets the same
+predicted ``latency_ms``, the ``macs``, ``params`` and the layer count per op type, and the
+cell's graph its input-to-output paths (count, most and fewest convolutions on one, ...);
+no table value. Every sampler gets the same
 ``estimate`` (the driver screens repeats and estimated-infeasible candidates for all of
 them; only ``auto`` uses it to choose).
 
@@ -56,6 +58,22 @@ def arch_str(params: dict) -> str:
     return f"|{ops[0]}~0|+|{ops[1]}~0|{ops[2]}~1|+|{ops[3]}~0|{ops[4]}~1|{ops[5]}~2|"
 
 
+def cell_paths(arch: str) -> dict[str, float]:
+    """The cell's paths from its input to its output along edges that are not ``none``: how many,
+    the most and the fewest convolutions on one, the most layers of any kind (not ``skip``) on
+    one, and the ``skip`` edges on some path. Read off the cell's graph alone."""
+    from predictor import parse_arch
+
+    ops = {(i, j): op for j, group in enumerate(parse_arch(arch), start=1) for op, i in group}
+    paths = [list(zip(p, p[1:])) for p in ((0, 3), (0, 1, 3), (0, 2, 3), (0, 1, 2, 3))]
+    paths = [p for p in paths if all(ops[e] != "none" for e in p)]
+    convs = [sum(ops[e].startswith("nor_conv") for e in p) for p in paths]
+    layers = [sum(ops[e] != "skip_connect" for e in p) for p in paths]
+    return {"cell_paths": float(len(paths)), "cell_depth_max": float(max(convs, default=-1)),
+            "cell_depth_min": float(min(convs, default=-1)), "cell_depth_layers": float(max(layers, default=-1)),
+            "cell_skip_edges": float(len({e for p in paths for e in p if ops[e] == "skip_connect"}))}
+
+
 class Setting:
     """One (dataset, device) pair: the table's answers, the spec-only estimate, the scoring box."""
 
@@ -77,9 +95,11 @@ class Setting:
         return {"accuracy": acc, "latency_ms": lat}
 
     def estimates(self) -> dict[str, dict]:
-        """Predicted latency and MACs of every cell from its structure and the shipped profile only."""
+        """What is known of every cell before it is trained, from its structure and the shipped profile only:
+        predicted latency, MACs, parameters, the deployed network's layer count per op type and
+        the cell's input-to-output paths (:func:`cell_paths`)."""
         if self._estimates is None:
-            from slimsearch.hardware_profiles import load_profile, predict
+            from slimsearch.hardware_profiles import OpType, load_profile, predict
 
             profile = load_profile(self.profile_name)
             bits = max(p.bits for p in profile.precisions)
@@ -87,8 +107,11 @@ class Setting:
             self._estimates = {}
             for arch in self.truth:
                 layers = costs(arch)
-                self._estimates[arch] = {"latency_ms": predict(layers, profile).latency_ms,
-                                         "macs": float(sum(l.macs for l in layers))}
+                values = {"latency_ms": predict(layers, profile).latency_ms,
+                          "macs": float(sum(l.macs for l in layers)), "params": float(sum(l.params for l in layers))}
+                values.update({f"layers_{op.value}": float(sum(l.op is op for l in layers)) for op in OpType})
+                values.update(cell_paths(arch))
+                self._estimates[arch] = values
         return self._estimates
 
     def estimate(self, params: dict) -> dict:

@@ -41,3 +41,83 @@ def test_auto_works_without_an_estimate_and_finds_the_front():
     best_score = max(evaluate(dict(a=a, b=b, c=c))["score"] for a in range(5) for b in range(5) for c in range(3))
     assert max(t.values["score"] for t in result.front) == best_score
     assert min(t.values["cost"] for t in result.front) == 1.0
+
+
+# A structured space like a NAS cell: five slots, five ops each (3,125 candidates). Accuracy
+# grows a little with capacity and much more with structure (a skip right before a conv, a
+# 1x1 conv last), latency with the ops' costs; the estimate knows the costs (a spec sheet,
+# 40% off) but nothing of accuracy.
+OPS = ["none", "skip", "conv1x1", "conv3x3", "pool"]
+CELL = {f"edge{i}": OPS for i in range(5)}
+COST = {"none": 0.0, "skip": 0.2, "conv1x1": 1.0, "conv3x3": 2.5, "pool": 0.5}
+OBJECTIVES_CELL = {"accuracy": "max", "latency_ms": "min"}
+
+
+def cell_evaluate(p: dict) -> dict:
+    import math
+
+    ops = list(p.values())
+    accuracy = 60 + 4 * math.log1p(2.5 * ops.count("conv3x3") + ops.count("conv1x1")) \
+        + 4 * sum(a == "skip" and b in ("conv3x3", "conv1x1") for a, b in zip(ops, ops[1:])) \
+        + 2 * (ops[-1] == "conv1x1") - 15 * (ops.count("none") >= 3)
+    noise = (sum((i + 1) * OPS.index(o) ** 2 for i, o in enumerate(ops)) % 17) / 17 - 0.5  # fixed per cell
+    return {"accuracy": accuracy + noise, "latency_ms": 1.0 + sum(COST[o] for o in ops) + 0.1 * len(set(ops))}
+
+
+def cell_estimate(p: dict) -> dict:
+    return {"latency_ms": 0.6 * (1.0 + sum(COST[o] for o in p.values()))}
+
+
+def _corner_ratio(points: list[tuple[float, float]], everything: list[tuple[float, float]]) -> float:
+    """Hypervolume of ``points`` in the box (75th-percentile accuracy, median latency) over that of the space."""
+    import statistics
+
+    from slimsearch.search.pareto import hypervolume
+
+    acc = sorted(a for a, _ in everything)
+    ref = (statistics.quantiles(acc, n=4)[2], statistics.median(l for _, l in everything))
+    return hypervolume(points, ref, ["max", "min"]) / hypervolume(everything, ref, ["max", "min"])
+
+
+def test_auto_finds_more_of_the_accurate_fast_corner_than_random_search():
+    import itertools
+
+    everything = [tuple(cell_evaluate(dict(zip(CELL, ops))).values()) for ops in itertools.product(OPS, repeat=5)]
+    ratios = {}
+    for sampler in ("auto", "random"):
+        runs = [search(CELL, cell_evaluate, OBJECTIVES_CELL, budget=30, sampler=sampler, seed=seed,
+                       estimate=cell_estimate) for seed in (0, 1)]
+        ratios[sampler] = [_corner_ratio([(t.values["accuracy"], t.values["latency_ms"]) for t in r.evaluated],
+                                         everything) for r in runs]
+    assert min(ratios["auto"]) > max(ratios["random"]), ratios
+
+
+def test_a_slow_estimate_is_called_a_bounded_number_of_times_per_proposal():
+    import time
+
+    import optuna
+
+    from slimsearch.search._front import FrontSampler
+    from slimsearch.search.driver import suggest
+
+    space = {f"layer{i}": [2, 4, 8, 16] for i in range(10)}  # a million plans: not enumerated
+    calls = []
+
+    def slow_estimate(p: dict) -> dict:
+        calls.append(p)
+        time.sleep(0.006)  # like building and costing a compressed model
+        return {"size": float(sum(p.values()))}
+
+    sampler = FrontSampler(seed=0, estimate=slow_estimate, space=space, n_startup=3, estimate_seconds=0.05)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    study.set_metric_names(["score", "size"])
+    asked = []
+    for _ in range(5):
+        trial = study.ask()
+        params = suggest(trial, space)
+        asked.append(tuple(params.values()))
+        study.tell(trial, [sum(v ** 0.5 for v in params.values()), float(sum(params.values()))])
+    # 16 calls tell it the estimate is slow; from then on at most 16 new ones per proposal
+    # (without the cap each proposal would estimate its 1,000 random candidates)
+    assert len(calls) <= 5 * 16
+    assert len(set(asked)) == 5

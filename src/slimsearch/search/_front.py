@@ -10,47 +10,64 @@ from slimsearch.search.samplers import _distributions
 
 
 class FrontSampler(BaseSampler):
-    """``auto``: proposes the candidate predicted to add most to the front, judged cheaply first.
+    """``auto``: proposes the candidate predicted to add most to the front's accurate-and-cheap corner.
 
     Why it is ours: every Optuna sampler sees a candidate only after it was evaluated;
-    none can use a metric that is known *before* evaluation (latency, energy or size
-    predicted from the plan and a device profile). This one does, in three ways:
+    none can use what is known *before* evaluation (latency, energy or size predicted from
+    the plan and a device profile, the model's MACs or layer counts). This one does:
 
-    * **Cheap before expensive.** Candidates are drawn in bulk (the whole space when it is
-      small and categorical, else a random sample, plus every one-choice mutation of the
-      current front) and their ``estimate`` is computed; estimated-infeasible ones are
-      dropped before anything is trained.
-    * **A learned surrogate for the rest.** An objective the estimate covers is predicted
-      by a ridge fit of measured on estimated value plus a per-choice correction (it
-      learns the device's bias); one it does not cover (accuracy) by an extra-trees
-      ensemble over the choices and the estimates, whose spread across trees is the
-      uncertainty.
-    * **Front-aware choice.** Each candidate's optimistic prediction (mean plus ``kappa``
-      spreads) is scored by the hypervolume it would add to the evaluated feasible front
-      (trials still running count at their predicted mean, so parallel workers spread
-      out), inside a box whose worst corner is the *typical* candidate (the median
-      prediction over a random sample of the space): the fast-and-accurate corner users
-      care about. A share ``explore`` of proposals is random.
+    * **Cheap before expensive.** Candidates are estimated before they are scored;
+      estimated-infeasible ones and ones already asked are never proposed. They are
+      ``n_random`` random points of the space (all of it during the startup, when it is
+      categorical and at most ``enumerate_limit`` points) plus the neighbours of the
+      evaluated front: every candidate within ``n_near`` changed choices of a member when
+      the space is enumerable, every one-choice change otherwise. The neighbours are
+      where good candidates cluster (the small changes of a good architecture or plan);
+      the random points keep the search global and are the sample the corner is set on.
+      A slow ``estimate`` (over 5 ms a call) is called at most ``estimate_seconds`` worth
+      of times per proposal (and at least 16), so a proposal stays cheap.
+    * **Startup spread over the estimate.** The first ``n_startup`` trials are drawn one
+      from each of ``n_startup`` equal strata of an estimated objective (random without an
+      estimate): a sample of the space that covers its whole cost range.
+    * **A surrogate for every objective.** A random forest per objective over the choices
+      (one-hot; positions for numeric ones; per-choice counts across dimensions that share
+      their choices, e.g. how many layers take each bit-width) and every estimated value;
+      the spread over its trees is the uncertainty. Targets with positive values spanning
+      a decade are fitted on a log scale, and on an objective the estimate does not cover
+      the worst quarter of measured values is clipped to its 75th percentile: the surrogate
+      has to rank candidates near the front, not the diverged ones (10% accuracy) far from it.
+    * **Front-aware choice.** Each candidate's optimistic prediction (mean improved by
+      ``kappa`` tree spreads) is scored by the hypervolume it would add to the evaluated
+      feasible front (running trials count at their predicted mean, so parallel workers
+      spread out) inside the *corner box*: better than ``estimated_share`` of the space on
+      what the estimate covers (the median of the predicted value over the candidates),
+      and better than ``measured_share`` of the startup sample on what only evaluation
+      shows. This is the fast-and-accurate corner users care about (the box the project's
+      NAS-Bench-201 benchmark scores). When no candidate is predicted to add volume there,
+      the box widens to the worst values measured, so the rest of the front is filled in.
 
-    The first ``n_startup`` trials are spread evenly over the quantiles of the first
-    estimated metric (random without an estimate). Deterministic for a seed.
+    Deterministic for a seed: each proposal is seeded by the seed and the trial number.
+    Per proposal: two forest fits on the evaluated trials and a prediction per candidate.
     """
 
     def __init__(self, *, seed: int = 0, estimate: Optional[Callable[[dict], dict]] = None,
-                 constraints: Sequence = (), space: Optional[Mapping[str, Any]] = None, n_startup: int = 10,
-                 n_random: int = 200, kappa: float = 0.3, explore: float = 0.1, n_trees: int = 30,
-                 enumerate_limit: int = 50_000):
+                 constraints: Sequence = (), space: Optional[Mapping[str, Any]] = None, n_startup: int = 20,
+                 n_trees: int = 60, kappa: float = 1.0, measured_share: float = 0.75, estimated_share: float = 0.5,
+                 n_random: int = 1000, n_near: int = 2, enumerate_limit: int = 20_000,
+                 estimate_seconds: float = 1.0):
         import optuna
 
         self._seed = seed
         self._estimate_fn = estimate
         self._constraints = tuple(constraints)
         self._fixed = _distributions(space) if space is not None else None
-        self.n_startup, self.n_random, self.kappa, self.explore = n_startup, n_random, kappa, explore
-        self.n_trees, self.enumerate_limit = n_trees, enumerate_limit
+        self.n_startup, self.n_trees, self.kappa = n_startup, n_trees, kappa
+        self.measured_share, self.estimated_share = measured_share, estimated_share
+        self.n_random, self.n_near, self.enumerate_limit = n_random, n_near, enumerate_limit
+        self.estimate_seconds = estimate_seconds
+        self._estimate_calls, self._estimate_time = 0, 0.0
         self._random = optuna.samplers.RandomSampler(seed=seed)
         self._intersection = optuna.search_space.IntersectionSearchSpace()
-        self._rng = None
         self._space_key = None
         self._all_codes = None
         self._estimates: dict[bytes, Any] = {}
@@ -60,7 +77,6 @@ class FrontSampler(BaseSampler):
 
     def reseed_rng(self) -> None:
         self._random.reseed_rng()
-        self._rng = None
 
     def infer_relative_search_space(self, study, trial) -> dict:
         if self._fixed is not None:
@@ -75,14 +91,13 @@ class FrontSampler(BaseSampler):
             return {}
         import numpy as np
 
-        if self._rng is None:
-            self._rng = np.random.default_rng(self._seed)
+        rng = np.random.default_rng([self._seed, trial.number])
         names = sorted(search_space)
         dists = [search_space[n] for n in names]
         if self._space_key != (names, [repr(d) for d in dists]):
             self._space_key = (names, [repr(d) for d in dists])
             self._all_codes = self._enumerate(dists)
-        code = self._choose(study, trial, names, dists)
+        code = self._choose(study, trial, names, dists, rng)
         return self._decode(code, names, dists)
 
     # -- candidates as codes: category index, or position in [0, 1] of a numeric range --
@@ -104,13 +119,10 @@ class FrontSampler(BaseSampler):
         grids = np.meshgrid(*[np.arange(s) for s in sizes], indexing="ij")
         return np.stack([g.ravel() for g in grids], axis=1).astype(float)
 
-    def _random_codes(self, dists, n: int):
+    def _random_codes(self, dists, n: int, rng):
         import numpy as np
 
-        if self._all_codes is not None:
-            return self._all_codes[self._rng.choice(len(self._all_codes), min(n, len(self._all_codes)),
-                                                    replace=False)]
-        cols = [self._rng.integers(0, len(d.choices), n).astype(float) if self._is_cat(d) else self._rng.random(n)
+        cols = [rng.integers(0, len(d.choices), n).astype(float) if self._is_cat(d) else rng.random(n)
                 for d in dists]
         return np.stack(cols, axis=1)
 
@@ -147,7 +159,7 @@ class FrontSampler(BaseSampler):
             params[n] = int(round(v)) if isinstance(d, IntDistribution) else float(v)
         return params
 
-    def _mutations(self, front_codes, dists):
+    def _mutations(self, front_codes, dists, rng):
         import numpy as np
 
         out = []
@@ -162,111 +174,180 @@ class FrontSampler(BaseSampler):
                 else:
                     for _ in range(3):
                         c = code.copy()
-                        c[j] = min(max(c[j] + self._rng.normal(0, 0.1), 0.0), 1.0)
+                        c[j] = min(max(c[j] + rng.normal(0, 0.1), 0.0), 1.0)
                         out.append(c)
         return np.array(out) if out else np.zeros((0, len(dists)))
 
-    def _features(self, codes, dists):
+    def _features(self, codes, dists, est, est_form):
+        """One row per candidate: one-hot choices (positions for numeric dimensions), counts of
+        each choice over dimensions sharing a choice list, and the transformed estimates."""
         import numpy as np
 
-        cols = []
+        cols, groups = [], {}
         for j, d in enumerate(dists):
             if self._is_cat(d):
                 cols.append(codes[:, [j]] == np.arange(len(d.choices))[None, :])
+                groups.setdefault(repr(d.choices), []).append(j)
             else:
                 cols.append(codes[:, [j]])
-        return np.hstack(cols).astype(float) if cols else np.zeros((len(codes), 0))
+        for members in groups.values():
+            if len(members) > 1:
+                size = len(dists[members[0]].choices)
+                cols.append((codes[:, members][:, :, None] == np.arange(size)[None, None, :]).sum(axis=1))
+        cols.append(_apply_form(est, est_form))
+        return np.hstack(cols).astype(np.float32)
 
-    def _estimate(self, codes, names, dists):
-        """Estimated metrics of each candidate (rows), NaN where the estimate gave none; memoised."""
+    def _estimate(self, codes, names, dists, limit: bool = False):
+        """Estimated metrics of each candidate (rows), NaN where the estimate gave none; memoised.
+
+        With ``limit``, candidates left unestimated because the estimate is slow (see the
+        class docstring) are dropped: returns ``(rows, kept)``.
+        """
+        import time
+
         import numpy as np
 
         from slimsearch.search.driver import _call
 
         if self._estimate_fn is None:
-            return np.zeros((len(codes), 0))
-        rows = []
-        for code in codes:
+            out = np.zeros((len(codes), 0))
+            return (out, np.ones(len(codes), dtype=bool)) if limit else out
+        rows, kept, new_calls = [], np.ones(len(codes), dtype=bool), 0
+        for i, code in enumerate(codes):
             key = code.tobytes()
             if key not in self._estimates:
+                slow = self._estimate_calls >= 16 and self._estimate_time / self._estimate_calls > 0.005
+                if limit and slow and new_calls >= max(16, self.estimate_seconds * self._estimate_calls
+                                                       / self._estimate_time):
+                    kept[i] = False
+                    continue
+                started = time.perf_counter()
                 values = _call(self._estimate_fn, self._decode(code, names, dists)).get("values") or {}
+                self._estimate_time += time.perf_counter() - started
+                self._estimate_calls += 1
+                new_calls += 1
                 if self._estimate_names is None:
                     self._estimate_names = sorted(k for k, v in values.items() if v is not None)
                 self._estimates[key] = np.array([np.nan if values.get(k) is None else values[k]
                                                  for k in self._estimate_names], dtype=float)
             rows.append(self._estimates[key])
-        return np.array(rows, dtype=float).reshape(len(codes), len(self._estimate_names or []))
+        out = np.array(rows, dtype=float).reshape(len(rows), len(self._estimate_names or []))
+        return (out, kept) if limit else out
 
     # -- the choice -------------------------------------------------------------------------
 
-    def _choose(self, study, trial, names, dists):
+    def _choose(self, study, trial, names, dists, rng):
         import numpy as np
         import optuna
 
         from slimsearch.search.driver import FEASIBLE_ATTR, _key
 
         TS = optuna.trial.TrialState
-        trials = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
-        taken = {_key({n: t.params[n] for n in names}) for t in trials if all(n in t.params for n in names)}
-        done = [t for t in trials if t.state == TS.COMPLETE and all(n in t.params for n in names)]
-        running = [t for t in trials if t.state == TS.RUNNING and all(n in t.params for n in names)]
-
-        def free(codes):
-            keep = [i for i, c in enumerate(codes) if _key(self._decode(c, names, dists)) not in taken]
-            return codes[keep]
-
-        sample = free(self._random_codes(dists, max(self.n_random, 2000 if len(done) < self.n_startup else 0)))
-        est_sample = self._estimate(sample, names, dists)
-        ok = self._estimated_feasible(est_sample)
-        sample, est_sample = sample[ok], est_sample[ok]
-        if len(sample) == 0:
-            return self._random_codes(dists, 1)[0]
-        asked = len([t for t in trials if t.state != TS.FAIL])
-        if len(done) < self.n_startup:
-            if est_sample.shape[1] == 0:
-                return sample[0]
-            # spread the first trials over the quantiles of the first estimated metric
-            order = np.argsort(est_sample[:, 0], kind="stable")
-            k = asked % self.n_startup
-            lo, hi = len(order) * k // self.n_startup, max(len(order) * (k + 1) // self.n_startup, 1)
-            return sample[order[self._rng.integers(lo, max(hi, lo + 1))]]
-        if self._rng.random() < self.explore:
-            return sample[self._rng.integers(len(sample))]
-
+        trials = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number
+                  and all(n in t.params for n in names)]
+        done = [t for t in trials if t.state == TS.COMPLETE]
+        running = [t for t in trials if t.state == TS.RUNNING]
         directions = study.directions
         sign = np.array([-1.0 if d == optuna.study.StudyDirection.MAXIMIZE else 1.0 for d in directions])
         metric_names = study.metric_names or [f"objective_{i}" for i in range(len(directions))]
-        done_codes = np.array([self._encode(t.params, names, dists) for t in done])
-        y = np.array([t.values for t in done], dtype=float) * sign  # minimisation form
-        feasible = np.array([t.user_attrs.get(FEASIBLE_ATTR, True) for t in done])
-        front = y[feasible]
-        front_codes = done_codes[feasible][_nondominated(front)] if len(front) else np.zeros((0, len(dists)))
+        done_codes = np.array([self._encode(t.params, names, dists) for t in done]).reshape(len(done), len(dists))
+        y = np.array([t.values for t in done], dtype=float).reshape(len(done), len(directions)) * sign
+        feasible = np.array([t.user_attrs.get(FEASIBLE_ATTR, True) for t in done], dtype=bool)
+        front_codes = done_codes[feasible][_nondominated(y[feasible])] if feasible.any() else done_codes[:0]
 
-        candidates = free(np.unique(np.vstack([sample[: self.n_random], self._mutations(front_codes, dists)]),
-                                    axis=0))
-        est_c = self._estimate(candidates, names, dists)
-        ok = self._estimated_feasible(est_c)
-        candidates, est_c = candidates[ok], est_c[ok]
-        if len(candidates) == 0:
-            return sample[self._rng.integers(len(sample))]
-        models = self._fit(done_codes, y, dists, metric_names)
-        mu_c, sd_c = self._predict(models, candidates, est_c, dists)
-        mu_s, _ = self._predict(models, sample[: self.n_random], est_sample[: self.n_random], dists)
-        reference = np.median(mu_s, axis=0)
-        if len(running):
-            run_codes = np.array([self._encode(t.params, names, dists) for t in running])
-            mu_r, _ = self._predict(models, run_codes, self._estimate(run_codes, names, dists), dists)
-            front = np.vstack([front, mu_r]) if len(front) else mu_r
-        optimistic = mu_c - self.kappa * sd_c
-        optimistic = self._drop_hopeless(optimistic, sign, metric_names, candidates)
+        # the candidates: a random sample of the space and the front's neighbours; none asked
+        # before, none estimated infeasible
+        startup = len(done) < self.n_startup
+        if self._all_codes is not None:
+            radix = np.cumprod([1] + [len(d.choices) for d in dists[:0:-1]])[::-1].astype(float)
+            taken = np.array([self._encode(t.params, names, dists) for t in trials]).reshape(-1, len(dists)) @ radix
+            free = self._all_codes[~np.isin(self._all_codes @ radix, taken)]
+            sample = free[rng.permutation(len(free))[: None if startup else self.n_random]]
+            near = free[_within(free, front_codes, self.n_near)]
+        else:
+            taken = {_key(t.params) for t in trials}
+            sample = self._random_codes(dists, self.n_random, rng)
+            near = self._mutations(front_codes, dists, rng)
+            sample, near = ([c for c in codes if _key(self._decode(c, names, dists)) not in taken]
+                            for codes in (sample, near))
+            sample, near = (np.array(c).reshape(len(c), len(dists)) for c in (sample, near))
+        pool = np.vstack([sample, near])
+        first_rows = np.sort(np.unique(pool, axis=0, return_index=True)[1]) if len(pool) else np.zeros(0, int)
+        pool, in_sample = pool[first_rows], (np.arange(len(sample) + len(near)) < len(sample))[first_rows]
+        est, kept = self._estimate(pool, names, dists, limit=True)
+        pool, in_sample = pool[kept], in_sample[kept]
+        ok = self._estimated_feasible(est)
+        pool, est, in_sample = pool[ok], est[ok], in_sample[ok]
+        if len(pool) == 0:  # the space is used up: anything (the driver screens a repeat)
+            return self._random_codes(dists, 1, rng)[0]
+        if not in_sample.any():
+            in_sample[:] = True
+        estimated = [bool(self._estimate_names) and m in self._estimate_names for m in metric_names]
+
+        if startup:
+            asked = sum(1 for t in trials if t.state in (TS.COMPLETE, TS.RUNNING))
+            pick = np.flatnonzero(in_sample)
+            return pool[pick[self._startup_index(est[pick], estimated, metric_names, asked, rng)]]
+
+        # surrogates, fitted on the transformed (log where it spans decades) and clipped targets
+        est_done = self._estimate(done_codes, names, dists)
+        est_form = _form_of(est)
+        x_pool = self._features(pool, dists, est, est_form)
+        x_done = self._features(done_codes, dists, est_done, est_form)
+        logs = [bool(np.all(y[:, i] > 0) and y[:, i].max() >= 10 * y[:, i].min()) for i in range(y.shape[1])]
+        yt = np.column_stack([np.log(y[:, i]) if logs[i] else y[:, i] for i in range(y.shape[1])])
+        run_codes = np.array([self._encode(t.params, names, dists) for t in running]).reshape(len(running), len(dists))
+        x_run = self._features(run_codes, dists, self._estimate(run_codes, names, dists), est_form)
+        mu, sd = self._fit_predict(x_done, yt, np.vstack([x_pool, x_run]), rng, clip=[not e for e in estimated])
+        mu, sd, mu_run = mu[: len(pool)], sd[: len(pool)], mu[len(pool):]
+
+        # the corner box: median prediction where estimated, the startup sample's quartile elsewhere
+        first = yt[np.argsort([t.number for t in done], kind="stable")[: self.n_startup]]
+        reference = np.array([np.quantile(mu[in_sample, i], self.estimated_share) if estimated[i]
+                              else np.quantile(first[:, i], 1.0 - self.measured_share)
+                              for i in range(yt.shape[1])])
+        front = np.vstack([yt[feasible], mu_run])
+        optimistic = mu - self.kappa * sd
+        hopeless = self._hopeless(np.column_stack([np.exp(optimistic[:, i]) if logs[i] else optimistic[:, i]
+                                                   for i in range(len(logs))]) * sign, metric_names)
+        optimistic[hopeless] = np.inf
         score = _improvement(optimistic, front, reference)
-        if np.nanmax(score) > 0:
-            return candidates[int(np.nanargmax(score))]
-        # nothing is predicted to add volume: take the one closest to joining the front
-        span = np.maximum(np.abs(reference - (front.min(axis=0) if len(front) else reference)), 1e-12)
-        gap = np.max((optimistic[:, None, :] - front[None, :, :]) / span, axis=2).min(axis=1) if len(front) else \
-            -optimistic.sum(axis=1)
-        return candidates[int(np.nanargmin(gap))]
+        if not np.nanmax(score) > 0:  # nothing adds to the corner: fill in the rest of the front
+            wide = np.maximum(np.vstack([yt, mu]).max(axis=0), reference)
+            wide = wide + 0.1 * np.maximum(wide - np.vstack([yt, mu]).min(axis=0), 1e-12)
+            score = _improvement(optimistic, front, wide)
+        if not np.nanmax(score) > 0:
+            return pool[int(rng.integers(len(pool)))]
+        return pool[int(np.nanargmax(score))]
+
+    def _startup_index(self, est, estimated, metric_names, asked: int, rng) -> int:
+        """One candidate from stratum ``asked % n_startup`` of an estimated objective (random without one)."""
+        import numpy as np
+
+        if est.shape[1] == 0:
+            return int(rng.integers(len(est)))
+        column = self._estimate_names.index(metric_names[estimated.index(True)]) if any(estimated) else 0
+        order = np.argsort(np.nan_to_num(est[:, column], nan=np.inf), kind="stable")
+        k = asked % self.n_startup
+        lo = len(order) * k // self.n_startup
+        hi = max(len(order) * (k + 1) // self.n_startup, lo + 1)
+        return int(order[int(rng.integers(lo, hi))])
+
+    def _fit_predict(self, x, y, x_new, rng, clip):
+        """Mean and spread over the trees of one forest per objective (column of ``y``); the
+        targets of the objectives ``clip`` marks have their worst quarter clipped."""
+        import numpy as np
+        from sklearn.ensemble import RandomForestRegressor
+
+        mus, sds = [], []
+        for i in range(y.shape[1]):
+            target = np.minimum(y[:, i], np.quantile(y[:, i], 0.75)) if clip[i] else y[:, i]
+            forest = RandomForestRegressor(n_estimators=self.n_trees, max_features=1 / 3, n_jobs=1,
+                                           random_state=int(rng.integers(2**31 - 1))).fit(x, target)
+            per_tree = np.stack([tree.predict(x_new) for tree in forest.estimators_])
+            mus.append(per_tree.mean(axis=0))
+            sds.append(per_tree.std(axis=0))
+        return np.stack(mus, axis=1), np.stack(sds, axis=1)
 
     def _estimated_feasible(self, est):
         import numpy as np
@@ -275,81 +356,57 @@ class FrontSampler(BaseSampler):
         for c in self._constraints:
             if self._estimate_names and c.metric in self._estimate_names:
                 col = est[:, self._estimate_names.index(c.metric)]
-                ok &= np.array([c.violation({c.metric: v}) in (0.0, None) for v in col])
+                ok &= np.array([c.violation({c.metric: v}) in (0.0, None) for v in col], dtype=bool)
         return ok
 
-    def _drop_hopeless(self, optimistic, sign, metric_names, candidates):
-        """Candidates whose optimistic prediction still breaks a constraint on an objective score nothing."""
+    def _hopeless(self, optimistic, metric_names):
+        """Candidates whose optimistic prediction (original units) still breaks a constraint on an objective."""
         import numpy as np
 
-        out = optimistic.copy()
+        bad = np.zeros(len(optimistic), dtype=bool)
         for c in self._constraints:
             if c.metric in metric_names:
                 i = metric_names.index(c.metric)
-                bad = np.array([bool(c.violation({c.metric: v * sign[i]})) for v in optimistic[:, i]])
-                out[bad] = np.nan
-        return out
-
-    def _fit(self, codes, y, dists, metric_names):
-        import numpy as np
-        from sklearn.ensemble import ExtraTreesRegressor
-
-        est = self._estimate(codes, self._space_key[0], dists)
-        x = self._features(codes, dists)
-        models = []
-        for i, name in enumerate(metric_names):
-            if self._estimate_names and name in self._estimate_names:
-                j = self._estimate_names.index(name)
-                models.append(("ridge", j, _ridge(np.hstack([x, est[:, [j]]]), y[:, i])))
-            else:
-                xe = np.hstack([x, _transform(est)])
-                forest = ExtraTreesRegressor(n_estimators=self.n_trees, max_features=0.7, n_jobs=1,
-                                             random_state=int(self._rng.integers(2**31 - 1))).fit(xe, y[:, i])
-                models.append(("trees", None, forest))
-        return models
-
-    def _predict(self, models, codes, est, dists):
-        import numpy as np
-
-        x = self._features(codes, dists)
-        mus, sds = [], []
-        for kind, j, model in models:
-            if kind == "ridge":
-                w, sigma = model
-                mus.append(np.hstack([x, est[:, [j]], np.ones((len(x), 1))]) @ w)
-                sds.append(np.full(len(x), sigma))
-            else:
-                per_tree = np.stack([t.predict(np.hstack([x, _transform(est)])) for t in model.estimators_])
-                mus.append(per_tree.mean(axis=0))
-                sds.append(per_tree.std(axis=0))
-        return np.stack(mus, axis=1), np.stack(sds, axis=1)
+                bad |= np.array([bool(c.violation({c.metric: v})) for v in optimistic[:, i]], dtype=bool)
+        return bad
 
 
-def _transform(est):
-    """Log of positive estimates (costs span decades); NaN as the column's median."""
+def _form_of(est):
+    """Per estimate column: (log it?, value for a missing one), decided on the candidates' estimates."""
     import numpy as np
 
-    out = est.copy()
-    for j in range(out.shape[1]):
+    form = []
+    for j in range(est.shape[1]):
+        col = est[:, j]
+        good = col[~np.isnan(col)]
+        log = bool(len(good)) and bool((good > 0).all())
+        fill = float(np.median(np.log(good) if log else good)) if len(good) else 0.0
+        form.append((log, fill))
+    return form
+
+
+def _apply_form(est, form):
+    """Log of positive estimates (costs span decades); a missing one as the column's median."""
+    import numpy as np
+
+    out = np.array(est, dtype=float, copy=True).reshape(len(est), len(form))
+    for j, (log, fill) in enumerate(form):
         col = out[:, j]
-        good = ~np.isnan(col)
-        if good.any() and (col[good] > 0).all():
-            col[good] = np.log(col[good])
-        col[~good] = np.median(col[good]) if good.any() else 0.0
+        missing = np.isnan(col)
+        if log:
+            col[~missing] = np.log(np.maximum(col[~missing], 1e-300))
+        col[missing] = fill
     return out
 
 
-def _ridge(x, y, alpha: float = 1.0):
-    """Least squares with a small ridge (intercept unpenalised); returns (weights, residual std)."""
+def _within(codes, centres, distance: int):
+    """Rows of ``codes`` that differ from some row of ``centres`` in at most ``distance`` places."""
     import numpy as np
 
-    x = np.nan_to_num(x)
-    a = np.hstack([x, np.ones((len(x), 1))])
-    penalty = alpha * np.eye(a.shape[1])
-    penalty[-1, -1] = 0.0
-    w = np.linalg.solve(a.T @ a + penalty, a.T @ y)
-    resid = y - a @ w
-    return w, float(np.sqrt(np.mean(resid**2))) if len(y) else 0.0
+    near = np.zeros(len(codes), dtype=bool)
+    for centre in centres:
+        near |= (codes != centre[None, :]).sum(axis=1) <= distance
+    return near
 
 
 def _nondominated(points):
@@ -361,29 +418,29 @@ def _nondominated(points):
 
 
 def _improvement(candidates, front, reference):
-    """Hypervolume each candidate would add (minimisation form); NaN rows score NaN."""
+    """Hypervolume each candidate would add (minimisation form); rows with inf or NaN add nothing."""
     import numpy as np
 
     from slimsearch.search.pareto import hypervolume, hypervolume_improvement_2d
 
+    bad = ~np.isfinite(candidates).all(axis=1)
+    safe = np.where(np.isfinite(candidates), candidates, np.inf)
     if candidates.shape[1] == 2:
-        return np.where(np.isnan(candidates).any(axis=1), np.nan,
-                        hypervolume_improvement_2d(np.nan_to_num(candidates, nan=np.inf), front, reference))
+        return np.where(bad, 0.0, hypervolume_improvement_2d(np.where(bad[:, None], reference, safe), front, reference))
     if candidates.shape[1] == 1:
-        best = front[:, 0].min() if len(front) else reference[0]
-        return np.clip(np.minimum(best, reference[0]) - candidates[:, 0], 0.0, None)
+        best = min(front[:, 0].min(), reference[0]) if len(front) else reference[0]
+        return np.where(bad, 0.0, np.clip(best - np.where(bad, best, safe[:, 0]), 0.0, None))
     # three or more objectives: exact improvement for the candidates best on a plain sum
-    score = np.full(len(candidates), 0.0)
-    order = np.argsort(np.nan_to_num(candidates, nan=np.inf).sum(axis=1))[:64]
+    score = np.zeros(len(candidates))
+    order = [i for i in np.argsort(safe.sum(axis=1))[:64] if not bad[i]]
     dirs = ["min"] * candidates.shape[1]
     if candidates.shape[1] == 3:
         base = hypervolume(front.tolist(), reference.tolist(), dirs)
         for i in order:
-            if not np.isnan(candidates[i]).any():
-                score[i] = hypervolume(front.tolist() + [candidates[i].tolist()], reference.tolist(), dirs) - base
+            score[i] = hypervolume(front.tolist() + [candidates[i].tolist()], reference.tolist(), dirs) - base
     else:
         for i in order:  # more than three: how far it gets below the reference, if no front member dominates it
             c = candidates[i]
-            if not np.isnan(c).any() and not np.any(np.all(front <= c, axis=1)):
+            if not len(front) or not np.any(np.all(front <= c, axis=1)):
                 score[i] = float(np.prod(np.clip(reference - c, 0.0, None)))
     return score

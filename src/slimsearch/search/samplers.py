@@ -46,7 +46,9 @@ def make_sampler(name: str, *, seed: int, budget: int, estimate: Optional[Callab
     if kind is Sampler.AUTO:
         from slimsearch.search._front import FrontSampler
 
-        return FrontSampler(seed=seed, estimate=estimate, constraints=constraints, space=space)
+        # a fifth of the budget (5 to 20 trials) samples the space before the surrogates steer
+        return FrontSampler(seed=seed, estimate=estimate, constraints=constraints, space=space,
+                            n_startup=min(20, max(5, budget // 5)))
     return optuna.samplers.RandomSampler(seed=seed)
 
 
