@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from slimsearch.exceptions import ConfigError, JobStateError
+from slimsearch.search.early_stop import STEPS_METRIC, STOPPED_METRIC
 
 ACCURACY_WINDOW = 0.01  # default choice: within 1 point of the teacher
 REBUILD_TOLERANCE = 0.005  # the exported file may differ from the recorded test score by at most 0.5 points
@@ -52,6 +53,11 @@ def choose(front: dict, run_id: Optional[str] = None) -> tuple[dict, str]:
     if run_id:
         for c in front["candidates"]:
             if c["run_id"] == run_id:
+                if c["metrics"].get(STOPPED_METRIC):
+                    raise ConfigError(f"--run {run_id}: candidate {c['trial']} was stopped early (fine-tuned "
+                                      f"{c['metrics'].get(STEPS_METRIC, 0):g} of {c['plan']['distill']['steps']} "
+                                      "steps: it could not reach the front); allowed: a candidate fine-tuned to the "
+                                      f"end, e.g. the front members {[f['run_id'] for f in front['front']]}")
                 return c, f"--run {run_id}"
         known = [c["run_id"] for c in front["front"]]
         raise ConfigError(f"--run: no candidate of this job has run id {run_id!r}; front members: {known}")

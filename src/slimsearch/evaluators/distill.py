@@ -31,7 +31,7 @@ def logit_distill_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, lab
 
 def distill(student: nn.Module, teacher: nn.Module, data: Split, plan: DistillPlan, *, seed: int,
             loss_fn: Optional[Callable[..., torch.Tensor]] = None,
-            on_chunk: Optional[Callable[[int, nn.Module], bool]] = None,
+            on_chunk: Optional[Callable[[int, nn.Module], bool]] = None, chunk_every: Optional[int] = None,
             hidden_states: Optional[Callable[[nn.Module], ContextManager[Mapping]]] = None) -> nn.Module:
     """Fine-tune ``student`` for ``plan.steps`` steps towards the outputs of ``teacher``.
 
@@ -44,9 +44,9 @@ def distill(student: nn.Module, teacher: nn.Module, data: Split, plan: DistillPl
     (context managers that collect intermediate states, as the task defines them),
     and ``loss_fn`` also gets ``hidden=(student_states, teacher_states, inputs)``.
     Adam with a cosine learning-rate decay; batches come from a generator seeded with
-    ``seed``, so the same plan gives the same student. Every ``plan.eval_every``
-    steps ``on_chunk(step, student)`` is called (student in eval mode); returning
-    False stops fine-tuning there (early stopping of a poor candidate).
+    ``seed``, so the same plan gives the same student. Every ``chunk_every`` (default
+    ``plan.eval_every``) steps ``on_chunk(step, student)`` is called (student in eval
+    mode); returning False stops fine-tuning there (early stopping of a poor candidate).
     """
     if plan.steps <= 0:
         return student.eval()
@@ -61,6 +61,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Split, plan: DistillPl
     torch.manual_seed(seed)
     opt = torch.optim.Adam(student.parameters(), lr=plan.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=plan.steps)
+    every = plan.eval_every if chunk_every is None else chunk_every
     student.train()
     for step in range(1, plan.steps + 1):
         idx = torch.randint(0, len(data), (plan.batch_size,), generator=gen)
@@ -86,7 +87,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Split, plan: DistillPl
         loss.backward()
         opt.step()
         sched.step()
-        if on_chunk is not None and plan.eval_every and step % plan.eval_every == 0 and step < plan.steps:
+        if on_chunk is not None and every and step % every == 0 and step < plan.steps:
             keep_going = on_chunk(step, student.eval())
             student.train()
             if keep_going is False:

@@ -21,14 +21,16 @@ ENERGY_AUTO = "auto"  # measure_local's default: use the CPU energy meter this m
 ENERGY_MIN_TIME_S = 0.5  # RAPL counters tick about once a millisecond: count over long enough
 
 
-def apply_plan(task: Task, plan: CompressionPlan) -> nn.Module:
+def apply_plan(task: Task, plan: CompressionPlan, *, on_chunk: Callable[[int, nn.Module], bool] | None = None,
+               chunk_every: int | None = None) -> nn.Module:
     """The compressed model a plan stands for: prune (width, depth), quantize, distill, fold BN, freeze.
 
     BatchNorm stays through distillation and is folded into the convs only before
     the weights are frozen on their grid: distilling a pruned network with its norms
     in place recovers far more accuracy than distilling the folded one (measured on
     mnist-resnet at 50% channels, 300 steps: test 0.984 vs 0.907). Deterministic for
-    ``plan.seed``: export rebuilds the measured model with it.
+    ``plan.seed``: export rebuilds the measured model with it. ``on_chunk`` and
+    ``chunk_every`` are passed to :func:`distill` (early stopping of a hopeless candidate).
     """
     torch.manual_seed(plan.seed)
     structure = task.structure or ChannelStructure()
@@ -46,7 +48,12 @@ def apply_plan(task: Task, plan: CompressionPlan) -> nn.Module:
     calibrate(student, calib, method=plan.act_calibration)
     if plan.distill.steps > 0:
         distill(student, task.teacher, task.train, plan.distill, seed=plan.seed, loss_fn=task.distill_loss,
-                hidden_states=task.hidden_states)
+                hidden_states=task.hidden_states, on_chunk=on_chunk, chunk_every=chunk_every)
+    return finalize(student, task)
+
+
+def finalize(student: nn.Module, task: Task) -> nn.Module:
+    """The deployable form of a (fine-tuned) student: BatchNorm folded into the convs, weights frozen on their grid."""
     if any(isinstance(m, nn.BatchNorm2d) for m in student.modules()):
         student = fold_batchnorm(student, task.example_input)
     return freeze(student)
@@ -141,14 +148,15 @@ def model_metrics(model: nn.Module, task: Task, profiles: Sequence[Any], *, repe
 
 
 def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teacher_score: float | None = None,
-             onnx_out: str | None = None, devices: Mapping[str, Callable[[bytes, Any], float]] | None = None) -> Metrics:
+             onnx_out: str | None = None, devices: Mapping[str, Callable[[bytes, Any], float]] | None = None,
+             on_chunk: Callable[[int, nn.Module], bool] | None = None, chunk_every: int | None = None) -> Metrics:
     """Compress the teacher as ``plan`` says and score the result (validation chooses, test reports).
 
     With ``onnx_out``, the model's deployable ONNX graph is also written to that path
     (atomically), so a job can keep the models of its front without rebuilding them.
-    ``devices`` is passed to :func:`model_metrics`.
+    ``devices`` is passed to :func:`model_metrics`; ``on_chunk`` and ``chunk_every`` to :func:`apply_plan`.
     """
-    model = apply_plan(task, plan)
+    model = apply_plan(task, plan, on_chunk=on_chunk, chunk_every=chunk_every)
     if onnx_out is not None:
         import os
 

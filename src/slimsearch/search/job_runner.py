@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 from slimsearch.exceptions import ConfigError, JobStateError
 from slimsearch.job import BASE_METRICS, LOCAL_ENERGY_METRIC, PROFILE_METRICS, JobSpec, local_latency_metrics
+from slimsearch.search.early_stop import CONSTRAINT as STOP_CONSTRAINT
+from slimsearch.search.early_stop import STOPPED_METRIC
 
 STATE_FILE = "job.json"
 FRONT_FILE = "front.json"
@@ -91,9 +93,19 @@ def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
     onnx_out = None
     if out is not None and os.path.isdir(Path(out) / MODELS_DIR):
         onnx_out = str(model_file(Path(out), plan))
+    stopper = None
+    if spec.search.early_stopping and out is not None:
+        from slimsearch.search.early_stop import EarlyStop
+
+        stopper = EarlyStop(Path(out), task, plan, spec.profile_refs)
     with memory_limit(spec.search.memory_limit_mb):
-        return evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score, onnx_out=onnx_out,
-                        devices=devices)
+        metrics = evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score, onnx_out=onnx_out,
+                           devices=devices, on_chunk=stopper, chunk_every=None if stopper is None else stopper.every)
+    if stopper is None:
+        return metrics
+    from slimsearch.evaluators.metrics import Metrics
+
+    return Metrics(values={**metrics.values, **stopper.finish()}, provenance=metrics.provenance)
 
 
 _OUT_OF_MEMORY = ("can't allocate memory", "cannot allocate memory", "bad_alloc", "can't start new thread",
@@ -252,9 +264,11 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
 
     storage_url = spec.storage or default_storage_url(out)
     tracking_uri = spec.tracking_uri or default_tracking_uri(out)
-    constraints = [Constraint.parse(c) for c in spec.constraints]
+    # A candidate stopped early was not fine-tuned to the end: a constraint keeps it off the front.
+    constraint_texts = [*spec.constraints, *([STOP_CONSTRAINT] if spec.search.early_stopping else [])]
+    constraints = [Constraint.parse(c) for c in constraint_texts]
     estimate_fn = functools.partial(estimate_params, task=task, space=space, profiles=spec.profile_refs)
-    sampler_args = {"budget": spec.search.budget, "estimate": estimate_fn, "constraints": spec.constraints,
+    sampler_args = {"budget": spec.search.budget, "estimate": estimate_fn, "constraints": constraint_texts,
                     "space": dict(space.choices)}
     lock = claim_sqlite(storage_url, f"{source}: storage" if spec.storage else f"--out {out}")
     # Seeded at this driver's first trial: a resumed driver, or one sharing the study with
@@ -301,6 +315,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     complete = [r for r in records(study) if r.state.value == "complete"]
 
     candidate_log = _CandidateLog(tracker, space, default_modes, log)
+    stops = _EarlyStopSnapshot(spec, out, space, task.metric_name, teacher_score, objectives, complete) \
+        if spec.search.early_stopping else None
 
     def on_trial(record) -> None:
         plan = space.plan_from_params(record.params)
@@ -310,6 +326,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
             if logged:
                 _log_hypervolume(tracker, complete, objectives, teacher, log)
         front = _front_numbers(complete, objectives)
+        if stops is not None and record.state.value == "complete":
+            stops.add(record, [r for r in complete if r.number in front], log)
         if record.number not in front:  # dominated (or failed) now means dominated for good
             model_file(out, plan).unlink(missing_ok=True)
         for r in complete:
@@ -367,6 +385,42 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                                     f"store is back, `slimsearch run {source} --out {out} --resume` logs them")
     _register_end(job_id, None, log)
     return result
+
+
+class _EarlyStopSnapshot:
+    """Driver side of early stopping (:mod:`slimsearch.search.early_stop`): gathers each finished
+    candidate's learning curve and rewrites the snapshot workers check against."""
+
+    def __init__(self, spec: JobSpec, out: Path, space, metric: str, teacher_score: float, objectives, complete):
+        from slimsearch.search.early_stop import read_curve
+
+        self.out, self.space, self.metric = out, space, metric
+        self.direction = objectives.get(metric, "max")
+        self.common = {"metric": metric, "direction": self.direction, "teacher": teacher_score,
+                       "objectives": objectives, "constraints": list(spec.constraints),
+                       "margin": spec.search.early_stopping_margin}
+        self.curves = {r.number: c for r in complete
+                       if (c := read_curve(out, space.plan_from_params(r.params), r.values.get(metric)))}
+        self._write([r for r in complete if r.feasible and r.number in _front_numbers(complete, objectives)])
+
+    def add(self, record, front, log) -> None:
+        from slimsearch.search.early_stop import STOPPED_METRIC, curve_file, read_curve
+
+        plan = self.space.plan_from_params(record.params)
+        curve = read_curve(self.out, plan, record.values.get(self.metric))
+        if curve is not None:
+            self.curves[record.number] = curve
+        if record.values.get(STOPPED_METRIC):
+            reason = (json.loads(curve_file(self.out, plan).read_text()).get("reason")
+                      if curve_file(self.out, plan).exists() else None)
+            log(f"[slimsearch] candidate {record.number} {reason or 'stopped early'}")
+        self._write(front)
+
+    def _write(self, front) -> None:
+        from slimsearch.search.early_stop import write_snapshot
+
+        write_snapshot(self.out, front=[{m: r.values.get(m) for m in self.common["objectives"]} for r in front],
+                       curves=list(self.curves.values()), **self.common)
 
 
 class TrackingUnavailable(Exception):
@@ -490,7 +544,7 @@ def candidate_tags(plan, values, default_modes: dict[str, str], record=None) -> 
     tags = {**default_modes, **{f"power_mode.{p}": m for p, m in plan.power_modes.items()}}
     if record is not None:
         tags["screened"] = "true" if record.state.value == "screened" else "false"
-        tags["stopped_early"] = "true" if getattr(record, "stopped_early", False) else "false"
+        tags["stopped_early"] = "true" if (record.values or {}).get(STOPPED_METRIC) else "false"
     tags.update({f"absent.{mlflow_key(k)}": why for k, why in absent_reasons(values).items()})
     return tags
 

@@ -1,0 +1,222 @@
+"""Early stopping inside a candidate: stop fine-tuning one that cannot plausibly reach the front.
+
+Why this is ours: Optuna's pruners (median, percentile, Hyperband) compare one intermediate
+value across trials and know nothing of the rest of a candidate. A compression candidate is
+different: all its costs are fixed before it is fine-tuned (size, MACs and the modelled
+device figures follow from the plan; local latency is one timing of the graph away), and
+only the task metric moves while it trains. So after a quarter, half and three quarters of
+its distillation steps a worker can ask whether the candidate, with its known costs and the
+best metric it could plausibly still reach, would be dominated by the current front or
+break a constraint. If so, fine-tuning stops there.
+
+"Plausibly reach": the metric now, plus the largest gain any finished candidate of the job
+made from the same point of its training to its end, plus ``margin``. Nothing is stopped
+before ``MIN_CURVES`` candidates have finished, since the gains are not known yet.
+
+The two sides share the job folder (as the front models do, ``job_runner.model_file``):
+the driver writes :data:`SNAPSHOT_FILE` (front, constraints, gains) after every finished
+candidate; each worker reads it at its checks and leaves its learning curve in
+:data:`CURVES_DIR` for the gains. A stopped candidate is still measured and recorded, with
+``stopped_early = 1`` and the steps it got; the job adds the constraint
+``stopped_early <= 0``, so it never enters the front, and samplers see it as infeasible.
+It counts towards the budget: it was fine-tuned, for part of its steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+SNAPSHOT_FILE = "early_stop.json"
+CURVES_DIR = "curves"
+CHECKS = (0.25, 0.5, 0.75)  # where a candidate is checked, as shares of its distillation steps
+MIN_CURVES = 3  # finished candidates needed before the gains are trusted
+STOPPED_METRIC = "stopped_early"  # 1.0: stopped; 0.0: fine-tuned to the end
+STEPS_METRIC = "distill_steps_done"
+CONSTRAINT = f"{STOPPED_METRIC} <= 0"
+LOCAL_SUFFIX = "@local"
+
+
+def curve_file(out: Path, plan) -> Path:
+    """Where a worker leaves ``plan``'s learning curve in job folder ``out`` (named by a hash of the plan)."""
+    return Path(out) / CURVES_DIR / (hashlib.sha256(plan.to_json().encode()).hexdigest()[:20] + ".json")
+
+
+def _atomic_write(path: Path, data: Any) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _read(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# -- driver side ---------------------------------------------------------------------------
+
+
+def gains(curves: Sequence[Mapping], direction: str) -> dict[str, float]:
+    """Per check (as ``"0.25"``...), the largest improvement from that check to the end over the
+    finished candidates' ``curves`` (``{"points": [[share, value], ...], "final": value}``);
+    a check with fewer than :data:`MIN_CURVES` curves is left out."""
+    sign = 1.0 if direction == "max" else -1.0
+    out = {}
+    for share in CHECKS:
+        seen = [sign * (c["final"] - v) for c in curves for s, v in c["points"] if abs(s - share) < 1e-9]
+        if len(seen) >= MIN_CURVES:
+            out[f"{share:g}"] = max(0.0, max(seen))
+    return out
+
+
+def write_snapshot(out: Path, *, metric: str, direction: str, teacher: float, objectives: Mapping[str, str],
+                   constraints: Sequence[str], front: Sequence[Mapping[str, float]],
+                   curves: Sequence[Mapping], margin: float) -> None:
+    """What workers compare a candidate against: the feasible front's objective values, the job's
+    constraints and the gains finished candidates made after each check."""
+    _atomic_write(Path(out) / SNAPSHOT_FILE, {
+        "metric": metric, "direction": direction, "teacher": teacher, "objectives": dict(objectives),
+        "constraints": list(constraints), "front": [dict(f) for f in front], "margin": margin,
+        "gains": gains(curves, direction), "finished": len(curves)})
+
+
+def read_curve(out: Path, plan, final: Optional[float]) -> Optional[dict]:
+    """The curve a worker left for ``plan`` with the candidate's ``final`` metric; None if it left none
+    or was stopped (a stopped candidate's end is not known)."""
+    data = _read(curve_file(out, plan))
+    if data is None or data.get("stopped_at") is not None or final is None:
+        return None
+    return {"points": data["points"], "final": final}
+
+
+# -- worker side ---------------------------------------------------------------------------
+
+
+class EarlyStop:
+    """The ``on_chunk`` of one candidate's fine-tuning (see :func:`slimsearch.evaluators.distill`).
+
+    ``steps`` is the candidate's distillation steps; :attr:`every` the steps between checks.
+    After fine-tuning, :meth:`finish` leaves the curve for the driver and says whether and
+    why the candidate was stopped.
+    """
+
+    def __init__(self, out: Path, task, plan, profiles: Sequence[Any]):
+        self.out, self.task, self.plan, self.profiles = Path(out), task, plan, profiles
+        self.steps = plan.distill.steps
+        self.every = max(1, self.steps // 4)
+        self.points: list[list[float]] = []
+        self.stopped_at: Optional[int] = None
+        self.reason: Optional[str] = None
+        self._costs: Optional[dict] = None
+        self._measured: Optional[dict] = None
+
+    def __call__(self, step: int, student) -> bool:
+        from slimsearch.evaluators import score
+
+        check = step // self.every
+        if not 1 <= check <= len(CHECKS):
+            return True
+        share = CHECKS[check - 1]
+        value = score(student, self.task.val, self.task)
+        self.points.append([share, value])
+        snapshot = _read(self.out / SNAPSHOT_FILE)
+        gain = (snapshot or {}).get("gains", {}).get(f"{share:g}")
+        if gain is None:
+            return True
+        reason = self._hopeless(snapshot, value, gain, student)
+        if reason is None:
+            return True
+        self.stopped_at, self.reason = step, f"stopped at step {step} of {self.steps}: {reason}"
+        return False
+
+    def finish(self) -> dict[str, float]:
+        """Leave the curve in the job folder; the metrics that record the stop."""
+        (self.out / CURVES_DIR).mkdir(exist_ok=True)
+        _atomic_write(curve_file(self.out, self.plan), {"steps": self.steps, "points": self.points,
+                                                       "stopped_at": self.stopped_at, "reason": self.reason})
+        done = self.steps if self.stopped_at is None else self.stopped_at
+        return {STOPPED_METRIC: 0.0 if self.stopped_at is None else 1.0, STEPS_METRIC: float(done)}
+
+    def _hopeless(self, snapshot: Mapping, value: float, gain: float, student) -> Optional[str]:
+        """Why the candidate cannot plausibly reach the front, or None."""
+        from slimsearch.search.driver import Constraint
+
+        metric, teacher = snapshot["metric"], snapshot["teacher"]
+        sign = 1.0 if snapshot["direction"] == "max" else -1.0
+        best = value + sign * (gain + snapshot["margin"])
+        reachable = f"{metric} {value:.4f} now, at best {best:.4f} at the end"
+        known = {metric: best, f"{metric}_drop": teacher - best}
+        for text in snapshot["constraints"]:
+            c = Constraint.parse(text)
+            if c.metric in known and c.violation(known):
+                return f"{reachable}, which breaks {c}"
+        objectives = snapshot["objectives"]
+        front = snapshot["front"]
+        if not front:
+            return None
+        known.update(self.costs(student))
+        unknown = [m for m in objectives if m not in known]
+        if any(not m.endswith(LOCAL_SUFFIX) for m in unknown):
+            return None  # a metric only the full evaluation gives (a task's extra metric, a device node's timing)
+        # the front members at least as good on what is known so far; then time it, if that is left
+        rivals = [f for f in front if _covers(f, known, {m: d for m, d in objectives.items() if m in known},
+                                              strictly=False)]
+        if rivals and unknown:
+            known.update(self.measured(student))
+        rivals = [f for f in rivals if _covers(f, known, objectives)]
+        if not rivals:
+            return None
+        return f"{reachable}; front member with {_describe(rivals[0], objectives)} is as good or better on every objective"
+
+    def costs(self, student) -> dict[str, float]:
+        """The candidate's size, MACs and modelled device figures: fixed by the plan, computed once
+        on a finalized copy (training changes weights, not shapes)."""
+        if self._costs is None:
+            from slimsearch.evaluators.estimate import modelled_costs, static_costs
+            from slimsearch.hardware_profiles import layer_costs
+
+            model = self._finalized(student)
+            layers = layer_costs(model, self.task.example_input)
+            values = dict(static_costs(model, layers))
+            values.update(modelled_costs(layers, self.profiles, self.plan.power_modes).values)
+            self._costs = {k: v for k, v in values.items() if v is not None}
+        return self._costs
+
+    def measured(self, student) -> dict[str, float]:
+        """The candidate's local latencies, timed once on a finalized copy (only asked for when every
+        other objective already shows it dominated)."""
+        if self._measured is None:
+            from slimsearch.evaluators.evaluate import measure_local
+
+            self._measured = measure_local(self._finalized(student), self.task)
+        return self._measured
+
+    def _finalized(self, student):
+        from slimsearch.evaluators.evaluate import finalize
+
+        return finalize(copy.deepcopy(student), self.task)
+
+
+def _covers(member: Mapping[str, float], known: Mapping[str, float], objectives: Mapping[str, str],
+            strictly: bool = True) -> bool:
+    """``member`` is at least as good as ``known`` on every objective and (``strictly``) better on one (NaN: never)."""
+    better = False
+    for m, d in objectives.items():
+        a, b = member.get(m), known.get(m)
+        if a is None or b is None or (isinstance(a, float) and math.isnan(a)):
+            return False
+        if (a < b) if d == "max" else (a > b):
+            return False
+        better = better or a != b
+    return better or not strictly
+
+
+def _describe(member: Mapping[str, float], objectives: Mapping[str, str]) -> str:
+    return ", ".join(f"{m} {member[m]:.4g}" for m in objectives)

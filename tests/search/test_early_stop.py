@@ -1,0 +1,166 @@
+"""Early stopping inside a candidate: a digits job stops hopeless candidates, and the rule's parts."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from slimsearch.cli import main
+from slimsearch.search.early_stop import (CURVES_DIR, SNAPSHOT_FILE, STEPS_METRIC, STOPPED_METRIC, EarlyStop, gains,
+                                          write_snapshot)
+
+STEPS = 40
+JOB = {
+    "name": "digits-early-stop",
+    "task": "digits",
+    # 2-bit weights wreck the digits MLP; after 10 of 40 steps such a candidate shows it
+    "space": {"prune_ratio": [0.0, 0.5], "weight_bits": [2, 32], "act_bits": [32], "distill_steps": [STEPS]},
+    "constraints": ["accuracy_drop <= 0.02"],
+    "profiles": ["raspberry-pi-4"],
+    "search": {"budget": 10, "workers": 1, "sampler": "random", "seed": 0},
+}
+
+
+def _cli(*args: str) -> SimpleNamespace:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return SimpleNamespace(code=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, teacher_cache):
+    folder = tmp_path_factory.mktemp("early-stop")
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(JOB, sort_keys=False))
+    out = folder / "out"
+    result = _cli("run", str(path), "--out", str(out), "--executor", "local", "--no-progress")
+    assert result.code == 0, result.stderr
+    return SimpleNamespace(out=out, result=result, front=json.loads((out / "front.json").read_text()))
+
+
+def _curve(out: Path, candidate: dict) -> dict:
+    from slimsearch.search.early_stop import curve_file
+    from slimsearch.spaces import CompressionPlan
+
+    return json.loads(curve_file(out, CompressionPlan.from_dict(candidate["plan"])).read_text())
+
+
+def test_hopeless_candidates_are_stopped_and_kept_off_the_front(job):
+    candidates = sorted(job.front["candidates"], key=lambda c: c["trial"])
+    stopped = [c for c in candidates if c["metrics"][STOPPED_METRIC] == 1.0]
+    assert stopped, "no candidate was stopped: the rule was not exercised"
+    assert len(stopped) < len(candidates)
+    for c in candidates:
+        done = c["metrics"][STEPS_METRIC]
+        if c in stopped:
+            assert done in (10, 20, 30) and not c["feasible"] and not c["on_front"]
+            assert f"candidate {c['trial']} stopped at step {done:g} of {STEPS}" in job.result.stdout
+        else:
+            assert done == STEPS
+    # the budget counts stopped candidates (they were fine-tuned, for part of their steps)
+    assert len(candidates) == JOB["search"]["budget"]
+
+
+def test_each_stop_follows_from_the_candidates_finished_before_it(job):
+    """Nothing stops before three candidates finished; a stopped candidate's metric at its check
+    plus the largest gain earlier finished ones made after that check, plus the margin, breaks
+    the constraint (1 worker: candidates run in trial order)."""
+    teacher = job.front["teacher"]["accuracy"]
+    finished = []
+    for c in sorted(job.front["candidates"], key=lambda c: c["trial"]):
+        curve = _curve(job.out, c)
+        if c["metrics"][STOPPED_METRIC]:
+            assert len(finished) >= 3
+            share, now = curve["points"][-1]
+            best_gain = max(f["final"] - v for f in finished for s, v in f["points"] if s == share)
+            assert teacher - (now + best_gain + 0.01) > 0.02, curve["reason"]
+            assert curve["stopped_at"] == c["metrics"][STEPS_METRIC] and "breaks accuracy_drop <= 0.02" in curve["reason"]
+        else:
+            assert [s for s, _ in curve["points"]] == [0.25, 0.5, 0.75] and curve["stopped_at"] is None
+            finished.append({"points": curve["points"], "final": c["metrics"]["accuracy"]})
+
+
+def test_mlflow_tags_the_stopped_candidates(job):
+    from mlflow.tracking import MlflowClient
+
+    from slimsearch.storage.tracking import TRIAL_TAG
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{job.out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(JOB["name"])
+    runs = client.search_runs([experiment.experiment_id], "tags.mlflow.parentRunId != ''", max_results=100)
+    by_trial = {int(r.data.tags[TRIAL_TAG]): r for r in runs}
+    for c in job.front["candidates"]:
+        run = by_trial[c["trial"]]
+        stopped = c["metrics"][STOPPED_METRIC] == 1.0
+        assert run.data.tags["stopped_early"] == ("true" if stopped else "false")
+        assert run.data.metrics[STEPS_METRIC] == c["metrics"][STEPS_METRIC]
+
+
+def test_export_refuses_a_stopped_candidate(job, tmp_path):
+    stopped = next(c for c in job.front["candidates"] if c["metrics"][STOPPED_METRIC])
+    result = _cli("export", str(job.out), "--run", stopped["run_id"], "--out", str(tmp_path / "export"))
+    assert result.code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert f"--run {stopped['run_id']}: candidate {stopped['trial']} was stopped early" in line
+    assert not (tmp_path / "export").exists()
+
+
+def test_gains_are_the_largest_improvement_after_each_check():
+    curves = [{"points": [[0.25, 0.5], [0.5, 0.7], [0.75, 0.8]], "final": 0.9},
+              {"points": [[0.25, 0.85], [0.5, 0.86], [0.75, 0.95]], "final": 0.9},
+              {"points": [[0.25, 0.6], [0.5, 0.6]], "final": 0.65}]
+    assert gains(curves, "max") == pytest.approx({"0.25": 0.4, "0.5": 0.2})  # 0.75: only two curves
+    assert gains(curves[:2], "max") == {}
+    flipped = [{"points": [[s, -v] for s, v in c["points"]], "final": -c["final"]} for c in curves]
+    assert gains(flipped, "min") == pytest.approx({"0.25": 0.4, "0.5": 0.2})
+
+
+def _digits_candidate(tmp_path):
+    from slimsearch.spaces import CompressionPlan
+    from slimsearch.spaces.plan import DistillPlan
+    from slimsearch.tasks import load_task
+
+    task = load_task("digits")
+    plan = CompressionPlan(layers={}, distill=DistillPlan(steps=8), seed=0)
+    return task, plan, EarlyStop(tmp_path, task, plan, ["raspberry-pi-4"])
+
+
+@pytest.mark.parametrize("size_delta, member_latency_ms, stops", [(-1, 0.0, True), (+1, 0.0, False),
+                                                                  (-1, 1e9, False)])
+def test_a_front_member_as_good_on_every_objective_stops_it(tmp_path, teacher_cache, size_delta, member_latency_ms,
+                                                            stops):
+    """Dominance on the job's objectives, measured local latency included: a front member one byte
+    smaller or larger than the candidate, faster or slower than its timed latency, with a higher
+    metric than it can reach."""
+    task, plan, stopper = _digits_candidate(tmp_path)
+    student = task.teacher
+    size = stopper.costs(student)["size_bytes"]
+    objectives = {"accuracy": "max", "size_bytes": "min", "latency_ms_b64@local": "min"}
+    member = {"accuracy": 1.0, "size_bytes": size + size_delta, "latency_ms_b64@local": member_latency_ms}
+    write_snapshot(tmp_path, metric="accuracy", direction="max", teacher=1.0, objectives=objectives, constraints=[],
+                   front=[member], curves=[{"points": [[0.25, 0.5]], "final": 0.5}] * 3, margin=0.0)
+    assert json.loads((tmp_path / SNAPSHOT_FILE).read_text())["gains"] == {"0.25": 0.0}
+    keep_going = stopper(stopper.every, student)
+    assert keep_going is (not stops)
+    if stops:
+        assert "front member with accuracy 1" in stopper.reason and stopper.stopped_at == stopper.every
+    if size_delta < 0:  # every other objective showed it dominated: its latency was timed
+        assert stopper.measured(student)["latency_ms_b64@local"] > 0
+    assert stopper.finish() == {STOPPED_METRIC: 1.0 if stops else 0.0, STEPS_METRIC: 2.0 if stops else 8.0}
+    assert len(list((tmp_path / CURVES_DIR).iterdir())) == 1
+
+
+def test_nothing_stops_before_the_gains_are_known(tmp_path, teacher_cache):
+    task, plan, stopper = _digits_candidate(tmp_path)
+    assert stopper(stopper.every, task.teacher) is True  # no snapshot at all
+    write_snapshot(tmp_path, metric="accuracy", direction="max", teacher=1.0, objectives={"accuracy": "max"},
+                   constraints=["accuracy_drop <= 0"], front=[], curves=[{"points": [[0.25, 0.5]], "final": 0.5}] * 2,
+                   margin=0.0)
+    assert stopper(stopper.every, task.teacher) is True  # two finished curves are not enough
