@@ -144,7 +144,8 @@ class SearchResult:
 
 METRICS_ATTR = "metrics"
 ERROR_ATTR = "error"
-DURATION_ATTR = "duration_s"
+DURATION_ATTR = "duration_s"  # asked to told, as the driver sees it
+EVALUATE_ATTR = "evaluate_s"  # inside evaluate, as the worker timed it
 ESTIMATE_ATTR = "estimate"
 SCREENED_ATTR = "screened"
 FEASIBLE_ATTR = "feasible"
@@ -399,6 +400,8 @@ class _Teller:
         trial, started = self.running.pop(number)
         duration = time.time() - started
         trial.set_user_attr(DURATION_ATTR, duration)
+        if outcome.get("seconds") is not None:
+            trial.set_user_attr(EVALUATE_ATTR, outcome["seconds"])
         error = outcome.get("error")
         values = outcome.get("values") or {}
         if error is None:
@@ -456,6 +459,7 @@ def _call(evaluate: Callable[[dict], dict], params: dict) -> dict:
 
     ``evaluate`` returns a mapping of values, or a Metrics-like object whose ``provenance``
     (measured|modelled per cost metric) then travels with its ``values``."""
+    started = time.perf_counter()
     try:
         result = evaluate(params)
         provenance = getattr(result, "provenance", None)
@@ -463,10 +467,11 @@ def _call(evaluate: Callable[[dict], dict], params: dict) -> dict:
         out = {"values": {k: (None if v is None else float(v)) for k, v in values.items()}}
         if provenance:
             out["provenance"] = {k: getattr(v, "value", v) for k, v in provenance.items()}
-        return out
     except Exception as exc:  # any failure of one candidate costs that candidate only
         last = traceback.extract_tb(exc.__traceback__)[-1]
-        return {"error": f"{type(exc).__name__}: {exc} (at {os.path.basename(last.filename)}:{last.lineno})"}
+        out = {"error": f"{type(exc).__name__}: {exc} (at {os.path.basename(last.filename)}:{last.lineno})"}
+    out["seconds"] = time.perf_counter() - started  # inside evaluate, where it ran (the worker)
+    return out
 
 
 def run_trials(

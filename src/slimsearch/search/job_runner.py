@@ -347,7 +347,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
             started_ray = start_ray(workers * threads)
         ran = run_trials(study, dict(space.choices), job_fn, objectives, n_trials=remaining, executor=executor,
                          workers=workers, threads_per_worker=threads, listener=on_trial,
-                         ray_storage=str(out / "ray"), constraints=constraints, estimate=estimate_fn,
+                         ray_storage=str(out / "ray"), constraints=constraints,
+                         estimate=estimate_fn if _estimate_can_screen(constraints, objectives, costs) else None,
                          screen_duplicates=True, study_budget=spec.search.budget, owner=str(out),
                          max_retries=spec.search.max_retries)
         evaluated = sum(1 for r in ran if r.state.value == "complete")
@@ -385,6 +386,15 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                                     f"store is back, `slimsearch run {source} --out {out} --resume` logs them")
     _register_end(job_id, None, log)
     return result
+
+
+def _estimate_can_screen(constraints, objectives, costs) -> bool:
+    """Whether the driver's screen can use the estimate: a constraint on a cost it estimates (all but the
+    measured ``@local`` ones), or every objective such a cost. Otherwise the estimate would cost the
+    driver about half a second per candidate (building the plan's model), between trials, for nothing;
+    the ``auto`` sampler still calls it for itself."""
+    estimable = {c for c in costs if not c.endswith("@local")}
+    return any(c.metric in estimable for c in constraints) or all(m in estimable for m in objectives)
 
 
 class _EarlyStopSnapshot:

@@ -1,0 +1,160 @@
+"""The MNIST example as a job (issue 5): time outside evaluate, 1 vs 2 workers, early stopping.
+
+    python benchmarks/mnist_job.py [--workers 1,2] [--budget 24] [--job examples/mnist.yaml] [--json out.json]
+
+For each worker count N, ``slimsearch run JOB --workers N --out <tmp>/w<N> --no-progress`` runs
+as a subprocess, timed from start to exit (wall). The MNIST teacher is trained into the cache
+first (once, not timed), as a user's second job would find it. From the job's Optuna study:
+
+* ``inside evaluate``: the seconds each worker spent inside ``evaluate`` (timed in the worker:
+  build the plan's model, fine-tune, measure), summed over candidates;
+* ``outside``: ``1 - inside / (wall x N)``: the share of the workers' time not spent evaluating a
+  candidate (start-up: data, teacher measurement, Ray; scheduling; MLflow logging; the report);
+* ``candidates/h``: completed candidates per hour of wall time; the 2-worker row gives the
+  ratio to the 1-worker row.
+
+Early stopping, on the 1-worker job (the first of ``--workers``): each candidate stopped early
+is evaluated again in this process to the end of its fine-tuning, with the job's torch thread
+count. ``saved`` is its full evaluation time minus the stopped one's; ``would have joined the
+front`` counts the fully fine-tuned ones that meet the job's constraints and that no front
+member of the job dominates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTSIDE_TARGET = 0.05
+SCALING_TARGET = 1.6
+
+
+def run_job(job: Path, out: Path, workers: int, budget: int | None) -> dict:
+    import optuna
+
+    from slimsearch.search.driver import EVALUATE_ATTR
+
+    cmd = [sys.executable, "-m", "slimsearch.cli", "run", str(job), "--out", str(out), "--workers", str(workers),
+           "--no-progress"]
+    if budget is not None:
+        cmd += ["--budget", str(budget)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    state = json.loads((out / "job.json").read_text())
+    study = optuna.load_study(study_name=state["study_name"], storage=state["storage"])
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    inside = sum(t.user_attrs.get(EVALUATE_ATTR, 0.0) for t in trials)
+    return {"workers": workers, "wall_s": wall, "candidates": len(complete), "inside_evaluate_s": inside,
+            "outside_share": 1.0 - inside / (wall * workers), "candidates_per_hour": 3600.0 * len(complete) / wall,
+            "threads_per_worker": state["threads"][-1][1], "out": str(out), "log": proc.stdout}
+
+
+def check_stops(out: Path) -> dict:
+    """Fine-tune every stopped candidate to the end; the time that took and whether it would have joined the front."""
+    import optuna
+    import torch
+
+    from slimsearch.job import JobSpec
+    from slimsearch.search.driver import EVALUATE_ATTR, Constraint
+    from slimsearch.search.early_stop import STEPS_METRIC, STOPPED_METRIC
+    from slimsearch.search.job_runner import _cached_task, build_space, evaluate_params
+    from slimsearch.search.pareto import dominates
+
+    state = json.loads((out / "job.json").read_text())
+    spec = JobSpec.from_json(json.dumps(state["spec"]))
+    front = json.loads((out / "front.json").read_text())
+    torch.set_num_threads(state["threads"][-1][1])
+    task = _cached_task(spec.task, spec.search.seed, spec.task_path)
+    space = build_space(spec, task)
+    study = optuna.load_study(study_name=state["study_name"], storage=state["storage"])
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    objectives = front["objectives"]
+    members = [[c["metrics"][m] for m in objectives] for c in front["front"]]
+    constraints = [Constraint.parse(c) for c in spec.constraints]
+    rows = []
+    for c in front["candidates"]:
+        if not c["metrics"].get(STOPPED_METRIC):
+            continue
+        t0 = time.perf_counter()
+        full = evaluate_params(c["params"], job_json=json.dumps(state["spec"]), space=space,
+                               teacher_score=front["teacher"][front["metric"]]).values
+        seconds = time.perf_counter() - t0
+        point = [full[m] for m in objectives]
+        feasible = all(k.violation(full) == 0.0 for k in constraints)
+        joins = feasible and not any(dominates(m, point, list(objectives.values())) for m in members)
+        rows.append({"trial": c["trial"], "steps_done": c["metrics"][STEPS_METRIC],
+                     "steps": c["plan"]["distill"]["steps"], "metric_at_stop": c["metrics"][front["metric"]],
+                     "metric_full": full[front["metric"]], "stopped_s": by_number[c["trial"]].user_attrs[EVALUATE_ATTR],
+                     "full_s": seconds, "would_join_front": joins})
+    inside = sum(t.user_attrs.get(EVALUATE_ATTR, 0.0) for t in by_number.values())
+    saved = sum(r["full_s"] - r["stopped_s"] for r in rows)
+    return {"candidates": len(front["candidates"]), "stopped": len(rows), "saved_s": saved,
+            "saved_share": saved / (inside + saved) if inside + saved else 0.0,
+            "would_join_front": sum(r["would_join_front"] for r in rows), "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--job", type=Path, default=ROOT / "examples" / "mnist.yaml")
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--budget", type=int, default=None, help="default: the job file's")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    from slimsearch.job import load_job
+    from slimsearch.tasks import load_task
+
+    spec = load_job(args.job)
+    t0 = time.perf_counter()
+    load_task(spec.task, seed=spec.search.seed, path=spec.task_path)  # trains and caches the teacher if needed
+    print(f"teacher of {spec.task} ready in {time.perf_counter() - t0:.0f} s (not timed below)", file=sys.stderr)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in [int(w) for w in args.workers.split(",")]:
+            runs.append(run_job(args.job, Path(tmp) / f"w{n}", n, args.budget))
+            r = runs[-1]
+            print(f"  {n} worker(s): {r['candidates']} candidates in {r['wall_s']:.0f} s", file=sys.stderr)
+        stops = check_stops(Path(runs[0]["out"]))
+    base = runs[0]["candidates_per_hour"]
+    print(f"{'workers':>7} {'threads':>7} {'cands':>5} {'wall s':>7} {'in eval s':>9} {'outside':>8} "
+          f"{'cand/h':>7} {'vs first':>8}")
+    for r in runs:
+        print(f"{r['workers']:>7} {r['threads_per_worker']:>7} {r['candidates']:>5} {r['wall_s']:>7.0f} "
+              f"{r['inside_evaluate_s']:>9.0f} {r['outside_share']:>8.1%} {r['candidates_per_hour']:>7.0f} "
+              f"{r['candidates_per_hour'] / base:>7.2f}x")
+    worst = max(r["outside_share"] for r in runs)
+    print(f"time outside evaluate: at most {worst:.1%} (target <= {OUTSIDE_TARGET:.0%}: "
+          f"{'PASS' if worst <= OUTSIDE_TARGET else 'FAIL'})")
+    if len(runs) > 1:
+        ratio = runs[-1]["candidates_per_hour"] / base
+        print(f"{runs[-1]['workers']} vs {runs[0]['workers']} worker(s): {ratio:.2f}x the candidates per hour "
+              f"(target >= {SCALING_TARGET}x: {'PASS' if ratio >= SCALING_TARGET else 'FAIL'})")
+    print(f"early stopping ({runs[0]['workers']} worker job): {stops['stopped']} of {stops['candidates']} candidates "
+          f"stopped; fine-tuning them to the end took {stops['saved_s']:.0f} s more "
+          f"({stops['saved_share']:.1%} of all time inside evaluate); {stops['would_join_front']} of them would have "
+          "joined the front")
+    for r in stops["rows"]:
+        print(f"  trial {r['trial']}: stopped at step {r['steps_done']:g} of {r['steps']} ({r['metric_at_stop']:.4f}); "
+              f"to the end {r['metric_full']:.4f}, {r['full_s'] - r['stopped_s']:.1f} s more; "
+              f"{'would join the front' if r['would_join_front'] else 'dominated or infeasible'}")
+    if args.json:
+        for r in runs:
+            r.pop("log")
+        args.json.write_text(json.dumps({"runs": runs, "early_stopping": stops}, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
