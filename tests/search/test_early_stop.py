@@ -164,3 +164,29 @@ def test_nothing_stops_before_the_gains_are_known(tmp_path, teacher_cache):
                    constraints=["accuracy_drop <= 0"], front=[], curves=[{"points": [[0.25, 0.5]], "final": 0.5}] * 2,
                    margin=0.0)
     assert stopper(stopper.every, task.teacher) is True  # two finished curves are not enough
+
+
+def test_checking_a_candidate_leaves_its_training_unchanged(tmp_path, teacher_cache):
+    """A candidate checked (scored, its costs computed, its latency timed) and not stopped ends exactly
+    where it ends unchecked: export rebuilds candidates without checks."""
+    import torch
+
+    from slimsearch.evaluators import score
+    from slimsearch.evaluators.evaluate import apply_plan
+    from slimsearch.spaces.plan import LayerPlan
+
+    task, plan, stopper = _digits_candidate(tmp_path)
+    plan = type(plan)(layers={name: LayerPlan(weight_bits=4, act_bits=8) for name, m in task.teacher.named_modules()
+                              if isinstance(m, torch.nn.Linear)}, distill=plan.distill, seed=0)
+    stopper = EarlyStop(tmp_path, task, plan, ["raspberry-pi-4"])
+    objectives = {"accuracy": "max", "size_bytes": "min", "latency_ms_b64@local": "min"}
+    member = {"accuracy": 1.0, "size_bytes": 0.0, "latency_ms_b64@local": 1e9}  # never faster: never stops it
+    write_snapshot(tmp_path, metric="accuracy", direction="max", teacher=1.0, objectives=objectives, constraints=[],
+                   front=[member], curves=[{"points": [[s, 0.5] for s in (0.25, 0.5, 0.75)], "final": 0.5}] * 3,
+                   margin=0.0)
+    checked = apply_plan(task, plan, on_chunk=stopper, chunk_every=stopper.every)
+    assert len(stopper.points) == 3 and stopper.stopped_at is None and stopper._measured  # every check ran in full
+    unchecked = apply_plan(task, plan)
+    assert score(checked, task.val, task) == score(unchecked, task.val, task)
+    for a, b in zip(checked.state_dict().values(), unchecked.state_dict().values()):
+        assert torch.equal(a, b)
