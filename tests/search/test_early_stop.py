@@ -139,7 +139,7 @@ def test_a_front_member_as_good_on_every_objective_stops_it(tmp_path, teacher_ca
     """Dominance on the job's objectives, measured local latency included: a front member one byte
     smaller or larger than the candidate, faster or slower than its timed latency, with a higher
     metric than it can reach."""
-    task, plan, stopper = _digits_candidate(tmp_path)
+    task, _, stopper = _digits_candidate(tmp_path)
     student = task.teacher
     size = stopper.costs(student)["size_bytes"]
     objectives = {"accuracy": "max", "size_bytes": "min", "latency_ms_b64@local": "min"}
@@ -158,7 +158,7 @@ def test_a_front_member_as_good_on_every_objective_stops_it(tmp_path, teacher_ca
 
 
 def test_nothing_stops_before_the_gains_are_known(tmp_path, teacher_cache):
-    task, plan, stopper = _digits_candidate(tmp_path)
+    task, _, stopper = _digits_candidate(tmp_path)
     assert stopper(stopper.every, task.teacher) is True  # no snapshot at all
     write_snapshot(tmp_path, metric="accuracy", direction="max", teacher=1.0, objectives={"accuracy": "max"},
                    constraints=["accuracy_drop <= 0"], front=[], curves=[{"points": [[0.25, 0.5]], "final": 0.5}] * 2,

@@ -30,7 +30,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 SNAPSHOT_FILE = "early_stop.json"
 CURVES_DIR = "curves"
@@ -87,13 +87,40 @@ def write_snapshot(out: Path, *, metric: str, direction: str, teacher: float, ob
         "gains": gains(curves, direction), "finished": len(curves)})
 
 
-def read_curve(out: Path, plan, final: Optional[float]) -> Optional[dict]:
-    """The curve a worker left for ``plan`` with the candidate's ``final`` metric; None if it left none
-    or was stopped (a stopped candidate's end is not known)."""
-    data = _read(curve_file(out, plan))
-    if data is None or data.get("stopped_at") is not None or final is None:
+class FrontSnapshot:
+    """The driver's side: gathers each finished candidate's curve (``complete``: trial records, with
+    ``plan_of(params)`` giving a record's plan) and rewrites :data:`SNAPSHOT_FILE` with ``front``."""
+
+    def __init__(self, out: Path, plan_of: Callable[[dict], Any], *, metric: str, teacher: float,
+                 objectives: Mapping[str, str], constraints: Sequence[str], margin: float, complete: Sequence,
+                 front: Sequence):
+        self.out, self.plan_of, self.metric = Path(out), plan_of, metric
+        self.common = {"metric": metric, "direction": objectives.get(metric, "max"), "teacher": teacher,
+                       "objectives": dict(objectives), "constraints": list(constraints), "margin": margin}
+        self.curves: dict[int, dict] = {}
+        for record in complete:
+            self._curve(record)
+        self._write(front)
+
+    def add(self, record, front: Sequence) -> Optional[str]:
+        """Take a finished candidate and the front after it; why it was stopped, if it was."""
+        left = self._curve(record)
+        self._write(front)
+        if record.values.get(STOPPED_METRIC):
+            return (left or {}).get("reason") or "stopped early"
         return None
-    return {"points": data["points"], "final": final}
+
+    def _curve(self, record) -> Optional[dict]:
+        """What the worker left for ``record``; a finished one's curve joins the gains."""
+        left = _read(curve_file(self.out, self.plan_of(record.params)))
+        final = record.values.get(self.metric)
+        if left is not None and left.get("stopped_at") is None and final is not None:
+            self.curves[record.number] = {"points": left["points"], "final": final}
+        return left
+
+    def _write(self, front: Sequence) -> None:
+        write_snapshot(self.out, front=[{m: r.values.get(m) for m in self.common["objectives"]} for r in front],
+                       curves=list(self.curves.values()), **self.common)
 
 
 # -- worker side ---------------------------------------------------------------------------

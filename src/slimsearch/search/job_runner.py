@@ -315,8 +315,14 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     complete = [r for r in records(study) if r.state.value == "complete"]
 
     candidate_log = _CandidateLog(tracker, space, default_modes, log)
-    stops = _EarlyStopSnapshot(spec, out, space, task.metric_name, teacher_score, objectives, complete) \
-        if spec.search.early_stopping else None
+    stops = None
+    if spec.search.early_stopping:
+        from slimsearch.search.early_stop import FrontSnapshot
+
+        stops = FrontSnapshot(out, space.plan_from_params, metric=task.metric_name, teacher=teacher_score,
+                              objectives=objectives, constraints=spec.constraints,
+                              margin=spec.search.early_stopping_margin, complete=complete,
+                              front=[r for r in complete if r.number in _front_numbers(complete, objectives)])
 
     def on_trial(record) -> None:
         plan = space.plan_from_params(record.params)
@@ -327,7 +333,9 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                 _log_hypervolume(tracker, complete, objectives, teacher, log)
         front = _front_numbers(complete, objectives)
         if stops is not None and record.state.value == "complete":
-            stops.add(record, [r for r in complete if r.number in front], log)
+            stopped = stops.add(record, [r for r in complete if r.number in front])
+            if stopped:
+                log(f"[slimsearch] candidate {record.number} {stopped}")
         if record.number not in front:  # dominated (or failed) now means dominated for good
             model_file(out, plan).unlink(missing_ok=True)
         for r in complete:
@@ -395,42 +403,6 @@ def _estimate_can_screen(constraints, objectives, costs) -> bool:
     the ``auto`` sampler still calls it for itself."""
     estimable = {c for c in costs if not c.endswith("@local")}
     return any(c.metric in estimable for c in constraints) or all(m in estimable for m in objectives)
-
-
-class _EarlyStopSnapshot:
-    """Driver side of early stopping (:mod:`slimsearch.search.early_stop`): gathers each finished
-    candidate's learning curve and rewrites the snapshot workers check against."""
-
-    def __init__(self, spec: JobSpec, out: Path, space, metric: str, teacher_score: float, objectives, complete):
-        from slimsearch.search.early_stop import read_curve
-
-        self.out, self.space, self.metric = out, space, metric
-        self.direction = objectives.get(metric, "max")
-        self.common = {"metric": metric, "direction": self.direction, "teacher": teacher_score,
-                       "objectives": objectives, "constraints": list(spec.constraints),
-                       "margin": spec.search.early_stopping_margin}
-        self.curves = {r.number: c for r in complete
-                       if (c := read_curve(out, space.plan_from_params(r.params), r.values.get(metric)))}
-        self._write([r for r in complete if r.feasible and r.number in _front_numbers(complete, objectives)])
-
-    def add(self, record, front, log) -> None:
-        from slimsearch.search.early_stop import STOPPED_METRIC, curve_file, read_curve
-
-        plan = self.space.plan_from_params(record.params)
-        curve = read_curve(self.out, plan, record.values.get(self.metric))
-        if curve is not None:
-            self.curves[record.number] = curve
-        if record.values.get(STOPPED_METRIC):
-            reason = (json.loads(curve_file(self.out, plan).read_text()).get("reason")
-                      if curve_file(self.out, plan).exists() else None)
-            log(f"[slimsearch] candidate {record.number} {reason or 'stopped early'}")
-        self._write(front)
-
-    def _write(self, front) -> None:
-        from slimsearch.search.early_stop import write_snapshot
-
-        write_snapshot(self.out, front=[{m: r.values.get(m) for m in self.common["objectives"]} for r in front],
-                       curves=list(self.curves.values()), **self.common)
 
 
 class TrackingUnavailable(Exception):
