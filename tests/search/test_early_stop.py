@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from slimsearch.cli import main
 from slimsearch.search.early_stop import (CURVES_DIR, SNAPSHOT_FILE, STEPS_METRIC, STOPPED_METRIC, EarlyStop, gains,
                                           write_snapshot)
+from tests.test_cli_jobs import cli as _cli
 
 STEPS = 40
 JOB = {
@@ -25,13 +23,6 @@ JOB = {
     "profiles": ["raspberry-pi-4"],
     "search": {"budget": 10, "workers": 1, "sampler": "random", "seed": 0},
 }
-
-
-def _cli(*args: str) -> SimpleNamespace:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return SimpleNamespace(code=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 @pytest.fixture(scope="module")
