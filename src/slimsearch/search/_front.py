@@ -37,7 +37,9 @@ class FrontSampler(BaseSampler):
       the worst quarter of measured values is clipped to its 75th percentile: the surrogate
       has to rank candidates near the front, not the diverged ones (10% accuracy) far from it.
     * **Front-aware choice.** Each candidate's optimistic prediction (mean improved by
-      ``kappa`` tree spreads) is scored by the hypervolume it would add to the evaluated
+      ``k`` tree spreads, ``k`` drawn per proposal uniformly from the ``kappa`` range, so
+      bold and cautious proposals alternate instead of one fixed trade-off stalling the run
+      in the first good region it found) is scored by the hypervolume it would add to the evaluated
       feasible front (running trials count at their predicted mean, so parallel workers
       spread out) inside the *corner box*: better than ``estimated_share`` of the space on
       what the estimate covers (the median of the predicted value over the candidates),
@@ -52,7 +54,7 @@ class FrontSampler(BaseSampler):
 
     def __init__(self, *, seed: int = 0, estimate: Optional[Callable[[dict], dict]] = None,
                  constraints: Sequence = (), space: Optional[Mapping[str, Any]] = None, n_startup: int = 20,
-                 n_trees: int = 60, kappa: float = 1.0, measured_share: float = 0.75, estimated_share: float = 0.5,
+                 n_trees: int = 60, kappa: tuple[float, float] = (0.5, 2.0), measured_share: float = 0.75, estimated_share: float = 0.5,
                  n_random: int = 1000, n_near: int = 2, enumerate_limit: int = 20_000,
                  estimate_seconds: float = 1.0):
         import optuna
@@ -61,7 +63,8 @@ class FrontSampler(BaseSampler):
         self._estimate_fn = estimate
         self._constraints = tuple(constraints)
         self._fixed = _distributions(space) if space is not None else None
-        self.n_startup, self.n_trees, self.kappa = n_startup, n_trees, kappa
+        self.n_startup, self.n_trees = n_startup, n_trees
+        self.kappa = (float(kappa), float(kappa)) if isinstance(kappa, (int, float)) else tuple(map(float, kappa))
         self.measured_share, self.estimated_share = measured_share, estimated_share
         self.n_random, self.n_near, self.enumerate_limit = n_random, n_near, enumerate_limit
         self.estimate_seconds = estimate_seconds
@@ -307,7 +310,9 @@ class FrontSampler(BaseSampler):
                               else np.quantile(first[:, i], 1.0 - self.measured_share)
                               for i in range(yt.shape[1])])
         front = np.vstack([yt[feasible], mu_run])
-        optimistic = mu - self.kappa * sd
+        # how optimistic is drawn per proposal (randomised UCB): one fixed weight lets a run stall
+        # where its first good region was; varying it mixes bold and cautious proposals
+        optimistic = mu - rng.uniform(*self.kappa) * sd
         hopeless = self._hopeless(np.column_stack([np.exp(optimistic[:, i]) if logs[i] else optimistic[:, i]
                                                    for i in range(len(logs))]) * sign, metric_names)
         optimistic[hopeless] = np.inf
