@@ -1,6 +1,7 @@
 """The MNIST example as a job (issue 5): time outside evaluate, 1 vs 2 workers, early stopping.
 
-    python benchmarks/mnist_job.py [--workers 1,2] [--budget 24] [--job examples/mnist.yaml] [--json out.json]
+    python benchmarks/mnist_job.py [--workers 1,2] [--budget 24] [--job examples/mnist.yaml] [--max-drop D]
+                                   [--json out.json]
 
 For each worker count N, ``slimsearch run JOB --workers N --out <tmp>/w<N> --no-progress`` runs
 as a subprocess, timed from start to exit (wall). The MNIST teacher is trained into the cache
@@ -110,6 +111,9 @@ def main() -> None:
     ap.add_argument("--job", type=Path, default=ROOT / "examples" / "mnist.yaml")
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--budget", type=int, default=None, help="default: the job file's")
+    ap.add_argument("--max-drop", type=float, default=None,
+                    help="replace the job's constraints with accuracy_drop <= this (a job where early stopping has "
+                         "candidates to stop)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -122,8 +126,16 @@ def main() -> None:
     print(f"teacher of {spec.task} ready in {time.perf_counter() - t0:.0f} s (not timed below)", file=sys.stderr)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
+        job = args.job
+        if args.max_drop is not None:
+            import yaml
+
+            data = yaml.safe_load(args.job.read_text())
+            data["constraints"] = [f"accuracy_drop <= {args.max_drop:g}"]
+            job = Path(tmp) / args.job.name
+            job.write_text(yaml.safe_dump(data, sort_keys=False))
         for n in [int(w) for w in args.workers.split(",")]:
-            runs.append(run_job(args.job, Path(tmp) / f"w{n}", n, args.budget))
+            runs.append(run_job(job, Path(tmp) / f"w{n}", n, args.budget))
             r = runs[-1]
             print(f"  {n} worker(s): {r['candidates']} candidates in {r['wall_s']:.0f} s", file=sys.stderr)
         stops = check_stops(Path(runs[0]["out"]))
