@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from slimsearch.search.early_stop import (CURVES_DIR, SNAPSHOT_FILE, STEPS_METRIC, STOPPED_METRIC, EarlyStop, gains,
-                                          write_snapshot)
+                                          plausible_share, write_snapshot)
 from tests.test_cli_jobs import cli as _cli
 
 STEPS = 40
@@ -61,8 +61,9 @@ def test_hopeless_candidates_are_stopped_and_kept_off_the_front(job):
 
 def test_each_stop_follows_from_the_candidates_finished_before_it(job):
     """Nothing stops before three candidates finished; a stopped candidate's metric at its check
-    plus the largest gain earlier finished ones made after that check, plus the margin, breaks
-    the constraint (1 worker: candidates run in trial order)."""
+    plus the largest share of the gap to the teacher that an earlier finished candidate, at least
+    as far behind then, closed by its end (times this one's gap), plus the margin, breaks the
+    constraint (1 worker: candidates run in trial order)."""
     teacher = job.front["teacher"]["accuracy"]
     finished = []
     for c in sorted(job.front["candidates"], key=lambda c: c["trial"]):
@@ -70,8 +71,11 @@ def test_each_stop_follows_from_the_candidates_finished_before_it(job):
         if c["metrics"][STOPPED_METRIC]:
             assert len(finished) >= 3
             share, now = curve["points"][-1]
-            best_gain = max(f["final"] - v for f in finished for s, v in f["points"] if s == share)
-            assert teacher - (now + best_gain + 0.01) > 0.02, curve["reason"]
+            gap = teacher - now
+            closed = [(f["final"] - v) / (teacher - v) for f in finished for s, v in f["points"]
+                      if s == share and teacher - v >= gap]
+            assert closed, "stopped without a finished candidate as far behind"
+            assert teacher - (now + max(0.0, max(closed)) * gap + 0.01) > 0.02, curve["reason"]
             assert curve["stopped_at"] == c["metrics"][STEPS_METRIC] and "breaks accuracy_drop <= 0.02" in curve["reason"]
         else:
             assert [s for s, _ in curve["points"]] == [0.25, 0.5, 0.75] and curve["stopped_at"] is None
@@ -103,14 +107,27 @@ def test_export_refuses_a_stopped_candidate(job, tmp_path):
     assert not (tmp_path / "export").exists()
 
 
-def test_gains_are_the_largest_improvement_after_each_check():
+def test_gains_are_the_shares_of_the_gap_to_the_teacher_closed_after_each_check():
     curves = [{"points": [[0.25, 0.5], [0.5, 0.7], [0.75, 0.8]], "final": 0.9},
               {"points": [[0.25, 0.85], [0.5, 0.86], [0.75, 0.95]], "final": 0.9},
               {"points": [[0.25, 0.6], [0.5, 0.6]], "final": 0.65}]
-    assert gains(curves, "max") == pytest.approx({"0.25": 0.4, "0.5": 0.2})  # 0.75: only two curves
-    assert gains(curves[:2], "max") == {}
+    seen = gains(curves, "max", teacher=1.0)
+    assert set(seen) == {"0.25", "0.5"}  # 0.75: only two curves
+    def flat(pairs):
+        return [x for pair in pairs for x in pair]
+
+    assert flat(seen["0.25"]) == pytest.approx([0.15, 1 / 3, 0.4, 0.125, 0.5, 0.8])
+    assert flat(seen["0.5"]) == pytest.approx([0.14, 0.04 / 0.14, 0.3, 0.2 / 0.3, 0.4, 0.125])
+    assert gains(curves[:2], "max", teacher=1.0) == {}
     flipped = [{"points": [[s, -v] for s, v in c["points"]], "final": -c["final"]} for c in curves]
-    assert gains(flipped, "min") == pytest.approx({"0.25": 0.4, "0.5": 0.2})
+    assert {k: flat(v) for k, v in gains(flipped, "min", teacher=-1.0).items()} == \
+        {k: pytest.approx(flat(v)) for k, v in seen.items()}
+    # only candidates at least as far behind count; none that far: not judged
+    assert plausible_share(seen["0.25"], 0.45) == pytest.approx(0.8)
+    assert plausible_share(seen["0.25"], 0.1) == pytest.approx(0.8)
+    assert plausible_share(seen["0.25"], 0.3) == pytest.approx(0.8)
+    assert plausible_share(seen["0.5"], 0.35) == pytest.approx(0.125)
+    assert plausible_share(seen["0.25"], 0.6) is None
 
 
 def _digits_candidate(tmp_path):
@@ -137,7 +154,7 @@ def test_a_front_member_as_good_on_every_objective_stops_it(tmp_path, teacher_ca
     member = {"accuracy": 1.0, "size_bytes": size + size_delta, "latency_ms_b64@local": member_latency_ms}
     write_snapshot(tmp_path, metric="accuracy", direction="max", teacher=1.0, objectives=objectives, constraints=[],
                    front=[member], curves=[{"points": [[0.25, 0.5]], "final": 0.5}] * 3, margin=0.0)
-    assert json.loads((tmp_path / SNAPSHOT_FILE).read_text())["gains"] == {"0.25": 0.0}
+    assert json.loads((tmp_path / SNAPSHOT_FILE).read_text())["gains"] == {"0.25": [[0.5, 0.0]] * 3}
     keep_going = stopper(stopper.every, student)
     assert keep_going is (not stops)
     if stops:
