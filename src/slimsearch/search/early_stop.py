@@ -85,7 +85,7 @@ def gains(curves: Sequence[Mapping], direction: str, teacher: float) -> dict[str
     return out
 
 
-def plausible_share(seen: Sequence[Sequence[float]], gap: float) -> float | None:
+def plausible_share(seen: Sequence[Sequence[float]], gap: float) -> Optional[float]:
     """The largest share ``closed`` of the ``[gap, closed]`` pairs ``seen`` at least ``gap`` behind; None
     without one (a candidate further behind than any finished one is not judged)."""
     shares = [closed for g, closed in seen if g >= gap]
@@ -96,7 +96,7 @@ def write_snapshot(out: Path, *, metric: str, direction: str, teacher: float, ob
                    constraints: Sequence[str], front: Sequence[Mapping[str, float]],
                    curves: Sequence[Mapping], margin: float) -> None:
     """What workers compare a candidate against: the feasible front's objective values, the job's
-    constraints and the gains finished candidates made after each check."""
+    constraints and, per check, the gaps to the teacher finished candidates closed (:func:`gains`)."""
     _atomic_write(Path(out) / SNAPSHOT_FILE, {
         "metric": metric, "direction": direction, "teacher": teacher, "objectives": dict(objectives),
         "constraints": list(constraints), "front": [dict(f) for f in front], "margin": margin,
