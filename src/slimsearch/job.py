@@ -220,8 +220,8 @@ class SearchSpec(_Frozen):
                                            "may add to its worker, in MiB; above it the candidate fails")
     early_stopping: bool = Field(True, description="stop fine-tuning a candidate that cannot plausibly reach the "
                                  "front or meet the constraints (checked at 1/4, 1/2 and 3/4 of its steps)")
-    early_stopping_margin: float = Field(0.01, ge=0, description="added to the largest gain finished candidates "
-                                         "made after a check before a candidate is judged hopeless (metric units)")
+    early_stopping_margin: float = Field(0.01, ge=0, description="added to the best metric a candidate could "
+                                         "plausibly still reach before it is judged hopeless (metric units)")
 
 
 class JobSpec(_Frozen):
