@@ -198,3 +198,15 @@ def test_checking_a_candidate_leaves_its_training_unchanged(tmp_path, teacher_ca
     assert score(checked, task.val, task) == score(unchecked, task.val, task)
     for a, b in zip(checked.state_dict().values(), unchecked.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_candidate_with_fewer_than_four_steps_is_never_checked(tmp_path, teacher_cache):
+    from slimsearch.evaluators.evaluate import apply_plan
+    from slimsearch.spaces.plan import DistillPlan
+
+    task, plan, _ = _digits_candidate(tmp_path)
+    plan = type(plan)(layers={}, distill=DistillPlan(steps=3), seed=0)
+    stopper = EarlyStop(tmp_path, task, plan, ["raspberry-pi-4"])
+    apply_plan(task, plan, on_chunk=stopper, chunk_every=stopper.every)
+    assert stopper.every == 0 and stopper.points == []
+    assert stopper.finish() == {STOPPED_METRIC: 0.0, STEPS_METRIC: 3.0}

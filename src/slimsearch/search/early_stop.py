@@ -145,7 +145,8 @@ class FrontSnapshot:
 class EarlyStop:
     """The ``on_chunk`` of one candidate's fine-tuning (see :func:`slimsearch.evaluators.distill`).
 
-    ``steps`` is the candidate's distillation steps; :attr:`every` the steps between checks.
+    ``steps`` is the candidate's distillation steps; :attr:`every` the steps between checks
+    (0 for fewer than 4 steps: such a candidate is not checked).
     After fine-tuning, :meth:`finish` leaves the curve for the driver and says whether and
     why the candidate was stopped.
     """
@@ -153,7 +154,7 @@ class EarlyStop:
     def __init__(self, out: Path, task, plan, profiles: Sequence[Any]):
         self.out, self.task, self.plan, self.profiles = Path(out), task, plan, profiles
         self.steps = plan.distill.steps
-        self.every = max(1, self.steps // 4)
+        self.every = self.steps // 4  # 0 (under 4 steps): never checked
         self.points: list[list[float]] = []
         self.stopped_at: Optional[int] = None
         self.reason: Optional[str] = None
