@@ -657,3 +657,51 @@ def start_ray(num_cpus: int, address: Optional[str] = None) -> bool:
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              configure_logging=True)
     return True
+
+
+class RayInBackground:
+    """Ray's start (about 5 s: its GCS, raylet and worker processes, then Ray Tune's import)
+    in a thread, so a job's own set-up (Optuna study, MLflow store, registry) runs meanwhile
+    instead of before it. :meth:`ready` waits for it; :meth:`stop` shuts down what it started.
+
+    The thread lives until :meth:`stop` and shuts Ray down itself: Linux ties the processes
+    Ray starts to the *thread* that started them (``PR_SET_PDEATHSIG``), so they are killed
+    the moment that thread ends.
+    """
+
+    def __init__(self, num_cpus: int):
+        import threading
+
+        self._started = False
+        self._error: Optional[BaseException] = None
+        self._up, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._own, args=(num_cpus,), name="slimsearch-ray", daemon=True)
+        self._thread.start()
+
+    def _own(self, num_cpus: int) -> None:
+        try:
+            self._started = start_ray(num_cpus)
+            import ray.tune  # noqa: F401 - its first import takes ~1 s; the search needs it next
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread by ready()
+            self._error = exc
+        finally:
+            self._up.set()
+        self._stop.wait()
+        if self._started:
+            import ray
+
+            ray.shutdown()
+
+    def ready(self) -> bool:
+        """Wait until Ray is up; True when this object started it (it was not running already)."""
+        self._up.wait()
+        if self._error is not None:
+            raise self._error
+        return self._started
+
+    def stop(self, wait: bool = True) -> None:
+        """Shut Ray down if this object started it; ``wait=False`` returns at once (a later
+        ``stop()`` waits for the shutdown to end)."""
+        self._stop.set()
+        if wait:
+            self._thread.join()

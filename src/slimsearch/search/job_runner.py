@@ -214,7 +214,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     from slimsearch.evaluators.metrics import absent_reasons, provenance_map
     from slimsearch.hardware_profiles._energy import EnergyDomain, energy_meter
     from slimsearch.search.driver import (Constraint, failure_cap, open_study, recover_interrupted, records,
-                                          run_trials, start_ray)
+                                          run_trials, RayInBackground)
     from slimsearch.search.samplers import make_sampler, seeded_at_first_trial
     from slimsearch.storage import default_storage_url, default_tracking_uri, redact
     from slimsearch.storage.urls import claim_sqlite
@@ -262,49 +262,58 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
         teacher[f"{task.metric_name}_test"] = score(task.teacher, task.test, task)
     teacher_score = teacher[task.metric_name]
 
-    storage_url = spec.storage or default_storage_url(out)
-    tracking_uri = spec.tracking_uri or default_tracking_uri(out)
-    # A candidate stopped early was not fine-tuned to the end: a constraint keeps it off the front.
-    constraint_texts = [*spec.constraints, *([STOP_CONSTRAINT] if spec.search.early_stopping else [])]
-    constraints = [Constraint.parse(c) for c in constraint_texts]
-    estimate_fn = functools.partial(estimate_params, task=task, space=space, profiles=spec.profile_refs)
-    sampler_args = {"budget": spec.search.budget, "estimate": estimate_fn, "constraints": constraint_texts,
-                    "space": dict(space.choices)}
-    lock = claim_sqlite(storage_url, f"{source}: storage" if spec.storage else f"--out {out}")
-    # Seeded at this driver's first trial: a resumed driver, or one sharing the study with
-    # others, does not propose the plans already asked again.
-    study = open_study(storage_url, spec.name, objectives, seeded_at_first_trial(
-        lambda seed: make_sampler(spec.search.sampler.value, seed=seed, **sampler_args), spec.search.seed))
-    if resume:
-        requeued = recover_interrupted(study, owner=str(out))
-        if requeued:
-            log(f"[slimsearch] {requeued} trial(s) interrupted by the last stop will run again")
-    done = sum(1 for r in records(study) if r.state.value == "complete")
-    remaining = max(0, spec.search.budget - done)
+    # Ray starts in the background while the study and the MLflow run are set up (a resumed job
+    # starts it only once it knows candidates remain). Not before the teacher is measured:
+    # Ray's start-up processes would share the CPU with its latency timing.
+    ray_start = RayInBackground(workers * threads) if executor == "ray" and not resume else None
+    try:
+        storage_url = spec.storage or default_storage_url(out)
+        tracking_uri = spec.tracking_uri or default_tracking_uri(out)
+        # A candidate stopped early was not fine-tuned to the end: a constraint keeps it off the front.
+        constraint_texts = [*spec.constraints, *([STOP_CONSTRAINT] if spec.search.early_stopping else [])]
+        constraints = [Constraint.parse(c) for c in constraint_texts]
+        estimate_fn = functools.partial(estimate_params, task=task, space=space, profiles=spec.profile_refs)
+        sampler_args = {"budget": spec.search.budget, "estimate": estimate_fn, "constraints": constraint_texts,
+                        "space": dict(space.choices)}
+        lock = claim_sqlite(storage_url, f"{source}: storage" if spec.storage else f"--out {out}")
+        # Seeded at this driver's first trial: a resumed driver, or one sharing the study with
+        # others, does not propose the plans already asked again.
+        study = open_study(storage_url, spec.name, objectives, seeded_at_first_trial(
+            lambda seed: make_sampler(spec.search.sampler.value, seed=seed, **sampler_args), spec.search.seed))
+        if resume:
+            requeued = recover_interrupted(study, owner=str(out))
+            if requeued:
+                log(f"[slimsearch] {requeued} trial(s) interrupted by the last stop will run again")
+        done = sum(1 for r in records(study) if r.state.value == "complete")
+        remaining = max(0, spec.search.budget - done)
 
-    tracker = Tracker(tracking_uri, spec.name, artifact_root=out / "mlartifacts")
-    params = {"job": redact(spec.to_json()), "task": spec.task, "budget": spec.search.budget, "sampler": spec.search.sampler.value,
-              "workers": workers, "storage": redact(storage_url),
-              "local_energy_meter": meter.source if meter is not None else
-              "none (no readable RAPL counters: energy_mj@local not recorded)",
-              "measured_on_device_nodes": ", ".join(sorted(devices or {})) or "none"}
-    parent = tracker.start_parent(spec.name, params, parent_id=state.get("parent_run_id"))
-    default_modes = _power_modes_used(spec, {})
-    if not resume:
-        teacher_tags = {f"teacher.{k}": v for k, v in _power_modes_used(spec, spec.teacher_power_modes()).items()}
-        teacher_tags.update({f"absent.teacher.{mlflow_key(k)}": why for k, why in absent_reasons(teacher).items()})
-        teacher_tags.update({f"teacher.provenance.{mlflow_key(k)}": v
-                             for k, v in provenance_map(teacher, state.get("teacher_provenance")).items()})
-        tracker.log_parent_metrics({f"teacher.{k}": v for k, v in teacher.items()}, tags=teacher_tags)
-    state = {"spec": json.loads(spec.to_json()), "parent_run_id": parent, "study_name": spec.name,
-             "storage": storage_url, "tracking_uri": tracking_uri, "teacher": teacher,
-             # torch's thread count changes float rounding in training: export rebuilds a trial with
-             # the count its worker had (an entry per start: [first trial number it ran, threads])
-             "threads": [*state.get("threads", []), [len(study.trials), threads]],
-             "teacher_sha256": task.teacher_sha256, "created": state.get("created", time.time()),
-             "teacher_provenance": provenance_map(teacher, state.get("teacher_provenance"))}
-    _write_json(out / STATE_FILE, state)
-    job_id = _register(spec, out, state, tracker, log)
+        tracker = Tracker(tracking_uri, spec.name, artifact_root=out / "mlartifacts")
+        params = {"job": redact(spec.to_json()), "task": spec.task, "budget": spec.search.budget, "sampler": spec.search.sampler.value,
+                  "workers": workers, "storage": redact(storage_url),
+                  "local_energy_meter": meter.source if meter is not None else
+                  "none (no readable RAPL counters: energy_mj@local not recorded)",
+                  "measured_on_device_nodes": ", ".join(sorted(devices or {})) or "none"}
+        parent = tracker.start_parent(spec.name, params, parent_id=state.get("parent_run_id"))
+        default_modes = _power_modes_used(spec, {})
+        if not resume:
+            teacher_tags = {f"teacher.{k}": v for k, v in _power_modes_used(spec, spec.teacher_power_modes()).items()}
+            teacher_tags.update({f"absent.teacher.{mlflow_key(k)}": why for k, why in absent_reasons(teacher).items()})
+            teacher_tags.update({f"teacher.provenance.{mlflow_key(k)}": v
+                                 for k, v in provenance_map(teacher, state.get("teacher_provenance")).items()})
+            tracker.log_parent_metrics({f"teacher.{k}": v for k, v in teacher.items()}, tags=teacher_tags)
+        state = {"spec": json.loads(spec.to_json()), "parent_run_id": parent, "study_name": spec.name,
+                 "storage": storage_url, "tracking_uri": tracking_uri, "teacher": teacher,
+                 # torch's thread count changes float rounding in training: export rebuilds a trial with
+                 # the count its worker had (an entry per start: [first trial number it ran, threads])
+                 "threads": [*state.get("threads", []), [len(study.trials), threads]],
+                 "teacher_sha256": task.teacher_sha256, "created": state.get("created", time.time()),
+                 "teacher_provenance": provenance_map(teacher, state.get("teacher_provenance"))}
+        _write_json(out / STATE_FILE, state)
+        job_id = _register(spec, out, state, tracker, log)
+    except BaseException:
+        if ray_start is not None:
+            ray_start.stop()
+        raise
 
     log(f"[slimsearch] {done} of {spec.search.budget} candidates done; running {remaining} "
         f"on {workers} worker(s) x {threads} thread(s)")
@@ -348,11 +357,11 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     (out / MODELS_DIR).mkdir(exist_ok=True)
     job_fn = functools.partial(evaluate_params, job_json=redact(spec.to_json()), space=space, teacher_score=teacher_score,
                                out=str(out), devices=devices or None)
-    started_ray = False
     status = "FAILED"
     try:
         if remaining and executor == "ray":
-            started_ray = start_ray(workers * threads)
+            ray_start = ray_start or RayInBackground(workers * threads)
+            ray_start.ready()
         ran = run_trials(study, dict(space.choices), job_fn, objectives, n_trials=remaining, executor=executor,
                          workers=workers, threads_per_worker=threads, listener=on_trial,
                          ray_storage=str(out / "ray"), constraints=constraints,
@@ -377,10 +386,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
             lock.close()
         if bar is not None:
             bar.close()
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+        if ray_start is not None:  # Ray's shutdown (~2 s) overlaps writing the results, which need no Ray
+            ray_start.stop(wait=False)
         try:
             result = _finish(study, space, tracker, out, objectives, teacher, task.metric_name, state,
                              default_modes)
@@ -392,6 +399,9 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                 _register_end(job_id, exc, log)
                 raise JobStateError(f"{exc}; every result is in the Optuna study ({redact(storage_url)}): when the "
                                     f"store is back, `slimsearch run {source} --out {out} --resume` logs them")
+        finally:
+            if ray_start is not None:
+                ray_start.stop()
     _register_end(job_id, None, log)
     return result
 

