@@ -331,7 +331,14 @@ def _ui(args) -> int:
     from slimsearch.storage.ui import start_ui
 
     job = resolve_job(args.job)
-    server = start_ui(read_state(job.folder)["tracking_uri"], port=args.port, log_path=job.folder / "mlflow-ui.log")
+    state = read_state(job.folder)
+    if state["tracking_uri"].startswith(("http://", "https://")):  # logged to an MLflow server: its UI is there
+        from slimsearch.storage import redact
+
+        print(f"MLflow UI of job {job.folder.name}: {redact(state['tracking_uri'])} (the job logs to that MLflow "
+              f"server; experiment {state['study_name']!r}; nothing started here)")
+        return 0
+    server = start_ui(state["tracking_uri"], port=args.port, log_path=job.folder / "mlflow-ui.log")
     try:
         server.wait_ready()
         print(f"MLflow UI of job {job.folder.name} on {server.url} (Ctrl-C stops it; log: {server.log_path})",

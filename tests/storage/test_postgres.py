@@ -277,6 +277,11 @@ def test_runs_reach_an_mlflow_tracking_server_with_a_postgres_backend(postgres, 
     assert "front.json" in names
     assert list(mlflow_server.artifact_root.rglob("front.json"))  # in the server's root, not the job folder
     assert not (tmp_path / "out" / "mlartifacts").exists()
+    # `slimsearch ui` points to the server's own UI instead of starting one on an http store
+    ui = subprocess.run([sys.executable, "-m", "slimsearch.cli", "ui", str(tmp_path / "out")], capture_output=True,
+                        text=True, timeout=120)
+    assert ui.returncode == 0, ui.stderr[-2000:]
+    assert f"MLflow UI of job out: {mlflow_server.url} " in ui.stdout
 
 
 @pytest.mark.parametrize("field", ["storage", "tracking_uri"])
