@@ -12,7 +12,10 @@ first (once, not timed), as a user's second job would find it. From the job's Op
 * ``outside``: ``1 - inside / (wall x N)``: the share of the workers' time not spent evaluating a
   candidate (start-up: data, teacher measurement, Ray; scheduling; MLflow logging; the report);
 * ``candidates/h``: completed candidates per hour of wall time; the 2-worker row gives the
-  ratio to the 1-worker row.
+  ratio to the 1-worker row (the target's measure);
+* ``KD steps`` and ``steps/h``: the distillation steps of those candidates, and per hour of
+  wall time. The sampler proposes other plans when results arrive in another order (2
+  workers), so the two rows fine-tune different amounts; steps/h compares the work done.
 
 Early stopping, on the 1-worker job (the first of ``--workers``): each candidate stopped early
 is evaluated again in this process to the end of its fine-tuning, with the job's torch thread
@@ -57,7 +60,10 @@ def run_job(job: Path, out: Path, workers: int, budget: int | None) -> dict:
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     inside = sum(t.user_attrs.get(EVALUATE_ATTR, 0.0) for t in trials)
+    # the sampler picks other plans for another worker count: the fine-tuning steps they add up to
+    steps = sum(c["plan"]["distill"]["steps"] for c in json.loads((out / "front.json").read_text())["candidates"])
     return {"workers": workers, "wall_s": wall, "candidates": len(complete), "inside_evaluate_s": inside,
+            "distill_steps": steps, "distill_steps_per_hour": 3600.0 * steps / wall,
             "outside_share": 1.0 - inside / (wall * workers), "candidates_per_hour": 3600.0 * len(complete) / wall,
             "threads_per_worker": state["threads"][-1][1], "out": str(out), "log": proc.stdout}
 
@@ -141,11 +147,12 @@ def main() -> None:
         stops = check_stops(Path(runs[0]["out"]))
     base = runs[0]["candidates_per_hour"]
     print(f"{'workers':>7} {'threads':>7} {'cands':>5} {'wall s':>7} {'in eval s':>9} {'outside':>8} "
-          f"{'cand/h':>7} {'vs first':>8}")
+          f"{'cand/h':>7} {'vs first':>8} {'KD steps':>8} {'steps/h':>7} {'vs first':>8}")
     for r in runs:
         print(f"{r['workers']:>7} {r['threads_per_worker']:>7} {r['candidates']:>5} {r['wall_s']:>7.0f} "
               f"{r['inside_evaluate_s']:>9.0f} {r['outside_share']:>8.1%} {r['candidates_per_hour']:>7.0f} "
-              f"{r['candidates_per_hour'] / base:>7.2f}x")
+              f"{r['candidates_per_hour'] / base:>7.2f}x {r['distill_steps']:>8} {r['distill_steps_per_hour']:>7.0f} "
+              f"{r['distill_steps_per_hour'] / runs[0]['distill_steps_per_hour']:>7.2f}x")
     worst = max(r["outside_share"] for r in runs)
     print(f"time outside evaluate: at most {worst:.1%} (target <= {OUTSIDE_TARGET:.0%}: "
           f"{'PASS' if worst <= OUTSIDE_TARGET else 'FAIL'})")
