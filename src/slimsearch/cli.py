@@ -165,6 +165,7 @@ def _run(args) -> int:
 
     with joined(args.ray_address, spec.profile_refs) as devices:
         result = run_job(spec, out, resume=args.resume, executor=args.executor, progress=not args.no_progress,
+                         ray_in_background=_ONE_JOB_PER_PROCESS,
                          source=args.job, devices=devices)
     print(format_front(result))
     from slimsearch.storage import redact
@@ -435,6 +436,12 @@ def _hw_calibrate(args) -> int:
     return 0
 
 
+# True in the ``slimsearch`` command (entry), whose process runs one job and ends: Ray may
+# start in a background thread there (run_job's ray_in_background); not when main() is
+# called in a process that goes on (tests, notebooks).
+_ONE_JOB_PER_PROCESS = False
+
+
 def entry() -> None:
     """The ``slimsearch`` command: :func:`main`, then exit without a last garbage collection.
 
@@ -445,6 +452,8 @@ def entry() -> None:
     """
     import gc
 
+    global _ONE_JOB_PER_PROCESS
+    _ONE_JOB_PER_PROCESS = True
     code = main()
     gc.freeze()
     sys.exit(code)

@@ -666,15 +666,21 @@ class RayInBackground:
 
     The thread lives until :meth:`stop` and shuts Ray down itself: Linux ties the processes
     Ray starts to the *thread* that started them (``PR_SET_PDEATHSIG``), so they are killed
-    the moment that thread ends.
+    the moment that thread ends. ``background=False`` starts and stops Ray in the calling
+    thread instead (for a process that starts Ray more than once).
     """
 
-    def __init__(self, num_cpus: int):
+    def __init__(self, num_cpus: int, background: bool = True):
         import threading
 
         self._started = False
         self._error: Optional[BaseException] = None
         self._up, self._stop = threading.Event(), threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        if not background:
+            self._started = start_ray(num_cpus)
+            self._up.set()
+            return
         self._thread = threading.Thread(target=self._own, args=(num_cpus,), name="slimsearch-ray", daemon=True)
         self._thread.start()
 
@@ -702,6 +708,13 @@ class RayInBackground:
     def stop(self, wait: bool = True) -> None:
         """Shut Ray down if this object started it; ``wait=False`` returns at once (a later
         ``stop()`` waits for the shutdown to end)."""
+        if self._thread is None:  # started in the calling thread: stopped there, now
+            if self._started and not self._stop.is_set():
+                import ray
+
+                ray.shutdown()
+            self._stop.set()
+            return
         self._stop.set()
         if wait:
             self._thread.join()

@@ -202,13 +202,18 @@ def _prepare_folder(spec: JobSpec, out: Path, resume: bool) -> dict:
 
 
 def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "ray",
-            progress: bool = True, log=print, source: str = "<job>", devices=None) -> JobResult:
+            progress: bool = True, log=print, source: str = "<job>", devices=None,
+            ray_in_background: bool = False) -> JobResult:
     """Run (or resume) a job into folder ``out`` and return its front.
 
     ``source`` names the job file in error messages. ``devices`` maps a profile name to a
     meter on a Ray node that is that device (:func:`slimsearch.cluster.device_meters`, with
     Ray already joined to the cluster): the teacher's and every candidate's
     ``latency_ms@<profile>`` are then measured there, and labelled so.
+    ``ray_in_background``: start Ray in a thread while the job sets itself up (the
+    ``slimsearch`` command, one job per process); off, Ray starts in the calling thread
+    when the search begins (a process that runs several jobs: Ray restarted from threads
+    in one process is not safe, ray-project/ray#31145).
     """
     from slimsearch.evaluators import model_metrics, score
     from slimsearch.evaluators.metrics import absent_reasons, provenance_map
@@ -265,7 +270,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     # Ray starts in the background while the study and the MLflow run are set up (a resumed job
     # starts it only once it knows candidates remain). Not before the teacher is measured:
     # Ray's start-up processes would share the CPU with its latency timing.
-    ray_start = RayInBackground(workers * threads) if executor == "ray" and not resume else None
+    early = ray_in_background and executor == "ray" and not resume
+    ray_start = RayInBackground(workers * threads) if early else None
     try:
         storage_url = spec.storage or default_storage_url(out)
         tracking_uri = spec.tracking_uri or default_tracking_uri(out)
@@ -360,7 +366,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     status = "FAILED"
     try:
         if remaining and executor == "ray":
-            ray_start = ray_start or RayInBackground(workers * threads)
+            ray_start = ray_start or RayInBackground(workers * threads, background=ray_in_background)
             ray_start.ready()
         ran = run_trials(study, dict(space.choices), job_fn, objectives, n_trials=remaining, executor=executor,
                          workers=workers, threads_per_worker=threads, listener=on_trial,
