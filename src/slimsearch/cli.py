@@ -123,7 +123,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, *, one_job_per_process: bool = False) -> int:
+    """The command line; ``one_job_per_process`` (the ``slimsearch`` command, :func:`entry`):
+    the process ends after this call, so ``run`` may start Ray in a background thread
+    (``run_job``'s ``ray_in_background``); not in a process that goes on (tests, notebooks)."""
     from slimsearch.exceptions import SlimSearchError
 
     try:
@@ -132,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     try:
         if args.command == "run":
-            return _run(args)
+            return _run(args, ray_in_background=one_job_per_process)
         if args.command == "hw":
             return _hw_profile(args) if args.hw_command == "profile" else _hw_calibrate(args)
         if args.command in _JOB_COMMANDS:
@@ -146,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
-def _run(args) -> int:
+def _run(args, ray_in_background: bool = False) -> int:
     from slimsearch.exceptions import ConfigError
     from slimsearch.job import check_reachable, load_job
 
@@ -165,7 +168,7 @@ def _run(args) -> int:
 
     with joined(args.ray_address, spec.profile_refs) as devices:
         result = run_job(spec, out, resume=args.resume, executor=args.executor, progress=not args.no_progress,
-                         ray_in_background=_ONE_JOB_PER_PROCESS,
+                         ray_in_background=ray_in_background,
                          source=args.job, devices=devices)
     print(format_front(result))
     from slimsearch.storage import redact
@@ -436,12 +439,6 @@ def _hw_calibrate(args) -> int:
     return 0
 
 
-# True in the ``slimsearch`` command (entry), whose process runs one job and ends: Ray may
-# start in a background thread there (run_job's ray_in_background); not when main() is
-# called in a process that goes on (tests, notebooks).
-_ONE_JOB_PER_PROCESS = False
-
-
 def entry() -> None:
     """The ``slimsearch`` command: :func:`main`, then exit without a last garbage collection.
 
@@ -452,9 +449,7 @@ def entry() -> None:
     """
     import gc
 
-    global _ONE_JOB_PER_PROCESS
-    _ONE_JOB_PER_PROCESS = True
-    code = main()
+    code = main(one_job_per_process=True)
     gc.freeze()
     sys.exit(code)
 

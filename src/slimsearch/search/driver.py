@@ -659,18 +659,20 @@ def start_ray(num_cpus: int, address: Optional[str] = None) -> bool:
     return True
 
 
-class RayInBackground:
-    """Ray's start (about 5 s: its GCS, raylet and worker processes, then Ray Tune's import)
-    in a thread, so a job's own set-up (Optuna study, MLflow store, registry) runs meanwhile
-    instead of before it. :meth:`ready` waits for it; :meth:`stop` shuts down what it started.
+class RayStart:
+    """A job's Ray: started (:func:`start_ray`), waited for (:meth:`ready`), shut down if this
+    object started it (:meth:`stop`).
 
-    The thread lives until :meth:`stop` and shuts Ray down itself: Linux ties the processes
-    Ray starts to the *thread* that started them (``PR_SET_PDEATHSIG``), so they are killed
-    the moment that thread ends. ``background=False`` starts and stops Ray in the calling
-    thread instead (for a process that starts Ray more than once).
+    ``background=True`` starts it in a thread (about 5 s: its GCS, raylet and worker
+    processes, then Ray Tune's import), so a job's own set-up (Optuna study, MLflow store,
+    registry) runs meanwhile instead of before it. The thread lives until :meth:`stop` and
+    shuts Ray down itself: Linux ties the processes Ray starts to the *thread* that started
+    them (``PR_SET_PDEATHSIG``), so they are killed the moment that thread ends. Only for a
+    process that starts Ray once: Ray restarted from threads in one process can crash
+    (ray-project/ray#31145). ``background=False`` starts it in the calling thread, now.
     """
 
-    def __init__(self, num_cpus: int, background: bool = True):
+    def __init__(self, num_cpus: int, background: bool = False):
         import threading
 
         self._started = False

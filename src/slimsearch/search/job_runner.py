@@ -219,7 +219,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     from slimsearch.evaluators.metrics import absent_reasons, provenance_map
     from slimsearch.hardware_profiles._energy import EnergyDomain, energy_meter
     from slimsearch.search.driver import (Constraint, failure_cap, open_study, recover_interrupted, records,
-                                          run_trials, RayInBackground)
+                                          run_trials, RayStart)
     from slimsearch.search.samplers import make_sampler, seeded_at_first_trial
     from slimsearch.storage import default_storage_url, default_tracking_uri, redact
     from slimsearch.storage.urls import claim_sqlite
@@ -271,7 +271,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     # starts it only once it knows candidates remain). Not before the teacher is measured:
     # Ray's start-up processes would share the CPU with its latency timing.
     early = ray_in_background and executor == "ray" and not resume
-    ray_start = RayInBackground(workers * threads) if early else None
+    ray_start = RayStart(workers * threads, background=True) if early else None
     try:
         storage_url = spec.storage or default_storage_url(out)
         tracking_uri = spec.tracking_uri or default_tracking_uri(out)
@@ -366,7 +366,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     status = "FAILED"
     try:
         if remaining and executor == "ray":
-            ray_start = ray_start or RayInBackground(workers * threads, background=ray_in_background)
+            ray_start = ray_start or RayStart(workers * threads, background=ray_in_background)
             ray_start.ready()
         ran = run_trials(study, dict(space.choices), job_fn, objectives, n_trials=remaining, executor=executor,
                          workers=workers, threads_per_worker=threads, listener=on_trial,

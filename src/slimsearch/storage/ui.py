@@ -70,7 +70,7 @@ def start_ui(tracking_uri: str, *, port: Optional[int] = None, log_path: Optiona
            "--host", HOST, "--port", str(port), "--workers", "1"]
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed when it exits
     try:
-        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}  # a loopback UI reports nowhere
+        env = {"MLFLOW_DISABLE_TELEMETRY": "true", **os.environ}  # off unless the user set it (as tracking._client)
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    cwd=log_path.parent, env=env)
     finally:
