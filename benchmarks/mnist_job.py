@@ -1,7 +1,7 @@
 """The MNIST example as a job (issue 5): time outside evaluate, 1 vs 2 workers, early stopping.
 
     python benchmarks/mnist_job.py [--workers 1,2] [--budget 24] [--job examples/mnist.yaml] [--max-drop D]
-                                   [--json out.json]
+                                   [--no-ceiling] [--json out.json]
 
 For each worker count N, ``slimsearch run JOB --workers N --out <tmp>/w<N> --no-progress`` runs
 as a subprocess, timed from start to exit (wall). The MNIST teacher is trained into the cache
@@ -15,7 +15,20 @@ first (once, not timed), as a user's second job would find it. From the job's Op
   ratio to the 1-worker row (the target's measure);
 * ``KD steps`` and ``steps/h``: the distillation steps of those candidates, and per hour of
   wall time. The sampler proposes other plans when results arrive in another order (2
-  workers), so the two rows fine-tune different amounts; steps/h compares the work done.
+  workers), so the two rows fine-tune different amounts; steps/h compares the work done;
+* where the outside time goes, from the study's timestamps (a trial's ``evaluate`` is taken
+  to end when the driver records it, a few ms later, and to start ``evaluate_s`` before):
+  ``start`` from the command's start to the first ``evaluate``'s start (imports, data, the
+  teacher's measurement, the study and the MLflow store, Ray, the first worker's start),
+  ``end`` from the last ``evaluate``'s end to the exit, and ``between`` the rest of each
+  worker's share (Ray Tune's call and report, Optuna, MLflow's child run, a worker idle
+  while the other runs the last candidate).
+
+Ceiling of the 2-vs-1 ratio, with no time outside ``evaluate`` at all: one candidate of the
+1-worker job (its first with 200 KD steps) is evaluated, outside any job, by N processes at
+once with cores/N torch threads each (3 times; the first, which also computes the teacher's
+logits, is not counted). N workers can complete at most ``N / (their seconds per candidate)``
+candidates per second, whatever the driver does.
 
 Early stopping, on the 1-worker job (the first of ``--workers``): each candidate stopped early
 is evaluated again in this process to the end of its fine-tuning, with the job's torch thread
@@ -41,6 +54,8 @@ SCALING_TARGET = 1.6
 
 
 def run_job(job: Path, out: Path, workers: int, budget: int | None) -> dict:
+    import datetime
+
     import optuna
 
     from slimsearch.search.driver import EVALUATE_ATTR
@@ -49,6 +64,7 @@ def run_job(job: Path, out: Path, workers: int, budget: int | None) -> dict:
            "--no-progress"]
     if budget is not None:
         cmd += ["--budget", str(budget)]
+    began = time.time()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
@@ -60,11 +76,16 @@ def run_job(job: Path, out: Path, workers: int, budget: int | None) -> dict:
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     inside = sum(t.user_attrs.get(EVALUATE_ATTR, 0.0) for t in trials)
+    timed = [t for t in trials if t.user_attrs.get(EVALUATE_ATTR) is not None and t.datetime_complete is not None]
+    ends = [t.datetime_complete.timestamp() - began for t in timed]  # Optuna keeps local naive datetimes
+    start = min(e - t.user_attrs[EVALUATE_ATTR] for e, t in zip(ends, timed))
+    end = wall - max(ends)
     # the sampler picks other plans for another worker count: the fine-tuning steps they add up to
     steps = sum(c["plan"]["distill"]["steps"] for c in json.loads((out / "front.json").read_text())["candidates"])
     return {"workers": workers, "wall_s": wall, "candidates": len(complete), "inside_evaluate_s": inside,
             "distill_steps": steps, "distill_steps_per_hour": 3600.0 * steps / wall,
             "outside_share": 1.0 - inside / (wall * workers), "candidates_per_hour": 3600.0 * len(complete) / wall,
+            "start_s": start, "end_s": end, "between_s": wall - start - end - inside / workers,
             "threads_per_worker": state["threads"][-1][1], "out": str(out), "log": proc.stdout}
 
 
@@ -112,6 +133,45 @@ def check_stops(out: Path) -> dict:
             "would_join_front": sum(r["would_join_front"] for r in rows), "rows": rows}
 
 
+def time_candidate(job: Path, params_file: Path, threads: int, repeat: int) -> None:
+    """(A subprocess of :func:`ceiling`.) Evaluate one candidate ``repeat`` times; print the seconds as JSON."""
+    import torch
+
+    from slimsearch.job import load_job
+    from slimsearch.search.job_runner import _cached_task, build_space, evaluate_params
+
+    torch.set_num_threads(threads)
+    spec = load_job(job)
+    task = _cached_task(spec.task, spec.search.seed, spec.task_path)
+    space = build_space(spec, task)
+    data = json.loads(params_file.read_text())
+    seconds = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        evaluate_params(data["params"], job_json=spec.to_json(), space=space, teacher_score=data["teacher_score"])
+        seconds.append(time.perf_counter() - t0)
+    print(json.dumps(seconds))
+
+
+def ceiling(job: Path, out: Path, counts: list[int], tmp: Path) -> dict:
+    """Seconds per candidate of N processes side by side (cores/N threads each), for each N in ``counts``."""
+    front = json.loads((out / "front.json").read_text())
+    picked = next((c for c in front["candidates"] if c["plan"]["distill"]["steps"] == 200), front["candidates"][0])
+    params_file = tmp / "ceiling_params.json"
+    params_file.write_text(json.dumps({"params": picked["params"], "teacher_score": front["teacher"][front["metric"]]}))
+    cores = os.cpu_count() or 1
+    rows = []
+    for n in counts:
+        threads = max(1, cores // n)
+        cmd = [sys.executable, __file__, "--job", str(job), "--time-candidate", str(params_file),
+               "--threads", str(threads)]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n)]
+        runs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+        per = sum(sum(r[1:]) / len(r[1:]) for r in runs) / n
+        rows.append({"workers": n, "threads": threads, "seconds_per_candidate": per, "candidates_per_hour": 3600 * n / per})
+    return {"trial": picked["trial"], "steps": picked["plan"]["distill"]["steps"], "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--job", type=Path, default=ROOT / "examples" / "mnist.yaml")
@@ -120,8 +180,14 @@ def main() -> None:
     ap.add_argument("--max-drop", type=float, default=None,
                     help="replace the job's constraints with accuracy_drop <= this (a job where early stopping has "
                          "candidates to stop)")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the ceiling measurement (about a minute)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--time-candidate", type=Path, help=argparse.SUPPRESS)  # ceiling()'s subprocesses
+    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.time_candidate is not None:
+        time_candidate(args.job, args.time_candidate, args.threads, repeat=3)
+        return
 
     from slimsearch.job import load_job
     from slimsearch.tasks import load_task
@@ -145,14 +211,19 @@ def main() -> None:
             r = runs[-1]
             print(f"  {n} worker(s): {r['candidates']} candidates in {r['wall_s']:.0f} s", file=sys.stderr)
         stops = check_stops(Path(runs[0]["out"]))
+        bound = None
+        if len(runs) > 1 and not args.no_ceiling:
+            bound = ceiling(job, Path(runs[0]["out"]), [r["workers"] for r in runs], Path(tmp))
     base = runs[0]["candidates_per_hour"]
     print(f"{'workers':>7} {'threads':>7} {'cands':>5} {'wall s':>7} {'in eval s':>9} {'outside':>8} "
-          f"{'cand/h':>7} {'vs first':>8} {'KD steps':>8} {'steps/h':>7} {'vs first':>8}")
+          f"{'cand/h':>7} {'vs first':>8} {'KD steps':>8} {'steps/h':>7} {'vs first':>8} {'start s':>7} "
+          f"{'between s':>9} {'end s':>5}")
     for r in runs:
         print(f"{r['workers']:>7} {r['threads_per_worker']:>7} {r['candidates']:>5} {r['wall_s']:>7.0f} "
               f"{r['inside_evaluate_s']:>9.0f} {r['outside_share']:>8.1%} {r['candidates_per_hour']:>7.0f} "
               f"{r['candidates_per_hour'] / base:>7.2f}x {r['distill_steps']:>8} {r['distill_steps_per_hour']:>7.0f} "
-              f"{r['distill_steps_per_hour'] / runs[0]['distill_steps_per_hour']:>7.2f}x")
+              f"{r['distill_steps_per_hour'] / runs[0]['distill_steps_per_hour']:>7.2f}x {r['start_s']:>7.1f} "
+              f"{r['between_s']:>9.1f} {r['end_s']:>5.1f}")
     worst = max(r["outside_share"] for r in runs)
     print(f"time outside evaluate: at most {worst:.1%} (target <= {OUTSIDE_TARGET:.0%}: "
           f"{'PASS' if worst <= OUTSIDE_TARGET else 'FAIL'})")
@@ -160,6 +231,12 @@ def main() -> None:
         ratio = runs[-1]["candidates_per_hour"] / base
         print(f"{runs[-1]['workers']} vs {runs[0]['workers']} worker(s): {ratio:.2f}x the candidates per hour "
               f"(target >= {SCALING_TARGET}x: {'PASS' if ratio >= SCALING_TARGET else 'FAIL'})")
+    if bound is not None:
+        first, last = bound["rows"][0], bound["rows"][-1]
+        print(f"ceiling with no time outside evaluate (trial {bound['trial']}, {bound['steps']} KD steps, outside any "
+              f"job): {first['workers']} x {first['threads']} thread(s) {first['seconds_per_candidate']:.2f} s per "
+              f"candidate, {last['workers']} x {last['threads']} side by side {last['seconds_per_candidate']:.2f} s "
+              f"each: at most {last['candidates_per_hour'] / first['candidates_per_hour']:.2f}x")
     print(f"early stopping ({runs[0]['workers']} worker job): {stops['stopped']} of {stops['candidates']} candidates "
           f"stopped; fine-tuning them to the end took {stops['saved_s']:.0f} s more "
           f"({stops['saved_share']:.1%} of all time inside evaluate); {stops['would_join_front']} of them would have "
@@ -171,7 +248,7 @@ def main() -> None:
     if args.json:
         for r in runs:
             r.pop("log")
-        args.json.write_text(json.dumps({"runs": runs, "early_stopping": stops}, indent=2))
+        args.json.write_text(json.dumps({"runs": runs, "early_stopping": stops, "ceiling": bound}, indent=2))
 
 
 if __name__ == "__main__":
