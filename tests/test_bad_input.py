@@ -393,7 +393,7 @@ def _resume_changed_job(ctx):
     ctx.write(data)
     return Row(["run", str(ctx.job), "--out", str(ctx.finished.out), "--resume", *RUN],
                [f"{ctx.finished.out}: the job file differs from the job being resumed in ['space']",
-                "only search.budget and search.workers may change on --resume"])
+                "only search.budget, search.workers and search.threads_per_worker may change on --resume"])
 
 
 def _resume_without_job(ctx):

@@ -62,6 +62,7 @@ CASES = {
     "unknown_sampler": ({"search__sampler": "cmaes"}, "search.sampler",
                         ["'cmaes'", "'nsga2'", "'tpe'", "'random'"]),
     "budget_0": ({"search__budget": 0}, "search.budget", ["0", "greater than or equal to 1"]),
+    "threads_0": ({"search__threads_per_worker": 0}, "search.threads_per_worker", ["0", "greater than or equal to 1"]),
     "unknown_task": ({"task": "cifar100"}, "task", ["'cifar100'", "'mnist'", "'digits'", "package.module:function"]),
     # these two need the task's layers, so they are checked against the digits teacher
     "unknown_layer": ({"space__layers": {"conv9": {"weight_bits": [4]}}}, "space.layers",
@@ -130,8 +131,9 @@ def test_the_installed_command_prints_no_traceback(write_job, tmp_path):
 
 
 def test_a_valid_job_file_loads_with_overrides(write_job):
-    spec = load_job(write_job(_job()), {"search.budget": 7, "search.workers": 2})
+    spec = load_job(write_job(_job()), {"search.budget": 7, "search.workers": 2, "search.threads_per_worker": 1})
     assert (spec.search.budget, spec.search.workers, spec.search.sampler.value) == (7, 2, "nsga2")
+    assert spec.search.threads_per_worker == 1 and load_job(write_job(_job())).search.threads_per_worker is None
     assert spec.space.weight_bits == [4, 8]
     assert list(spec.objectives) == ["accuracy", "latency_ms_b64@local", "size_bytes"]
     assert JobSpec.from_json(spec.to_json()) == spec

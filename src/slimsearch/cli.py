@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("job", help="job file (YAML)")
     run.add_argument("--budget", type=int, help="number of candidates to train and measure")
     run.add_argument("--workers", type=int, help="parallel Ray workers (default: one per core)")
+    run.add_argument("--threads", type=int, help="torch threads per worker (default: the cores shared out among "
+                                                 "the workers)")
     run.add_argument("--out", help="job folder (default: runs/<job name>)")
     run.add_argument("--resume", action="store_true", help="continue the job in --out where it stopped")
     run.add_argument("--executor", choices=["ray", "local"], default="ray",
@@ -154,6 +156,7 @@ def _run(args, ray_in_background: bool = False) -> int:
     from slimsearch.job import check_reachable, load_job
 
     flags = {"search.budget": ("--budget", args.budget), "search.workers": ("--workers", args.workers),
+             "search.threads_per_worker": ("--threads", args.threads),
              "storage": ("--storage", args.storage), "tracking_uri": ("--tracking-uri", args.tracking_uri)}
     flags = {k: (flag, v) for k, (flag, v) in flags.items() if v is not None}  # the flags given
     spec = load_job(args.job, {k: v for k, (_, v) in flags.items()}, flags={k: flag for k, (flag, _) in flags.items()})

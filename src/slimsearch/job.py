@@ -212,6 +212,8 @@ class ProfileTarget(_Frozen):
 class SearchSpec(_Frozen):
     budget: int = Field(24, ge=1, description="trained candidates")
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    threads_per_worker: Optional[int] = Field(None, ge=1, description="torch threads of each worker (default: the "
+                                              "machine's cores shared out among the workers, at least 1)")
     sampler: Sampler = Sampler.NSGA2
     seed: int = 0
     max_retries: int = Field(1, ge=0, le=10, description="times a candidate whose Ray worker died is run "

@@ -161,7 +161,7 @@ def test_resume_with_a_changed_job_is_refused(finished_job):
     assert result.code == 2
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"slimsearch: error: {finished_job.out}: the job file differs")
-    assert "['space']" in line and "search.budget and search.workers" in line
+    assert "['space']" in line and "search.budget, search.workers and search.threads_per_worker may change" in line
     assert len(_complete(_study(finished_job.out))) == 4
 
 
@@ -182,11 +182,11 @@ def _snapshot(trial) -> tuple:
 def resumed_job(tmp_path_factory, teacher_cache):
     folder = tmp_path_factory.mktemp("resume")
     job, out = _write(folder, JOB), folder / "out"
-    first = _run(str(job), "--out", str(out), "--executor", "local", "--budget", "3")
+    first = _run(str(job), "--out", str(out), "--executor", "local", "--budget", "3", "--threads", "1")
     assert first.code == 0, first.stderr
     trials_before = [_snapshot(t) for t in _complete(_study(out))]
     runs_before = {int(r.data.tags["slimsearch.trial"]): (r.info.run_id, r.info.start_time) for r in _runs(out)[1]}
-    second = _run(str(job), "--out", str(out), "--executor", "local", "--budget", "5", "--resume")
+    second = _run(str(job), "--out", str(out), "--executor", "local", "--budget", "5", "--resume", "--threads", "2")
     assert second.code == 0, second.stderr
     return SimpleNamespace(out=out, trials_before=trials_before, runs_before=runs_before, stdout=second.stdout)
 
@@ -205,6 +205,13 @@ def test_resume_runs_only_the_missing_candidates(resumed_job):
     assert {n: (by_trial[n].info.run_id, by_trial[n].info.start_time) for n in range(3)} == resumed_job.runs_before
     data = json.loads((resumed_job.out / "front.json").read_text())
     assert sorted(c["trial"] for c in data["candidates"]) == [0, 1, 2, 3, 4]
+
+
+def test_resume_may_change_the_threads_per_worker_and_records_each_starts_count(resumed_job):
+    # export rebuilds a trial with its worker's thread count (it changes float rounding in training)
+    assert "running 2 on 1 worker(s) x 2 thread(s)" in resumed_job.stdout
+    state = json.loads((resumed_job.out / "job.json").read_text())
+    assert state["threads"] == [[0, 1], [3, 2]]
 
 
 def test_resumed_trials_are_new_plans(resumed_job):

@@ -26,6 +26,7 @@ STATE_FILE = "job.json"
 FRONT_FILE = "front.json"
 FRONT_HTML = "front.html"
 MODELS_DIR = "models"  # the ONNX graphs of candidates that may still join the front
+RESUME_MAY_CHANGE = ("budget", "workers", "threads_per_worker")  # of a job's search settings
 
 
 def model_file(out: Path, plan) -> Path:
@@ -183,11 +184,13 @@ def _prepare_folder(spec: JobSpec, out: Path, resume: bool) -> dict:
         stored = JobSpec.from_json(json.dumps(state["spec"]))
         mine, theirs = spec.model_dump(), stored.model_dump()
         for d in (mine, theirs):
-            d["search"].pop("budget"), d["search"].pop("workers")
+            for key in RESUME_MAY_CHANGE:
+                d["search"].pop(key, None)
         if mine != theirs:
             diff = sorted(k for k in mine if mine[k] != theirs[k])
+            *most, last = ["search." + k for k in RESUME_MAY_CHANGE]
             raise ConfigError(f"{out}: the job file differs from the job being resumed in {diff}; "
-                              "only search.budget and search.workers may change on --resume")
+                              f"only {', '.join(most)} and {last} may change on --resume")
         return state
     if state_path.exists():
         raise JobStateError(f"{out}: already holds a job; pass --resume to continue it or choose another --out")
@@ -229,7 +232,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     objectives = {k: v.value for k, v in spec.objectives.items()}
     cores = os.cpu_count() or 1
     workers = spec.search.workers
-    threads = max(1, cores // workers)
+    threads = spec.search.threads_per_worker or max(1, cores // workers)
 
     import torch
 
@@ -367,7 +370,9 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     try:
         if remaining and executor == "ray":
             ray_start = ray_start or RayStart(workers * threads, background=ray_in_background)
-            ray_start.ready()
+            if ray_start.ready() and workers * threads > cores:  # started here, on this machine's cores
+                log(f"[slimsearch] {workers} worker(s) x {threads} threads on {cores} cores: candidates share "
+                    "cores, so each runs slower and its measured latencies vary more")
         ran = run_trials(study, dict(space.choices), job_fn, objectives, n_trials=remaining, executor=executor,
                          workers=workers, threads_per_worker=threads, listener=on_trial,
                          ray_storage=str(out / "ray"), constraints=constraints,
