@@ -1,18 +1,18 @@
 """The MNIST example as a job (issue 5): time outside evaluate, 1 vs 2 workers, early stopping.
 
-    python benchmarks/mnist_job.py [--workers 1,2] [--budget 24] [--job examples/mnist.yaml] [--max-drop D]
+    python benchmarks/mnist_job.py [--workers 1,2 | --workers 1x1,2x1] [--budget 24] [--job examples/mnist.yaml] [--max-drop D]
                                    [--no-ceiling] [--json out.json]
 
-For each worker count N, ``slimsearch run JOB --workers N --out <tmp>/w<N> --no-progress`` runs
-as a subprocess, timed from start to exit (wall). The MNIST teacher is trained into the cache
+For each worker count N (``NxT``: with T torch threads each; default: the cores shared out),
+``slimsearch run JOB --workers N [--threads T] --out <tmp>/<N>x<T> --no-progress`` runs as a subprocess, timed from start to exit (wall). The MNIST teacher is trained into the cache
 first (once, not timed), as a user's second job would find it. From the job's Optuna study:
 
 * ``inside evaluate``: the seconds each worker spent inside ``evaluate`` (timed in the worker:
   build the plan's model, fine-tune, measure), summed over candidates;
 * ``outside``: ``1 - inside / (wall x N)``: the share of the workers' time not spent evaluating a
   candidate (start-up: data, teacher measurement, Ray; scheduling; MLflow logging; the report);
-* ``candidates/h``: completed candidates per hour of wall time; the 2-worker row gives the
-  ratio to the 1-worker row (the target's measure);
+* ``candidates/h``: completed candidates per hour of wall time; each row gives its
+  ratio to the first row (with `--workers 1,2`, the target's measure);
 * ``KD steps`` and ``steps/h``: the distillation steps of those candidates, and per hour of
   wall time. The sampler proposes other plans when results arrive in another order (2
   workers), so the two rows fine-tune different amounts; steps/h compares the work done;
@@ -24,13 +24,13 @@ first (once, not timed), as a user's second job would find it. From the job's Op
   worker's share (Ray Tune's call and report, Optuna, MLflow's child run, a worker idle
   while the other runs the last candidate).
 
-Ceiling of the 2-vs-1 ratio, with no time outside ``evaluate`` at all: one candidate of the
-1-worker job (its first with 200 KD steps) is evaluated, outside any job, by N processes at
-once with cores/N torch threads each (3 times; the first, which also computes the teacher's
-logits, is not counted). N workers can complete at most ``N / (their seconds per candidate)``
+Ceiling of the last-vs-first ratio, with no time outside ``evaluate`` at all: one candidate of
+the first job (its first with 200 KD steps) is evaluated, outside any job, by N processes at
+once with that row's T torch threads each (3 times; the first, which also computes the
+teacher's logits, is not counted). N workers can complete at most ``N / (their seconds per candidate)``
 candidates per second, whatever the driver does.
 
-Early stopping, on the 1-worker job (the first of ``--workers``): each candidate stopped early
+Early stopping, on the first job of ``--workers``: each candidate stopped early
 is evaluated again in this process to the end of its fine-tuning, with the job's torch thread
 count. ``saved`` is its full evaluation time minus the stopped one's; ``would have joined the
 front`` counts the fully fine-tuned ones that meet the job's constraints and that no front
@@ -53,7 +53,7 @@ OUTSIDE_TARGET = 0.05
 SCALING_TARGET = 1.6
 
 
-def run_job(job: Path, out: Path, workers: int, budget: int | None) -> dict:
+def run_job(job: Path, out: Path, workers: int, threads: int | None, budget: int | None) -> dict:
     import datetime
 
     import optuna
@@ -64,6 +64,8 @@ def run_job(job: Path, out: Path, workers: int, budget: int | None) -> dict:
            "--no-progress"]
     if budget is not None:
         cmd += ["--budget", str(budget)]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
     began = time.time()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -153,16 +155,14 @@ def time_candidate(job: Path, params_file: Path, threads: int, repeat: int) -> N
     print(json.dumps(seconds))
 
 
-def ceiling(job: Path, out: Path, counts: list[int], tmp: Path) -> dict:
-    """Seconds per candidate of N processes side by side (cores/N threads each), for each N in ``counts``."""
+def ceiling(job: Path, out: Path, configs: list[tuple[int, int]], tmp: Path) -> dict:
+    """Seconds per candidate of N processes side by side (T threads each), for each (N, T) in ``configs``."""
     front = json.loads((out / "front.json").read_text())
     picked = next((c for c in front["candidates"] if c["plan"]["distill"]["steps"] == 200), front["candidates"][0])
     params_file = tmp / "ceiling_params.json"
     params_file.write_text(json.dumps({"params": picked["params"], "teacher_score": front["teacher"][front["metric"]]}))
-    cores = os.cpu_count() or 1
     rows = []
-    for n in counts:
-        threads = max(1, cores // n)
+    for n, threads in configs:
         cmd = [sys.executable, __file__, "--job", str(job), "--time-candidate", str(params_file),
                "--threads", str(threads)]
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n)]
@@ -175,7 +175,8 @@ def ceiling(job: Path, out: Path, counts: list[int], tmp: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--job", type=Path, default=ROOT / "examples" / "mnist.yaml")
-    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--workers", default="1,2", help="worker counts, N or NxT (T torch threads per worker); the "
+                                                      "first is the baseline of the ratios")
     ap.add_argument("--budget", type=int, default=None, help="default: the job file's")
     ap.add_argument("--max-drop", type=float, default=None,
                     help="replace the job's constraints with accuracy_drop <= this (a job where early stopping has "
@@ -206,14 +207,16 @@ def main() -> None:
             data["constraints"] = [f"accuracy_drop <= {args.max_drop:g}"]
             job = Path(tmp) / args.job.name
             job.write_text(yaml.safe_dump(data, sort_keys=False))
-        for n in [int(w) for w in args.workers.split(",")]:
-            runs.append(run_job(job, Path(tmp) / f"w{n}", n, args.budget))
+        for item in args.workers.split(","):
+            n, _, t = item.partition("x")
+            runs.append(run_job(job, Path(tmp) / item, int(n), int(t) if t else None, args.budget))
             r = runs[-1]
             print(f"  {n} worker(s): {r['candidates']} candidates in {r['wall_s']:.0f} s", file=sys.stderr)
         stops = check_stops(Path(runs[0]["out"]))
         bound = None
         if len(runs) > 1 and not args.no_ceiling:
-            bound = ceiling(job, Path(runs[0]["out"]), [r["workers"] for r in runs], Path(tmp))
+            bound = ceiling(job, Path(runs[0]["out"]), [(r["workers"], r["threads_per_worker"]) for r in runs],
+                            Path(tmp))
     base = runs[0]["candidates_per_hour"]
     print(f"{'workers':>7} {'threads':>7} {'cands':>5} {'wall s':>7} {'in eval s':>9} {'outside':>8} "
           f"{'cand/h':>7} {'vs first':>8} {'KD steps':>8} {'steps/h':>7} {'vs first':>8} {'start s':>7} "
@@ -229,7 +232,8 @@ def main() -> None:
           f"{'PASS' if worst <= OUTSIDE_TARGET else 'FAIL'})")
     if len(runs) > 1:
         ratio = runs[-1]["candidates_per_hour"] / base
-        print(f"{runs[-1]['workers']} vs {runs[0]['workers']} worker(s): {ratio:.2f}x the candidates per hour "
+        print(f"{runs[-1]['workers']} x {runs[-1]['threads_per_worker']} vs {runs[0]['workers']} x "
+              f"{runs[0]['threads_per_worker']} thread(s): {ratio:.2f}x the candidates per hour "
               f"(target >= {SCALING_TARGET}x: {'PASS' if ratio >= SCALING_TARGET else 'FAIL'})")
     if bound is not None:
         first, last = bound["rows"][0], bound["rows"][-1]
