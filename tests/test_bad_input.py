@@ -194,7 +194,7 @@ JOB_FILE_ROWS: list[tuple[str, Any, list[str]]] = [
     ("unknown-top-level-field", {"serach": {"budget": 2}},
      ["serach: unknown key", "allowed keys here: ['name', 'task', 'space'"]),
     ("unknown-nested-field", {"search.budgte": 2},
-     ["search.budgte: unknown key", "allowed keys here: ['budget', 'workers', 'sampler', 'seed'"]),
+     ["search.budgte: unknown key", "allowed keys here: ['budget', 'workers', 'threads_per_worker', 'sampler', 'seed'"]),
     ("wrong-yaml-type", {"search.budget": "many"},
      ["search.budget: Input should be a valid integer", "(got 'many')"]),
     ("section-not-a-mapping", {"space": [8, 32]}, ["space: Input should be a valid dictionary"]),

