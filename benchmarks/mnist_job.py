@@ -1,7 +1,7 @@
 """The MNIST example as a job (issue 5): time outside evaluate, 1 vs 2 workers, early stopping.
 
     python benchmarks/mnist_job.py [--workers 1,2 | --workers 1x1,2x1] [--budget 24] [--job examples/mnist.yaml] [--max-drop D]
-                                   [--no-ceiling] [--json out.json]
+                                   [--ray-address auto] [--no-ceiling] [--json out.json]
 
 For each worker count N (``NxT``: with T torch threads each; default: the cores shared out),
 ``slimsearch run JOB --workers N [--threads T] --out <tmp>/<N>x<T> --no-progress`` runs as a subprocess, timed from start to exit (wall). The MNIST teacher is trained into the cache
@@ -53,7 +53,8 @@ OUTSIDE_TARGET = 0.05
 SCALING_TARGET = 1.6
 
 
-def run_job(job: Path, out: Path, workers: int, threads: int | None, budget: int | None) -> dict:
+def run_job(job: Path, out: Path, workers: int, threads: int | None, budget: int | None,
+            ray_address: str | None = None) -> dict:
     import datetime
 
     import optuna
@@ -66,6 +67,8 @@ def run_job(job: Path, out: Path, workers: int, threads: int | None, budget: int
         cmd += ["--budget", str(budget)]
     if threads is not None:
         cmd += ["--threads", str(threads)]
+    if ray_address is not None:
+        cmd += ["--ray-address", ray_address]
     began = time.time()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -181,6 +184,8 @@ def main() -> None:
     ap.add_argument("--max-drop", type=float, default=None,
                     help="replace the job's constraints with accuracy_drop <= this (a job where early stopping has "
                          "candidates to stop)")
+    ap.add_argument("--ray-address", help="join this running Ray (e.g. 'auto' after `ray start --head "
+                                          "--num-cpus 2`) instead of starting Ray in each job")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the ceiling measurement (about a minute)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--time-candidate", type=Path, help=argparse.SUPPRESS)  # ceiling()'s subprocesses
@@ -209,7 +214,8 @@ def main() -> None:
             job.write_text(yaml.safe_dump(data, sort_keys=False))
         for item in args.workers.split(","):
             n, _, t = item.partition("x")
-            runs.append(run_job(job, Path(tmp) / item, int(n), int(t) if t else None, args.budget))
+            runs.append(run_job(job, Path(tmp) / item, int(n), int(t) if t else None, args.budget,
+                                args.ray_address))
             r = runs[-1]
             print(f"  {n} worker(s): {r['candidates']} candidates in {r['wall_s']:.0f} s", file=sys.stderr)
         stops = check_stops(Path(runs[0]["out"]))
