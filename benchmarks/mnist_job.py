@@ -1,10 +1,11 @@
 """The MNIST example as a job (issue 5): time outside evaluate, 1 vs 2 workers, early stopping.
 
-    python benchmarks/mnist_job.py [--workers 1,2 | --workers 1x1,2x1] [--budget 24] [--job examples/mnist.yaml] [--max-drop D]
-                                   [--ray-address auto] [--no-ceiling] [--json out.json]
+    python benchmarks/mnist_job.py [--workers 1,2 | --workers 1x1,2x1] [--budget 24] [--job examples/mnist.yaml]
+                                   [--max-drop D] [--ray-address auto] [--no-ceiling] [--json out.json]
 
 For each worker count N (``NxT``: with T torch threads each; default: the cores shared out),
-``slimsearch run JOB --workers N [--threads T] --out <tmp>/<N>x<T> --no-progress`` runs as a subprocess, timed from start to exit (wall). The MNIST teacher is trained into the cache
+``slimsearch run JOB --workers N [--threads T] --out <tmp>/<item> --no-progress`` runs as a
+subprocess, timed from start to exit (wall). The MNIST teacher is trained into the cache
 first (once, not timed), as a user's second job would find it. From the job's Optuna study:
 
 * ``inside evaluate``: the seconds each worker spent inside ``evaluate`` (timed in the worker:
@@ -27,8 +28,8 @@ first (once, not timed), as a user's second job would find it. From the job's Op
 Ceiling of the last-vs-first ratio, with no time outside ``evaluate`` at all: one candidate of
 the first job (its first with 200 KD steps) is evaluated, outside any job, by N processes at
 once with that row's T torch threads each (3 times; the first, which also computes the
-teacher's logits, is not counted). N workers can complete at most ``N / (their seconds per candidate)``
-candidates per second, whatever the driver does.
+teacher's logits, is not counted). N workers can complete at most
+``N / (their seconds per candidate)`` candidates per second, whatever the driver does.
 
 Early stopping, on the first job of ``--workers``: each candidate stopped early
 is evaluated again in this process to the end of its fine-tuning, with the job's torch thread
@@ -55,8 +56,6 @@ SCALING_TARGET = 1.6
 
 def run_job(job: Path, out: Path, workers: int, threads: int | None, budget: int | None,
             ray_address: str | None = None) -> dict:
-    import datetime
-
     import optuna
 
     from slimsearch.search.driver import EVALUATE_ATTR
@@ -171,7 +170,8 @@ def ceiling(job: Path, out: Path, configs: list[tuple[int, int]], tmp: Path) -> 
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n)]
         runs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
         per = sum(sum(r[1:]) / len(r[1:]) for r in runs) / n
-        rows.append({"workers": n, "threads": threads, "seconds_per_candidate": per, "candidates_per_hour": 3600 * n / per})
+        rows.append({"workers": n, "threads": threads, "seconds_per_candidate": per,
+                     "candidates_per_hour": 3600 * n / per})
     return {"trial": picked["trial"], "steps": picked["plan"]["distill"]["steps"], "rows": rows}
 
 
