@@ -149,6 +149,7 @@ def test_running_the_job_again_without_resume_is_refused(finished_job):
     (line,) = result.stderr.splitlines()
     assert line == (f"slimsearch: error: {finished_job.out}: already holds a job; "
                     "pass --resume to continue it or choose another --out")
+    assert result.stdout == ""  # said before the task loads, with nothing else printed
     assert (finished_job.out / "front.json").read_bytes() == before
     assert len(_complete(_study(finished_job.out))) == 4
     assert len(_runs(finished_job.out)[1]) == 4
@@ -171,6 +172,7 @@ def test_resume_needs_a_job_folder(tmp_path):
     assert result.code == 2
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"slimsearch: error: {tmp_path / 'nothing-here'}: no job to resume here")
+    assert result.stdout == "" and not (tmp_path / "nothing-here").exists()
 
 
 def _snapshot(trial) -> tuple:

@@ -175,7 +175,10 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _prepare_folder(spec: JobSpec, out: Path, resume: bool) -> dict:
+def _job_state(spec: JobSpec, out: Path, resume: bool) -> dict:
+    """The state of the job being resumed in ``out`` ({} for a new job), after checking that
+    ``out`` holds one to resume (or none, for a new job). Reads only: called before the task
+    loads, so a wrong folder is said at once."""
     state_path = out / STATE_FILE
     if resume:
         if not state_path.exists():
@@ -194,6 +197,10 @@ def _prepare_folder(spec: JobSpec, out: Path, resume: bool) -> dict:
         return state
     if state_path.exists():
         raise JobStateError(f"{out}: already holds a job; pass --resume to continue it or choose another --out")
+    return {}
+
+
+def _make_folder(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -201,7 +208,6 @@ def _prepare_folder(spec: JobSpec, out: Path, resume: bool) -> dict:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"--out {out}: cannot write there ({exc.strerror})") from None
-    return {}
 
 
 def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "ray",
@@ -237,6 +243,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     import torch
 
     torch.set_num_threads(threads)
+    state = _job_state(spec, out, resume)
     log(f"[slimsearch] task {spec.task}: loading data and teacher (trained once, then cached)")
     try:  # what the job file names must fit the task; say so before anything is written
         task = _cached_task(spec.task, spec.search.seed, spec.task_path)
@@ -257,7 +264,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
         space = build_space(spec, task)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    state = _prepare_folder(spec, out, resume)
+    if not resume:
+        _make_folder(out)
     if state.get("teacher_sha256") and state["teacher_sha256"] != task.teacher_sha256:  # "" = not recorded
         raise JobStateError(f"{out}: the teacher of task {spec.task!r} changed since the job started; "
                             "its results would not be comparable: start a new job")
