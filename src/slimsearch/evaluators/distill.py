@@ -24,7 +24,8 @@ def teacher_logits(teacher: nn.Module, data: Split, batch_size: int = 512) -> to
     Kept for the next call with the same teacher, the same data tensor, unchanged weights
     (every parameter's and buffer's in-place version counter) and the same torch thread
     count, so a worker computes them once per job rather than once per candidate (on the
-    MNIST example 1.5 s of a 7 s candidate at 2 threads, 2.6 s of 9 s at 1 thread). The same computation, so the same values, bit for bit.
+    MNIST example 1.5 s of a 7 s candidate at 2 threads, 2.6 s of 9 s at 1 thread). The
+    same computation, so the same values, bit for bit.
     """
     key = (data.x._version, torch.get_num_threads(),
            tuple(t._version for t in (*teacher.parameters(), *teacher.buffers())))

@@ -7,7 +7,6 @@ this function open the same kind of Optuna study and run the same
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -20,6 +19,7 @@ from slimsearch.search.driver import (
     SearchResult,
     TrialState,
     _check_objectives,
+    default_threads,
     front_of,
     open_study,
     records,
@@ -127,7 +127,7 @@ def search(
     try:
         threads = 1
         if kind is Executor.RAY and remaining:
-            threads = max(1, (os.cpu_count() or 1) // workers)
+            threads = default_threads(workers)
             started_ray = start_ray(workers * threads)
             ray_dir = tempfile.mkdtemp(prefix="slimsearch-ray-")
         run_trials(study, space, evaluate, objectives, n_trials=remaining, executor=kind.value, workers=workers,

@@ -543,6 +543,11 @@ def run_trials(
     return teller.records
 
 
+def default_threads(workers: int) -> int:
+    """Torch threads per worker when none are asked for: the cores shared out among the workers, at least 1."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def failure_cap(n_trials: int) -> int:
     """How many failed evaluations a search of ``n_trials`` takes before it stops: a task that
     fails every candidate must not run forever, one that fails some must still fill the budget."""

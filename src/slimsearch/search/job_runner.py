@@ -227,8 +227,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     from slimsearch.evaluators import model_metrics, score
     from slimsearch.evaluators.metrics import absent_reasons, provenance_map
     from slimsearch.hardware_profiles._energy import EnergyDomain, energy_meter
-    from slimsearch.search.driver import (Constraint, failure_cap, open_study, recover_interrupted, records,
-                                          run_trials, RayStart)
+    from slimsearch.search.driver import (Constraint, RayStart, default_threads, failure_cap, open_study,
+                                          recover_interrupted, records, run_trials)
     from slimsearch.search.samplers import make_sampler, seeded_at_first_trial
     from slimsearch.storage import default_storage_url, default_tracking_uri, redact
     from slimsearch.storage.urls import claim_sqlite
@@ -238,7 +238,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     objectives = {k: v.value for k, v in spec.objectives.items()}
     cores = os.cpu_count() or 1
     workers = spec.search.workers
-    threads = spec.search.threads_per_worker or max(1, cores // workers)
+    threads = spec.search.threads_per_worker or default_threads(workers)
 
     import torch
 
