@@ -96,6 +96,35 @@ def test_front_table_and_json_agree_with_front_json(job):
     assert f"Pareto front: {len(job.front['front'])} of 3 candidates" in table
 
 
+def test_front_table_labels_the_teachers_figures_even_when_the_front_is_empty(job, tmp_path):
+    """The teacher row is the only one then: its latencies and energy still say measured or modelled."""
+    import shutil
+
+    folder = tmp_path / "empty-front"
+    shutil.copytree(job.out, folder, ignore=shutil.ignore_patterns("mlartifacts", "ray", "models"))
+    data = json.loads((folder / "front.json").read_text())
+    (folder / "front.json").write_text(json.dumps({**data, "front": []}))
+    table = cli("front", str(folder))
+    assert table.code == 0, table.stderr
+    header, teacher = table.stdout.splitlines()[1:3]
+    assert "latency_ms@local [measured]" in header and "latency_ms@raspberry-pi-4 [modelled]" in header, header
+    assert teacher.startswith("teacher ")
+    labelled = json.loads(cli("front", str(folder), "--json").stdout)["teacher_provenance"]
+    assert labelled["latency_ms@local"] == "measured" and labelled["latency_ms@raspberry-pi-4"] == "modelled"
+
+
+def test_output_into_a_reader_that_stopped_ends_quietly(job):
+    """`slimsearch front JOB | head`: no BrokenPipeError traceback, exit 141 (128 + SIGPIPE)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "slimsearch.cli", "front", str(job.out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the command writes its first line
+    _, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err) == (141, "")
+
+
 def test_report_is_written_and_logged_to_the_parent_run(job):
     from mlflow.tracking import MlflowClient
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 EXIT_BAD_INPUT = 2
+_sigterm_received = False  # set by entry()'s SIGTERM handler: exit 143, not Ctrl-C's 130
 JOB_HELP = "job: registry id, job name (the latest of that name) or job folder"
 
 
@@ -147,8 +148,10 @@ def main(argv: Optional[Sequence[str]] = None, *, one_job_per_process: bool = Fa
         print(f"slimsearch: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("slimsearch: interrupted; finished candidates are saved, --resume continues", file=sys.stderr)
-        return 130
+        how = "stopped by SIGTERM" if _sigterm_received else "interrupted"
+        then = "; finished candidates are saved, --resume continues" if args.command == "run" else ""
+        print(f"slimsearch: {how}{then}", file=sys.stderr)
+        return 143 if _sigterm_received else 130
 
 
 def _run(args, ray_in_background: bool = False) -> int:
@@ -189,9 +192,10 @@ def format_front(result) -> str:
     for extra in ("size_bytes", "latency_ms@local"):
         if extra not in metric_cols:
             metric_cols.append(extra)
-    devices = sorted({k for c in result.front for k in c["provenance"] if k.startswith("latency_ms@")})
-    metric_cols += [m for m in devices if m not in metric_cols]  # each labelled measured or modelled below
-    prov = {k: v for c in result.front for k, v in c["provenance"].items()}
+    # each labelled measured or modelled below, the teacher's too (with an empty front it is the only row)
+    prov = {**result.teacher_provenance, **{k: v for c in result.front for k, v in c["provenance"].items()}}
+    devices = sorted(k for k in prov if k.startswith("latency_ms@"))
+    metric_cols += [m for m in devices if m not in metric_cols]
     headers = ["trial"] + [f"{m} [{prov[m]}]" if m in prov else m for m in metric_cols] + ["plan"]
     rows = [["teacher"] + [_fmt(result.teacher.get(m)) for m in metric_cols] + ["uncompressed"]]
     for c in sorted(result.front, key=lambda c: -c["metrics"].get(metric_cols[0], 0)):
@@ -288,6 +292,9 @@ def _status(args) -> int:
         print(json.dumps(p.to_dict(), indent=2))
         return 0
     print(f"job {p.name}" + (f" (id {p.id})" if p.id is not None else "") + f": {p.status}, folder {p.folder}")
+    if p.status == "lost":
+        print("  its driver ended without saying so (killed, out of memory, or the machine restarted); "
+              f"`slimsearch run JOB_FILE --out {p.folder} --resume` continues it")
     extra = ", ".join(x for x in (f"{p.running} running" if p.running else "",
                                   f"{p.failed} failed" if p.failed else "") if x)
     print(f"  progress: {p.done}/{p.budget} candidates" + (f" ({extra})" if extra else ""))
@@ -311,10 +318,12 @@ def _front(args) -> int:
     if args.json:
         keep = ("trial", "run_id", "metrics", "provenance", "describe", "plan")
         print(json.dumps({"job": data["job"], "objectives": data["objectives"], "teacher": data["teacher"],
+                          "teacher_provenance": data.get("teacher_provenance", {}),
                           "front": [{k: c[k] for k in keep if k in c} for c in data["front"]]}, indent=2))
         return 0
     print(format_front(SimpleNamespace(front=data["front"], candidates=data["candidates"], teacher=data["teacher"],
-                                       objectives=data["objectives"])))
+                                       objectives=data["objectives"],
+                                       teacher_provenance=data.get("teacher_provenance", {}))))
     return 0
 
 
@@ -445,14 +454,32 @@ def _hw_calibrate(args) -> int:
 def entry() -> None:
     """The ``slimsearch`` command: :func:`main`, then exit without a last garbage collection.
 
+    SIGTERM (``kill``, a scheduler's stop) raises KeyboardInterrupt: a job stops as it does
+    on Ctrl-C (its trials in flight are left for ``--resume``, the registry says "stopped",
+    the MLflow run "KILLED"), and the command exits with 143 (128 + SIGTERM). Output piped into a
+    reader that stops early (``| head``) ends it quietly with 141.
+
     At exit Python collects every object of the libraries a job imports (torch, MLflow,
     Ray, plotly): over a second of a finished job's wall time for nothing, since the
     process ends. ``gc.freeze()`` moves them out of the collector's sight first; memory
     goes back to the system all the same.
     """
     import gc
+    import os
+    import signal
 
-    code = main(one_job_per_process=True)
+    def terminated(signum, frame):
+        global _sigterm_received
+        _sigterm_received = True
+        raise KeyboardInterrupt  # its type does not survive every library (Ray's calls raise their own)
+
+    signal.signal(signal.SIGTERM, terminated)  # driver.start_ray keeps this over the handler Ray sets
+    try:
+        code = main(one_job_per_process=True)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `slimsearch front JOB | head`: the reader stopped reading; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit fails too
+        code = 141  # 128 + SIGPIPE, as a command killed by the signal
     gc.freeze()
     sys.exit(code)
 

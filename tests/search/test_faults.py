@@ -1,6 +1,6 @@
-"""Fault injection on real parts: Ray workers killed mid-candidate, a driver killed with SIGKILL and
-resumed, candidates that raise, diverge to NaN or pass a memory limit, and an MLflow store that
-cannot be written for a while.
+"""Fault injection on real parts: Ray workers killed mid-candidate, a driver killed with SIGKILL or
+stopped with SIGTERM or Ctrl-C and resumed, candidates that raise, diverge to NaN or pass a memory
+limit, and an MLflow store that cannot be written for a while.
 
 The faults come from ``faulty_task.py`` (the digits task whose distillation misbehaves on cue),
 from ``kill -9`` of a real ``slimsearch run`` process, and from a real SQLite write lock held on
@@ -189,16 +189,30 @@ def test_failed_candidates_are_listed_in_front_json_and_never_on_the_front(ray_f
 # --- the driver killed with SIGKILL mid-search, then resumed
 
 
-def _slimsearch_run(job: Path, out: Path, executor: str, *extra: str) -> subprocess.Popen:
+def _slimsearch_run(job: Path, out: Path, executor: str, *extra: str, new_session: bool = False) -> subprocess.Popen:
     """`slimsearch run` as its own process, its output going to ``<job folder>/run-<n>.log``."""
     n = len(list(job.parent.glob("run-*.log")))
     log = open(job.parent / f"run-{n}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "slimsearch.cli", "run", str(job), "--out", str(out),
                              "--executor", executor, "--no-progress", *extra],
-                            stdout=log, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+                            stdout=log, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
+                            start_new_session=new_session)
     log.close()
     proc.log = Path(log.name)
     return proc
+
+
+def _cli(*args: str) -> str:
+    """What ``slimsearch ARGS`` prints, run in this process."""
+    import contextlib
+    import io
+
+    from slimsearch.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(list(args)) == 0
+    return out.getvalue()
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, limit_s: float = 900) -> None:
@@ -224,6 +238,8 @@ def _gone(pid: int, limit_s: float = 120) -> bool:
 
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_driver_killed_mid_search_resumes_to_exactly_the_budget(tmp_path, monkeypatch, executor):
+    from slimsearch.storage.registry import Registry
+
     budget = 3
     faults = _faults(monkeypatch, tmp_path / "faults", "ok,hang")
     job, out = _job(tmp_path, budget=budget), tmp_path / "out"
@@ -233,6 +249,8 @@ def test_driver_killed_mid_search_resumes_to_exactly_the_budget(tmp_path, monkey
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    assert Registry().find_by_out(out).status == "lost"  # not "running" for good: its driver is gone
+    assert "its driver ended without saying so" in _cli("status", str(out))
     hanging_pid = int((faults / "hanging").read_text())
     # the candidate ran in the driver (local) or in a Ray worker process (ray)
     assert (hanging_pid == proc.pid) == (executor == "local")
@@ -249,6 +267,7 @@ def test_driver_killed_mid_search_resumes_to_exactly_the_budget(tmp_path, monkey
     assert resumed.returncode == 0, output
     assert "1 trial(s) interrupted by the last stop will run again" in output
     assert f"1 of {budget} candidates done" in output
+    assert Registry().find_by_out(out).status == "finished"
 
     trials = _trials(out)
     _assert_complete_trials_distinct(trials, budget)
@@ -265,6 +284,57 @@ def test_driver_killed_mid_search_resumes_to_exactly_the_budget(tmp_path, monkey
     _assert_mlflow_matches_study(out)
     data = json.loads((out / "front.json").read_text())
     assert sorted(c["trial"] for c in data["candidates"]) == sorted(t.number for t in _by_state(trials, "COMPLETE"))
+
+
+# --- the driver stopped with SIGTERM or Ctrl-C mid-search, then resumed
+
+
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, 143, "stopped by SIGTERM"),
+                                             (signal.SIGINT, 130, "interrupted")])
+def test_driver_stopped_mid_search_says_so_everywhere_and_resumes(tmp_path, monkeypatch, sig, code, said):
+    """On Ray, as the MNIST example runs. Before: SIGTERM met Ray's own handlers (a stack dump, then
+    death, the job "running" forever in the registry and MLflow), and Ray Tune took Ctrl-C as the
+    search's end (exit 0, job "finished", a false reason printed)."""
+    from mlflow.tracking import MlflowClient
+
+    from slimsearch.storage.registry import Registry
+
+    budget = 3
+    faults = _faults(monkeypatch, tmp_path / "faults", "ok,hang")
+    job, out = _job(tmp_path, budget=budget), tmp_path / "out"
+    # its own process group, as a terminal's foreground job: Ctrl-C reaches Ray's processes too
+    proc = _slimsearch_run(job, out, "ray", new_session=True)
+    try:
+        _wait_for(faults / "hanging", proc)  # the second candidate is running; the first is recorded
+        assert Registry().find_by_out(out).status == "running"
+        if sig == signal.SIGINT:  # a terminal's Ctrl-C: to the whole group
+            os.killpg(proc.pid, sig)
+        else:  # `kill PID`, as a scheduler or an init system stops a process
+            proc.send_signal(sig)
+        assert proc.wait(timeout=300) == code, proc.log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = proc.log.read_text()
+    assert output.strip().splitlines()[-1] == (f"slimsearch: {said}; finished candidates are saved, "
+                                                "--resume continues"), output
+    assert "SIGTERM received" not in output and "stopped after" not in output
+    assert _gone(int((faults / "hanging").read_text()))  # the Ray worker went with the driver
+    trials = _trials(out)
+    assert len(_by_state(trials, "COMPLETE")) == 1 and len(_by_state(trials, "RUNNING")) == 1
+    assert Registry().find_by_out(out).status == "stopped"
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    parent = client.get_run(json.loads((out / "job.json").read_text())["parent_run_id"])
+    assert parent.info.status == "KILLED"
+
+    resumed = _slimsearch_run(job, out, "ray", "--resume")
+    assert resumed.wait(timeout=1800) == 0, resumed.log.read_text()
+    assert "1 trial(s) interrupted by the last stop will run again" in resumed.log.read_text()
+    _assert_complete_trials_distinct(_trials(out), budget)
+    _assert_mlflow_matches_study(out)
+    assert Registry().find_by_out(out).status == "finished"
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
 # --- the MLflow store cannot be written for a while

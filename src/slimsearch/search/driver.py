@@ -638,7 +638,19 @@ def _run_ray(teller: _Teller, evaluate, *, n_trials: int, workers: int, threads:
                                   log_to_file=True, failure_config=tune.FailureConfig(max_failures=max_retries),
                                   callbacks=[TrialRegister()]),
     )
-    tuner.fit()
+    # Tune's own Ctrl-C handler ends fit() quietly, as if the search were over: a job then said the
+    # sampler had run dry and recorded itself finished, exit 0. Off for this call, Ctrl-C raises
+    # KeyboardInterrupt here as anywhere else; the trials in flight stay RUNNING in the study and
+    # are run again by --resume (recover_interrupted).
+    before = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        tuner.fit()
+    finally:
+        if before is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = before
 
 
 def start_ray(num_cpus: int, address: Optional[str] = None) -> bool:
@@ -654,14 +666,46 @@ def start_ray(num_cpus: int, address: Optional[str] = None) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if address is not None:
-        from slimsearch.cluster import connect
+    kept = _SigtermHandler()
+    try:
+        if address is not None:
+            from slimsearch.cluster import connect
 
-        connect(address)
-        return True
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             configure_logging=True)
+            connect(address)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                     configure_logging=True)
+    finally:
+        kept.restore()
     return True
+
+
+class _SigtermHandler:
+    """The process's Python SIGTERM handler, put back after ``ray.init`` replaced it.
+
+    ``ray.init`` takes SIGTERM over: from the main thread with a handler that exits with
+    code 15 at once, from any other thread with a C-level one that prints a stack dump and
+    kills the process. Either way a handler the process had set (the ``slimsearch``
+    command's, which stops a job as Ctrl-C does: the registry says "stopped", the MLflow
+    run "KILLED", exit 143) would never run. A process without one keeps Ray's. Signal
+    handlers can be set only from the main thread, so :meth:`restore` does nothing
+    elsewhere (:class:`RayStart` calls it from :meth:`RayStart.ready`).
+    """
+
+    def __init__(self):
+        import signal
+        import threading
+
+        main = threading.current_thread() is threading.main_thread()
+        handler = signal.getsignal(signal.SIGTERM) if main else None
+        self.handler = handler if callable(handler) else None
+
+    def restore(self) -> None:
+        import signal
+        import threading
+
+        if self.handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.handler)
 
 
 class RayStart:
@@ -682,6 +726,7 @@ class RayStart:
 
         self._started = False
         self._error: Optional[BaseException] = None
+        self._sigterm = _SigtermHandler()  # Ray's start in the thread replaces it; ready() puts it back
         self._up, self._stop = threading.Event(), threading.Event()
         self._thread: Optional[threading.Thread] = None
         if not background:
@@ -708,6 +753,7 @@ class RayStart:
     def ready(self) -> bool:
         """Wait until Ray is up; True when this object started it (it was not running already)."""
         self._up.wait()
+        self._sigterm.restore()
         if self._error is not None:
             raise self._error
         return self._started

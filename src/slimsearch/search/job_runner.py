@@ -49,6 +49,7 @@ class JobResult:
     candidates: list[dict]
     teacher: dict
     objectives: dict[str, str]
+    teacher_provenance: dict[str, str]  # cost metric -> "measured ..." or "modelled ...", as each candidate's
 
 
 def layer_names(model) -> list[str]:
@@ -283,6 +284,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     # Ray's start-up processes would share the CPU with its latency timing.
     early = ray_in_background and executor == "ray" and not resume
     ray_start = RayStart(workers * threads, background=True) if early else None
+    lock = None
     try:
         storage_url = spec.storage or default_storage_url(out)
         tracking_uri = spec.tracking_uri or default_tracking_uri(out)
@@ -330,6 +332,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     except BaseException:
         if ray_start is not None:
             ray_start.stop()
+        if lock is not None:
+            lock.close()
         raise
 
     log(f"[slimsearch] {done} of {spec.search.budget} candidates done; running {remaining} "
@@ -398,11 +402,11 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
             log(f"[slimsearch] stopped after {evaluated} of {remaining} candidates: {why}")
         status = "FINISHED"
     except BaseException as exc:
+        if _stopped(exc):
+            status = "KILLED"
         _register_end(job_id, exc, log)
         raise
     finally:
-        if lock is not None:
-            lock.close()
         if bar is not None:
             bar.close()
         if ray_start is not None:  # Ray's shutdown (~2 s) overlaps writing the results, which need no Ray
@@ -411,6 +415,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
             result = _finish(study, space, tracker, out, objectives, teacher, task.metric_name, state,
                              default_modes)
             tracker.finish(status)
+            if status == "FINISHED":
+                _register_end(job_id, None, log)
         except TrackingUnavailable as exc:
             if status != "FINISHED":  # an error is on its way out already: say this one, raise that one
                 log(f"[slimsearch] {exc}")
@@ -421,7 +427,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
         finally:
             if ray_start is not None:
                 ray_start.stop()
-    _register_end(job_id, None, log)
+            if lock is not None:  # last: while a driver holds it, the registry's "running" is true (JobStatus.LOST)
+                lock.close()
     return result
 
 
@@ -499,14 +506,18 @@ def _register(spec: JobSpec, out: Path, state: dict, tracker, log) -> Optional[i
         parent_run_id=state["parent_run_id"], budget=spec.search.budget), log)
 
 
+def _stopped(exc: BaseException) -> bool:
+    """Stopped from outside (Ctrl-C; SIGTERM, a KeyboardInterrupt in the command): --resume goes on."""
+    return isinstance(exc, (KeyboardInterrupt, SystemExit))
+
+
 def _register_end(job_id: Optional[int], exc: Optional[BaseException], log) -> None:
     """finished (``exc`` None), stopped (interrupted) or failed, in the job registry."""
     from slimsearch.storage.registry import JobStatus, Registry, safely
 
     if job_id is None:
         return
-    stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
-    status = JobStatus.FINISHED if exc is None else JobStatus.STOPPED if stopped else JobStatus.FAILED
+    status = JobStatus.FINISHED if exc is None else JobStatus.STOPPED if _stopped(exc) else JobStatus.FAILED
     safely(lambda: Registry().record_end(job_id, status, None if exc is None else f"{type(exc).__name__}: {exc}"),
            log)
 
@@ -597,8 +608,9 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
                            "plan": plan.to_dict(), "describe": plan.describe(), "metrics": r.values,
                            "provenance": provenance, "on_front": r.number in front, "feasible": r.feasible})
     front_list = sorted((c for c in candidates if c["on_front"]), key=lambda c: c["trial"])
+    teacher_provenance = provenance_map(teacher, state.get("teacher_provenance"))
     data = {"job": state["spec"]["name"], "objectives": objectives, "metric": metric_name, "teacher": teacher,
-            "teacher_provenance": provenance_map(teacher, state.get("teacher_provenance")),
+            "teacher_provenance": teacher_provenance,
             "front": front_list, "candidates": candidates,
             "failed": [{"trial": r.number, "error": r.error} for r in all_records if r.state.value == "failed"]}
     _write_json(out / FRONT_FILE, data)
@@ -623,7 +635,8 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
         raise TrackingUnavailable(f"the MLflow store {redact(tracker.tracking_uri)} could not be written when the job "
                                   f"ended ({_short_error(unreachable)}): {missing} of {len(all_records)} candidate(s) "
                                   "are not logged there yet") from unreachable
-    return JobResult(out=out, front=front_list, candidates=candidates, teacher=teacher, objectives=objectives)
+    return JobResult(out=out, front=front_list, candidates=candidates, teacher=teacher, objectives=objectives,
+                     teacher_provenance=teacher_provenance)
 
 
 def _progress(total: int, initial: int, enabled: bool):

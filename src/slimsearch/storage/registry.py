@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from slimsearch.exceptions import ConfigError
-from slimsearch.storage.urls import redact
+from slimsearch.storage.urls import driver_gone, redact
 
 ENV_URL = "SLIMSEARCH_REGISTRY"
 ENV_HOME = "SLIMSEARCH_HOME"
@@ -37,6 +37,9 @@ class JobStatus(str, Enum):
     FINISHED = "finished"
     FAILED = "failed"
     STOPPED = "stopped"  # interrupted (Ctrl-C, SIGTERM); --resume continues it
+    # never stored: "running" in the registry, but the driver ended without saying so (SIGKILL, out of
+    # memory, the machine restarted), seen when it no longer holds its SQLite study (urls.driver_gone)
+    LOST = "lost"
 
 
 def registry_url() -> str:
@@ -278,7 +281,11 @@ class Registry:
 
         ex = conn.execute(select(self._exports).where(self._exports.c.job_id == row.id)
                           .order_by(self._exports.c.id)).mappings().all()
-        return JobRecord(**dict(row._mapping), exports=tuple(
+        fields = dict(row._mapping)
+        if fields["status"] == JobStatus.RUNNING.value and not fields["submission_id"] and fields["storage"] \
+                and driver_gone(fields["storage"]):  # a submitted job runs elsewhere: its Ray job says
+            fields["status"] = JobStatus.LOST.value
+        return JobRecord(**fields, exports=tuple(
             {k: v for k, v in e.items() if k not in ("id", "job_id")} for e in ex))
 
     def jobs(self) -> list[JobRecord]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 from typing import IO, Optional
 
@@ -58,11 +59,14 @@ def claim_sqlite(url: str, where: str) -> Optional[IO]:
         import fcntl
     except ImportError:  # Windows: no flock; one driver per study is then the user's to keep
         return None
-    lock_path = path.with_name(path.name + ".lock")
-    handle = open(lock_path, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    handle = open(_lock_path(path), "a+")
+    for _ in range(5):  # for 0.25 s: driver_gone's probe may hold it for a moment
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
@@ -74,3 +78,30 @@ def claim_sqlite(url: str, where: str) -> Optional[IO]:
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
+
+
+def driver_gone(url: str) -> bool:
+    """True when a driver has held the SQLite study at ``url`` (:func:`claim_sqlite`) and none
+    holds it now: the one that ran it ended, however (SIGKILL, out of memory, the machine
+    restarted). False while a driver holds it, and whenever it cannot tell (not a SQLite
+    URL, no lock file here, no ``flock``). The probe takes a shared lock for a moment, which
+    :func:`claim_sqlite` retries past.
+    """
+    path = sqlite_path(url)
+    if path is None or not _lock_path(path).is_file():
+        return False
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    with open(_lock_path(path)) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return True
+
+
+def _lock_path(database: Path) -> Path:
+    return database.with_name(database.name + ".lock")
