@@ -1,6 +1,6 @@
 """Search efficiency for issue 5: hypervolume ratio found per evaluation on NAS-Bench-201.
 
-    python benchmarks/search_efficiency.py [--seeds 10] [--gp-seeds 3] [--json out.json]
+    python benchmarks/search_efficiency.py [--seeds 10] [--gp-seeds 3] [--threads 1] [--json out.json]
     python benchmarks/search_efficiency.py --overhead [--trials 40]
 
 Each sampler (random, nsga2, tpe, gp, auto) runs ``slimsearch.search.search`` for 200
@@ -196,8 +196,14 @@ def main() -> None:
     ap.add_argument("--sanity", action="store_true", help="also Optuna's samplers as they come (8 seeds, 100)")
     ap.add_argument("--overhead", action="store_true", help="only the Ray overhead figure")
     ap.add_argument("--trials", type=int, default=40, help="trials for --overhead")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: gp's torch work, two runs side by side on 2 cores at 2 "
+                         "threads each, ran 6-8x slower than at 1: 968 s a 200-evaluation run, 128 s at 1)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)  # only the samplers' own work (gp's GP) uses torch here
 
     if args.overhead:
         o = overhead(args.trials)
