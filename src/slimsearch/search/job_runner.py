@@ -49,7 +49,7 @@ class JobResult:
     candidates: list[dict]
     teacher: dict
     objectives: dict[str, str]
-    teacher_provenance: dict[str, str]  # cost metric -> "measured ..." or "modelled ...", as each candidate's
+    teacher_provenance: dict[str, str]  # cost metric -> "measured" or "modelled", as a candidate's "provenance"
 
 
 def layer_names(model) -> list[str]:

@@ -94,7 +94,11 @@ def driver_gone(url: str) -> bool:
         import fcntl
     except ImportError:
         return False
-    with open(_lock_path(path)) as handle:
+    try:
+        handle = open(_lock_path(path))
+    except OSError:  # another user's job, say
+        return False
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
