@@ -69,7 +69,7 @@ def test_a_driver_killed_while_holding_its_study_is_seen_gone(tmp_path):
     assert not driver_gone(url)  # never held: nothing to tell
     assert not driver_gone("postgresql://u:p@h/d")
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\n"
+        "import time\n"
         "from slimsearch.storage.urls import claim_sqlite\n"
         f"lock = claim_sqlite({url!r}, 'storage'); print('held', flush=True); time.sleep(600)")],
         stdout=subprocess.PIPE, text=True)
