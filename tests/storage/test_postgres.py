@@ -245,6 +245,36 @@ def test_a_sqlite_study_refuses_a_second_driver(tmp_path, digits_task):
                 first.wait(30)
 
 
+def test_a_running_job_on_a_postgres_study_refuses_a_resume_and_once_killed_shows_lost(postgres, tmp_path,
+                                                                                      digits_task):
+    """No SQLite lock guards a PostgreSQL study, so the job folder's does: `--resume` of a job still
+    running is one line and exit 2 (it would have marked the running driver's trials as
+    interrupted); after the driver is SIGKILLed the registry shows the job "lost", not "running"."""
+    from slimsearch.storage.registry import Registry
+
+    job = _job(tmp_path / "job.yaml", "pg-folder", budget=40, storage=postgres.database("folder_study"))
+    out = tmp_path / "first"
+    first = subprocess.Popen(_run_cmd(job, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while Registry().find_by_out(out) is None:
+            assert first.poll() is None, first.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the first driver did not register its job in 300 s"
+            time.sleep(0.5)
+        assert Registry().find_by_out(out).status == "running"
+        second = subprocess.run(_run_cmd(job, out, "--resume"), capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert second.stderr.strip().splitlines() == [
+            f"slimsearch: error: --out {out.resolve()}: this job is being run by another slimsearch driver "
+            f"(pid {first.pid}): wait for it to end or stop it (Ctrl-C, or `kill {first.pid}`)"]
+        assert first.poll() is None  # the running driver goes on
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+    assert Registry().find_by_out(out).status == "lost"
+
+
 def test_runs_reach_an_mlflow_tracking_server_with_a_postgres_backend(postgres, mlflow_server, tmp_path,
                                                                       digits_task):
     """`slimsearch run --tracking-uri http://...`: the server (backend store in PostgreSQL) holds

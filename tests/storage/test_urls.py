@@ -1,5 +1,5 @@
-"""Redacting database passwords, and the one-driver lock of a SQLite study (and what it tells of a driver
-that is gone)."""
+"""Redacting database passwords; the one-driver locks of a SQLite study and of a job folder (and what
+the folder's tells of a driver that is gone)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import pytest
 
 from slimsearch.exceptions import JobStateError
-from slimsearch.storage.urls import claim_sqlite, driver_gone, redact, sqlite_path
+from slimsearch.storage.urls import claim_folder, claim_sqlite, driver_gone, redact, sqlite_path
 
 
 @pytest.mark.parametrize("url, shown", [
@@ -59,28 +59,31 @@ def test_a_sqlite_study_is_held_by_one_driver_at_a_time(tmp_path):
     assert claim_sqlite("postgresql://u:p@h/d", "storage") is None  # PostgreSQL serves many drivers
 
 
-def test_a_driver_killed_while_holding_its_study_is_seen_gone(tmp_path):
-    """The registry's "lost": a real driver process holds the lock, then dies by SIGKILL."""
+def test_a_job_folder_is_held_by_one_driver_and_one_killed_is_seen_gone(tmp_path):
+    """The registry's "lost": a real driver process holds the folder, a second is refused, then the
+    first dies by SIGKILL."""
     import signal
     import subprocess
     import sys
 
-    url = f"sqlite:///{tmp_path / 'study.db'}"
-    assert not driver_gone(url)  # never held: nothing to tell
-    assert not driver_gone("postgresql://u:p@h/d")
+    assert not driver_gone(tmp_path)  # never held: nothing to tell
     holder = subprocess.Popen([sys.executable, "-c", (
         "import time\n"
-        "from slimsearch.storage.urls import claim_sqlite\n"
-        f"lock = claim_sqlite({url!r}, 'storage'); print('held', flush=True); time.sleep(600)")],
+        "from slimsearch.storage.urls import claim_folder\n"
+        f"lock = claim_folder({str(tmp_path)!r}); print('held', flush=True); time.sleep(600)")],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert not driver_gone(url)
-        assert not driver_gone(url)  # the probe let go: a driver still holds it, and may take it again
+        assert not driver_gone(tmp_path)
+        assert not driver_gone(tmp_path)  # the probe let go: the driver still holds it
+        with pytest.raises(JobStateError) as err:
+            claim_folder(tmp_path)
+        assert str(err.value) == (f"--out {tmp_path}: this job is being run by another slimsearch driver "
+                                  f"(pid {holder.pid}): wait for it to end or stop it (Ctrl-C, or `kill {holder.pid}`)")
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=60)
-    assert driver_gone(url)
-    again = claim_sqlite(url, "storage")  # a resumed driver takes it back
-    assert again is not None and not driver_gone(url)
+    assert driver_gone(tmp_path)
+    again = claim_folder(tmp_path)  # a resumed driver takes it back
+    assert again is not None and not driver_gone(tmp_path)
     again.close()

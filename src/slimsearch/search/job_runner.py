@@ -232,7 +232,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                                           recover_interrupted, records, run_trials)
     from slimsearch.search.samplers import make_sampler, seeded_at_first_trial
     from slimsearch.storage import default_storage_url, default_tracking_uri, redact
-    from slimsearch.storage.urls import claim_sqlite
+    from slimsearch.storage.urls import claim_folder, claim_sqlite
     from slimsearch.storage.tracking import Tracker, mlflow_key
 
     out = Path(out).resolve()
@@ -284,7 +284,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     # Ray's start-up processes would share the CPU with its latency timing.
     early = ray_in_background and executor == "ray" and not resume
     ray_start = RayStart(workers * threads, background=True) if early else None
-    lock = None
+    locks: list = []
     try:
         storage_url = spec.storage or default_storage_url(out)
         tracking_uri = spec.tracking_uri or default_tracking_uri(out)
@@ -294,7 +294,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
         estimate_fn = functools.partial(estimate_params, task=task, space=space, profiles=spec.profile_refs)
         sampler_args = {"budget": spec.search.budget, "estimate": estimate_fn, "constraints": constraint_texts,
                         "space": dict(space.choices)}
-        lock = claim_sqlite(storage_url, f"{source}: storage" if spec.storage else f"--out {out}")
+        locks.append(claim_sqlite(storage_url, f"{source}: storage" if spec.storage else f"--out {out}"))
+        locks.append(claim_folder(out))
         # Seeded at this driver's first trial: a resumed driver, or one sharing the study with
         # others, does not propose the plans already asked again.
         study = open_study(storage_url, spec.name, objectives, seeded_at_first_trial(
@@ -332,8 +333,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     except BaseException:
         if ray_start is not None:
             ray_start.stop()
-        if lock is not None:
-            lock.close()
+        _release(locks)
         raise
 
     log(f"[slimsearch] {done} of {spec.search.budget} candidates done; running {remaining} "
@@ -427,8 +427,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
         finally:
             if ray_start is not None:
                 ray_start.stop()
-            if lock is not None:  # last: while a driver holds it, the registry's "running" is true (JobStatus.LOST)
-                lock.close()
+            _release(locks)  # last: while a driver holds them, the registry's "running" is true (JobStatus.LOST)
     return result
 
 
@@ -504,6 +503,12 @@ def _register(spec: JobSpec, out: Path, state: dict, tracker, log) -> Optional[i
         storage=redact(state["storage"]), tracking_uri=redact(state["tracking_uri"]),
         experiment_id=tracker.client.get_run(state["parent_run_id"]).info.experiment_id,
         parent_run_id=state["parent_run_id"], budget=spec.search.budget), log)
+
+
+def _release(locks: list) -> None:
+    for lock in locks:
+        if lock is not None:
+            lock.close()
 
 
 def _stopped(exc: BaseException) -> bool:

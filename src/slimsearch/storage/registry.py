@@ -38,7 +38,7 @@ class JobStatus(str, Enum):
     FAILED = "failed"
     STOPPED = "stopped"  # interrupted (Ctrl-C, SIGTERM); --resume continues it
     # never stored: "running" in the registry, but the driver ended without saying so (SIGKILL, out of
-    # memory, the machine restarted), seen when it no longer holds its SQLite study (urls.driver_gone)
+    # memory, the machine restarted), seen when it no longer holds its job folder (urls.driver_gone)
     LOST = "lost"
 
 
@@ -282,8 +282,8 @@ class Registry:
         ex = conn.execute(select(self._exports).where(self._exports.c.job_id == row.id)
                           .order_by(self._exports.c.id)).mappings().all()
         fields = dict(row._mapping)
-        if fields["status"] == JobStatus.RUNNING.value and not fields["submission_id"] and fields["storage"] \
-                and driver_gone(fields["storage"]):  # a submitted job runs elsewhere: its Ray job says
+        if fields["status"] == JobStatus.RUNNING.value and not fields["submission_id"] \
+                and driver_gone(fields["out"]):  # a submitted job runs elsewhere: its Ray job says
             fields["status"] = JobStatus.LOST.value
         return JobRecord(**fields, exports=tuple(
             {k: v for k, v in e.items() if k not in ("id", "job_id")} for e in ex))

@@ -1,4 +1,5 @@
-"""Database and tracking URLs: embedded defaults in the job folder, redaction, the SQLite driver lock."""
+"""Database and tracking URLs: embedded defaults in the job folder, redaction; the driver locks (of a
+SQLite study, of a job folder)."""
 
 from __future__ import annotations
 
@@ -55,48 +56,34 @@ def claim_sqlite(url: str, where: str) -> Optional[IO]:
     path = sqlite_path(url)
     if path is None:
         return None
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; one driver per study is then the user's to keep
-        return None
-    handle = open(_lock_path(path), "a+")
-    for _ in range(5):  # for 0.25 s: driver_gone's probe may hold it for a moment
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise JobStateError(f"{where}: {redact(url)} is in use by another slimsearch driver (pid {holder}); "
-                            "a SQLite study takes one driver at a time: wait for it to end or stop it, or give "
-                            "several drivers a PostgreSQL storage URL") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
+    return _hold(path.with_name(path.name + ".lock"), f"{where}: {redact(url)} is in use by another slimsearch "
+                 "driver (pid {pid}); a SQLite study takes one driver at a time: wait for it to end or stop it, "
+                 "or give several drivers a PostgreSQL storage URL")
 
 
-def driver_gone(url: str) -> bool:
-    """True when a driver has held the SQLite study at ``url`` (:func:`claim_sqlite`) and none
-    holds it now: the one that ran it ended, however (SIGKILL, out of memory, the machine
-    restarted). False while a driver holds it, and whenever it cannot tell (not a SQLite
-    URL, no lock file here, no ``flock``). The probe takes a shared lock for a moment, which
-    :func:`claim_sqlite` retries past.
+def claim_folder(out: Path) -> Optional[IO]:
+    """Hold job folder ``out`` for this driver until the returned file is closed (``driver.lock``).
+
+    Whatever the storage, ``--resume`` of a job still running is refused (on PostgreSQL it
+    would mark the running driver's trials as interrupted), and :func:`driver_gone` can tell
+    a job whose driver died from one that runs.
     """
-    path = sqlite_path(url)
-    if path is None or not _lock_path(path).is_file():
-        return False
+    return _hold(Path(out) / DRIVER_LOCK, f"--out {out}: this job is being run by another slimsearch driver "
+                 "(pid {pid}): wait for it to end or stop it (Ctrl-C, or `kill {pid}`)")
+
+
+def driver_gone(out: str | Path) -> bool:
+    """True when a driver has held job folder ``out`` (:func:`claim_folder`) and none holds it
+    now: the one that ran it ended, however (SIGKILL, out of memory, the machine restarted).
+    False while a driver holds it, and whenever it cannot tell (no lock file: a job from
+    before this lock, or a folder on another machine; no ``flock``). The probe takes a shared
+    lock for a moment, which :func:`_hold` retries past.
+    """
     try:
         import fcntl
-    except ImportError:
-        return False
-    try:
-        handle = open(_lock_path(path))
-    except OSError:  # another user's job, say
+
+        handle = open(Path(out) / DRIVER_LOCK)
+    except (ImportError, OSError):  # Windows; no lock file; another user's job
         return False
     with handle:
         try:
@@ -107,5 +94,32 @@ def driver_gone(url: str) -> bool:
     return True
 
 
-def _lock_path(database: Path) -> Path:
-    return database.with_name(database.name + ".lock")
+DRIVER_LOCK = "driver.lock"
+
+
+def _hold(lock_path: Path, refusal: str) -> Optional[IO]:
+    """An exclusive ``flock`` on ``lock_path`` (created if need be), held until the file is
+    closed, with this process's pid written in it; a held one raises :class:`JobStateError`
+    with ``refusal`` (each ``{pid}`` in it replaced by the holder's). None without ``flock``
+    (Windows: keeping one driver at a time is then the user's to do)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    handle = open(lock_path, "a+")
+    for _ in range(5):  # for 0.25 s: driver_gone's probe may hold it for a moment
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise JobStateError(refusal.replace("{pid}", holder))
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
