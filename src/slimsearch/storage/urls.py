@@ -11,6 +11,8 @@ from typing import IO, Optional
 
 from slimsearch.exceptions import JobStateError
 
+DRIVER_LOCK = "driver.lock"  # in a job folder: held by the driver running that job (claim_folder)
+
 
 def default_storage_url(out: Path) -> str:
     """The Optuna study database of a job: SQLite in its folder."""
@@ -76,8 +78,8 @@ def driver_gone(out: str | Path) -> bool:
     """True when a driver has held job folder ``out`` (:func:`claim_folder`) and none holds it
     now: the one that ran it ended, however (SIGKILL, out of memory, the machine restarted).
     False while a driver holds it, and whenever it cannot tell (no lock file: a job from
-    before this lock, or a folder on another machine; no ``flock``). The probe takes a shared
-    lock for a moment, which :func:`_hold` retries past.
+    before this lock, or a folder this process cannot read; no ``flock``). The probe takes a
+    shared lock for a moment, which :func:`_hold` retries past.
     """
     try:
         import fcntl
@@ -92,9 +94,6 @@ def driver_gone(out: str | Path) -> bool:
             return False
         fcntl.flock(handle, fcntl.LOCK_UN)
     return True
-
-
-DRIVER_LOCK = "driver.lock"
 
 
 def _hold(lock_path: Path, refusal: str) -> Optional[IO]:
