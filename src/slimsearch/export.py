@@ -325,17 +325,11 @@ def _rebuild(task, plan, threads: Optional[int]):
     """``apply_plan`` with torch's thread count set as the worker's: with another count, training
     sums floats in another order and the rebuilt model drifts (0.4 points of MNIST test accuracy
     seen with 2 threads instead of the worker's 1)."""
-    import torch
-
+    from slimsearch._threads import torch_threads
     from slimsearch.evaluators import apply_plan
 
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return apply_plan(task, plan)
-    finally:
-        torch.set_num_threads(before)
 
 
 def model_name(job: str) -> str:

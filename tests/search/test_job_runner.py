@@ -266,6 +266,9 @@ def test_a_candidate_that_breaks_a_constraint_never_enters_the_front(tmp_path):
     assert front["front"] == []
     _, children = _runs(out)
     assert [r.data.tags["pareto"] for r in children] == ["false", "false"]
+    from slimsearch.storage.jobs import progress
+
+    assert progress(out).front_size == 0  # `slimsearch status` counts the same front (it counted 2)
 
 
 def test_a_plan_estimated_to_break_a_constraint_is_screened_not_trained(tmp_path, teacher_cache):

@@ -546,11 +546,9 @@ def _log_hypervolume(tracker, complete, objectives, teacher, log) -> None:
 def _front_numbers(complete, objectives) -> set[int]:
     """Trial numbers of the non-dominated candidates among the feasible ones (a candidate that breaks
     a job constraint never enters the front)."""
-    from slimsearch.search.pareto import pareto_front
+    from slimsearch.search.driver import front_of
 
-    feasible = [r for r in complete if r.feasible]
-    pts = [[r.values[m] for m in objectives] for r in feasible]
-    return {feasible[i].number for i in pareto_front(pts, list(objectives.values()))}
+    return {r.number for r in front_of(complete, objectives)}
 
 
 def _power_modes_used(spec: JobSpec, chosen) -> dict[str, str]:

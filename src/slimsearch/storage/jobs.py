@@ -77,7 +77,7 @@ def progress(ref: str | Path, registry: Optional[Registry] = None) -> JobProgres
     import optuna
 
     from slimsearch.dashboards.report import hypervolume_reference, hypervolume_series
-    from slimsearch.search.pareto import pareto_front
+    from slimsearch.search.driver import front_of, records
 
     job = resolve_job(ref, registry)
     state = read_state(job.folder)
@@ -91,7 +91,7 @@ def progress(ref: str | Path, registry: Optional[Registry] = None) -> JobProgres
     names = list(study.metric_names or objectives)
     objectives = {n: objectives[n] for n in names}
     cands = [{"trial": t.number, "metrics": dict(zip(names, t.values))} for t in complete]
-    front = pareto_front([[c["metrics"][n] for n in names] for c in cands], list(objectives.values())) if cands else []
+    front = front_of(records(study), objectives)  # feasible and non-dominated, as front.json's
     hv = rule = None
     if len(names) >= 2 and cands:
         reference = hypervolume_reference(objectives, state.get("teacher"), cands)

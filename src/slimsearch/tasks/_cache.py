@@ -41,12 +41,10 @@ def load_or_train(path: Path, model, train_fn) -> str:
     from slimsearch.exceptions import SlimSearchError
 
     if not path.exists():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(os.cpu_count() or 1)
-        try:
+        from slimsearch._threads import torch_threads
+
+        with torch_threads(os.cpu_count() or 1):
             train_fn(model)
-        finally:
-            torch.set_num_threads(threads)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save(model.state_dict(), tmp)
