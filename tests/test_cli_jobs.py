@@ -72,7 +72,7 @@ def test_status_by_id_name_or_folder(job, how):
     from slimsearch.dashboards.report import hypervolume_reference, hypervolume_series
 
     objectives = job.front["objectives"]
-    cands = [{"trial": c["trial"], "metrics": {n: c["metrics"][n] for n in objectives}}
+    cands = [{"trial": c["trial"], "metrics": {n: c["metrics"][n] for n in objectives}, "feasible": c["feasible"]}
              for c in job.front["candidates"]]
     expected = hypervolume_series(cands, objectives, hypervolume_reference(objectives, job.front["teacher"], cands))
     assert status["hypervolume"] == pytest.approx(expected[-1]) and status["seconds_left"] is None

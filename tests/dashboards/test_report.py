@@ -52,6 +52,18 @@ def test_hypervolume_never_falls_and_grows_with_a_new_front_member(job_data):
     assert info.baseline is None and "no random-search baseline" in info.baseline_label
 
 
+def test_a_candidate_that_breaks_a_constraint_adds_no_hypervolume(job_data):
+    # trial 4 would dominate every other candidate, but it breaks a job constraint: it is off the
+    # front, so the front's hypervolume must not grow with it
+    best = {"accuracy": 0.98, "latency_ms@local": 1.0, "size_bytes": 1000}
+    breaker = dict(job_data["candidates"][0], trial=4, metrics=best, on_front=False, feasible=False)
+    before = hypervolume_info(job_data).values
+    after = hypervolume_info(dict(job_data, candidates=[*job_data["candidates"], breaker])).values
+    assert after == pytest.approx(before + before[-1:])
+    feasible = dict(breaker, feasible=True)
+    assert hypervolume_info(dict(job_data, candidates=[*job_data["candidates"], feasible])).values[-1] > before[-1]
+
+
 def test_random_search_baseline_is_measured_in_the_same_box(job_data):
     baseline = dict(job_data, job="random", candidates=job_data["candidates"][2:])
     info = hypervolume_info(job_data, baseline)

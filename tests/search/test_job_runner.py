@@ -264,11 +264,14 @@ def test_a_candidate_that_breaks_a_constraint_never_enters_the_front(tmp_path):
     assert len(front["candidates"]) == 2
     assert all(c["feasible"] is False and not c["on_front"] for c in front["candidates"])
     assert front["front"] == []
-    _, children = _runs(out)
+    (parent,), children = _runs(out)
     assert [r.data.tags["pareto"] for r in children] == ["false", "false"]
     from slimsearch.storage.jobs import progress
 
-    assert progress(out).front_size == 0  # `slimsearch status` counts the same front (it counted 2)
+    status = progress(out)
+    assert status.front_size == 0  # `slimsearch status` counts the same front (it counted 2)
+    # and the front's hypervolume, in `status` and the parent run, is that of no candidate (it counted both)
+    assert status.hypervolume == 0.0 and parent.data.metrics["hypervolume"] == 0.0
 
 
 def test_a_plan_estimated_to_break_a_constraint_is_screened_not_trained(tmp_path, teacher_cache):

@@ -111,7 +111,11 @@ def _hv_function(n_objectives: int, n_points: int = 0):
 def hypervolume_series(candidates: Sequence[Mapping], objectives: Mapping[str, str],
                        reference: Reference) -> Optional[list[float]]:
     """Hypervolume (in reference units) of the first 1, 2, ... candidates in trial order; None when it
-    is not computed (one objective, or more than three with more than ``MAX_SLICED_POINTS`` candidates)."""
+    is not computed (one objective, or more than three with more than ``MAX_SLICED_POINTS`` candidates).
+
+    A candidate marked ``"feasible": False`` (it breaks a job constraint) counts as an evaluation
+    but adds no volume: the hypervolume is the front's, and such a candidate never enters the front.
+    """
     names, dirs = list(objectives), list(objectives.values())
     hv = _hv_function(len(names), len(candidates)) if len(names) >= 2 else None
     if hv is None:
@@ -121,7 +125,7 @@ def hypervolume_series(candidates: Sequence[Mapping], objectives: Mapping[str, s
     out = []
     for c in sorted(candidates, key=lambda c: c["trial"]):
         m = c["metrics"]
-        if all(m.get(n) is not None for n in names):
+        if c.get("feasible", True) and all(m.get(n) is not None for n in names):
             scaled.append([(m[n] - r) / s if d == "max" else (m[n] - r) / s + 1.0
                            for n, d, r, s in zip(names, dirs, reference.point, reference.scale)])
         out.append(float(hv(scaled, ref, dirs)) if scaled else 0.0)
@@ -218,7 +222,7 @@ def front3d_info(data: Mapping) -> Optional[Front3DInfo]:
     pts = []
     for c in data["candidates"]:
         m = c["metrics"]
-        if all(m.get(n) is not None for n in names):
+        if c.get("feasible", True) and all(m.get(n) is not None for n in names):
             hover = f"trial {c['trial']}<br>{html.escape(c['describe'])}"
             pts.append((m[names[0]], m[names[1]], m[names[2]], c["trial"] in front, hover))
     return Front3DInfo(names, pts)

@@ -534,7 +534,7 @@ def _log_hypervolume(tracker, complete, objectives, teacher, log) -> None:
 
     if len(objectives) < 2:
         return
-    cands = [{"trial": r.number, "metrics": r.values} for r in complete]
+    cands = [{"trial": r.number, "metrics": r.values, "feasible": r.feasible} for r in complete]
     try:
         series = hypervolume_series(cands, objectives, hypervolume_reference(objectives, teacher, cands))
         if series:

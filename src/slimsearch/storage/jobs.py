@@ -90,8 +90,11 @@ def progress(ref: str | Path, registry: Optional[Registry] = None) -> JobProgres
     # job.json stores the spec with sorted keys; the study's values follow the job file's order
     names = list(study.metric_names or objectives)
     objectives = {n: objectives[n] for n in names}
-    cands = [{"trial": t.number, "metrics": dict(zip(names, t.values))} for t in complete]
-    front = front_of(records(study), objectives)  # feasible and non-dominated, as front.json's
+    recs = records(study)
+    feasible = {r.number: r.feasible for r in recs}
+    cands = [{"trial": t.number, "metrics": dict(zip(names, t.values)), "feasible": feasible.get(t.number, True)}
+             for t in complete]
+    front = front_of(recs, objectives)  # feasible and non-dominated, as front.json's
     hv = rule = None
     if len(names) >= 2 and cands:
         reference = hypervolume_reference(objectives, state.get("teacher"), cands)
