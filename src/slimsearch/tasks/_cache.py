@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """The teacher cache: ``$SLIMSEARCH_CACHE`` or ``~/.cache/slimsearch``."""
+    """slimsearch's cache (teachers, data, MLflow's empty store): ``$SLIMSEARCH_CACHE`` or
+    ``~/.cache/slimsearch``."""
     root = os.environ.get("SLIMSEARCH_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "slimsearch"
     )
