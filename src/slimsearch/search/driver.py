@@ -565,7 +565,15 @@ def _ray_trainable(config: dict, evaluate=None, threads: int = 1) -> None:
 def _worker_failure(trial, max_retries: int) -> str:
     """Why a Ray Tune trial ended in error, in one line: how often its worker failed and the last error."""
     try:
-        error = trial.get_error()
+        # Tune appends each failure to the error file in the driver's staging folder at once, and
+        # copies it to the experiment's storage later: get_error() reads that copy, which the
+        # searcher is often told of the failure before (it then said "no error recorded").
+        local = getattr(trial, "error_file", None)
+        if local and os.path.exists(local):
+            with open(local, encoding="utf-8", errors="replace") as f:
+                error = f.read().rsplit("Failure # ", 1)[-1].partition("\n")[2]
+        else:
+            error = trial.get_error()
     except Exception:  # noqa: BLE001 - the error file is a courtesy; the count is what matters
         error = None
     text = " ".join(str(error or "").split())
