@@ -14,9 +14,7 @@ docs/reliability.md lists the rows with the message each printed.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -31,7 +29,7 @@ from typing import Any, Callable, Optional, Union
 import pytest
 import yaml
 
-from slimsearch.cli import main
+from tests._cli import cli
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "slimsearch"
 RUN = ("--executor", "local", "--no-progress")
@@ -43,13 +41,6 @@ BASE = {
     "search": {"budget": 2, "workers": 1},
 }
 DELETE = object()
-
-
-def cli(*args: str) -> SimpleNamespace:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return SimpleNamespace(code=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def cli_process(*args: str, env: Optional[dict] = None, drop_root: bool = False) -> SimpleNamespace:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import urllib.request
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
 
 import slimsearch
-from slimsearch.cli import main
+from tests._cli import cli
 
 NAME = "digits-registry"
 JOB = {
@@ -25,13 +22,6 @@ JOB = {
     "profiles": ["raspberry-pi-4"],
     "search": {"budget": 3, "workers": 1},
 }
-
-
-def cli(*args: str) -> SimpleNamespace:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return SimpleNamespace(code=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 @pytest.fixture(scope="module")

@@ -286,15 +286,9 @@ def test_a_submitted_job_that_fails_on_the_head_is_recorded_failed_with_rays_rea
 
 def _main(*args: str) -> SimpleNamespace:
     """`slimsearch ...` in this process (no Ray is started by these): exit code, stdout, stderr."""
-    import contextlib
-    import io
+    from tests._cli import cli
 
-    from slimsearch.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return SimpleNamespace(code=code, stdout=out.getvalue(), stderr=err.getvalue())
+    return cli(*args)
 
 
 def test_an_address_nothing_listens_on_is_one_line_exit_2_and_writes_nothing(write_job, tmp_path):

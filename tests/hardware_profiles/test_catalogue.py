@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimsearch.exceptions import ConfigError
 from slimsearch.hardware_profiles import (
     DeviceKind,
     LayerCost,

@@ -11,7 +11,7 @@ import yaml
 
 from slimsearch.search.early_stop import (CURVES_DIR, SNAPSHOT_FILE, STEPS_METRIC, STOPPED_METRIC, EarlyStop, gains,
                                           plausible_share, write_snapshot)
-from tests.test_cli_jobs import cli as _cli
+from tests._cli import cli as _cli
 
 STEPS = 40
 JOB = {

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from itertools import permutations
 from pathlib import Path
@@ -12,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from slimsearch.cli import main
+from tests._cli import cli
 
 NAME = "digits-search"
 JOB = {
@@ -28,10 +26,7 @@ PARENT_TAG = "mlflow.parentRunId"
 
 def _run(*args: str) -> SimpleNamespace:
     """`slimsearch run ...` in this process; its exit code, stdout and stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["run", *args, "--no-progress"])
-    return SimpleNamespace(code=code, stdout=out.getvalue(), stderr=err.getvalue())
+    return cli("run", *args, "--no-progress")
 
 
 def _write(folder: Path, data: dict, name: str = "job.yaml") -> Path:
