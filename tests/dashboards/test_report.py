@@ -62,6 +62,11 @@ def test_a_candidate_that_breaks_a_constraint_adds_no_hypervolume(job_data):
     assert after == pytest.approx(before + before[-1:])
     feasible = dict(breaker, feasible=True)
     assert hypervolume_info(dict(job_data, candidates=[*job_data["candidates"], feasible])).values[-1] > before[-1]
+    # the plots still show it, off the front, as they show every candidate
+    from slimsearch.dashboards.report import front3d_info
+
+    points = front3d_info(dict(job_data, candidates=[*job_data["candidates"], breaker])).points
+    assert (0.98, 1.0, 1000, False) in [p[:4] for p in points]
 
 
 def test_random_search_baseline_is_measured_in_the_same_box(job_data):

@@ -222,7 +222,7 @@ def front3d_info(data: Mapping) -> Optional[Front3DInfo]:
     pts = []
     for c in data["candidates"]:
         m = c["metrics"]
-        if c.get("feasible", True) and all(m.get(n) is not None for n in names):
+        if all(m.get(n) is not None for n in names):
             hover = f"trial {c['trial']}<br>{html.escape(c['describe'])}"
             pts.append((m[names[0]], m[names[1]], m[names[2]], c["trial"] in front, hover))
     return Front3DInfo(names, pts)
