@@ -302,7 +302,10 @@ def _status(args) -> int:
     if p.hypervolume is not None:
         print(f"  hypervolume: {p.hypervolume:.4f} (reference: {p.hypervolume_rule})")
     else:
-        print("  hypervolume: - (computed for 2 or 3 objectives once a candidate is done)")
+        from slimsearch.dashboards.report import MAX_SLICED_POINTS
+
+        print("  hypervolume: - (computed once a candidate is done, for 2 or more objectives; with 4 or more, "
+              f"for up to {MAX_SLICED_POINTS} candidates)")
     left = _duration(p.seconds_left) if p.status == "running" else "- (not running)"
     print(f"  time per candidate: {_duration(p.seconds_per_candidate)}; time left: {left}")
     return 0

@@ -72,7 +72,7 @@ class JobProgress:
 
 
 def progress(ref: str | Path, registry: Optional[Registry] = None) -> JobProgress:
-    """Candidates done of the budget, front size, hypervolume (2-3 objectives) and time left, from the
+    """Candidates done of the budget, front size, the front's hypervolume and time left, from the
     Optuna study as it is now (also while the job runs)."""
     import optuna
 
