@@ -44,6 +44,13 @@ def test_a_new_store_is_the_store_mlflow_builds_and_works_as_one(tmp_path, teach
     assert _schema(first) == _schema(second) == _schema(built)
     (empty,) = (teacher_cache / "mlflow").glob("empty-store-*.db")
     assert not list(empty.parent.glob("*.tmp")) and not list(first.parent.glob("*.tmp"))
+    # and a new store is that cached one, copied (not built again by MLflow's migrations)
+    from slimsearch.storage.tracking import _seed_sqlite_store
+
+    third = tmp_path / "c" / "mlflow.db"
+    third.parent.mkdir()
+    _seed_sqlite_store(f"sqlite:///{third}")
+    assert third.read_bytes() == empty.read_bytes()
 
 
 def test_an_existing_store_is_opened_as_it_is(tmp_path, teacher_cache):
