@@ -1,7 +1,8 @@
 """The MNIST example as a job (issue 5): time outside evaluate, 1 vs 2 workers, early stopping.
 
     python benchmarks/mnist_job.py [--workers 1,2 | --workers 1x1,2x1] [--budget 24] [--job examples/mnist.yaml]
-                                   [--max-drop D] [--ray-address auto] [--no-ceiling] [--json out.json]
+                                   [--max-drop D] [--ray-address auto] [--no-ceiling] [--no-floor]
+                                   [--json out.json]
 
 For each worker count N (``NxT``: with T torch threads each; default: the cores shared out),
 ``slimsearch run JOB --workers N [--threads T] --out <tmp>/<item> --no-progress`` runs as a
@@ -30,6 +31,16 @@ the first job (its first with 200 KD steps) is evaluated, outside any job, by N 
 once with that row's T torch threads each (3 times; the first, which also computes the
 teacher's logits, is not counted). N workers can complete at most
 ``N / (their seconds per candidate)`` candidates per second, whatever the driver does.
+
+Floor of the time outside ``evaluate``, whatever the driver does with Ray Tune: a fresh Python
+process that does nothing but start Ray (as a job does) and run N Ray Tune trials whose
+trainable only imports torch (as a worker must before any evaluation) and says when it is
+ready; timed from the process's launch, 3 times. No slimsearch import, job file, data,
+teacher, study or MLflow store is in it, so a job's own start can only be longer. If each
+worker's sole time outside ``evaluate`` were its wait for that first trial, the job's share
+outside would be ``waits / (inside + waits)``, with the job's own inside time: the lowest
+share any driver on Ray Tune can reach on this machine (end, between and the last
+candidate's tail count nothing here).
 
 Early stopping, on the first job of ``--workers``: each candidate stopped early
 is evaluated again in this process to the end of its fine-tuning, with the job's torch thread
@@ -157,6 +168,49 @@ def time_candidate(job: Path, params_file: Path, threads: int, repeat: int) -> N
     print(json.dumps(seconds))
 
 
+def probe_floor(workers: int, threads: int, launched: float) -> None:
+    """(A subprocess of :func:`floor`.) Start Ray, run ``workers`` trials that import torch; print when each was ready."""
+    from ray import tune
+
+    from slimsearch.search.driver import start_ray
+
+    start_ray(workers * threads)
+    ray_up = time.time()
+
+    def trainable(config):
+        import torch
+
+        torch.set_num_threads(threads)
+        tune.report({"ready": time.time()})
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": threads}),
+                           tune_config=tune.TuneConfig(num_samples=workers, max_concurrent_trials=workers,
+                                                       reuse_actors=True),
+                           run_config=tune.RunConfig(storage_path=tmp, name="floor", verbose=0))
+        ready = sorted(r.metrics["ready"] for r in tuner.fit())
+    print(json.dumps({"ray_up_s": ray_up - launched, "trial_ready_s": [t - launched for t in ready]}))
+
+
+def floor(configs: list[tuple[int, int]], repeat: int = 3) -> list[dict]:
+    """For each (N, T): seconds from a process's launch until Ray is up and until each of N trials is ready."""
+    rows = []
+    for n, threads in configs:
+        probes = []
+        for _ in range(repeat):
+            cmd = [sys.executable, __file__, "--probe-floor", str(n), "--threads", str(threads), "--launched"]
+            launched = time.time()
+            proc = subprocess.run([*cmd, repr(launched)], capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise SystemExit(f"floor probe failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+            probes.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        waits = [sum(p["trial_ready_s"]) for p in probes]  # summed over the N workers
+        rows.append({"workers": n, "threads": threads, "ray_up_s": [p["ray_up_s"] for p in probes],
+                     "trial_ready_s": [p["trial_ready_s"] for p in probes], "waits_s": waits,
+                     "min_waits_s": min(waits)})
+    return rows
+
+
 def ceiling(job: Path, out: Path, configs: list[tuple[int, int]], tmp: Path) -> dict:
     """Seconds per candidate of N processes side by side (T threads each), for each (N, T) in ``configs``."""
     front = json.loads((out / "front.json").read_text())
@@ -187,12 +241,19 @@ def main() -> None:
     ap.add_argument("--ray-address", help="join this running Ray (e.g. 'auto' after `ray start --head "
                                           "--num-cpus 2`) instead of starting Ray in each job")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the ceiling measurement (about a minute)")
+    ap.add_argument("--no-floor", action="store_true", help="skip the floor measurement (about 30 s per row; "
+                                                                  "skipped with --ray-address)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--time-candidate", type=Path, help=argparse.SUPPRESS)  # ceiling()'s subprocesses
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--probe-floor", type=int, help=argparse.SUPPRESS)  # floor()'s subprocesses
+    ap.add_argument("--launched", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.time_candidate is not None:
         time_candidate(args.job, args.time_candidate, args.threads, repeat=3)
+        return
+    if args.probe_floor is not None:
+        probe_floor(args.probe_floor, args.threads, args.launched)
         return
 
     from slimsearch.job import load_job
@@ -223,6 +284,11 @@ def main() -> None:
         if len(runs) > 1 and not args.no_ceiling:
             bound = ceiling(job, Path(runs[0]["out"]), [(r["workers"], r["threads_per_worker"]) for r in runs],
                             Path(tmp))
+    floors = None
+    if not args.no_floor and args.ray_address is None:
+        floors = floor([(r["workers"], r["threads_per_worker"]) for r in runs])
+        for r, f in zip(runs, floors):
+            r["floor_outside_share"] = f["min_waits_s"] / (r["inside_evaluate_s"] + f["min_waits_s"])
     base = runs[0]["candidates_per_hour"]
     print(f"{'workers':>7} {'threads':>7} {'cands':>5} {'wall s':>7} {'in eval s':>9} {'outside':>8} "
           f"{'cand/h':>7} {'vs first':>8} {'KD steps':>8} {'steps/h':>7} {'vs first':>8} {'start s':>7} "
@@ -247,6 +313,14 @@ def main() -> None:
               f"job): {first['workers']} x {first['threads']} thread(s) {first['seconds_per_candidate']:.2f} s per "
               f"candidate, {last['workers']} x {last['threads']} side by side {last['seconds_per_candidate']:.2f} s "
               f"each: at most {last['candidates_per_hour'] / first['candidates_per_hour']:.2f}x")
+    if floors is not None:
+        print("floor, a process that only starts Ray and N Ray Tune trials that import torch (3 runs; seconds from "
+              "its launch):")
+        for r, f in zip(runs, floors):
+            ready = ", ".join("/".join(f"{t:.1f}" for t in p) for p in f["trial_ready_s"])
+            print(f"  {f['workers']} x {f['threads']}: Ray up at {', '.join(f'{t:.1f}' for t in f['ray_up_s'])}; "
+                  f"trials ready at {ready}; with no other time outside evaluate this job would still spend "
+                  f"{r['floor_outside_share']:.1%} outside (target <= {OUTSIDE_TARGET:.0%})")
     print(f"early stopping ({runs[0]['workers']} worker job): {stops['stopped']} of {stops['candidates']} candidates "
           f"stopped; fine-tuning them to the end took {stops['saved_s']:.0f} s more "
           f"({stops['saved_share']:.1%} of all time inside evaluate); {stops['would_join_front']} of them would have "
@@ -258,7 +332,8 @@ def main() -> None:
     if args.json:
         for r in runs:
             r.pop("log")
-        args.json.write_text(json.dumps({"runs": runs, "early_stopping": stops, "ceiling": bound}, indent=2))
+        args.json.write_text(json.dumps({"runs": runs, "early_stopping": stops, "ceiling": bound, "floor": floors},
+                                        indent=2))
 
 
 if __name__ == "__main__":
