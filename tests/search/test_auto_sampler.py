@@ -121,3 +121,37 @@ def test_a_slow_estimate_is_called_a_bounded_number_of_times_per_proposal():
     # (without the cap each proposal would estimate its 1,000 random candidates)
     assert len(calls) <= 5 * 16
     assert len(set(asked)) == 5
+
+
+def _proposals(sampler, n: int = 6) -> list[dict]:
+    import optuna
+
+    from slimsearch.search.driver import suggest
+
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        params = suggest(trial, BIG_SPACE)
+        study.tell(trial, list(evaluate_big(params).values()))
+        out.append(params)
+    return out
+
+
+BIG_SPACE = {name: list(range(100)) for name in ("a", "b", "c")}
+
+
+def evaluate_big(p: dict) -> dict:
+    return {"score": p["a"] - p["b"], "cost": p["a"] + p["c"]}
+
+
+def test_auto_repeats_for_a_seed_and_proposes_anew_once_reseeded():
+    from slimsearch.search._front import FrontSampler
+
+    def sampler():  # with the space given, every proposal is its own (none from its random sampler)
+        return FrontSampler(seed=4, space=BIG_SPACE)
+
+    assert _proposals(sampler()) == _proposals(sampler())
+    reseeded = sampler()
+    reseeded.reseed_rng()  # what Optuna does for each thread of optimize(n_jobs=...)
+    assert _proposals(reseeded) != _proposals(sampler())

@@ -93,6 +93,12 @@ class FrontSampler(BaseSampler):
     # -- Optuna's sampler interface ------------------------------------------------------
 
     def reseed_rng(self) -> None:
+        """Fresh randomness from the OS (Optuna calls this for each thread of ``optimize(n_jobs=...)``).
+        Proposals draw from (seed, trial number), so the seed is drawn anew too, not only the
+        random sampler's: otherwise threads would keep proposing alike."""
+        import secrets
+
+        self._seed = secrets.randbits(63)
         self._random.reseed_rng()
 
     def infer_relative_search_space(self, study, trial) -> dict:
