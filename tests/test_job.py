@@ -63,6 +63,8 @@ CASES = {
                         ["'cmaes'", "'nsga2'", "'tpe'", "'random'"]),
     "budget_0": ({"search__budget": 0}, "search.budget", ["0", "greater than or equal to 1"]),
     "threads_0": ({"search__threads_per_worker": 0}, "search.threads_per_worker", ["0", "greater than or equal to 1"]),
+    "time_limit_0": ({"search__time_limit_s": 0}, "search.time_limit_s", ["0", "greater than 0"]),
+    "time_limit_inf": ({"search__time_limit_s": float("inf")}, "search.time_limit_s", ["inf", "a finite number"]),
     "unknown_task": ({"task": "cifar100"}, "task", ["'cifar100'", "'mnist'", "'digits'", "package.module:function"]),
     # these two need the task's layers, so they are checked against the digits teacher
     "unknown_layer": ({"space__layers": {"conv9": {"weight_bits": [4]}}}, "space.layers",

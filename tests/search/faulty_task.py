@@ -8,7 +8,8 @@ distillation, in the order they start, across every process (the Ray workers inc
 - ``raise``: the loss function raises;
 - ``nan``: the loss becomes NaN at step 3;
 - ``alloc``: the candidate asks for 4 GiB (untouched, so cheap when no limit forbids it);
-- ``hang``: the candidate waits, forever, after writing ``hanging`` (for killing the driver);
+- ``hang``: the candidate waits, after writing ``hanging`` (for killing the driver, or for a time
+  limit to stop it), for 10 minutes, then goes on: a test whose stop fails fails, rather than hangs;
 - ``ok``: nothing happens.
 
 Evaluations past the end of the list run normally. Each evaluation claims the next
@@ -72,8 +73,10 @@ def _faulty_loss(student_out, teacher_out, labels, plan, **kwargs):
         torch.empty(2**30, dtype=torch.float32)  # 4 GiB of address space
     if action == "hang":
         (Path(os.environ["SLIMSEARCH_TEST_FAULT_DIR"]) / "hanging").write_text(str(os.getpid()))
-        while True:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
             time.sleep(1)
+        _current["action"] = "ok"
     loss = logit_distill_loss(student_out, teacher_out, labels, plan)
     if action == "nan" and _current["step"] >= NAN_STEP:
         return loss * float("nan")

@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 NAME = "faults"
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "slimsearch.trial"
+TIME_LIMIT_S = 15  # a 10-step digits candidate takes about a second
 SPACE = {"prune_ratio": [0.0, 0.25, 0.5], "weight_bits": [4, 8, 32], "act_bits": [8, 32], "distill_steps": [10]}
 
 
@@ -107,9 +108,9 @@ def _assert_complete_trials_distinct(trials, budget: int) -> None:
 
 @pytest.fixture(scope="module")
 def ray_faults(tmp_path_factory, teacher_cache):
-    """One job on real Ray (1 worker, max_retries 1, memory limit 1024 MiB) whose evaluations, in order:
-    are killed, killed again (the same candidate: its retry), raise, go NaN, ask for 4 GiB, are killed
-    (a new candidate), then run normally."""
+    """One job on real Ray (1 worker, max_retries 1, memory limit 1024 MiB, time limit 15 s) whose
+    evaluations, in order: are killed, killed again (the same candidate: its retry), raise, go NaN, ask
+    for 4 GiB, hang, are killed (a new candidate), then run normally."""
     import ray
 
     from slimsearch.job import load_job
@@ -118,8 +119,9 @@ def ray_faults(tmp_path_factory, teacher_cache):
     folder = tmp_path_factory.mktemp("ray-faults")
     with pytest.MonkeyPatch.context() as mp:
         # set before run_job starts Ray, so its workers inherit it
-        faults = _faults(mp, folder / "faults", "kill,kill,raise,nan,alloc,kill")
-        spec = load_job(_job(folder, budget=2, search={"max_retries": 1, "memory_limit_mb": 1024}))
+        faults = _faults(mp, folder / "faults", "kill,kill,raise,nan,alloc,hang,kill")
+        spec = load_job(_job(folder, budget=2, search={"max_retries": 1, "memory_limit_mb": 1024,
+                                                       "time_limit_s": TIME_LIMIT_S}))
         out = folder / "out"
         lines = []
         try:
@@ -136,8 +138,8 @@ def _failed_with(trials, text: str) -> list:
 
 def test_ray_worker_killed_mid_candidate_is_retried_then_failed_and_the_search_completes(ray_faults):
     actions = [a for a, _ in ray_faults.claims]
-    assert actions[:6] == ["kill", "kill", "raise", "nan", "alloc", "kill"]
-    assert actions[6:] == ["ok", "ok"]  # the candidate killed once, run again, and one more
+    assert actions[:7] == ["kill", "kill", "raise", "nan", "alloc", "hang", "kill"]
+    assert actions[7:] == ["ok", "ok"]  # the candidate killed once, run again, and one more
     # every kill took its worker with it: each evaluation after one ran in a fresh process
     pids = [pid for _, pid in ray_faults.claims]
     for i, (action, _) in enumerate(ray_faults.claims[:-1]):
@@ -149,7 +151,7 @@ def test_ray_worker_killed_mid_candidate_is_retried_then_failed_and_the_search_c
     assert len(died) == 1
     assert "search.max_retries = 1" in died[0].user_attrs["error"]
     assert "died" in died[0].user_attrs["error"]
-    assert len(_by_state(ray_faults.trials, "FAIL")) == 4
+    assert len(_by_state(ray_faults.trials, "FAIL")) == 5
     assert not _by_state(ray_faults.trials, "RUNNING")
     assert len(ray_faults.result.candidates) == 2
 
@@ -177,6 +179,18 @@ def test_candidate_over_the_memory_limit_is_failed_naming_the_limit(ray_faults):
     assert by_trial[over.number].info.status == "FAILED"
     # the limit is lifted after each candidate: the later ones in the same kind of worker completed
     assert any(t.number > over.number for t in _by_state(ray_faults.trials, "COMPLETE"))
+
+
+def test_candidate_past_the_time_limit_is_failed_naming_it_and_its_worker_goes_on(ray_faults):
+    (late,) = _failed_with(ray_faults.trials, f"exceeded search.time_limit_s = {TIME_LIMIT_S} s")
+    assert late.user_attrs["error"].startswith("TimeoutError: ")
+    by_trial = _assert_mlflow_matches_study(ray_faults.out)
+    assert by_trial[late.number].info.status == "FAILED"
+    # stopped inside its worker, not by killing it: the next candidate ran in the same process
+    actions = [a for a, _ in ray_faults.claims]
+    hung = actions.index("hang")
+    assert ray_faults.claims[hung + 1][1] == ray_faults.claims[hung][1]
+    assert any(t.number > late.number for t in _by_state(ray_faults.trials, "COMPLETE"))
 
 
 def test_failed_candidates_are_listed_in_front_json_and_never_on_the_front(ray_faults):

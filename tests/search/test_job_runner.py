@@ -157,7 +157,7 @@ def test_resume_with_a_changed_job_is_refused(finished_job):
     assert result.code == 2
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"slimsearch: error: {finished_job.out}: the job file differs")
-    assert "['space']" in line and "search.budget, search.workers and search.threads_per_worker may change" in line
+    assert "['space']" in line and "search.budget, search.workers, search.threads_per_worker and search.time_limit_s may change" in line
     assert len(_complete(_study(finished_job.out))) == 4
 
 
@@ -183,7 +183,10 @@ def resumed_job(tmp_path_factory, teacher_cache):
     assert first.code == 0, first.stderr
     trials_before = [_snapshot(t) for t in _complete(_study(out))]
     runs_before = {int(r.data.tags["slimsearch.trial"]): (r.info.run_id, r.info.start_time) for r in _runs(out)[1]}
-    second = _run(str(job), "--out", str(out), "--executor", "local", "--budget", "5", "--resume", "--threads", "2")
+    # the job file gains a time limit: allowed on --resume (a job stopped because a candidate hung)
+    limited = _write(folder, {**JOB, "search": {**JOB["search"], "time_limit_s": 600}}, "limited.yaml")
+    second = _run(str(limited), "--out", str(out), "--executor", "local", "--budget", "5", "--resume",
+                  "--threads", "2")
     assert second.code == 0, second.stderr
     return SimpleNamespace(out=out, trials_before=trials_before, runs_before=runs_before, stdout=second.stdout)
 
@@ -209,6 +212,11 @@ def test_resume_may_change_the_threads_per_worker_and_records_each_starts_count(
     assert "running 2 on 1 worker(s) x 2 thread(s)" in resumed_job.stdout
     state = json.loads((resumed_job.out / "job.json").read_text())
     assert state["threads"] == [[0, 1], [3, 2]]
+
+
+def test_resume_may_add_a_time_limit_and_keeps_it(resumed_job):
+    state = json.loads((resumed_job.out / "job.json").read_text())
+    assert state["spec"]["search"]["time_limit_s"] == 600
 
 
 def test_resumed_trials_are_new_plans(resumed_job):

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from slimsearch.exceptions import ConfigError, JobStateError
 from slimsearch.job import BASE_METRICS, LOCAL_ENERGY_METRIC, PROFILE_METRICS, JobSpec, local_latency_metrics
+from slimsearch.search._limits import memory_limit, time_limit
 from slimsearch.search.early_stop import CONSTRAINT as STOP_CONSTRAINT
 from slimsearch.search.early_stop import STOPPED_METRIC
 
@@ -26,7 +27,7 @@ STATE_FILE = "job.json"
 FRONT_FILE = "front.json"
 FRONT_HTML = "front.html"
 MODELS_DIR = "models"  # the ONNX graphs of candidates that may still join the front
-RESUME_MAY_CHANGE = ("budget", "workers", "threads_per_worker")  # of a job's search settings
+RESUME_MAY_CHANGE = ("budget", "workers", "threads_per_worker", "time_limit_s")  # of a job's search settings
 
 
 def model_file(out: Path, plan) -> Path:
@@ -100,7 +101,7 @@ def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
         from slimsearch.search.early_stop import EarlyStop
 
         stopper = EarlyStop(Path(out), task, plan, spec.profile_refs)
-    with memory_limit(spec.search.memory_limit_mb):
+    with time_limit(spec.search.time_limit_s), memory_limit(spec.search.memory_limit_mb):
         metrics = evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score, onnx_out=onnx_out,
                            devices=devices, on_chunk=stopper, chunk_every=None if stopper is None else stopper.every)
     if stopper is None:
@@ -108,51 +109,6 @@ def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
     from slimsearch.evaluators.metrics import Metrics
 
     return Metrics(values={**metrics.values, **stopper.finish()}, provenance=metrics.provenance)
-
-
-_OUT_OF_MEMORY = ("can't allocate memory", "cannot allocate memory", "bad_alloc", "can't start new thread",
-                  "failed to allocate")
-
-
-@contextlib.contextmanager
-def memory_limit(mb: Optional[int]):
-    """Let the code inside add at most ``mb`` MiB of address space to this process (None: no limit).
-
-    Enforced with ``RLIMIT_AS`` set to the process's current size plus ``mb`` and put back
-    afterwards, so an allocation beyond it fails at once inside the candidate (torch,
-    numpy and Python all turn that into an error) instead of the kernel's OOM killer taking
-    the worker. The limit counts address space, not resident memory: a generous figure
-    (hundreds of MiB for a small model: thread stacks and allocator arenas count) is needed.
-    Linux only (``/proc/self/statm``); the failure says which limit was exceeded.
-    """
-    if mb is None:
-        yield
-        return
-    import resource
-
-    try:
-        with open("/proc/self/statm") as f:
-            used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        raise ConfigError("search.memory_limit_mb: enforced only on Linux (it reads /proc/self/statm); "
-                          "allowed here: leave it out") from None
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = used + mb * 2**20
-    for bound in (soft, hard):  # never loosen a limit already set
-        if bound != resource.RLIM_INFINITY:
-            limit = min(limit, bound)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    try:
-        yield
-    except Exception as exc:
-        text = str(exc)
-        if isinstance(exc, MemoryError) or any(s in text.lower() for s in _OUT_OF_MEMORY):
-            brief = " ".join(text.split())[:200] or type(exc).__name__
-            raise MemoryError(f"the candidate exceeded search.memory_limit_mb = {mb} MiB (address space beyond "
-                              f"the {used // 2**20} MiB its worker held): {brief}") from exc
-        raise
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def estimate_params(params: dict, *, task, space, profiles) -> dict[str, Optional[float]]:
