@@ -8,10 +8,9 @@ import urllib.request
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
 import slimsearch
-from tests._cli import cli
+from tests._cli import cli, local_job
 
 NAME = "digits-registry"
 JOB = {
@@ -26,12 +25,7 @@ JOB = {
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, teacher_cache, slimsearch_home):
-    folder = tmp_path_factory.mktemp("registry-job")
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(JOB, sort_keys=False))
-    out = folder / "out"
-    result = cli("run", str(path), "--out", str(out), "--executor", "local", "--no-progress")
-    assert result.code == 0, result.stderr
+    out = local_job(tmp_path_factory.mktemp("registry-job"), JOB).out
     (record,) = [j for j in slimsearch.jobs() if j.out == str(out.resolve())]
     return SimpleNamespace(out=out.resolve(), id=record.id, front=json.loads((out / "front.json").read_text()))
 

@@ -7,11 +7,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
 from slimsearch.search.early_stop import (CURVES_DIR, SNAPSHOT_FILE, STEPS_METRIC, STOPPED_METRIC, EarlyStop, gains,
                                           plausible_share, write_snapshot)
 from tests._cli import cli as _cli
+from tests._cli import local_job
 
 STEPS = 40
 JOB = {
@@ -27,13 +27,8 @@ JOB = {
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, teacher_cache):
-    folder = tmp_path_factory.mktemp("early-stop")
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(JOB, sort_keys=False))
-    out = folder / "out"
-    result = _cli("run", str(path), "--out", str(out), "--executor", "local", "--no-progress")
-    assert result.code == 0, result.stderr
-    return SimpleNamespace(out=out, result=result, front=json.loads((out / "front.json").read_text()))
+    ran = local_job(tmp_path_factory.mktemp("early-stop"), JOB)
+    return SimpleNamespace(out=ran.out, result=ran.result, front=json.loads((ran.out / "front.json").read_text()))
 
 
 def _curve(out: Path, candidate: dict) -> dict:

@@ -8,9 +8,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
-from tests._cli import cli
+from tests._cli import cli, local_job, write_job
 
 NAME = "digits-search"
 JOB = {
@@ -29,10 +28,6 @@ def _run(*args: str) -> SimpleNamespace:
     return cli("run", *args, "--no-progress")
 
 
-def _write(folder: Path, data: dict, name: str = "job.yaml") -> Path:
-    path = folder / name
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 def _study(out: Path):
@@ -67,11 +62,7 @@ def _dominates(a: list[float], b: list[float], directions: list[str]) -> bool:
 
 @pytest.fixture(scope="module")
 def finished_job(tmp_path_factory, teacher_cache):
-    folder = tmp_path_factory.mktemp("job")
-    job, out = _write(folder, JOB), folder / "out"
-    result = _run(str(job), "--out", str(out), "--executor", "local")
-    assert result.code == 0, result.stderr
-    return SimpleNamespace(job=job, out=out, result=result)
+    return local_job(tmp_path_factory.mktemp("job"), JOB)
 
 
 def test_front_json_holds_exactly_the_non_dominated_candidates(finished_job):
@@ -152,7 +143,7 @@ def test_running_the_job_again_without_resume_is_refused(finished_job):
 
 def test_resume_with_a_changed_job_is_refused(finished_job):
     changed = dict(JOB, space=dict(JOB["space"], weight_bits=[2, 4]))
-    job = _write(finished_job.job.parent, changed, "changed.yaml")
+    job = write_job(finished_job.job.parent, changed, "changed.yaml")
     result = _run(str(job), "--out", str(finished_job.out), "--resume", "--executor", "local")
     assert result.code == 2
     (line,) = result.stderr.splitlines()
@@ -162,7 +153,7 @@ def test_resume_with_a_changed_job_is_refused(finished_job):
 
 
 def test_resume_needs_a_job_folder(tmp_path):
-    job = _write(tmp_path, JOB)
+    job = write_job(tmp_path, JOB)
     result = _run(str(job), "--out", str(tmp_path / "nothing-here"), "--resume", "--executor", "local")
     assert result.code == 2
     (line,) = result.stderr.splitlines()
@@ -178,13 +169,13 @@ def _snapshot(trial) -> tuple:
 @pytest.fixture(scope="module")
 def resumed_job(tmp_path_factory, teacher_cache):
     folder = tmp_path_factory.mktemp("resume")
-    job, out = _write(folder, JOB), folder / "out"
+    job, out = write_job(folder, JOB), folder / "out"
     first = _run(str(job), "--out", str(out), "--executor", "local", "--budget", "3", "--threads", "1")
     assert first.code == 0, first.stderr
     trials_before = [_snapshot(t) for t in _complete(_study(out))]
     runs_before = {int(r.data.tags["slimsearch.trial"]): (r.info.run_id, r.info.start_time) for r in _runs(out)[1]}
     # the job file gains a time limit: allowed on --resume (a job stopped because a candidate hung)
-    limited = _write(folder, {**JOB, "search": {**JOB["search"], "time_limit_s": 600}}, "limited.yaml")
+    limited = write_job(folder, {**JOB, "search": {**JOB["search"], "time_limit_s": 600}}, "limited.yaml")
     second = _run(str(limited), "--out", str(out), "--executor", "local", "--budget", "5", "--resume",
                   "--threads", "2")
     assert second.code == 0, second.stderr
@@ -233,7 +224,7 @@ def test_ray_executor_runs_each_candidate_once(tmp_path, request):
 
     assert not ray.is_initialized()
     request.addfinalizer(lambda: ray.shutdown() if ray.is_initialized() else None)
-    spec = load_job(_write(tmp_path, JOB), {"search.budget": 4, "search.workers": 2})
+    spec = load_job(write_job(tmp_path, JOB), {"search.budget": 4, "search.workers": 2})
     out = tmp_path / "out"
     result = run_job(spec, out, executor="ray", progress=False, log=lambda *args: None)
     assert not ray.is_initialized()  # run_job started Ray and shut it down
@@ -248,7 +239,7 @@ def test_ray_executor_runs_each_candidate_once(tmp_path, request):
 
 
 def test_hidden_state_matching_on_a_task_without_hidden_states_is_refused(tmp_path):
-    job = _write(tmp_path, dict(JOB, space=dict(JOB["space"], distill_hidden_weight=[0.0, 1.0])))
+    job = write_job(tmp_path, dict(JOB, space=dict(JOB["space"], distill_hidden_weight=[0.0, 1.0])))
     result = _run(str(job), "--out", str(tmp_path / "out"), "--executor", "local")
     assert result.code == 2
     (line,) = result.stderr.splitlines()
@@ -259,7 +250,7 @@ def test_hidden_state_matching_on_a_task_without_hidden_states_is_refused(tmp_pa
 
 def test_a_candidate_that_breaks_a_constraint_never_enters_the_front(tmp_path):
     # accuracy is not estimated before training, so these candidates are trained, then found infeasible
-    job = _write(tmp_path, dict(JOB, constraints=["accuracy >= 1.01"], search={"budget": 2, "workers": 1}))
+    job = write_job(tmp_path, dict(JOB, constraints=["accuracy >= 1.01"], search={"budget": 2, "workers": 1}))
     out = tmp_path / "out"
     result = _run(str(job), "--out", str(out), "--executor", "local")
     assert result.code == 0, result.stderr
@@ -285,7 +276,7 @@ def test_a_plan_estimated_to_break_a_constraint_is_screened_not_trained(tmp_path
 
     limit = packed_size(load_task("digits").teacher) // 2  # 8-bit weights fit, 32-bit ones (mostly) do not
     space = {"prune_ratio": [0.0], "weight_bits": [8, 32], "act_bits": [32], "distill_steps": [0]}
-    job = _write(tmp_path, dict(JOB, space=space, constraints=[f"size_bytes <= {limit}"],
+    job = write_job(tmp_path, dict(JOB, space=space, constraints=[f"size_bytes <= {limit}"],
                                 search={"budget": 1, "workers": 1, "sampler": "random"}))
     out = tmp_path / "out"
     result = _run(str(job), "--out", str(out), "--executor", "local")

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.search.test_job_runner import _run, _write
+from tests._cli import local_job, write_job
+from tests.search.test_job_runner import _run
 
 NAME = "digits-power"
 JETSON = "jetson-orin-nano"
@@ -24,10 +25,8 @@ JOB = {
 
 @pytest.fixture(scope="module")
 def power_job(tmp_path_factory, teacher_cache):
-    folder = tmp_path_factory.mktemp("power")
-    job, out = _write(folder, JOB), folder / "out"
-    result = _run(str(job), "--out", str(out), "--executor", "local")
-    assert result.code == 0, result.stderr
+    ran = local_job(tmp_path_factory.mktemp("power"), JOB)
+    out, result = ran.out, ran.result
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
@@ -111,7 +110,7 @@ def test_local_energy_as_an_objective_needs_energy_counters(tmp_path):
 
     if energy_meter() is not None:
         pytest.skip("this machine exposes RAPL counters")
-    job = _write(tmp_path, dict(JOB, objectives={"accuracy": "max", "energy_mj@local": "min"}))
+    job = write_job(tmp_path, dict(JOB, objectives={"accuracy": "max", "energy_mj@local": "min"}))
     result = _run(str(job), "--out", str(tmp_path / "out"), "--executor", "local")
     assert result.code == 2
     (line,) = result.stderr.splitlines()

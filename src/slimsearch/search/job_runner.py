@@ -6,7 +6,6 @@ call into the module that owns it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
