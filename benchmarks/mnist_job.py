@@ -169,7 +169,8 @@ def time_candidate(job: Path, params_file: Path, threads: int, repeat: int) -> N
 
 
 def probe_floor(workers: int, threads: int, launched: float) -> None:
-    """(A subprocess of :func:`floor`.) Start Ray, run ``workers`` trials that import torch; print when each was ready."""
+    """(A subprocess of :func:`floor`.) Start Ray, run ``workers`` trials that import torch; print when each
+    was ready."""
     from ray import tune
 
     from slimsearch.search.driver import start_ray

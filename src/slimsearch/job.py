@@ -220,8 +220,9 @@ class SearchSpec(_Frozen):
                              "again before it is recorded as failed (a candidate that raises is not retried)")
     memory_limit_mb: Optional[int] = Field(None, ge=64, description="address space one candidate's evaluation "
                                            "may add to its worker, in MiB; above it the candidate fails")
-    time_limit_s: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description="wall-clock seconds one candidate's evaluation "
-                                          "may take; beyond it the candidate fails and its worker goes on")
+    time_limit_s: Optional[float] = Field(None, gt=0, allow_inf_nan=False,
+                                          description="wall-clock seconds one candidate's evaluation may take; "
+                                          "beyond it the candidate fails and its worker goes on")
     early_stopping: bool = Field(True, description="stop fine-tuning a candidate that cannot plausibly reach the "
                                  "front or meet the constraints (checked at 1/4, 1/2 and 3/4 of its steps)")
     early_stopping_margin: float = Field(0.01, ge=0, description="added to the best metric a candidate could "

@@ -74,7 +74,8 @@ def time_limit(seconds: Optional[float]):
     exception in the evaluating thread instead (CPython's ``PyThreadState_SetAsyncExc``).
     Python delivers it at the next bytecode, so a candidate stuck inside one native call
     (a deadlocked C library) stops only when that call returns; a training loop stops
-    within one step.
+    within one step. As after Ctrl-C, code stopped midway may leave what it was writing
+    half done; the candidate is recorded as failed, never on the front.
     """
     if seconds is None:
         yield
