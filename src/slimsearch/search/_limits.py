@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 from slimsearch.exceptions import ConfigError
+
+T = TypeVar("T")
 
 _OUT_OF_MEMORY = ("can't allocate memory", "cannot allocate memory", "bad_alloc", "can't start new thread",
                   "failed to allocate")
@@ -61,13 +63,13 @@ def memory_limit(mb: Optional[int]):
 
 class _TimeUp(BaseException):
     """Raised inside the evaluating thread when its time is up (a BaseException, so that a
-    candidate's own ``except Exception`` cannot swallow it); :func:`time_limit` turns it into
-    a TimeoutError."""
+    candidate's own ``except Exception`` cannot swallow it); :func:`within_time_limit` turns it
+    into a TimeoutError."""
 
 
-@contextlib.contextmanager
-def time_limit(seconds: Optional[float]):
-    """Let the code inside run for at most ``seconds`` of wall-clock time (None: no limit).
+def within_time_limit(seconds: Optional[float], fn: Callable[[], T]) -> T:
+    """``fn()``, stopped with a TimeoutError once it has run ``seconds`` of wall-clock time
+    (None: no limit).
 
     Ray Tune has no hard limit per trial: its stoppers act only when a trial reports, and a
     candidate reports once, at its end (ray-project/ray#47475). A timer thread raises an
@@ -76,10 +78,13 @@ def time_limit(seconds: Optional[float]):
     (a deadlocked C library) stops only when that call returns; a training loop stops
     within one step. As after Ctrl-C, code stopped midway may leave what it was writing
     half done; the candidate is recorded as failed, never on the front.
+
+    A function, not a context manager: a context manager's exit runs Python code of its own
+    (contextlib's) before the limit can be lifted, and an exception delivered there would
+    escape the limit; here the call returns straight into the ``finally`` that lifts it.
     """
     if seconds is None:
-        yield
-        return
+        return fn()
     import ctypes
 
     target = ctypes.c_ulong(threading.get_ident())
@@ -92,22 +97,18 @@ def time_limit(seconds: Optional[float]):
                 state["fired"] = True
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(target, ctypes.py_object(_TimeUp))
 
-    def breach() -> TimeoutError:
-        return TimeoutError(f"the candidate exceeded search.time_limit_s = {seconds:g} s of wall-clock time")
-
+    breach = f"the candidate exceeded search.time_limit_s = {seconds:g} s of wall-clock time"
     timer = threading.Timer(seconds, fire)
     timer.daemon = True
-    timer.start()
     try:
         try:
-            yield
+            timer.start()
+            return fn()
         finally:
             with lock:
                 state["inside"] = False
             timer.cancel()
-            if state["fired"]:  # raised but maybe not yet delivered: take it back, raise it below
+            if state["fired"]:  # raised but maybe not yet delivered: take it back
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(target, None)
     except _TimeUp:
-        raise breach() from None
-    if state["fired"]:
-        raise breach()
+        raise TimeoutError(breach) from None

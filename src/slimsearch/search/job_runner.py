@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from slimsearch.exceptions import ConfigError, JobStateError
 from slimsearch.job import BASE_METRICS, LOCAL_ENERGY_METRIC, PROFILE_METRICS, JobSpec, local_latency_metrics
-from slimsearch.search._limits import memory_limit, time_limit
+from slimsearch.search._limits import memory_limit, within_time_limit
 from slimsearch.search.early_stop import CONSTRAINT as STOP_CONSTRAINT
 from slimsearch.search.early_stop import STOPPED_METRIC
 
@@ -100,9 +100,12 @@ def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
         from slimsearch.search.early_stop import EarlyStop
 
         stopper = EarlyStop(Path(out), task, plan, spec.profile_refs)
-    with time_limit(spec.search.time_limit_s), memory_limit(spec.search.memory_limit_mb):
-        metrics = evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score, onnx_out=onnx_out,
-                           devices=devices, on_chunk=stopper, chunk_every=None if stopper is None else stopper.every)
+    def limited():
+        with memory_limit(spec.search.memory_limit_mb):
+            return evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score, onnx_out=onnx_out,
+                            devices=devices, on_chunk=stopper, chunk_every=None if stopper is None else stopper.every)
+
+    metrics = within_time_limit(spec.search.time_limit_s, limited)
     if stopper is None:
         return metrics
     from slimsearch.evaluators.metrics import Metrics
