@@ -33,6 +33,11 @@ def test_a_loop_past_its_time_is_stopped_with_an_error_naming_the_setting():
     assert steps  # it ran, and was stopped from outside although it catches Exception
 
 
+def test_the_error_says_where_the_code_was_when_stopped():
+    with pytest.raises(TimeoutError, match=r"; stopped in test_limits\.py:\d+ \(_spin\)$"):
+        within_time_limit(0.2, lambda: _spin([]))
+
+
 def test_code_done_in_time_returns_normally_and_nothing_fires_later():
     value = within_time_limit(0.3, lambda: sum(range(10)))
     time.sleep(0.6)  # past the limit: the cancelled timer must not raise into this thread now

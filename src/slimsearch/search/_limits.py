@@ -110,5 +110,9 @@ def within_time_limit(seconds: Optional[float], fn: Callable[[], T]) -> T:
             timer.cancel()
             if state["fired"]:  # raised but maybe not yet delivered: take it back
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(target, None)
-    except _TimeUp:
-        raise TimeoutError(breach) from None
+    except _TimeUp as exc:
+        import traceback
+
+        where = traceback.extract_tb(exc.__traceback__)[-1]  # what the candidate was doing: where it hung
+        raise TimeoutError(f"{breach}; stopped in {os.path.basename(where.filename)}:{where.lineno} "
+                           f"({where.name})") from None
