@@ -384,7 +384,8 @@ def _resume_changed_job(ctx):
     ctx.write(data)
     return Row(["run", str(ctx.job), "--out", str(ctx.finished.out), "--resume", *RUN],
                [f"{ctx.finished.out}: the job file differs from the job being resumed in ['space']",
-                "only search.budget, search.workers, search.threads_per_worker and search.time_limit_s may change on --resume"])
+                "only search.budget, search.workers, search.threads_per_worker and search.time_limit_s may change "
+                "on --resume"])
 
 
 def _resume_without_job(ctx):

@@ -148,7 +148,8 @@ def test_resume_with_a_changed_job_is_refused(finished_job):
     assert result.code == 2
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"slimsearch: error: {finished_job.out}: the job file differs")
-    assert "['space']" in line and "search.budget, search.workers, search.threads_per_worker and search.time_limit_s may change" in line
+    assert "['space']" in line
+    assert "search.budget, search.workers, search.threads_per_worker and search.time_limit_s may change" in line
     assert len(_complete(_study(finished_job.out))) == 4
 
 
@@ -277,7 +278,7 @@ def test_a_plan_estimated_to_break_a_constraint_is_screened_not_trained(tmp_path
     limit = packed_size(load_task("digits").teacher) // 2  # 8-bit weights fit, 32-bit ones (mostly) do not
     space = {"prune_ratio": [0.0], "weight_bits": [8, 32], "act_bits": [32], "distill_steps": [0]}
     job = write_job(tmp_path, dict(JOB, space=space, constraints=[f"size_bytes <= {limit}"],
-                                search={"budget": 1, "workers": 1, "sampler": "random"}))
+                                   search={"budget": 1, "workers": 1, "sampler": "random"}))
     out = tmp_path / "out"
     result = _run(str(job), "--out", str(out), "--executor", "local")
     assert result.code == 0, result.stderr
