@@ -80,6 +80,8 @@ def test_bad_constraints_are_refused_in_one_line_naming_them(text):
     ({"executor": "dask"}, "executor must be one of ['local', 'ray']"),
     ({"budget": 0}, "budget: must be an int >= 1"),
     ({"workers": 0}, "workers: must be an int >= 1"),
+    ({"time_limit_s": 0}, "time_limit_s: must be a number of seconds > 0 or None, got 0"),
+    ({"time_limit_s": "10"}, "time_limit_s: must be a number of seconds > 0 or None, got '10'"),
 ])
 def test_bad_arguments_list_what_is_allowed(kwargs, needle):
     args = {"budget": 2, **kwargs}
@@ -154,6 +156,24 @@ def test_a_failing_evaluate_fails_that_trial_only():
     failed = [t for t in result.trials if t.state.value == "failed"]
     assert failed and all("RuntimeError: out of memory" in t.error for t in failed)
     assert all(t.params["width"] != 1 for t in result.front)
+
+
+def test_an_evaluate_past_its_time_limit_fails_that_trial_only():
+    import time
+
+    def stuck_when_narrow(p):
+        if p["width"] == 1:
+            deadline = time.monotonic() + 60  # a limit that does not work fails the test, not hangs it
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+        return evaluate(p)
+
+    result = search(SPACE, stuck_when_narrow, OBJECTIVES, budget=12, sampler="random", seed=0, time_limit_s=0.5)
+    failed = [t for t in result.trials if t.state.value == "failed"]
+    assert failed and all(t.params["width"] == 1 for t in failed)
+    assert all("TimeoutError: the candidate exceeded its time limit (time_limit_s = 0.5 s" in t.error
+               and "stopped in test_search_api.py" in t.error for t in failed)
+    assert len(result.evaluated) == 12 and all(t.params["width"] != 1 for t in result.front)
 
 
 @pytest.mark.parametrize("sampler", ["random", "nsga2", "tpe", "auto"])

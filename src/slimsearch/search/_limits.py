@@ -1,8 +1,10 @@
 """What one candidate's evaluation may take: address space and wall-clock time.
 
-Each limit is a context manager around the evaluation in its worker, and turns its breach
-into an ordinary exception there, so the candidate is recorded as failed with the reason
-and its worker goes on with the next one (neither is a Ray Tune failure, so neither is retried).
+Each limit wraps the evaluation in its worker (the memory limit in the job's evaluate, after
+the task has loaded; the time limit in the driver's call of any evaluate, for both doors),
+and turns its breach into an ordinary exception there, so the candidate is recorded as
+failed with the reason and its worker goes on with the next one (neither is a Ray Tune
+failure, so neither is retried).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Callable, Optional, TypeVar
 from slimsearch.exceptions import ConfigError
 
 T = TypeVar("T")
+TIME_LIMIT_SETTING = "time_limit_s"  # search.time_limit_s in a job file, search(time_limit_s=...) in Python
 
 _OUT_OF_MEMORY = ("can't allocate memory", "cannot allocate memory", "bad_alloc", "can't start new thread",
                   "failed to allocate")
@@ -97,7 +100,7 @@ def within_time_limit(seconds: Optional[float], fn: Callable[[], T]) -> T:
                 state["fired"] = True
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(target, ctypes.py_object(_TimeUp))
 
-    breach = f"the candidate exceeded search.time_limit_s = {seconds:g} s of wall-clock time"
+    breach = f"the candidate exceeded its time limit ({TIME_LIMIT_SETTING} = {seconds:g} s of wall-clock time)"
     timer = threading.Timer(seconds, fire)
     timer.daemon = True
     try:

@@ -64,6 +64,7 @@ def search(
     executor: str = "local",
     workers: int = 1,
     storage: Optional[str] = None,
+    time_limit_s: Optional[float] = None,
 ) -> SearchResult:
     """Search ``space`` for the front of ``objectives`` in ``budget`` evaluations.
 
@@ -89,6 +90,9 @@ def search(
         workers: concurrent trials with ``executor="ray"``.
         storage: database URL keeping the study (SQLite, PostgreSQL); None keeps it in
             memory. A search on a storage that already holds one continues it.
+        time_limit_s: wall-clock seconds one ``evaluate`` call may take; past them it is
+            stopped where it runs (a training loop within one step; one native call only when
+            it returns) and the trial fails with a TimeoutError; None: no limit.
 
     Returns:
         SearchResult with ``trials`` (params, values, state "complete" | "failed" |
@@ -110,6 +114,9 @@ def search(
         Sampler(sampler)
     except ValueError:
         raise ConfigError(f"sampler must be one of {[s.value for s in Sampler]}, got {sampler!r}") from None
+    if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float))
+                                     or not 0 < time_limit_s < float("inf")):
+        raise ConfigError(f"time_limit_s: must be a number of seconds > 0 or None, got {time_limit_s!r}")
     if estimate is not None and not callable(estimate):
         raise ConfigError(f"estimate: must be a callable params -> dict or None, got {estimate!r}")
 
@@ -132,7 +139,7 @@ def search(
             ray_dir = tempfile.mkdtemp(prefix="slimsearch-ray-")
         run_trials(study, space, evaluate, objectives, n_trials=remaining, executor=kind.value, workers=workers,
                    threads_per_worker=threads, ray_storage=ray_dir, constraints=parsed, estimate=estimate,
-                   screen_duplicates=True, max_screened=max(100, 10 * budget))
+                   screen_duplicates=True, max_screened=max(100, 10 * budget), time_limit_s=time_limit_s)
     finally:
         if started_ray:
             import ray

@@ -23,6 +23,7 @@ from enum import Enum
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from slimsearch.exceptions import ConfigError
+from slimsearch.search._limits import within_time_limit
 
 
 @dataclass(frozen=True)
@@ -454,14 +455,15 @@ def _places_taken(study, trial=None) -> list:
     return [t for t in taken if t.number != trial.number and (requeued or t.number < trial.number)]
 
 
-def _call(evaluate: Callable[[dict], dict], params: dict) -> dict:
+def _call(evaluate: Callable[[dict], dict], params: dict, time_limit_s: Optional[float] = None) -> dict:
     """Run one evaluation, turning an exception into a recorded error instead of a crash.
 
     ``evaluate`` returns a mapping of values, or a Metrics-like object whose ``provenance``
-    (measured|modelled per cost metric) then travels with its ``values``."""
+    (measured|modelled per cost metric) then travels with its ``values``. Past
+    ``time_limit_s`` seconds it is stopped, and that is its error."""
     started = time.perf_counter()
     try:
-        result = evaluate(params)
+        result = within_time_limit(time_limit_s, lambda: evaluate(params))
         provenance = getattr(result, "provenance", None)
         values = result.values if provenance is not None else result
         out = {"values": {k: (None if v is None else float(v)) for k, v in values.items()}}
@@ -494,6 +496,7 @@ def run_trials(
     owner: Optional[str] = None,
     max_retries: int = 1,
     max_failed: Optional[int] = None,
+    time_limit_s: Optional[float] = None,
 ) -> list[TrialRecord]:
     """Evaluate new trials of ``study`` until ``n_trials`` complete; their records, screened and failed ones included.
 
@@ -509,7 +512,8 @@ def run_trials(
     With ``executor="ray"``, a trial whose worker process dies (killed, crashed) is run again
     up to ``max_retries`` times, then recorded as failed with the reason; with ``"local"`` the
     worker is this process, and a trial it was running when it died is run again by ``--resume``
-    (:func:`recover_interrupted`).
+    (:func:`recover_interrupted`). An evaluation still running after ``time_limit_s`` seconds is
+    stopped where it runs and recorded as failed, not retried (:func:`within_time_limit`).
 
     ``study_budget`` caps the study's complete plus running trials, for several drivers (processes
     or machines) that share one study: each stops asking once the study is full, so together
@@ -536,10 +540,10 @@ def run_trials(
             if asked is None:
                 break
             number, params = asked
-            teller.tell(number, params, _call(evaluate, params))
+            teller.tell(number, params, _call(evaluate, params, time_limit_s))
         return teller.records
     _run_ray(teller, evaluate, n_trials=n_trials, workers=workers, threads=threads_per_worker, storage=ray_storage,
-             max_retries=max_retries, max_failed=max_failed)
+             max_retries=max_retries, max_failed=max_failed, time_limit_s=time_limit_s)
     return teller.records
 
 
@@ -554,12 +558,12 @@ def failure_cap(n_trials: int) -> int:
     return max(10, n_trials)
 
 
-def _ray_trainable(config: dict, evaluate=None, threads: int = 1) -> None:
+def _ray_trainable(config: dict, evaluate=None, threads: int = 1, time_limit_s: Optional[float] = None) -> None:
     import torch
     from ray import tune
 
     torch.set_num_threads(threads)
-    tune.report({"outcome": json.dumps(_call(evaluate, config["params"]))})
+    tune.report({"outcome": json.dumps(_call(evaluate, config["params"], time_limit_s))})
 
 
 def _worker_failure(trial, max_retries: int) -> str:
@@ -587,7 +591,7 @@ def _worker_failure(trial, max_retries: int) -> str:
 
 
 def _run_ray(teller: _Teller, evaluate, *, n_trials: int, workers: int, threads: int, storage: Optional[str],
-             max_retries: int = 1, max_failed: int = 10):
+             max_retries: int = 1, max_failed: int = 10, time_limit_s: Optional[float] = None):
     import ray
     from ray import tune
     from ray.tune.search import Searcher
@@ -635,8 +639,8 @@ def _run_ray(teller: _Teller, evaluate, *, n_trials: int, workers: int, threads:
 
     if not ray.is_initialized():
         raise ConfigError("executor 'ray' needs Ray started first (slimsearch starts it for jobs)")
-    trainable = tune.with_resources(tune.with_parameters(_ray_trainable, evaluate=evaluate, threads=threads),
-                                    {"cpu": threads})
+    trainable = tune.with_resources(tune.with_parameters(_ray_trainable, evaluate=evaluate, threads=threads,
+                                                         time_limit_s=time_limit_s), {"cpu": threads})
     tuner = tune.Tuner(
         trainable,
         # num_samples=-1: Tune asks until the searcher says FINISHED (when n_trials are complete)

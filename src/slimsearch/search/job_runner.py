@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from slimsearch.exceptions import ConfigError, JobStateError
 from slimsearch.job import BASE_METRICS, LOCAL_ENERGY_METRIC, PROFILE_METRICS, JobSpec, local_latency_metrics
-from slimsearch.search._limits import memory_limit, within_time_limit
+from slimsearch.search._limits import memory_limit
 from slimsearch.search.early_stop import CONSTRAINT as STOP_CONSTRAINT
 from slimsearch.search.early_stop import STOPPED_METRIC
 
@@ -100,12 +100,9 @@ def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
         from slimsearch.search.early_stop import EarlyStop
 
         stopper = EarlyStop(Path(out), task, plan, spec.profile_refs)
-    def limited():
-        with memory_limit(spec.search.memory_limit_mb):
-            return evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score, onnx_out=onnx_out,
-                            devices=devices, on_chunk=stopper, chunk_every=None if stopper is None else stopper.every)
-
-    metrics = within_time_limit(spec.search.time_limit_s, limited)
+    with memory_limit(spec.search.memory_limit_mb):  # after the task loads: its data and teacher are not counted
+        metrics = evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score, onnx_out=onnx_out,
+                           devices=devices, on_chunk=stopper, chunk_every=None if stopper is None else stopper.every)
     if stopper is None:
         return metrics
     from slimsearch.evaluators.metrics import Metrics
@@ -348,7 +345,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                          ray_storage=str(out / "ray"), constraints=constraints,
                          estimate=estimate_fn if _estimate_can_screen(constraints, objectives, costs) else None,
                          screen_duplicates=True, study_budget=spec.search.budget, owner=str(out),
-                         max_retries=spec.search.max_retries)
+                         max_retries=spec.search.max_retries, time_limit_s=spec.search.time_limit_s)
         evaluated = sum(1 for r in ran if r.state.value == "complete")
         failed = sum(1 for r in ran if r.state.value == "failed")
         full = sum(1 for r in records(study) if r.state.value == "complete") >= spec.search.budget
