@@ -306,6 +306,12 @@ def _workers_flag_negative(ctx):
                forbid=("search.workers",))
 
 
+def _time_limit_flag_zero(ctx):
+    _ok_job(ctx)
+    return Row(ctx.run("--time-limit", "0"), ["--time-limit: Input should be greater than 0 (got 0.0)"],
+               forbid=("search.time_limit_s",))
+
+
 def _budget_flag_not_a_number(ctx):
     _ok_job(ctx)
     return Row(ctx.run("--budget", "ten"), ["argument --budget: invalid int value: 'ten'",
@@ -437,6 +443,7 @@ CLI_ROWS: list[tuple[str, Callable[[Ctx], Row]]] = [
     ("job-file-is-a-folder", _job_file_is_a_folder),
     ("budget-flag-zero", _budget_flag_zero),
     ("workers-flag-negative", _workers_flag_negative),
+    ("time-limit-flag-zero", _time_limit_flag_zero),
     ("budget-flag-not-a-number", _budget_flag_not_a_number),
     ("executor-flag-unknown", _executor_flag_unknown),
     ("budget-flag-over-a-wrong-section", _budget_flag_over_wrong_section),

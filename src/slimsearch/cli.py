@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, help="parallel Ray workers (default: one per core)")
     run.add_argument("--threads", type=int, help="torch threads per worker (default: the cores shared out among "
                                                  "the workers)")
+    run.add_argument("--time-limit", type=float, help="wall-clock seconds one candidate may take; past them it "
+                     "fails (default: no limit; may be set on --resume)")
     run.add_argument("--out", help="job folder (default: runs/<job name>)")
     run.add_argument("--resume", action="store_true", help="continue the job in --out where it stopped")
     run.add_argument("--executor", choices=["ray", "local"], default="ray",
@@ -160,6 +162,7 @@ def _run(args, ray_in_background: bool = False) -> int:
 
     flags = {"search.budget": ("--budget", args.budget), "search.workers": ("--workers", args.workers),
              "search.threads_per_worker": ("--threads", args.threads),
+             "search.time_limit_s": ("--time-limit", args.time_limit),
              "storage": ("--storage", args.storage), "tracking_uri": ("--tracking-uri", args.tracking_uri)}
     flags = {k: (flag, v) for k, (flag, v) in flags.items() if v is not None}  # the flags given
     spec = load_job(args.job, {k: v for k, (_, v) in flags.items()}, flags={k: flag for k, (flag, _) in flags.items()})

@@ -175,10 +175,9 @@ def resumed_job(tmp_path_factory, teacher_cache):
     assert first.code == 0, first.stderr
     trials_before = [_snapshot(t) for t in _complete(_study(out))]
     runs_before = {int(r.data.tags["slimsearch.trial"]): (r.info.run_id, r.info.start_time) for r in _runs(out)[1]}
-    # the job file gains a time limit: allowed on --resume (a job stopped because a candidate hung)
-    limited = write_job(folder, {**JOB, "search": {**JOB["search"], "time_limit_s": 600}}, "limited.yaml")
-    second = _run(str(limited), "--out", str(out), "--executor", "local", "--budget", "5", "--resume",
-                  "--threads", "2")
+    # a time limit may be added on --resume (a job stopped because a candidate hung)
+    second = _run(str(job), "--out", str(out), "--executor", "local", "--budget", "5", "--resume", "--threads", "2",
+                  "--time-limit", "600")
     assert second.code == 0, second.stderr
     return SimpleNamespace(out=out, trials_before=trials_before, runs_before=runs_before, stdout=second.stdout)
 
