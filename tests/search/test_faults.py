@@ -184,7 +184,7 @@ def test_candidate_over_the_memory_limit_is_failed_naming_the_limit(ray_faults):
 def test_candidate_past_the_time_limit_is_failed_naming_it_and_its_worker_goes_on(ray_faults):
     (late,) = _failed_with(ray_faults.trials, f"exceeded its time limit (time_limit_s = {TIME_LIMIT_S} s")
     assert late.user_attrs["error"].startswith("TimeoutError: ")
-    assert "stopped in faulty_task.py:" in late.user_attrs["error"]  # where it hung
+    assert "(at faulty_task.py:" in late.user_attrs["error"]  # where it hung
     by_trial = _assert_mlflow_matches_study(ray_faults.out)
     assert by_trial[late.number].info.status == "FAILED"
     # stopped inside its worker, not by killing it: the next candidate ran in the same process

@@ -33,9 +33,12 @@ def test_a_loop_past_its_time_is_stopped_with_an_error_naming_the_setting():
     assert steps  # it ran, and was stopped from outside although it catches Exception
 
 
-def test_the_error_says_where_the_code_was_when_stopped():
-    with pytest.raises(TimeoutError, match=r"; stopped in test_limits\.py:\d+ \(_spin\)$"):
+def test_the_error_carries_the_traceback_of_where_the_code_was_when_stopped():
+    import traceback
+
+    with pytest.raises(TimeoutError) as info:
         within_time_limit(0.2, lambda: _spin([]))
+    assert traceback.extract_tb(info.value.__traceback__)[-1].name == "_spin"  # what the driver reports
 
 
 def test_code_done_in_time_returns_normally_and_nothing_fires_later():

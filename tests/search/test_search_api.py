@@ -172,7 +172,7 @@ def test_an_evaluate_past_its_time_limit_fails_that_trial_only():
     failed = [t for t in result.trials if t.state.value == "failed"]
     assert failed and all(t.params["width"] == 1 for t in failed)
     assert all("TimeoutError: the candidate exceeded its time limit (time_limit_s = 0.5 s" in t.error
-               and "stopped in test_search_api.py" in t.error for t in failed)
+               and "(at test_search_api.py:" in t.error for t in failed)
     assert len(result.evaluated) == 12 and all(t.params["width"] != 1 for t in result.front)
 
 

@@ -17,7 +17,6 @@ from typing import Callable, Optional, TypeVar
 from slimsearch.exceptions import ConfigError
 
 T = TypeVar("T")
-TIME_LIMIT_SETTING = "time_limit_s"  # search.time_limit_s in a job file, search(time_limit_s=...) in Python
 
 _OUT_OF_MEMORY = ("can't allocate memory", "cannot allocate memory", "bad_alloc", "can't start new thread",
                   "failed to allocate")
@@ -85,6 +84,7 @@ def within_time_limit(seconds: Optional[float], fn: Callable[[], T]) -> T:
     A function, not a context manager: a context manager's exit runs Python code of its own
     (contextlib's) before the limit can be lifted, and an exception delivered there would
     escape the limit; here the call returns straight into the ``finally`` that lifts it.
+    (``time_limit_s`` in the message: ``search.time_limit_s`` in a job, ``search(time_limit_s=)``.)
     """
     if seconds is None:
         return fn()
@@ -100,7 +100,6 @@ def within_time_limit(seconds: Optional[float], fn: Callable[[], T]) -> T:
                 state["fired"] = True
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(target, ctypes.py_object(_TimeUp))
 
-    breach = f"the candidate exceeded its time limit ({TIME_LIMIT_SETTING} = {seconds:g} s of wall-clock time)"
     timer = threading.Timer(seconds, fire)
     timer.daemon = True
     try:
@@ -113,9 +112,6 @@ def within_time_limit(seconds: Optional[float], fn: Callable[[], T]) -> T:
             timer.cancel()
             if state["fired"]:  # raised but maybe not yet delivered: take it back
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(target, None)
-    except _TimeUp as exc:
-        import traceback
-
-        where = traceback.extract_tb(exc.__traceback__)[-1]  # what the candidate was doing: where it hung
-        raise TimeoutError(f"{breach}; stopped in {os.path.basename(where.filename)}:{where.lineno} "
-                           f"({where.name})") from None
+    except _TimeUp as exc:  # with the stopped code's traceback: its last frame says where it hung
+        raise TimeoutError(f"the candidate exceeded its time limit (time_limit_s = {seconds:g} s of wall-clock "
+                           "time)").with_traceback(exc.__traceback__) from None
