@@ -37,8 +37,8 @@ ROUNDS = 11
 
 def _onnx_runner(model, x):
     """A function running ``model``'s deployable ONNX graph on ``x`` in onnxruntime, one thread."""
-    from slimsearch.evaluators.deploy import deployable_onnx_bytes
-    from slimsearch.evaluators.onnx_graph import INPUT_NAME, ort_session
+    from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
+    from slimsearch.deploy.onnx_graph import INPUT_NAME, ort_session
 
     session = ort_session(deployable_onnx_bytes(model, x[:1]), threads=1)
     xb = x.numpy()
@@ -78,8 +78,8 @@ def _paired_ms(run, teacher_run) -> tuple[float, float, float]:
 
 def _ort_metric(model, task, split) -> float:
     """The task metric of ``model``'s deployable ONNX graph, run by onnxruntime on ``split``."""
-    from slimsearch.evaluators.deploy import deployable_onnx_bytes
-    from slimsearch.evaluators.onnx_graph import ort_predict, ort_session
+    from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
+    from slimsearch.deploy.onnx_graph import ort_predict, ort_session
 
     session = ort_session(deployable_onnx_bytes(model, task.example_input))
     return task.metric(ort_predict(session, split.x, batch_size=64), split.y)
@@ -159,8 +159,8 @@ def mnist_resnet(table: Table, steps: int) -> None:
     import torch
 
     from slimsearch.evaluators import apply_plan
-    from slimsearch.evaluators.deploy import load_packed, save_packed
-    from slimsearch.evaluators.pack import packed_size
+    from slimsearch.deploy.packed_file import load_packed, save_packed
+    from slimsearch.deploy.pack import packed_size
     from slimsearch.evaluators.prune import ChannelStructure
     from slimsearch.search.job_runner import layer_names
     from slimsearch.spaces import CompressionPlan, DistillPlan, LayerPlan
@@ -208,7 +208,7 @@ def mnist_resnet(table: Table, steps: int) -> None:
 
 def minilm(table: Table, steps: int) -> None:
     from slimsearch.evaluators import apply_plan
-    from slimsearch.evaluators.pack import packed_size
+    from slimsearch.deploy.pack import packed_size
     from slimsearch.search.job_runner import layer_names
     from slimsearch.spaces import CompressionPlan, DistillPlan, LayerPlan
     from slimsearch.tasks import load_task

@@ -446,8 +446,8 @@ def time_deployed(model, task, batches=(1, 64), repeats: int = LOCAL_REPEATS) ->
     the time the graph really ran; wall time also counts the waits for a core when
     other programs oversubscribe the machine, which is noise to a latency model.
     """
-    from slimsearch.evaluators.deploy import deployable_onnx_bytes
-    from slimsearch.evaluators.onnx_graph import INPUT_NAME, ort_session
+    from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
+    from slimsearch.deploy.onnx_graph import INPUT_NAME, ort_session
 
     session = ort_session(deployable_onnx_bytes(model, task.example_input))
     out = {}

@@ -159,7 +159,7 @@ def test_registry_alias_loads_the_exported_model_and_reproduces_its_test_metric(
     import mlflow.onnx
     import onnx
 
-    from slimsearch.evaluators.onnx_graph import ort_predict
+    from slimsearch.deploy.onnx_graph import ort_predict
     from slimsearch.tasks import load_task
 
     reg = exported.manifest["registry"]
@@ -259,7 +259,7 @@ def test_front_members_carry_their_onnx_model_and_it_reproduces_their_metric(job
     import onnxruntime as ort
     from mlflow.tracking import MlflowClient
 
-    from slimsearch.evaluators.onnx_graph import ort_predict
+    from slimsearch.deploy.onnx_graph import ort_predict
     from slimsearch.storage.tracking import MODEL_TAG
     from slimsearch.tasks import load_task
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from slimsearch import _compat
 from slimsearch.exceptions import ConfigError, SlimSearchError
+
+_compat.install()
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "SlimSearchError", "__version__", "export", "front", "jobs", "status"]

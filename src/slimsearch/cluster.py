@@ -131,7 +131,7 @@ def _time_onnx(onnx: bytes, inputs, warmup: int, repeats: int) -> dict[str, Any]
     this process may use (a device profile models the whole device)."""
     import ray
 
-    from slimsearch.evaluators.onnx_graph import INPUT_NAME, ort_session
+    from slimsearch.deploy.onnx_graph import INPUT_NAME, ort_session
     from slimsearch.hardware_profiles import measure_latency
 
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -192,8 +192,9 @@ def _write_format(fmt: str, model, task, out: Path) -> tuple[Path, float]:
     import torch
 
     from slimsearch.evaluators import score
-    from slimsearch.evaluators.deploy import deployable_onnx_bytes, load_packed, save_packed
-    from slimsearch.evaluators.onnx_graph import ort_predict, ort_session
+    from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
+    from slimsearch.deploy.packed_file import load_packed, save_packed
+    from slimsearch.deploy.onnx_graph import ort_predict, ort_session
 
     path = out / FILE_NAMES[fmt]
     if fmt == "onnx":
@@ -229,7 +230,7 @@ def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
     out = safe_out(out, [FILE_NAMES[f] for f in formats] + ["manifest.json", "manifest.json.tmp"])
     from slimsearch.evaluators import score
     from slimsearch.evaluators.evaluate import measure_local
-    from slimsearch.evaluators.pack import packed_size
+    from slimsearch.deploy.pack import packed_size
     from slimsearch.job import JobSpec
     from slimsearch.spaces import CompressionPlan
     from slimsearch.tasks import load_task

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from slimsearch.evaluators import apply_plan
-from slimsearch.evaluators.pack import packed_size
+from slimsearch.deploy.pack import packed_size
 from slimsearch.evaluators.prune import ChannelStructure
 from slimsearch.search.job_runner import layer_names
 from slimsearch.spaces import CompressionPlan, DistillPlan, LayerPlan

@@ -11,18 +11,11 @@ import torch
 from torch import nn
 
 from slimsearch.evaluators.prune import fold_batchnorm, prune_channels
-from slimsearch.evaluators.deploy import (
-    MAGIC,
-    deployable_onnx_bytes,
-    load_packed,
-    onnx_qdq_bytes,
-    qdq_blockers,
-    read_packed,
-    save_packed,
-)
-from slimsearch.evaluators.onnx_graph import onnx_bytes, ort_optimized_ops, ort_predict, ort_session
-from slimsearch.evaluators.pack import packed_size
-from slimsearch.evaluators.quantize import build_layer, calibrate, freeze, quant_layers, quantize_layers
+from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes, onnx_qdq_bytes, qdq_blockers
+from slimsearch.deploy.packed_file import MAGIC, load_packed, read_packed, save_packed
+from slimsearch.deploy.onnx_graph import onnx_bytes, ort_optimized_ops, ort_predict, ort_session
+from slimsearch.deploy.pack import packed_size
+from slimsearch.compress.quant.layers import build_layer, calibrate, freeze, quant_layers, quantize_layers
 from slimsearch.exceptions import ConfigError
 from slimsearch.spaces import CompressionPlan, LayerPlan
 

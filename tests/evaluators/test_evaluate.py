@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slimsearch.evaluators import Metrics, Provenance, apply_plan, evaluate, model_metrics, score
-from slimsearch.evaluators.pack import packed_size
+from slimsearch.deploy.pack import packed_size
 from slimsearch.spaces import CompressionPlan, DistillPlan, LayerPlan
 
 PROFILE = "raspberry-pi-4"
@@ -81,7 +81,7 @@ def test_a_worker_computes_the_teacher_logits_once_and_they_train_the_same_stude
     """The teacher's logits on the training split are kept for the next candidate (they cost 2 s
     of a 10 s MNIST candidate): the second fine-tuning reuses them and trains the same student
     bit for bit; once the teacher's weights change in place, they are computed again."""
-    from slimsearch.evaluators import distill as kd
+    from slimsearch.compress import distill as kd
 
     plan = CompressionPlan(layers=PLAN.layers, distill=DistillPlan(steps=20), seed=3)  # 20 x 64 >= 1,197
     kd._LOGITS.pop(digits_task.teacher, None)

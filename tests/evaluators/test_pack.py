@@ -9,15 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from slimsearch.evaluators.pack import (
-    decode_weight,
-    encode_weight,
-    pack_codes,
-    packed_size,
-    packed_state,
-    unpack_codes,
-)
-from slimsearch.evaluators.quantize import calibrate, freeze, nm_mask, quantize_layers, quantize_weight_int
+from slimsearch.deploy.pack import decode_weight, encode_weight, pack_codes, packed_size, packed_state, unpack_codes
+from slimsearch.compress.quant.grid import quantize_weight_int
+from slimsearch.compress.quant.layers import calibrate, freeze, quantize_layers
+from slimsearch.compress.quant.sparsity import nm_mask
 from slimsearch.spaces import CompressionPlan, LayerPlan
 
 

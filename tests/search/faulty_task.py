@@ -59,7 +59,7 @@ def _claim() -> str:
 def _faulty_loss(student_out, teacher_out, labels, plan, **kwargs):
     import torch
 
-    from slimsearch.evaluators.distill import logit_distill_loss
+    from slimsearch.compress.distill import logit_distill_loss
 
     if _current.get("plan") is not plan:  # the first step of a new evaluation (plan: one object per candidate)
         _current.update(plan=plan, action=_claim(), step=0)

@@ -271,7 +271,7 @@ def test_a_candidate_that_breaks_a_constraint_never_enters_the_front(tmp_path):
 def test_a_plan_estimated_to_break_a_constraint_is_screened_not_trained(tmp_path, teacher_cache):
     import optuna
 
-    from slimsearch.evaluators.pack import packed_size
+    from slimsearch.deploy.pack import packed_size
     from slimsearch.tasks import load_task
 
     limit = packed_size(load_task("digits").teacher) // 2  # 8-bit weights fit, 32-bit ones (mostly) do not

@@ -130,7 +130,7 @@ def test_zero_ratio_prune_is_the_teacher(task):
 
 
 def test_pruned_minilm_onnx_matches_torch(task, pruned):
-    from slimsearch.evaluators.onnx_graph import onnx_bytes, ort_predict, ort_session
+    from slimsearch.deploy.onnx_graph import onnx_bytes, ort_predict, ort_session
 
     session = ort_session(onnx_bytes(pruned, task.example_input), threads=2)
     x = task.val.x[:4]
@@ -158,7 +158,7 @@ def test_distill_with_hidden_states_pulls_the_student_states_towards_the_teacher
     """plan.hidden_weight > 0: distill() runs both models inside task.hidden_states and adds the state loss."""
     import copy
 
-    from slimsearch.evaluators.distill import distill
+    from slimsearch.compress.distill import distill
     from slimsearch.evaluators.transformer import hidden_state_loss
 
     x = task.val.x[:8]
@@ -180,7 +180,7 @@ def test_distill_with_hidden_states_pulls_the_student_states_towards_the_teacher
 
 
 def test_hidden_state_matching_needs_a_task_with_hidden_states(task, pruned):
-    from slimsearch.evaluators.distill import distill
+    from slimsearch.compress.distill import distill
     from slimsearch.exceptions import ConfigError
 
     with pytest.raises(ConfigError, match="exposes no hidden states"):

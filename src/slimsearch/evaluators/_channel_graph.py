@@ -11,6 +11,13 @@ channel into H*W features. A space that reaches the model's output, its input, o
 an operation this analysis does not know is frozen (never pruned): the result is
 always correct, at worst less pruned.
 
+Pruning shrinks the layers in place (:func:`slice_channels`): each module keeps its
+class, its forward and its children, and only its tensors get smaller. So a
+Conv2d/Linear/BatchNorm, or a subclass with a forward of its own (TensorFlow-style
+"same" padding, a quantized twin), counts as one only while every tensor it holds
+is one pruning knows how to slice (:func:`can_slice`); any other layer is an
+unknown operation, its channels frozen.
+
 We write this ourselves because none of the project's dependencies offer it:
 ``torch.nn.utils.prune`` only masks weights (no smaller model), and torch-pruning
 style dependency graphs are not among the allowed packages.
@@ -159,23 +166,27 @@ def analyse(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
             continue
         if node.op == "call_module":
             mod = modules[node.target]
-            if isinstance(mod, nn.Conv2d) and mod.groups == 1 or isinstance(mod, nn.Linear):
-                in_shape = _shape(node.all_input_nodes[0])
-                if isinstance(mod, nn.Linear) and (in_shape is None or len(in_shape) != 2):
+            in_shape = _shape(node.all_input_nodes[0]) if node.all_input_nodes else None
+            if _is_dense(mod) and _channels_match(mod, in_shape, shape):
+                if isinstance(mod, nn.Linear) and len(in_shape) != 2:
                     g.freeze(first)  # a Linear over a sequence: channel dim is not dim 1
                     layout[node] = fresh(node, frozen=True)
                     continue
+                if not can_slice(mod, rows=False, columns=True):
+                    g.freeze(first)
                 g.consumers[node.target] = list(first or [])
-                out = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
-                space = g.new_space(out)
+                out = shape[1]
+                space = g.new_space(out, frozen=not can_slice(mod, rows=True, columns=False))
                 g.producers[node.target] = space
                 layout[node] = [Segment(space, 0, out)]
                 continue
-            if isinstance(mod, nn.Conv2d) and mod.groups == mod.in_channels == mod.out_channels and first:
+            if (_is_depthwise(mod) and first and _channels_match(mod, in_shape, shape)
+                    and can_slice(mod, rows=True, columns=False)):
                 g.members[node.target] = list(first)  # depthwise: its rows follow its input channels
                 layout[node] = first
                 continue
-            if isinstance(mod, NORM_MODULES) and first:
+            if (isinstance(mod, NORM_MODULES) and first and shape is not None and shape[1] == mod.num_features
+                    and can_slice(mod, rows=True, columns=False)):
                 g.members[node.target] = list(first)
                 layout[node] = first
                 continue
@@ -225,6 +236,95 @@ def analyse(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
             g.freeze(segs)
         layout[node] = fresh(node, frozen=True)
     return g
+
+
+def _is_dense(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Linear) or isinstance(mod, nn.Conv2d) and mod.groups == 1
+
+
+def _is_depthwise(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Conv2d) and mod.groups == mod.in_channels == mod.out_channels
+
+
+def _channels_match(mod: nn.Module, in_shape, out_shape) -> bool:
+    """Whether a Conv2d/Linear (maybe a subclass with its own forward) maps its channels as its class says."""
+    if in_shape is None or out_shape is None or len(in_shape) < 2 or len(out_shape) < 2:
+        return False
+    if isinstance(mod, nn.Conv2d):
+        return len(in_shape) == len(out_shape) == 4 and (in_shape[1], out_shape[1]) == (
+            mod.in_channels, mod.out_channels)
+    return (in_shape[-1], out_shape[-1]) == (mod.in_features, mod.out_features)
+
+
+# Tensors pruning knows how to slice. A norm holds only these:
+_NORM_TENSORS = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
+# slimsearch's quantized twins (compress/quant/layers.py) add per-tensor scalars, a
+# sparsity mask shaped like the weight, and a weight grid of one row per output channel.
+_QUANT_SCALARS = frozenset({"act_min", "act_max", "act_scale", "act_zero_point", "weight_scale_step"})
+_QUANT_ROWS = frozenset({"weight_scale", "weight_zero_point"})
+
+
+def can_slice(module: nn.Module, *, rows: bool, columns: bool) -> bool:
+    """Whether :func:`slice_channels` keeps ``module`` what it was with fewer output ``rows``/input ``columns``.
+
+    True for a Conv2d (dense or depthwise), Linear or BatchNorm, or a subclass of
+    one, whose tensors (its children's included) are all ones pruning knows how to
+    slice; for a norm or depthwise conv, ``rows`` are its channels. Whatever else a
+    layer holds (a child norm, a parametrization, a buffer of its own) has a meaning
+    pruning cannot know, so the answer is False and the layer's channels stay.
+    """
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    if isinstance(module, NORM_MODULES):
+        return not columns and set(tensors) <= _NORM_TENSORS
+    if not (_is_dense(module) or _is_depthwise(module)):
+        return False
+    if _is_depthwise(module) and columns:
+        return False
+    weight = module.weight
+    for name, tensor in tensors.items():
+        if name in ("weight", "bias") or name in _QUANT_SCALARS and tensor.dim() == 0:
+            continue
+        if name == "weight_mask" and tensor.shape == weight.shape:
+            if columns and getattr(module, "sparsity_pattern", None):
+                return False  # an N:M pattern runs along the input columns
+            continue
+        if name in _QUANT_ROWS and tensor.dim() == 2 and tensor.shape[0] == weight.shape[0]:
+            if columns and (tensor.shape[1] != 1 or "weight_scale_step" in tensors):
+                return False  # grid groups run along the input columns
+            continue
+        return False
+    return True
+
+
+def slice_channels(module: nn.Module, *, rows: torch.Tensor | None = None,
+                   columns: torch.Tensor | None = None) -> None:
+    """Keep output channels ``rows`` and input channels ``columns`` of ``module``, in place.
+
+    Only the module's own tensors and its channel counts change: its class, forward,
+    children and training flag stay. For a norm or a depthwise conv, ``rows`` are
+    its channels. Check :func:`can_slice` first.
+    """
+    tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+    for name, tensor in tensors:
+        if tensor is None or tensor.dim() == 0:
+            continue
+        new = tensor.detach()
+        if rows is not None:
+            new = new[rows]
+        if columns is not None and name in ("weight", "weight_mask"):
+            new = new[:, columns]
+        new = new.clone()
+        if isinstance(tensor, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+        setattr(module, name, new)
+    if isinstance(module, nn.Conv2d) and module.groups > 1:  # depthwise
+        module.groups = module.in_channels = module.out_channels = len(rows)
+    elif isinstance(module, nn.Conv2d):
+        module.out_channels, module.in_channels = module.weight.shape[:2]
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif rows is not None:
+        module.num_features = len(rows)
 
 
 def _same_cut(a: list[Segment], b: list[Segment]) -> bool:

@@ -38,7 +38,7 @@ def estimate(task: Task, plan: CompressionPlan, profiles: Sequence[Any]) -> Metr
 
 def static_costs(model, layers) -> dict[str, float]:
     """``size_bytes`` (packed), ``params``, ``macs`` and ``bitops`` of ``model`` with ``layer_costs`` ``layers``."""
-    from slimsearch.evaluators.pack import packed_size
+    from slimsearch.deploy.pack import packed_size
 
     return {
         "size_bytes": float(packed_size(model)),

@@ -7,10 +7,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from slimsearch.evaluators.distill import distill
+from slimsearch.compress.distill import distill
 from slimsearch.evaluators.metrics import Metrics, Provenance
 from slimsearch.evaluators.prune import ChannelStructure, fold_batchnorm
-from slimsearch.evaluators.quantize import calibrate, freeze, quantize_layers
+from slimsearch.compress.quant.layers import calibrate, freeze, quantize_layers
 from slimsearch.spaces.plan import CompressionPlan
 from slimsearch.tasks import Split, Task
 
@@ -83,8 +83,8 @@ def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=Non
     The counters cover the whole CPU package, so ``energy_mj@local`` includes whatever
     else ran on it meanwhile (other trials, other programs).
     """
-    from slimsearch.evaluators.deploy import deployable_onnx_bytes
-    from slimsearch.evaluators.onnx_graph import INPUT_NAME, ort_session
+    from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
+    from slimsearch.deploy.onnx_graph import INPUT_NAME, ort_session
     from slimsearch.hardware_profiles import measure_latency
     from slimsearch.hardware_profiles._energy import EnergyDomain, energy_meter
 
@@ -137,7 +137,7 @@ def model_metrics(model: nn.Module, task: Task, profiles: Sequence[Any], *, repe
     values.update(costs.values)
     provenance.update(costs.provenance)
     if devices:
-        from slimsearch.evaluators.deploy import deployable_onnx_bytes
+        from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
 
         graph = deployable_onnx_bytes(model, task.example_input)
         for name, measure in devices.items():
@@ -160,7 +160,7 @@ def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teac
     if onnx_out is not None:
         import os
 
-        from slimsearch.evaluators.deploy import deployable_onnx_bytes
+        from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
 
         tmp = f"{onnx_out}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:

@@ -3,16 +3,20 @@
 Which channels are tied together (through residual additions, concatenations,
 norms and depthwise convs) comes from :mod:`._channel_graph`. Removing a channel
 shrinks every producer's weight rows, the norms and depthwise convs on the way and
-every consumer's input columns, so the result is a smaller plain dense
-``nn.Module`` with the same inputs and outputs.
+every consumer's input columns, in place (each layer keeps its class, forward and
+children), so the result is the same kind of model with fewer parameters and the
+same inputs and outputs. Every pruned model is run once on the example input
+before it is handed back (:func:`check_pruned`): one that fails, or whose output
+shape changed, is refused with an error naming the layer.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Mapping, Union
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Union
 
-from slimsearch.exceptions import ConfigError
+from slimsearch.exceptions import ConfigError, SlimSearchError
 
 if TYPE_CHECKING:
     import torch
@@ -60,11 +64,23 @@ def prune_channels(
             target outputs (mean squared error).
 
     Returns:
-        A plain dense module with fewer parameters and the same output shape.
+        A module of the same kind (each layer keeps its class and forward) with
+        fewer parameters and the same output shape.
+
+    Raises:
+        SlimSearchError: the pruned model fails on ``example_input`` or its output
+            shape differs from ``model``'s (see :func:`check_pruned`).
     """
+    pruned = _prune_channels(model, example_input, ratio, importance=importance, batch=batch)
+    check_pruned(model, pruned, example_input)
+    return pruned
+
+
+def _prune_channels(model, example_input, ratio, *, importance, batch):
+    """:func:`prune_channels` without the final check."""
     import torch
 
-    from slimsearch.evaluators._channel_graph import analyse
+    from slimsearch.evaluators._channel_graph import analyse, slice_channels
 
     if importance not in IMPORTANCE:
         raise ConfigError(f"importance must be one of {list(IMPORTANCE)}, got {importance!r}")
@@ -115,14 +131,141 @@ def prune_channels(
             out_idx = keep.get(graph.find(space)) if space is not None else None
             in_idx = columns(graph.consumers.get(name, []))
             if out_idx is not None or in_idx is not None:
-                old = pruned.get_submodule(name)
-                _replace(pruned, name, _shrink(old, out_idx=out_idx, in_idx=in_idx).train(old.training))
+                slice_channels(pruned.get_submodule(name), rows=out_idx, columns=in_idx)
         for name, segments in graph.members.items():
             idx = columns(segments)
             if idx is not None:
-                old = pruned.get_submodule(name)
-                _replace(pruned, name, _shrink_member(old, idx).train(old.training))
+                slice_channels(pruned.get_submodule(name), rows=idx)
     return pruned
+
+
+def check_pruned(model: "nn.Module", pruned: "nn.Module", example_input: Any, *, channel_dim: int = 1) -> None:
+    """Run ``model`` and ``pruned`` once on ``example_input``; refuse a pruned model that is broken.
+
+    Both run without gradients in eval mode, their modules' training flags restored
+    afterwards. Pruning a layer whose forward it does not understand can change
+    more than channel counts (a spatial size, a hard-coded width): caught here, not
+    in a later search trial or, worse, not at all.
+
+    Args:
+        model: the model before pruning.
+        pruned: the model pruning made of it.
+        example_input: an input ``model`` accepts.
+        channel_dim: the dim pruning shrinks in layer outputs (1 for NCHW and [N, C],
+            -1 for [N, L, hidden]); any other dim that changed points at the culprit.
+
+    Raises:
+        SlimSearchError: one line naming the layer, if ``pruned`` fails or the shapes
+            of its outputs are not ``model``'s.
+    """
+    expected, reference, failure = _run_recording(model, example_input)
+    if failure is not None:
+        where, exc = failure
+        raise SlimSearchError(
+            f"cannot check the pruned model: {_describe(model, where)} fails on the example input before "
+            f"pruning ({type(exc).__name__}: {_first_line(exc)})") from exc
+    got, layers, failure = _run_recording(pruned, example_input)
+    changed = _first_changed_layer(reference, layers, channel_dim)
+    culprit = ""
+    if changed is not None:
+        name, before, after = changed
+        culprit = f"{_describe(pruned, name)} gave {_shape_text(after)} where it gave {_shape_text(before)}"
+    if failure is not None:
+        where, exc = failure
+        raise SlimSearchError(
+            f"pruning {type(model).__name__} broke it: {_describe(pruned, where)} fails on the example input "
+            f"({type(exc).__name__}: {_first_line(exc)})" + (f"; first change: {culprit}" if culprit else "")
+        ) from exc
+    if got != expected:
+        raise SlimSearchError(
+            f"pruning {type(model).__name__} changed its output shape from {_shape_text(expected)} to "
+            f"{_shape_text(got)}" + (f"; first change: {culprit}" if culprit else ""))
+
+
+def _run_recording(model: "nn.Module", example_input: Any):
+    """``(output shapes, [(layer, output shapes)] in call order, (innermost layer, error) or None)``."""
+    import torch
+
+    stack: list[str] = []
+    layers: list[tuple[str, list]] = []
+
+    def enter(name: str):
+        return lambda module, args: stack.append(name)
+
+    def leave(name: str):
+        def hook(module, args, output) -> None:
+            stack.pop()
+            layers.append((name, _shapes(output)))
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave(name)))
+    flags = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _shapes(model(example_input)), layers, None
+    except Exception as exc:  # noqa: BLE001 - any failure of the forward is reported with its layer
+        return None, layers, (stack[-1] if stack else "", exc)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in flags.items():
+            module.training = flag
+
+
+def _shapes(value) -> list[tuple[int, ...]]:
+    """Shapes of the tensors in ``value`` (a tensor, or tuples, lists and dicts of them)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [tuple(value.shape)]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [shape for item in value for shape in _shapes(item)]
+    return []
+
+
+def _first_changed_layer(reference, layers, channel_dim: int):
+    """The first call whose output shapes differ from the same call's before pruning in a dim besides ``channel_dim``."""
+    before: dict[str, list] = {}
+    for name, shapes in reference:
+        before.setdefault(name, []).append(shapes)
+    calls: dict[str, int] = {}
+    for name, shapes in layers:
+        i = calls[name] = calls.get(name, -1) + 1
+        if i < len(before.get(name, [])) and not _same_but_channels(before[name][i], shapes, channel_dim):
+            return name, before[name][i], shapes
+    return None
+
+
+def _same_but_channels(a: list, b: list, channel_dim: int) -> bool:
+    def others(shape):
+        if len(shape) < 2:
+            return shape
+        dims = list(shape)
+        del dims[channel_dim]
+        return tuple(dims)
+
+    return len(a) == len(b) and all(len(x) == len(y) and others(x) == others(y) for x, y in zip(a, b))
+
+
+def _describe(model: "nn.Module", name: str) -> str:
+    if not name:
+        return f"the forward of {type(model).__name__} itself"
+    return f"layer {name!r} ({type(model.get_submodule(name)).__name__})"
+
+
+def _shape_text(shapes: list) -> str:
+    return ", ".join(str(list(shape)) for shape in shapes) if shapes else "no tensor"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else "no message"
 
 
 def _taylor_grads(model: "nn.Module", batch) -> dict[str, "torch.Tensor"]:
@@ -215,61 +358,18 @@ class ChannelStructure:
         return droppable_blocks(model)
 
     def prune(self, model, example_input, ratios, *, drop=(), importance="l1", batch=None):
+        """A smaller copy of ``model``, checked to run on ``example_input`` (see :func:`check_pruned`)."""
+        pruned = model
         if drop:
-            model = drop_blocks(model, drop)
-            alive = set(prunable_layers(model, example_input))
+            pruned = drop_blocks(model, drop)
+            alive = set(prunable_layers(pruned, example_input))
             ratios = {k: v for k, v in ratios.items() if k in alive}
-        if not any(r > 0 for r in ratios.values()):
-            return copy.deepcopy(model) if not drop else model
-        return prune_channels(model, example_input, ratios, importance=importance, batch=batch)
-
-
-def _shrink_member(module, idx):
-    """A norm or depthwise conv keeping channels ``idx``."""
-    from torch import nn
-
-    if isinstance(module, nn.Conv2d):  # depthwise: one filter per channel
-        new = nn.Conv2d(len(idx), len(idx), module.kernel_size, stride=module.stride, padding=module.padding,
-                        dilation=module.dilation, groups=len(idx), bias=module.bias is not None,
-                        padding_mode=module.padding_mode)
-        new.weight.data.copy_(module.weight.data[idx])
-        if module.bias is not None:
-            new.bias.data.copy_(module.bias.data[idx])
-        return new
-    new = type(module)(len(idx), eps=module.eps, momentum=module.momentum, affine=module.affine,
-                       track_running_stats=module.track_running_stats)
-    for attr in ("weight", "bias", "running_mean", "running_var"):
-        src = getattr(module, attr)
-        if src is not None:
-            getattr(new, attr).data.copy_(src.data[idx])
-    if module.num_batches_tracked is not None:
-        new.num_batches_tracked.copy_(module.num_batches_tracked)
-    return new
-
-
-def _shrink(layer, *, out_idx=None, in_idx=None):
-    """A copy of a Conv2d/Linear keeping the given output rows and/or input columns."""
-    from torch import nn
-
-    weight = layer.weight.data
-    if out_idx is not None:
-        weight = weight[out_idx]
-    if in_idx is not None:
-        weight = weight[:, in_idx]
-    bias = layer.bias.data if layer.bias is not None else None
-    if bias is not None and out_idx is not None:
-        bias = bias[out_idx]
-    if isinstance(layer, nn.Conv2d):
-        groups = layer.groups  # grouped convs are never pruned, only copied (index sets are None)
-        new = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], layer.kernel_size, stride=layer.stride,
-                        padding=layer.padding, dilation=layer.dilation, groups=groups, bias=bias is not None,
-                        padding_mode=layer.padding_mode)
-    else:
-        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    new.weight.data.copy_(weight)
-    if bias is not None:
-        new.bias.data.copy_(bias)
-    return new
+        if any(r > 0 for r in ratios.values()):
+            pruned = _prune_channels(pruned, example_input, ratios, importance=importance, batch=batch)
+        elif not drop:
+            return copy.deepcopy(model)
+        check_pruned(model, pruned, example_input)
+        return pruned
 
 
 def _replace(root: "nn.Module", name: str, new: "nn.Module") -> None:

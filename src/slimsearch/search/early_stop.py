@@ -143,7 +143,7 @@ class FrontSnapshot:
 
 
 class EarlyStop:
-    """The ``on_chunk`` of one candidate's fine-tuning (see :func:`slimsearch.evaluators.distill`).
+    """The ``on_chunk`` of one candidate's fine-tuning (see :func:`slimsearch.compress.distill.distill`).
 
     ``steps`` is the candidate's distillation steps; :attr:`every` the steps between checks
     (0 for fewer than 4 steps: such a candidate is not checked).

@@ -250,7 +250,7 @@ def packed_state(model: "nn.Module") -> dict[str, bytes]:
     zero points and the input activation's scale and zero point. Everything else:
     its own bytes (float32 for a float32 model).
     """
-    from slimsearch.evaluators.quantize import quant_layers
+    from slimsearch.compress.quant.layers import quant_layers
 
     out: dict[str, bytes] = {}
     quantized = {id(m) for m in quant_layers(model)}

@@ -32,7 +32,7 @@ def onnx_bytes(model: nn.Module, example_input: torch.Tensor) -> bytes:
     seconds per candidate. A model with 16-bit activations is exported at opset
     ``WIDE_QDQ_OPSET`` (uint16 QDQ); every other model at ``OPSET``.
     """
-    from slimsearch.evaluators.quantize import EXPORT_DOMAIN
+    from slimsearch.compress.quant.layers import EXPORT_DOMAIN
 
     wide = _has_16_bit_activations(model)
     buf = io.BytesIO()
@@ -55,7 +55,7 @@ def _lower_16_bit_qdq(model_bytes: bytes) -> bytes:
     import onnx
     from onnx import helper, numpy_helper
 
-    from slimsearch.evaluators.quantize import EXPORT_DOMAIN, U16_EXPORT_OP
+    from slimsearch.compress.quant.layers import EXPORT_DOMAIN, U16_EXPORT_OP
 
     model = onnx.load_from_string(model_bytes)
     graph = model.graph

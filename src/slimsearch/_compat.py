@@ -1,0 +1,54 @@
+"""Old import paths of modules that moved, kept working for one release with a DeprecationWarning.
+
+A meta-path finder answers only for the names in :data:`MOVED`: importing one gives a
+module that forwards every attribute to the module(s) the code now lives in. It
+imports nothing until such a name is imported, so ``import slimsearch`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+import warnings
+
+# old module -> the modules its names live in now (looked up in this order)
+MOVED: dict[str, tuple[str, ...]] = {
+    "slimsearch.evaluators.quantize": ("slimsearch.compress.quant.grid", "slimsearch.compress.quant.sparsity",
+                                       "slimsearch.compress.quant.layers"),
+    "slimsearch.evaluators.deploy": ("slimsearch.deploy.packed_file", "slimsearch.deploy.onnx_int8"),
+    "slimsearch.evaluators.pack": ("slimsearch.deploy.pack",),
+    "slimsearch.evaluators.onnx_graph": ("slimsearch.deploy.onnx_graph",),
+    "slimsearch.evaluators.distill": ("slimsearch.compress.distill",),
+}
+
+
+class _Moved(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in MOVED:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self)
+
+    def create_module(self, spec):
+        return types.ModuleType(spec.name)
+
+    def exec_module(self, module) -> None:
+        targets = [importlib.import_module(name) for name in MOVED[module.__name__]]
+        warnings.warn(f"{module.__name__} has moved to {', '.join(t.__name__ for t in targets)}; "
+                      "the old path will be removed in the next release", DeprecationWarning, stacklevel=2)
+
+        def __getattr__(name: str):
+            for target in targets:
+                if hasattr(target, name):
+                    return getattr(target, name)
+            raise AttributeError(f"module {module.__name__!r} has no attribute {name!r}")
+
+        module.__getattr__ = __getattr__
+
+
+def install() -> None:
+    """Put the finder first on ``sys.meta_path`` (once)."""
+    if not any(isinstance(finder, _Moved) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _Moved())

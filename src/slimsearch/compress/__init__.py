@@ -1,0 +1,1 @@
+"""Plan -> compressed nn.Module: the registered compression methods."""
