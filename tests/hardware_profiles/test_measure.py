@@ -2,21 +2,52 @@
 
 from __future__ import annotations
 
+import statistics
 import time
+import types
 
 import pytest
 
 from slimsearch.exceptions import ConfigError
-from slimsearch.hardware_profiles import Timing, measure_latency
+from slimsearch.hardware_profiles import Timing, _measure, measure_latency
 
 
-def test_median_is_positive_and_defaults_are_used():
-    calls = []
-    timing = measure_latency(lambda: calls.append(sum(range(1000))))
-    assert timing.median_ms > 0
+class FakeClock:
+    """A ``perf_counter`` that moves only while the timed function runs, by the next of ``durations_ms``."""
+
+    def __init__(self, durations_ms):
+        self.now = 0.0
+        self.durations = iter(durations_ms)
+        self.calls = 0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def work(self) -> None:
+        self.calls += 1
+        self.now += next(self.durations) / 1e3
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """Install a FakeClock in the harness: ``clock(durations_ms)`` returns it."""
+    def install(durations_ms) -> FakeClock:
+        fake = FakeClock(durations_ms)
+        monkeypatch.setattr(_measure, "time", types.SimpleNamespace(perf_counter=fake.perf_counter))
+        return fake
+    return install
+
+
+def test_defaults_time_fifteen_calls_after_three_untimed_ones(clock):
+    # three slow warmup calls, then 1..15 ms out of order: the warmups must not be in the summary
+    timed = [7, 1, 15, 3, 9, 11, 2, 14, 5, 8, 13, 4, 10, 6, 12]
+    fake = clock([1000, 1000, 1000, *timed])
+    timing = measure_latency(fake.work)
+    assert fake.calls == 3 + 15
     assert timing.repeats == 15
-    assert len(calls) == 3 + 15
-    assert timing.iqr_ms >= 0 and timing.cv >= 0
+    assert timing.median_ms == pytest.approx(8.0)
+    assert timing.iqr_ms == pytest.approx(11.5 - 4.5)  # inclusive quartiles of 1..15
+    assert timing.cv == pytest.approx(statistics.stdev(range(1, 16)) / 8.0)
 
 
 def test_sleep_is_timed_in_milliseconds():
@@ -35,12 +66,13 @@ def test_one_repeat_has_zero_spread():
     assert (timing.iqr_ms, timing.cv, timing.repeats) == (0.0, 0.0, 1)
 
 
-def test_torch_thread_settings_are_left_alone():
-    torch = pytest.importorskip("torch")
-    before = torch.get_num_threads()
-    x = torch.randn(64, 64)
-    measure_latency(lambda: x @ x, warmup=1, repeats=3)
-    assert torch.get_num_threads() == before
+def test_min_time_counts_from_the_first_timed_call(clock):
+    # two 1 s warmups must not fill min_time_s: four timed calls of 1/64 s are needed to reach 1/16 s
+    # (binary fractions, so the fake clock's sums are exact)
+    fake = clock([1000, 1000] + [15.625] * 20)
+    timing = measure_latency(fake.work, warmup=2, repeats=2, min_time_s=0.0625)
+    assert (fake.calls, timing.repeats) == (2 + 4, 4)
+    assert (timing.median_ms, timing.iqr_ms, timing.cv) == (15.625, 0.0, 0.0)
 
 
 @pytest.mark.parametrize(
