@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slimsearch.evaluators import prunable_layers, prune_channels
@@ -156,3 +157,45 @@ def test_taylor_importance_keeps_the_channels_the_loss_depends_on():
     assert torch.equal(by_taylor.a.weight, net.a.weight[4:])
     with pytest.raises(Exception, match="needs a batch"):
         prune_channels(net, X, {"a": 0.5}, importance="taylor")
+
+
+class ScaledConv(nn.Conv2d):
+    """A conv with a per-output-channel buffer of its own: a tensor whose meaning pruning cannot know."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, self.out_channels))
+
+    def forward(self, x):
+        return super().forward(x) * self.scale.view(1, -1, 1, 1)
+
+
+def test_a_layer_holding_tensors_pruning_does_not_know_keeps_its_channels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), ScaledConv(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 8 * 8, 3)).eval()
+    # neither what ScaledConv reads (layer 0) nor what it gives can shrink: its buffer would not follow
+    assert prunable_layers(model, X) == ["4"]
+    pruned = prune_channels(model, X, 0.5)
+    assert type(pruned[2]) is ScaledConv and (pruned[2].in_channels, pruned[2].out_channels) == (8, 8)
+    assert torch.equal(pruned[2].scale, model[2].scale)
+    assert (pruned[0].out_channels, pruned[4].out_channels, pruned[6].in_features) == (8, 4, 4 * 8 * 8)
+    assert pruned(X).shape == (2, 3)
+
+
+class ShuffleConv(nn.Conv2d):
+    """A conv whose forward then trades channels for resolution: it gives out_channels / 4 channels."""
+
+    def forward(self, x):
+        return F.pixel_shuffle(super().forward(x), 2)
+
+
+def test_a_conv_whose_output_is_not_its_out_channels_is_an_unknown_operation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), ShuffleConv(8, 8, 3, padding=1),
+                          nn.Conv2d(2, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 16 * 16, 3)).eval()
+    assert prunable_layers(model, X) == ["3"]
+    pruned = prune_channels(model, X, 0.5)
+    assert (pruned[2].in_channels, pruned[2].out_channels, pruned[3].in_channels, pruned[3].out_channels) == (
+        8, 8, 2, 2)
+    assert pruned(X).shape == (2, 3)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from slimsearch.evaluators import fold_batchnorm, prunable_layers, prune_channels
+from slimsearch.evaluators.prune import ChannelStructure
 from slimsearch.exceptions import ConfigError, SlimSearchError
 
 DENSE_TYPES = (nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Linear,
@@ -231,3 +234,142 @@ def test_untraceable_model_raises_naming_the_model_class(call):
     with pytest.raises(SlimSearchError, match=r"cannot trace Branchy with torch\.fx") as info:
         call(Branchy().eval(), _x(1))
     assert not isinstance(info.value, ConfigError)
+
+
+class Conv2dSame(nn.Conv2d):
+    """TensorFlow-style "same" padding done by a child ZeroPad2d, as in networks ported from TensorFlow."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+        super().__init__(in_channels, out_channels, kernel_size, padding=0)
+        total = kernel_size - 1
+        self.pad = nn.ZeroPad2d((total // 2, total - total // 2, total // 2, total - total // 2))
+
+    def forward(self, x):
+        return F.conv2d(self.pad(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class SameNet(nn.Module):
+    """Stem, two 4x4 "same" convs (padded 1 before, 2 after), optionally with a residual around them."""
+
+    def __init__(self, residual: bool):
+        super().__init__()
+        self.residual = residual
+        self.stem = Conv2dSame(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.mid = Conv2dSame(8, 16, 4)
+        self.out = Conv2dSame(16, 8, 4)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        y = self.out(torch.relu(self.mid(x)))
+        if self.residual:
+            y = x + y
+        return self.head(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+DEAD_STEM, DEAD_MID, DEAD_OUT = [2, 5], [1, 3, 4, 7, 8, 10, 13, 15], [0, 6]
+
+
+def _same_net(residual: bool) -> SameNet:
+    """A SameNet whose channels DEAD_* carry nothing (zero rows and bias), so removing them changes nothing."""
+    torch.manual_seed(0)
+    model = SameNet(residual).eval()
+    with torch.no_grad():
+        for conv, dead in ((model.stem, DEAD_STEM), (model.mid, DEAD_MID),
+                           (model.out, DEAD_STEM if residual else DEAD_OUT)):
+            conv.weight[dead] = 0.0
+            conv.bias[dead] = 0.0
+    return model
+
+
+def _kept(n: int, dead: list[int]) -> list[int]:
+    return [c for c in range(n) if c not in dead]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_a_conv_subclass_with_its_own_padding_is_pruned_in_place(residual):
+    model = _same_net(residual)
+    x = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(1))
+    # with the residual, stem and out are added together: one group
+    assert prunable_layers(model, x[:1]) == (["stem", "mid"] if residual else ["stem", "mid", "out"])
+    ratios = {"stem": 0.25, "mid": 0.5} if residual else {"stem": 0.25, "mid": 0.5, "out": 0.25}
+    pruned = prune_channels(model, x[:1], ratios)
+
+    for name in ("stem", "mid", "out"):
+        layer, original = pruned.get_submodule(name), model.get_submodule(name)
+        assert type(layer) is Conv2dSame, name
+        assert type(layer.pad) is nn.ZeroPad2d and layer.pad.padding == original.pad.padding, name
+    assert (pruned.stem.out_channels, pruned.bn.num_features, pruned.bn.running_var.shape[0]) == (6, 6, 6)
+    assert (pruned.mid.in_channels, pruned.mid.out_channels) == (6, 8)
+    assert (pruned.out.in_channels, pruned.out.out_channels, pruned.head.in_features) == (8, 6, 6)
+    # the 4x4 convs still pad 1 before and 2 after: the spatial size stays 10x10
+    assert pruned.mid(torch.zeros(1, 6, 10, 10)).shape == (1, 8, 10, 10)
+    # the dead channels went, the others are the original weights
+    stem_kept, mid_kept = _kept(8, DEAD_STEM), _kept(16, DEAD_MID)
+    out_kept = stem_kept if residual else _kept(8, DEAD_OUT)
+    assert torch.equal(pruned.mid.weight, model.mid.weight[mid_kept][:, stem_kept])
+    assert torch.equal(pruned.out.weight, model.out.weight[out_kept][:, mid_kept])
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape == (2, 5)
+        torch.testing.assert_close(pruned(x), model(x), atol=1e-6, rtol=1e-5)
+    # the model given is not changed
+    assert model.mid.weight.shape == (16, 8, 4, 4) and model.mid.out_channels == 16
+
+
+def _drop_own_forward(real):
+    """``slice_channels`` followed by what rebuilding a layer as a plain nn.Conv2d did: its forward is lost."""
+    def slice_and_drop_forward(module, **kwargs) -> None:
+        real(module, **kwargs)
+        if isinstance(module, Conv2dSame):
+            module.forward = types.MethodType(nn.Conv2d.forward, module)  # padding 0: 10x10 becomes 8x8
+    return slice_and_drop_forward
+
+
+@pytest.mark.parametrize("prune", [
+    lambda m, x: prune_channels(m, x, 0.5),
+    lambda m, x: ChannelStructure().prune(m, x, {"stem": 0.5}),
+], ids=["prune_channels", "ChannelStructure"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_a_pruned_model_whose_layer_changed_its_spatial_size_is_refused(monkeypatch, residual, prune):
+    from slimsearch.evaluators import _channel_graph
+
+    monkeypatch.setattr(_channel_graph, "slice_channels", _drop_own_forward(_channel_graph.slice_channels))
+    x = torch.randn(1, 3, 10, 10)
+    with pytest.raises(SlimSearchError) as info:
+        prune(_same_net(residual), x)
+    message = str(info.value)
+    assert not isinstance(info.value, ConfigError) and "\n" not in message
+    change = "layer 'stem' (Conv2dSame) gives [1, 4, 8, 8] where it gave [1, 8, 10, 10] before pruning"
+    if residual:  # the addition fails: 8x8 against 2x2
+        assert message.startswith("pruning SameNet broke it: the forward of SameNet itself fails on the example "
+                                  "input (RuntimeError: The size of tensor a (8) must match")
+        assert message.endswith(f"; first change: {change}")
+    else:  # the global pooling hides it from the output's shape: still refused
+        assert message == f"pruning SameNet changed more than channel counts: {change}"
+
+
+class FixedWidthConv(nn.Conv2d):
+    """Reshapes its input to the channel count it was built for, as some ported layers do."""
+
+    def forward(self, x):
+        return super().forward(x.reshape(x.shape[0], 8, x.shape[2], x.shape[3]))
+
+
+def test_a_pruned_model_that_fails_is_refused_naming_the_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), FixedWidthConv(8, 4, 3, padding=1),
+                          nn.Flatten(), nn.Linear(4 * 8 * 8, 5)).eval()
+    with pytest.raises(SlimSearchError, match=(
+            r"^pruning Sequential broke it: layer '2' \(FixedWidthConv\) fails on the example input "
+            r"\(RuntimeError: shape '\[1, 8, 8, 8\]' is invalid for input of size 256\)$")):
+        prune_channels(model, _x(1), {"0": 0.5})
+
+
+def test_the_check_leaves_training_flags_and_batchnorm_statistics_alone():
+    model = _cnn().train()
+    before = copy.deepcopy(model.state_dict())
+    pruned = prune_channels(model, _x(1), 0.5)
+    assert all(m.training for m in model.modules()) and all(m.training for m in pruned.modules())
+    # run in train mode, the check's forward passes would have moved the running statistics
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -139,24 +139,26 @@ def _prune_channels(model, example_input, ratio, *, importance, batch):
     return pruned
 
 
-def check_pruned(model: "nn.Module", pruned: "nn.Module", example_input: Any, *, channel_dim: int = 1) -> None:
+def check_pruned(model: "nn.Module", pruned: "nn.Module", example_input: Any, *,
+                 channel_dims: tuple[int, ...] = (1,)) -> None:
     """Run ``model`` and ``pruned`` once on ``example_input``; refuse a pruned model that is broken.
 
     Both run without gradients in eval mode, their modules' training flags restored
-    afterwards. Pruning a layer whose forward it does not understand can change
-    more than channel counts (a spatial size, a hard-coded width): caught here, not
-    in a later search trial or, worse, not at all.
+    afterwards. Pruning may change the channel dims of what layers give, nothing
+    else: a layer whose forward pruning does not preserve (a spatial size that
+    changed, a hard-coded width) is caught here, even where a global pooling would
+    hide it from the model's output.
 
     Args:
         model: the model before pruning.
         pruned: the model pruning made of it.
         example_input: an input ``model`` accepts.
-        channel_dim: the dim pruning shrinks in layer outputs (1 for NCHW and [N, C],
-            -1 for [N, L, hidden]); any other dim that changed points at the culprit.
+        channel_dims: the dims of layer outputs that pruning may shrink (``(1,)`` for
+            NCHW and [N, C]; a transformer's hidden and head dims).
 
     Raises:
-        SlimSearchError: one line naming the layer, if ``pruned`` fails or the shapes
-            of its outputs are not ``model``'s.
+        SlimSearchError: one line naming the layer, if ``pruned`` fails, a layer's
+            output changed in another dim, or the model's output shape changed.
     """
     expected, reference, failure = _run_recording(model, example_input)
     if failure is not None:
@@ -165,21 +167,23 @@ def check_pruned(model: "nn.Module", pruned: "nn.Module", example_input: Any, *,
             f"cannot check the pruned model: {_describe(model, where)} fails on the example input before "
             f"pruning ({type(exc).__name__}: {_first_line(exc)})") from exc
     got, layers, failure = _run_recording(pruned, example_input)
-    changed = _first_changed_layer(reference, layers, channel_dim)
-    culprit = ""
+    changed = _first_changed_layer(reference, layers, channel_dims)
+    change = ""
     if changed is not None:
         name, before, after = changed
-        culprit = f"{_describe(pruned, name)} gave {_shape_text(after)} where it gave {_shape_text(before)}"
+        change = (f"{_describe(pruned, name)} gives {_shape_text(after)} where it gave {_shape_text(before)} "
+                  "before pruning")
     if failure is not None:
         where, exc = failure
         raise SlimSearchError(
             f"pruning {type(model).__name__} broke it: {_describe(pruned, where)} fails on the example input "
-            f"({type(exc).__name__}: {_first_line(exc)})" + (f"; first change: {culprit}" if culprit else "")
+            f"({type(exc).__name__}: {_first_line(exc)})" + (f"; first change: {change}" if change else "")
         ) from exc
+    if change:
+        raise SlimSearchError(f"pruning {type(model).__name__} changed more than channel counts: {change}")
     if got != expected:
-        raise SlimSearchError(
-            f"pruning {type(model).__name__} changed its output shape from {_shape_text(expected)} to "
-            f"{_shape_text(got)}" + (f"; first change: {culprit}" if culprit else ""))
+        raise SlimSearchError(f"pruning {type(model).__name__} changed its output shape from "
+                              f"{_shape_text(expected)} to {_shape_text(got)}")
 
 
 def _run_recording(model: "nn.Module", example_input: Any):
@@ -229,26 +233,28 @@ def _shapes(value) -> list[tuple[int, ...]]:
     return []
 
 
-def _first_changed_layer(reference, layers, channel_dim: int):
-    """The first call whose output shapes differ from the same call's before pruning in a dim besides ``channel_dim``."""
+def _first_changed_layer(reference, layers, channel_dims: tuple[int, ...]):
+    """The first call of a layer whose outputs differ from that call's before pruning outside ``channel_dims``.
+
+    Layers that ran only before pruning (inside a dropped block) or only after are skipped.
+    """
     before: dict[str, list] = {}
     for name, shapes in reference:
         before.setdefault(name, []).append(shapes)
     calls: dict[str, int] = {}
     for name, shapes in layers:
         i = calls[name] = calls.get(name, -1) + 1
-        if i < len(before.get(name, [])) and not _same_but_channels(before[name][i], shapes, channel_dim):
+        if i < len(before.get(name, [])) and not _same_but_channels(before[name][i], shapes, channel_dims):
             return name, before[name][i], shapes
     return None
 
 
-def _same_but_channels(a: list, b: list, channel_dim: int) -> bool:
-    def others(shape):
+def _same_but_channels(a: list, b: list, channel_dims: tuple[int, ...]) -> bool:
+    def others(shape: tuple[int, ...]) -> tuple[int, ...]:
         if len(shape) < 2:
             return shape
-        dims = list(shape)
-        del dims[channel_dim]
-        return tuple(dims)
+        free = {d % len(shape) for d in channel_dims}
+        return tuple(size for d, size in enumerate(shape) if d not in free)
 
     return len(a) == len(b) and all(len(x) == len(y) and others(x) == others(y) for x, y in zip(a, b))
 
