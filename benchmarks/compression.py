@@ -158,7 +158,7 @@ def _torch_baselines(table: Table, task, x, *, metric_of, teacher_metric, teache
 def mnist_resnet(table: Table, steps: int) -> None:
     import torch
 
-    from slimsearch.evaluators import apply_plan
+    from slimsearch.compress import apply_plan
     from slimsearch.deploy.packed_file import load_packed, save_packed
     from slimsearch.deploy.pack import packed_size
     from slimsearch.evaluators.prune import ChannelStructure
@@ -207,7 +207,7 @@ def mnist_resnet(table: Table, steps: int) -> None:
 
 
 def minilm(table: Table, steps: int) -> None:
-    from slimsearch.evaluators import apply_plan
+    from slimsearch.compress import apply_plan
     from slimsearch.deploy.pack import packed_size
     from slimsearch.search.job_runner import layer_names
     from slimsearch.spaces import CompressionPlan, DistillPlan, LayerPlan

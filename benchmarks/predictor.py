@@ -481,7 +481,7 @@ def measure_candidates(cache: Path | None = None) -> list[dict]:
     times more rounds where they are unconfirmed, and the plans are rebuilt from it
     with ``apply_plan``, which is deterministic.
     """
-    from slimsearch.evaluators import apply_plan
+    from slimsearch.compress import apply_plan
     from slimsearch.tasks import load_task
 
     entries = json.loads(cache.read_text()) if cache is not None and cache.is_file() else []
@@ -567,7 +567,7 @@ def with_channel_block(profile):
 
 
 def local_rows(profile_path: Path, cache: Path | None = None) -> list[dict]:
-    from slimsearch.evaluators import apply_plan
+    from slimsearch.compress import apply_plan
     from slimsearch.hardware_profiles import calibrate, layer_costs, load_profile, predict
     from slimsearch.hardware_profiles._calibrate import report
     from slimsearch.spaces import CompressionPlan

@@ -528,8 +528,8 @@ def test_every_torch_load_in_src_passes_weights_only_true():
 
 
 def test_every_yaml_load_in_src_is_safe():
-    """YAML is parsed by yaml.safe_load or by slimsearch/_yaml.py's SafeLoader subclass, nothing else."""
-    from slimsearch._yaml import safe_load
+    """YAML is parsed by yaml.safe_load or by slimsearch/_io.py's SafeLoader subclass, nothing else."""
+    from slimsearch._io import safe_load
 
     loads = _calls(r"(?<![\w.])yaml\.\w*load\w*\(")
     assert [(f, n, call) for f, n, call in loads if not call.startswith("yaml.safe_load(")] == []
@@ -539,9 +539,9 @@ def test_every_yaml_load_in_src_is_safe():
         assert not re.search(r"unsafe_load|full_load|UnsafeLoader|FullLoader|yaml\.Loader\b|Loader\s*=", text), path
         bases = re.findall(r"class \w+\(yaml\.(\w+)\)", text)
         assert set(bases) <= {"SafeLoader"}, f"{path}: a YAML loader built on {bases}"
-        if "from slimsearch._yaml import safe_load" in text:
+        if "from slimsearch._io import safe_load" in text:
             uses.append(path.relative_to(SRC).as_posix())
-    assert {"job.py", "hardware_profiles/_profile.py"} <= set(uses)
+    assert {"job.py", "hardware_profiles/_schema.py"} <= set(uses)
     with pytest.raises(Exception, match="is not allowed; files are read with safe loading"):
         safe_load("x: !!python/object/apply:os.system ['true']", "t.yaml")
 

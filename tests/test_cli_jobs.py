@@ -53,7 +53,7 @@ def test_status_by_id_name_or_folder(job, how):
     assert status["front_size"] == len(job.front["front"])
     # the hypervolume of the job's candidates against the teacher-based reference, recomputed from
     # front.json (with measured latencies the 3 candidates may all be dominated by the teacher: 0 then)
-    from slimsearch.dashboards.report import hypervolume_reference, hypervolume_series
+    from slimsearch.search.pareto import hypervolume_reference, hypervolume_series
 
     objectives = job.front["objectives"]
     cands = [{"trial": c["trial"], "metrics": {n: c["metrics"][n] for n in objectives}, "feasible": c["feasible"]}

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from slimsearch.cli import main
-from slimsearch.job import WEIGHT_BITS, JobSpec, load_job
+from slimsearch.job import JobSpec, load_job
+from slimsearch.spaces.choices import WEIGHT_BITS
 
 VALID = {
     "name": "digits-check",

@@ -33,14 +33,14 @@ def jobs() -> list:
 def status(job: str | Path):
     """The job's progress (``JobProgress``): candidates done of the budget, front size, hypervolume,
     time left."""
-    from slimsearch.storage.jobs import progress
+    from slimsearch.jobs.query import progress
 
     return progress(job)
 
 
 def front(job: str | Path) -> list[dict]:
     """The job's Pareto front members (trial, run_id, metrics, provenance, plan, describe)."""
-    from slimsearch.storage.jobs import read_front
+    from slimsearch.jobs.query import read_front
 
     return read_front(job)["front"]
 
@@ -50,7 +50,7 @@ def export(job: str | Path, out: str | Path, *, run_id: Optional[str] = None, wh
            register: bool = True) -> dict:
     """Export a candidate of ``job`` into folder ``out`` (as ``slimsearch export``); returns the manifest."""
     from slimsearch.export import export_job
-    from slimsearch.storage.jobs import resolve_job
+    from slimsearch.jobs.query import resolve_job
 
     return export_job(resolve_job(job).folder, Path(out), run_id=run_id, formats=formats, where=where,
                       minimize=minimize, register=register)

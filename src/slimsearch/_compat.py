@@ -22,6 +22,10 @@ MOVED: dict[str, tuple[str, ...]] = {
     "slimsearch.evaluators.pack": ("slimsearch.deploy.pack",),
     "slimsearch.evaluators.onnx_graph": ("slimsearch.deploy.onnx_graph",),
     "slimsearch.evaluators.distill": ("slimsearch.compress.distill",),
+    "slimsearch.storage.jobs": ("slimsearch.jobs.query",),
+    "slimsearch.hardware_profiles._calibrate": ("slimsearch.hardware_profiles._fit",
+                                                "slimsearch.hardware_profiles._fit_report",
+                                                "slimsearch.hardware_profiles._measurements"),
 }
 
 

@@ -221,7 +221,7 @@ def _fmt(v) -> str:
 def _export(args) -> int:
     from slimsearch.export import export_job
 
-    from slimsearch.storage.jobs import resolve_job
+    from slimsearch.jobs.query import resolve_job
 
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     manifest = export_job(resolve_job(args.job_dir).folder, Path(args.out), run_id=args.run_id, formats=formats,
@@ -288,7 +288,7 @@ def _duration(seconds) -> str:
 def _status(args) -> int:
     import json
 
-    from slimsearch.storage.jobs import progress
+    from slimsearch.jobs.query import progress
 
     p = progress(args.job)
     if args.json:
@@ -305,7 +305,7 @@ def _status(args) -> int:
     if p.hypervolume is not None:
         print(f"  hypervolume: {p.hypervolume:.4f} (reference: {p.hypervolume_rule})")
     else:
-        from slimsearch.dashboards.report import MAX_SLICED_POINTS
+        from slimsearch.search.pareto import MAX_SLICED_POINTS
 
         print("  hypervolume: - (computed once a candidate is done, for 2 or more objectives; with 4 or more, "
               f"for up to {MAX_SLICED_POINTS} candidates)")
@@ -318,7 +318,7 @@ def _front(args) -> int:
     import json
     from types import SimpleNamespace
 
-    from slimsearch.storage.jobs import read_front
+    from slimsearch.jobs.query import read_front
 
     data = read_front(args.job)
     if args.json:
@@ -334,12 +334,11 @@ def _front(args) -> int:
 
 
 def _report(args) -> int:
-    from slimsearch.dashboards.report import write_report
-    from slimsearch.storage.jobs import resolve_job
+    from slimsearch.jobs.query import resolve_job, write_job_report
 
     job = resolve_job(args.job)
     baseline = resolve_job(args.baseline).folder if args.baseline else None
-    path = write_report(job.folder, Path(args.out) if args.out else None, baseline=baseline)
+    path = write_job_report(job.folder, Path(args.out) if args.out else None, baseline=baseline)
     print(f"Wrote {path}")
     if args.screenshot:
         from slimsearch.dashboards.browser import screenshot
@@ -349,7 +348,7 @@ def _report(args) -> int:
 
 
 def _ui(args) -> int:
-    from slimsearch.storage.jobs import read_state, resolve_job
+    from slimsearch.jobs.query import read_state, resolve_job
     from slimsearch.storage.ui import start_ui
 
     job = resolve_job(args.job)
@@ -427,8 +426,9 @@ def _p(name: str):
 def _hw_calibrate(args) -> int:
     import random
 
+    from slimsearch.evaluators.measurements import load_measurements
     from slimsearch.exceptions import ConfigError
-    from slimsearch.hardware_profiles import calibrate, fit_report, load_measurements, load_profile
+    from slimsearch.hardware_profiles import calibrate, fit_report, load_profile
 
     if not 0.0 < args.holdout < 1.0:
         raise ConfigError(f"--holdout must be a number in (0, 1), got {args.holdout}")

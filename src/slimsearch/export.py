@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+from slimsearch._io import atomic_write
 from slimsearch.exceptions import ConfigError, JobStateError
 from slimsearch.search.early_stop import STEPS_METRIC, STOPPED_METRIC
 
@@ -308,9 +308,7 @@ def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
         alias = alias_for(target) if target else f"run-{candidate['run_id'][:8]}"
         manifest["registry"] = register_onnx(state["tracking_uri"], front["job"], out / FILE_NAMES["onnx"],
                                              candidate["run_id"], alias)
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, manifest_path)
+    atomic_write(manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
     _record_export(job_dir, out, manifest)
     return manifest
 
@@ -327,7 +325,7 @@ def _rebuild(task, plan, threads: Optional[int]):
     sums floats in another order and the rebuilt model drifts (0.4 points of MNIST test accuracy
     seen with 2 threads instead of the worker's 1)."""
     from slimsearch._threads import torch_threads
-    from slimsearch.evaluators import apply_plan
+    from slimsearch.compress import apply_plan
 
     with torch_threads(threads):
         return apply_plan(task, plan)

@@ -15,17 +15,10 @@ from typing import Any, Optional, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from slimsearch._yaml import safe_load
+from slimsearch._io import safe_load
 from slimsearch.exceptions import ConfigError
 from slimsearch.search.samplers import Sampler
-from slimsearch.spaces.plan import (
-    ACT_BITS,
-    ACT_CALIBRATIONS,
-    IMPORTANCES,
-    SPARSITY_PATTERNS,
-    WEIGHT_BITS,
-    DistillPlan,
-)
+from slimsearch.spaces.schema import LayerChoices, SpaceSpec  # noqa: F401 - LayerChoices: part of the schema
 
 LOCAL_PROFILE = "local"
 # Metrics every candidate has, whatever the profiles.
@@ -50,79 +43,6 @@ class Direction(str, Enum):
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check_choices(name: str, values: list, allowed_text: str, ok, *, bools: bool = False) -> list:
-    if not values:
-        raise ValueError(f"{name} needs at least one choice; allowed: {allowed_text}")
-    for v in values:
-        if isinstance(v, bool) != bools or not ok(v):
-            raise ValueError(f"{name} choice {v!r} is not allowed; allowed: {allowed_text}")
-    return values
-
-
-# Every list of choices a job's space may hold: field -> (allowed, in words; test; values are bools).
-_CHOICES = {
-    "prune_ratio": ("numbers with 0 <= ratio < 1", lambda r: isinstance(r, (int, float)) and 0 <= r < 1, False),
-    "weight_bits": (f"{list(WEIGHT_BITS)}", lambda b: b in WEIGHT_BITS, False),
-    "act_bits": (f"{list(ACT_BITS)}", lambda b: b in ACT_BITS, False),
-    "group_size": ("0 (per channel) or a positive group size", lambda g: isinstance(g, int) and g >= 0, False),
-    "sparsity": ("numbers with 0 <= sparsity < 1", lambda r: isinstance(r, (int, float)) and 0 <= r < 1, False),
-    "sparsity_pattern": (f"{list(SPARSITY_PATTERNS)} (quote '2:4': unquoted, YAML reads it as the number 124)",
-                         lambda p: p in SPARSITY_PATTERNS, False),
-    "drop": ("[false] or [false, true]", lambda d: True, True),
-    "importance": (f"{list(IMPORTANCES)}", lambda i: i in IMPORTANCES, False),
-    "act_calibration": (f"{list(ACT_CALIBRATIONS)}", lambda c: c in ACT_CALIBRATIONS, False),
-    "distill_steps": ("whole numbers >= 0", lambda n: isinstance(n, int) and n >= 0, False),
-    "distill_temperature": ("numbers > 0", lambda t: isinstance(t, (int, float)) and t > 0, False),
-    "distill_alpha": ("numbers with 0 <= alpha <= 1", lambda a: isinstance(a, (int, float)) and 0 <= a <= 1, False),
-    "distill_lr": ("numbers > 0", lambda r: isinstance(r, (int, float)) and r > 0, False),
-    "distill_hidden_weight": ("numbers >= 0 (above 0 only for tasks with hidden states, e.g. minilm)",
-                              lambda w: isinstance(w, (int, float)) and w >= 0, False),
-}
-
-
-def _validate_choices(v, info):
-    if v is None:  # a per-layer override that leaves this choice to the space
-        return None
-    allowed, ok, bools = _CHOICES[info.field_name]
-    return _check_choices(info.field_name, _as_list(v), allowed, ok, bools=bools)
-
-
-class LayerChoices(_Frozen):
-    """Choices for one layer; ``None`` means 'as the space's defaults'."""
-
-    prune_ratio: Optional[list[float]] = None
-    weight_bits: Optional[list[int]] = None
-    act_bits: Optional[list[int]] = None
-
-    _choices = field_validator("prune_ratio", "weight_bits", "act_bits", mode="before")(_validate_choices)
-
-
-class SpaceSpec(LayerChoices):
-    """The search space: choices for every layer, per-layer overrides, depth, distillation.
-
-    A choice with a single value is fixed, not searched.
-    """
-
-    prune_ratio: Optional[list[float]] = [0.0, 0.25, 0.5, 0.75]
-    weight_bits: Optional[list[int]] = [2, 3, 4, 6, 8, 32]
-    act_bits: Optional[list[int]] = [8, 32]
-    group_size: list[int] = [0]
-    sparsity: list[float] = [0.0]
-    sparsity_pattern: list[str] = ["unstructured"]
-    drop: list[bool] = [False]
-    importance: list[str] = ["l1"]
-    act_calibration: list[str] = ["minmax"]
-    distill_steps: list[int] = [100, 200, 300]
-    distill_temperature: list[float] = [DistillPlan.temperature]  # softmax temperature of logit distillation
-    distill_alpha: list[float] = [DistillPlan.alpha]  # weight of the teacher's soft targets vs the labels
-    distill_lr: list[float] = [DistillPlan.lr]  # Adam learning rate (cosine decay over the steps)
-    distill_hidden_weight: list[float] = [DistillPlan.hidden_weight]  # hidden-state matching (transformers)
-    layers: dict[str, LayerChoices] = {}
-
-    _space_choices = field_validator(*[f for f in _CHOICES if f not in LayerChoices.model_fields],
-                                     mode="before")(_validate_choices)
 
 
 def _known_profile(name: str) -> str:

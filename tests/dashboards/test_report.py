@@ -104,7 +104,7 @@ def test_report_is_one_offline_page(job_data, tmp_path):
 
 
 def test_hypervolume_past_three_objectives_is_exact_by_slicing():
-    from slimsearch.dashboards.report import _hv_sliced
+    from slimsearch.search.pareto import _hv_sliced
     from slimsearch.search.pareto import hypervolume_2d
 
     # two boxes in 4-D: [0,2]x[0,1]x[0,1]x[0,1] and [0,1]x[0,2]x[0,1]x[0,1] overlap in a unit cube: 2 + 2 - 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimsearch.evaluators import apply_plan
+from slimsearch.compress import apply_plan
 from slimsearch.deploy.pack import packed_size
 from slimsearch.evaluators.prune import ChannelStructure
 from slimsearch.search.job_runner import layer_names

@@ -15,7 +15,8 @@ from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes, onnx_qdq_bytes, q
 from slimsearch.deploy.packed_file import MAGIC, load_packed, read_packed, save_packed
 from slimsearch.deploy.onnx_graph import onnx_bytes, ort_optimized_ops, ort_predict, ort_session
 from slimsearch.deploy.pack import packed_size
-from slimsearch.compress.quant.layers import build_layer, calibrate, freeze, quant_layers, quantize_layers
+from slimsearch.compress.quant.layers import build_layer, calibrate_activations as calibrate, freeze, quant_layers
+from slimsearch.compress.quantize import quantize_layers
 from slimsearch.exceptions import ConfigError
 from slimsearch.spaces import CompressionPlan, LayerPlan
 

@@ -11,7 +11,8 @@ from torch import nn
 
 from slimsearch.deploy.pack import decode_weight, encode_weight, pack_codes, packed_size, packed_state, unpack_codes
 from slimsearch.compress.quant.grid import quantize_weight_int
-from slimsearch.compress.quant.layers import calibrate, freeze, quantize_layers
+from slimsearch.compress.quant.layers import calibrate_activations as calibrate, freeze
+from slimsearch.compress.quantize import quantize_layers
 from slimsearch.compress.quant.sparsity import nm_mask
 from slimsearch.spaces import CompressionPlan, LayerPlan
 

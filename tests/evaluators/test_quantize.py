@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from slimsearch.compress.quant.grid import code_range, fake_quant_weight, quantize_weight, quantize_weight_int
-from slimsearch.compress.quant.layers import QConv2d, QLinear, build_layer, calibrate, freeze, quant_layers, quantize_layers
+from slimsearch.compress.quant.layers import QConv2d, QLinear, build_layer, calibrate_activations as calibrate, freeze, quant_layers
+from slimsearch.compress.quantize import quantize_layers
 from slimsearch.compress.quant.sparsity import from_nm_rows, magnitude_mask, nm_groups, nm_mask, nm_rows
 from slimsearch.exceptions import ConfigError
 from slimsearch.spaces import CompressionPlan, LayerPlan

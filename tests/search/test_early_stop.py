@@ -175,7 +175,7 @@ def test_checking_a_candidate_leaves_its_training_unchanged(tmp_path, teacher_ca
     import torch
 
     from slimsearch.evaluators import score
-    from slimsearch.evaluators.evaluate import apply_plan
+    from slimsearch.compress import apply_plan
     from slimsearch.spaces.plan import LayerPlan
 
     task, plan, stopper = _digits_candidate(tmp_path)
@@ -196,7 +196,7 @@ def test_checking_a_candidate_leaves_its_training_unchanged(tmp_path, teacher_ca
 
 
 def test_a_candidate_with_fewer_than_four_steps_is_never_checked(tmp_path, teacher_cache):
-    from slimsearch.evaluators.evaluate import apply_plan
+    from slimsearch.compress import apply_plan
     from slimsearch.spaces.plan import DistillPlan
 
     task, plan, _ = _digits_candidate(tmp_path)

@@ -260,7 +260,7 @@ def test_a_candidate_that_breaks_a_constraint_never_enters_the_front(tmp_path):
     assert front["front"] == []
     (parent,), children = _runs(out)
     assert [r.data.tags["pareto"] for r in children] == ["false", "false"]
-    from slimsearch.storage.jobs import progress
+    from slimsearch.jobs.query import progress
 
     status = progress(out)
     assert status.front_size == 0  # `slimsearch status` counts the same front (it counted 2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from slimsearch.exceptions import ConfigError
-from slimsearch.job import SpaceSpec
+from slimsearch.spaces.schema import SpaceSpec
 from slimsearch.spaces import CompressionPlan, DistillPlan, LayerPlan, SearchSpace
 
 LAYERS = ["conv1", "conv2", "fc"]

@@ -187,7 +187,7 @@ def test_two_slimsearch_runs_share_a_postgres_study_and_registry(postgres, tmp_p
     numbers = sorted(t.number for t in complete)
     assert numbers in reported
     assert all(set(r) <= set(numbers) for r in reported)
-    from slimsearch.storage.jobs import progress
+    from slimsearch.jobs.query import progress
     from slimsearch.storage.registry import Registry
 
     registry = Registry(registry_url)

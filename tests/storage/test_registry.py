@@ -79,7 +79,7 @@ def test_exports_belong_to_their_job(tmp_path):
 def test_a_random_search_twin_is_found_as_the_baseline(tmp_path):
     import json
 
-    from slimsearch.storage.jobs import find_random_baseline
+    from slimsearch.jobs.query import find_random_baseline
 
     registry = Registry(f"sqlite:///{tmp_path / 'r.db'}")
     base = {"task": "digits", "space": {"weight_bits": [4, 8]}, "objectives": {"accuracy": "max", "size_bytes": "min"},

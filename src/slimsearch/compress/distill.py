@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimsearch.compress.registry import Context, register
 from slimsearch.exceptions import ConfigError
 from slimsearch.spaces.plan import DistillPlan
 from slimsearch.tasks import Split
@@ -112,3 +113,11 @@ def distill(student: nn.Module, teacher: nn.Module, data: Split, plan: DistillPl
             if keep_going is False:
                 break
     return student.eval()
+
+
+@register("distill", DistillPlan, order=50, from_plan=lambda plan: plan.distill if plan.distill.steps > 0 else None)
+def _distill_step(model, config: DistillPlan, context: Context):
+    task = context.task
+    distill(model, task.teacher, task.train, config, seed=context.plan.seed, loss_fn=task.distill_loss,
+            hidden_states=task.hidden_states, on_chunk=context.on_chunk, chunk_every=context.chunk_every)
+    return model

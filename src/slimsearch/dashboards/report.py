@@ -13,123 +13,17 @@ import html
 import json
 from itertools import combinations
 from pathlib import Path
-from typing import Mapping, NamedTuple, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional
 
+from slimsearch._io import atomic_write
 from slimsearch.dashboards.front import FrontInfo, front_figure, front_info
+from slimsearch.search.pareto import MAX_SLICED_POINTS, Reference, hypervolume_reference, hypervolume_series
 
 REPORT_HTML = "report.html"
 STATUS_ID = "report-status"
 
 
 # ---------------------------------------------------------------- hypervolume
-
-
-COST_FACTOR = 4.0  # a minimised objective's reference is this many times the teacher's value
-
-
-class Reference(NamedTuple):
-    """The box hypervolume is measured in: the worst corner and a unit per objective.
-
-    Divided by its unit, every axis is in teacher units, so the uncompressed teacher
-    alone would have hypervolume 1.0 (when the reference comes from the teacher).
-    """
-
-    point: tuple[float, ...]
-    scale: tuple[float, ...]
-    rule: str
-
-
-def hypervolume_reference(objectives: Mapping[str, str], teacher: Optional[Mapping[str, float]],
-                          candidates: Sequence[Mapping] = ()) -> Reference:
-    """The reference point of a job's hypervolume.
-
-    From the teacher when it has a positive value for every objective: half its score
-    for a maximised objective, four times its cost for a minimised one, so a candidate
-    counts while it keeps half the teacher's score and costs at most four times as much
-    (a quantized graph can run slower than the float teacher on a CPU). It
-    is known before the first candidate, so the series logged during a run and the one
-    drawn afterwards agree. Otherwise (no teacher value, or a value of 0): the worst
-    value among the candidates, widened by a tenth of their range.
-    """
-    names = list(objectives)
-    vals = [teacher.get(n) if teacher else None for n in names]
-    if all(v is not None and v > 0 for v in vals):
-        point = tuple(v / 2 if objectives[n] == "max" else COST_FACTOR * v for n, v in zip(names, vals))
-        return Reference(point, tuple(abs(p - v) for p, v in zip(point, vals)),
-                         f"teacher: half its score, {COST_FACTOR:g}x its cost; 1.0 = the teacher's box")
-    point, scale = [], []
-    for n in names:
-        seen = [c["metrics"][n] for c in candidates if c["metrics"].get(n) is not None]
-        if not seen:
-            raise ValueError(f"no candidate has a value for objective {n!r}: no hypervolume reference")
-        lo, hi = min(seen), max(seen)
-        span = (hi - lo) or abs(hi) or 1.0
-        point.append(lo - span / 10 if objectives[n] == "max" else hi + span / 10)
-        scale.append(span)
-    return Reference(tuple(point), tuple(scale), "worst candidate plus a tenth of the range")
-
-
-MAX_SLICED_POINTS = 300  # beyond 3 objectives the sliced hypervolume grows as n^(d-1) log n
-
-
-def _hv_min_sliced(points: list[tuple[float, ...]], ref: tuple[float, ...]) -> float:
-    """Exact hypervolume of minimisation ``points`` inside ``ref``, any number of objectives, by
-    slicing along the last axis (HSO); 1-D is a length."""
-    if not points:
-        return 0.0
-    if len(ref) == 1:
-        return max(0.0, ref[0] - min(p[0] for p in points))
-    pts = sorted(points, key=lambda p: p[-1])
-    volume = 0.0
-    for i, p in enumerate(pts):
-        top = pts[i + 1][-1] if i + 1 < len(pts) else ref[-1]
-        if top > p[-1]:
-            volume += (top - p[-1]) * _hv_min_sliced([q[:-1] for q in pts[: i + 1]], ref[:-1])
-    return volume
-
-
-def _hv_sliced(points, reference, directions) -> float:
-    ref = tuple(-r if d == "max" else r for r, d in zip(reference, directions))
-    pts = [tuple(-v if d == "max" else v for v, d in zip(p, directions)) for p in points]
-    return _hv_min_sliced([p for p in pts if all(x < r for x, r in zip(p, ref))], ref)
-
-
-def _hv_function(n_objectives: int, n_points: int = 0):
-    """An exact hypervolume for this many objectives: :mod:`slimsearch.search.pareto`'s for 2 (and 3
-    where it has one), slicing otherwise (None past ``MAX_SLICED_POINTS`` points with 4 or more)."""
-    from slimsearch.search import pareto
-
-    if n_objectives == 2:
-        return getattr(pareto, "hypervolume", pareto.hypervolume_2d)
-    if n_objectives == 3 and hasattr(pareto, "hypervolume"):
-        return pareto.hypervolume
-    if n_objectives <= 3 or n_points <= MAX_SLICED_POINTS:
-        return _hv_sliced
-    return None
-
-
-def hypervolume_series(candidates: Sequence[Mapping], objectives: Mapping[str, str],
-                       reference: Reference) -> Optional[list[float]]:
-    """Hypervolume (in reference units) of the first 1, 2, ... candidates in trial order; None when it
-    is not computed (one objective, or more than three with more than ``MAX_SLICED_POINTS`` candidates).
-
-    A candidate marked ``"feasible": False`` (it breaks a job constraint) counts as an evaluation
-    but adds no volume: the hypervolume is the front's, and such a candidate never enters the front.
-    """
-    names, dirs = list(objectives), list(objectives.values())
-    hv = _hv_function(len(names), len(candidates)) if len(names) >= 2 else None
-    if hv is None:
-        return None
-    ref = [0.0 if d == "max" else 1.0 for d in dirs]  # the reference corner, in scaled units
-    scaled = []
-    out = []
-    for c in sorted(candidates, key=lambda c: c["trial"]):
-        m = c["metrics"]
-        if c.get("feasible", True) and all(m.get(n) is not None for n in names):
-            scaled.append([(m[n] - r) / s if d == "max" else (m[n] - r) / s + 1.0
-                           for n, d, r, s in zip(names, dirs, reference.point, reference.scale)])
-        out.append(float(hv(scaled, ref, dirs)) if scaled else 0.0)
-    return out
 
 
 class HypervolumeInfo(NamedTuple):
@@ -491,22 +385,13 @@ def report_html(data: Mapping, baseline: Optional[Mapping] = None) -> str:
 
 def write_report(job_dir: Path, out: Optional[Path] = None, baseline: Optional[Path] = None) -> Path:
     """Write ``report.html`` for the job in ``job_dir`` (its ``front.json``, and ``job.json`` for the
-    sampler); ``baseline`` is another job folder whose candidates are random search. Without one,
-    the job registry is asked for a finished random-search job of the same task, space,
-    objectives and profiles (:func:`slimsearch.storage.jobs.find_random_baseline`)."""
+    sampler); ``baseline`` is another job folder whose candidates are random search."""
     job_dir = Path(job_dir)
     data = json.loads((job_dir / "front.json").read_text())
     state_path = job_dir / "job.json"
     if state_path.exists() and "sampler" not in data:
         data = {**data, "sampler": json.loads(state_path.read_text())["spec"]["search"].get("sampler")}
-    if baseline is None and state_path.exists() and data.get("sampler") != "random":
-        from slimsearch.storage.jobs import find_random_baseline
-        from slimsearch.storage.registry import safely
-
-        baseline = safely(lambda: find_random_baseline(job_dir))
     base = json.loads((Path(baseline) / "front.json").read_text()) if baseline else None
     path = Path(out) if out else job_dir / REPORT_HTML
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(report_html(data, base), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, report_html(data, base))
     return path

@@ -16,6 +16,7 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
+from slimsearch._io import atomic_path
 from slimsearch.exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -119,14 +120,11 @@ def save_packed(model: nn.Module, path: PathLike) -> int:
         offset += len(data)
     header = json.dumps({"format": FORMAT, "version": VERSION, "modules": _records(model), "blobs": blobs},
                         sort_keys=True).encode()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write(_PREAMBLE.pack(MAGIC, VERSION, len(header)))
         fh.write(header)
         for data in state.values():
             fh.write(data)
-    os.replace(tmp, path)
     return _PREAMBLE.size + len(header) + offset
 
 

@@ -25,7 +25,7 @@ def estimate(task: Task, plan: CompressionPlan, profiles: Sequence[Any]) -> Metr
     quantized, calibrated, BatchNorm folded) but with no distillation steps, which change
     weights only; its costs are therefore the trained candidate's.
     """
-    from slimsearch.evaluators.evaluate import apply_plan
+    from slimsearch.compress import apply_plan
     from slimsearch.hardware_profiles import layer_costs
 
     model = apply_plan(task, replace(plan, distill=replace(plan.distill, steps=0)))

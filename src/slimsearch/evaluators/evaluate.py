@@ -7,62 +7,14 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from slimsearch.compress.distill import distill
+from slimsearch.compress import apply_plan
 from slimsearch.evaluators.metrics import Metrics, Provenance
-from slimsearch.evaluators.prune import ChannelStructure, fold_batchnorm
-from slimsearch.compress.quant.layers import calibrate, freeze, quantize_layers
 from slimsearch.spaces.plan import CompressionPlan
 from slimsearch.tasks import Split, Task
 
 LOCAL = "local"
-CALIBRATION_BATCHES = 4
-TAYLOR_BATCH = 128
 ENERGY_AUTO = "auto"  # measure_local's default: use the CPU energy meter this machine has, if any
 ENERGY_MIN_TIME_S = 0.5  # RAPL counters tick about once a millisecond: count over long enough
-
-
-def apply_plan(task: Task, plan: CompressionPlan, *, on_chunk: Callable[[int, nn.Module], bool] | None = None,
-               chunk_every: int | None = None) -> nn.Module:
-    """The compressed model a plan stands for: prune (width, depth), quantize, distill, fold BN, freeze.
-
-    BatchNorm stays through distillation and is folded into the convs only before
-    the weights are frozen on their grid: distilling a pruned network with its norms
-    in place recovers far more accuracy than distilling the folded one (measured on
-    mnist-resnet at 50% channels, 300 steps: test 0.984 vs 0.907). Deterministic for
-    ``plan.seed``: export rebuilds the measured model with it. ``on_chunk`` and
-    ``chunk_every`` are passed to :func:`distill` (early stopping of a hopeless candidate).
-    """
-    torch.manual_seed(plan.seed)
-    structure = task.structure or ChannelStructure()
-    ratios = {name: lp.prune_ratio for name, lp in plan.layers.items() if lp.prune_ratio > 0}
-    if ratios or plan.drop:
-        kwargs = {"drop": plan.drop, "importance": plan.importance}
-        if plan.importance == "taylor":
-            kwargs["batch"] = (task.train.x[:TAYLOR_BATCH], task.train.y[:TAYLOR_BATCH])
-        student = structure.prune(task.teacher, task.example_input, ratios, **kwargs)
-    else:
-        student = _copy(task.teacher)
-    student = quantize_layers(student, plan)
-    gen = torch.Generator().manual_seed(plan.seed)
-    calib = [task.train.x[torch.randint(0, len(task.train), (64,), generator=gen)] for _ in range(CALIBRATION_BATCHES)]
-    calibrate(student, calib, method=plan.act_calibration)
-    if plan.distill.steps > 0:
-        distill(student, task.teacher, task.train, plan.distill, seed=plan.seed, loss_fn=task.distill_loss,
-                hidden_states=task.hidden_states, on_chunk=on_chunk, chunk_every=chunk_every)
-    return finalize(student, task)
-
-
-def finalize(student: nn.Module, task: Task) -> nn.Module:
-    """The deployable form of a (fine-tuned) student: BatchNorm folded into the convs, weights frozen on their grid."""
-    if any(isinstance(m, nn.BatchNorm2d) for m in student.modules()):
-        student = fold_batchnorm(student, task.example_input)
-    return freeze(student)
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def score(model: nn.Module, data: Split, task: Task, batch_size: int = 500) -> float:
@@ -158,14 +110,10 @@ def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teac
     """
     model = apply_plan(task, plan, on_chunk=on_chunk, chunk_every=chunk_every)
     if onnx_out is not None:
-        import os
-
+        from slimsearch._io import atomic_write
         from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
 
-        tmp = f"{onnx_out}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(deployable_onnx_bytes(model, task.example_input))
-        os.replace(tmp, onnx_out)
+        atomic_write(onnx_out, deployable_onnx_bytes(model, task.example_input))
     metrics = model_metrics(model, task, profiles, power_modes=plan.power_modes, devices=devices)
     values = dict(metrics.values)
     # Recorded for every candidate, used by nothing that chooses: validation chooses

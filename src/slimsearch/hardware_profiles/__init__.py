@@ -13,31 +13,21 @@ Importing this package does not import torch; the functions that need it do.
 
 from __future__ import annotations
 
-from slimsearch.hardware_profiles._calibrate import (
-    FIT_PARAMETERS,
-    FitReport,
-    calibrate,
-    fit_report,
-    kendall_tau,
-    load_measurements,
-    share_within,
-)
+from slimsearch.hardware_profiles._fit import FIT_PARAMETERS, calibrate
+from slimsearch.hardware_profiles._fit_report import FitReport, fit_report, kendall_tau, share_within
 from slimsearch.hardware_profiles._enums import Bound, DeviceKind, OpType, Precision
 from slimsearch.hardware_profiles._host import measure_host
 from slimsearch.hardware_profiles._layers import LayerCost, layer_costs
 from slimsearch.hardware_profiles._measure import Timing, measure_latency
+from slimsearch.hardware_profiles._measurements import load_measurements
 from slimsearch.hardware_profiles._predict import (
     LayerPrediction,
     Prediction,
     predict,
     predict_model,
 )
-from slimsearch.hardware_profiles._profile import (
-    HardwareProfile,
-    PowerMode,
-    list_profiles,
-    load_profile,
-)
+from slimsearch.hardware_profiles._catalogue import list_profiles, load_profile
+from slimsearch.hardware_profiles._profile import HardwareProfile, PowerMode
 
 __all__ = [
     "FIT_PARAMETERS",

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from slimsearch.exceptions import ConfigError
 from slimsearch.hardware_profiles._enums import OpType
-from slimsearch.hardware_profiles._profile import parse_sparsity_pattern
+from slimsearch.hardware_profiles._schema import parse_sparsity_pattern
 
 if TYPE_CHECKING:
     import torch

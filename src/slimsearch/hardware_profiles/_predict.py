@@ -17,11 +17,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from slimsearch.exceptions import ConfigError, UnsupportedOnDevice
 from slimsearch.hardware_profiles._enums import Bound, OpType, Precision
 from slimsearch.hardware_profiles._layers import LayerCost, layer_costs
-from slimsearch.hardware_profiles._profile import (
-    HardwareProfile,
-    load_profile,
-    parse_sparsity_pattern,
-)
+from slimsearch.hardware_profiles._catalogue import load_profile
+from slimsearch.hardware_profiles._profile import HardwareProfile
+from slimsearch.hardware_profiles._schema import parse_sparsity_pattern
 
 if TYPE_CHECKING:
     import torch

@@ -35,9 +35,10 @@ import copy
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
+
+from slimsearch._io import atomic_write
 
 SNAPSHOT_FILE = "early_stop.json"
 CURVES_DIR = "curves"
@@ -55,9 +56,7 @@ def curve_file(out: Path, plan) -> Path:
 
 
 def _atomic_write(path: Path, data: Any) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, sort_keys=True))
 
 
 def _read(path: Path) -> Optional[dict]:
@@ -248,7 +247,7 @@ class EarlyStop:
         return self._measured
 
     def _finalized(self, student):
-        from slimsearch.evaluators.evaluate import finalize
+        from slimsearch.compress import finalize
 
         return finalize(copy.deepcopy(student), self.task)
 

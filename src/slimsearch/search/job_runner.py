@@ -485,7 +485,7 @@ def _register_end(job_id: Optional[int], exc: Optional[BaseException], log) -> N
 def _log_hypervolume(tracker, complete, objectives, teacher, log) -> None:
     """The hypervolume of the candidates done so far as the parent run's ``hypervolume`` series
     (step = candidates done), in the report's teacher units."""
-    from slimsearch.dashboards.report import hypervolume_reference, hypervolume_series
+    from slimsearch.search.pareto import hypervolume_reference, hypervolume_series
 
     if len(objectives) < 2:
         return
@@ -579,9 +579,9 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
         write_front_html(infos, out / FRONT_HTML)
         artifacts.append(out / FRONT_HTML)
     if candidates:
-        from slimsearch.dashboards.report import write_report
+        from slimsearch.jobs.query import write_job_report
 
-        artifacts.append(write_report(out))
+        artifacts.append(write_job_report(out))
     if unreachable is None:
         try:
             for path in artifacts:

@@ -4,58 +4,41 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass
 from typing import Any, Mapping
 
 from slimsearch.exceptions import ConfigError
+from slimsearch.spaces.choices import (  # noqa: F401 - re-exported: the plan's vocabulary
+    ACT_BITS,
+    ACT_CALIBRATIONS,
+    FULL_PRECISION,
+    IMPORTANCES,
+    SPARSITY_PATTERNS,
+    WEIGHT_BITS,
+    choice,
+    layer_fields,
+)
 
-FULL_PRECISION = 32
 DESCRIBE_LAYERS = 8  # plans with more changed layers are described by counts
-WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
-ACT_BITS = (8, 16, 32)  # 16-bit activations export as opset-21 uint16 QDQ
-SPARSITY_PATTERNS = ("unstructured", "2:4")
-ACT_CALIBRATIONS = ("minmax", "percentile", "mse")
-IMPORTANCES = ("l1", "l2", "taylor")
 
 
-@dataclass(frozen=True)
-class LayerPlan:
-    """Choices for one layer (or prunable group).
+def _check_layer(self) -> None:
+    for c in layer_fields():
+        c.check(getattr(self, c.name))
+    if self.sparsity_pattern == "2:4" and self.sparsity not in (0.0, 0.5):
+        raise ConfigError("sparsity_pattern '2:4' zeroes exactly half of the weights, so sparsity must be "
+                          f"0.5 (or 0 for dense), got {self.sparsity}")
 
-    Attributes:
-        prune_ratio: share of the group's channels/heads/neurons physically removed.
-        weight_bits: weight bit-width; 32 leaves the weights in float.
-        act_bits: bit-width of the layer's input activations; 32 leaves them in float.
-        group_size: weights share one scale per this many input elements; 0 = per channel.
-        symmetric: symmetric (zero point 0) or asymmetric weight quantization.
-        sparsity: share of the remaining weights set to zero (magnitude), in [0, 1).
-        sparsity_pattern: ``"unstructured"`` or ``"2:4"`` (two of every four kept).
-    """
 
-    prune_ratio: float = 0.0
-    weight_bits: int = FULL_PRECISION
-    act_bits: int = FULL_PRECISION
-    group_size: int = 0
-    symmetric: bool = True
-    sparsity: float = 0.0
-    sparsity_pattern: str = "unstructured"
+LayerPlan = make_dataclass(
+    "LayerPlan", [(c.name, c.kind, field(default=c.default)) for c in layer_fields()], frozen=True,
+    namespace={"__post_init__": _check_layer, "__module__": __name__, "__doc__": """Choices for one layer (or prunable group).
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.prune_ratio < 1.0:
-            raise ConfigError(f"prune_ratio must be in [0, 1), got {self.prune_ratio}")
-        if self.group_size < 0:
-            raise ConfigError(f"group_size must be 0 (per channel) or a positive size, got {self.group_size}")
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        if self.sparsity_pattern == "2:4" and self.sparsity not in (0.0, 0.5):
-            raise ConfigError("sparsity_pattern '2:4' zeroes exactly half of the weights, so sparsity must be "
-                              f"0.5 (or 0 for dense), got {self.sparsity}")
-        if self.sparsity_pattern not in SPARSITY_PATTERNS:
-            raise ConfigError(f"sparsity_pattern must be one of {list(SPARSITY_PATTERNS)}, got {self.sparsity_pattern!r}")
-        if self.weight_bits not in WEIGHT_BITS:
-            raise ConfigError(f"weight_bits must be one of {list(WEIGHT_BITS)}, got {self.weight_bits}")
-        if self.act_bits not in ACT_BITS:
-            raise ConfigError(f"act_bits must be one of {list(ACT_BITS)}, got {self.act_bits}")
+    Its fields are the per-layer choices of :data:`slimsearch.spaces.choices.CHOICES`
+    (``weight_bits``, ``act_bits``, ``prune_ratio``, ``group_size``, ``sparsity``,
+    ``sparsity_pattern``, ``symmetric``, and those that methods add), each defaulting to
+    the value that leaves the layer as it is.
+    """})
 
 
 @dataclass(frozen=True)
@@ -63,11 +46,11 @@ class DistillPlan:
     """Knowledge-distillation fine-tuning from the teacher's logits."""
 
     steps: int = 0
-    temperature: float = 4.0
-    alpha: float = 0.7
-    lr: float = 1e-3
+    temperature: float = choice("distill_temperature").default
+    alpha: float = choice("distill_alpha").default
+    lr: float = choice("distill_lr").default
     batch_size: int = 64
-    hidden_weight: float = 0.0  # weight of hidden-state matching (transformer tasks)
+    hidden_weight: float = choice("distill_hidden_weight").default  # hidden-state matching (transformers)
     eval_every: int = 0  # report the metric every this many steps (0: only at the end)
 
 

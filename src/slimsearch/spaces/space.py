@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from slimsearch.exceptions import ConfigError
+from slimsearch.spaces.choices import Choice, Scope, layer_fields
+from slimsearch.spaces.choices import choices as choices_of
 from slimsearch.spaces.plan import CompressionPlan, DistillPlan, LayerPlan
 
 if TYPE_CHECKING:
     import optuna
 
-    from slimsearch.job import SpaceSpec
 
-
-# Model-wide choices, by their job-file key (a single value is fixed, not searched).
-# The distillation ones set the DistillPlan field named after the prefix.
-DISTILL_PREFIX = "distill_"
-DISTILL_CHOICES = ("distill_temperature", "distill_alpha", "distill_lr", "distill_hidden_weight")
-GLOBAL_CHOICES = ("group_size", "sparsity", "sparsity_pattern", "importance", "act_calibration", *DISTILL_CHOICES)
 # ``power_mode.<profile>``: the power mode a profile's figures are modelled at.
 POWER_MODE_PREFIX = "power_mode."
+MODEL_WIDE = (Scope.EVERY_LAYER, Scope.PLAN, Scope.DISTILL)
 
 
 @dataclass(frozen=True)
@@ -41,41 +37,49 @@ class SearchSpace:
     fixed: tuple[tuple[str, object], ...] = ()  # model-wide choices with a single value
 
     @classmethod
-    def build(cls, spec: "SpaceSpec", layers: Sequence[str], prunable: Sequence[str], *,
+    def build(cls, spec: Any, layers: Sequence[str], prunable: Sequence[str], *,
               droppable: Sequence[str] = (), seed: int = 0,
               power_modes: Mapping[str, Sequence[str]] | None = None) -> "SearchSpace":
-        """Lay ``spec`` over a model's layers; ``power_modes`` maps profiles to the modes the job lists."""
+        """Lay ``spec`` (a job's ``space``: a value per choice name, and per-layer overrides in
+        ``spec.layers``) over a model's layers; ``power_modes`` maps profiles to the modes the job lists."""
         named = list(dict.fromkeys([*layers, *prunable]))
         unknown = sorted(set(spec.layers) - set(named))
         if unknown:
             raise ConfigError(f"space.layers: unknown layer {unknown[0]!r}; allowed: {named}")
         choices: list[tuple[str, tuple]] = []
+        fixed: list[tuple[str, object]] = []
 
-        def values_for(name: str, key: str):
-            own = spec.layers.get(name)
-            values = getattr(own, key, None) if own is not None else None
-            return tuple(sorted(set(values if values is not None else getattr(spec, key))))
+        def values_for(c: Choice, name: Optional[str] = None) -> tuple:
+            own = spec.layers.get(name) if (name is not None and c.per_layer) else None
+            values = getattr(own, c.name, None) if own is not None else None
+            return tuple(sorted(set(values if values is not None else getattr(spec, c.name))))
+
+        def add(c: Choice, key: str, values: tuple) -> None:
+            if c.listed or len(values) > 1:
+                choices.append((key, values))
+            elif values[0] != c.default:
+                fixed.append((key, values[0]))
 
         for layer in layers:
-            for key in ("weight_bits", "act_bits"):
-                choices.append((f"{key}.{layer}", values_for(layer, key)))
+            for c in choices_of(Scope.LAYER):
+                add(c, f"{c.name}.{layer}", values_for(c, layer))
         for name, own in spec.layers.items():
             if name not in prunable and own.prune_ratio not in (None, [0.0], [0]):
                 raise ConfigError(
                     f"space.layers.{name}.prune_ratio: {name!r} cannot be pruned (its outputs are the "
                     f"model's outputs, or it is tied to such a layer); prunable layers: {list(prunable)}")
         for group in prunable:
-            choices.append((f"prune_ratio.{group}", values_for(group, "prune_ratio")))
-        if len(set(spec.drop)) > 1:
-            choices += [(f"drop.{block}", (False, True)) for block in droppable]
-        fixed = []
-        for key in GLOBAL_CHOICES:
-            values = tuple(sorted(set(getattr(spec, key))))
-            if len(values) > 1:
-                choices.append((key, values))
+            for c in choices_of(Scope.GROUP):
+                add(c, f"{c.name}.{group}", values_for(c, group))
+        for c in choices_of(Scope.BLOCK):
+            if len(values_for(c)) > 1:
+                choices += [(f"{c.name}.{block}", (False, True)) for block in droppable]
+        for c in choices_of(*MODEL_WIDE):
+            values = values_for(c)
+            if c.listed or len(values) > 1:
+                choices.append((c.name, values))
             else:
-                fixed.append((key, values[0]))
-        choices.append(("distill_steps", tuple(sorted(set(spec.distill_steps)))))
+                fixed.append((c.name, values[0]))
         for profile, modes in (power_modes or {}).items():
             modes = tuple(dict.fromkeys(modes))
             if not modes:
@@ -94,28 +98,26 @@ class SearchSpace:
 
     def plan_from_params(self, params: dict) -> CompressionPlan:
         """The plan that a dict of parameter values (as Optuna records them) stands for."""
-        glob = {**dict(self.fixed), **{k: params[k] for k in GLOBAL_CHOICES if k in params}}
+        values = {**dict(self.fixed), **params}
         layers = {}
         for name in dict.fromkeys([*self.layers, *self.prunable]):
-            layers[name] = LayerPlan(
-                prune_ratio=float(params.get(f"prune_ratio.{name}", 0.0)),
-                weight_bits=int(params.get(f"weight_bits.{name}", 32)),
-                act_bits=int(params.get(f"act_bits.{name}", 32)),
-                group_size=int(glob.get("group_size", 0)),
-                sparsity=_sparsity(glob),
-                sparsity_pattern=str(glob.get("sparsity_pattern", "unstructured")),
-            )
-        drop = tuple(b for b in self.droppable if params.get(f"drop.{b}", False))
-        distill = DistillPlan(steps=int(params.get("distill_steps", 0)),
-                              **{k[len(DISTILL_PREFIX):]: float(glob[k]) for k in DISTILL_CHOICES if k in glob})
-        modes = {k: v for k, v in self.fixed if k.startswith(POWER_MODE_PREFIX)}
-        modes.update({k: params[k] for k, _ in self.choices if k.startswith(POWER_MODE_PREFIX)})
+            fields = {c.name: c.kind(values.get(c.name if c.scope is Scope.EVERY_LAYER else f"{c.name}.{name}",
+                                                c.default))
+                      for c in layer_fields()}
+            if fields["sparsity_pattern"] == "2:4" and fields["sparsity"] > 0:
+                fields["sparsity"] = 0.5  # 2:4 always zeroes half of the weights
+            layers[name] = LayerPlan(**fields)
+        drop = tuple(b for b in self.droppable if values.get(f"drop.{b}", False))
+        distill = DistillPlan(**{c.field: c.kind(values[c.name]) for c in choices_of(Scope.DISTILL) if c.name in values})
         return CompressionPlan(
-            layers=layers, distill=distill, seed=self.seed,
-            drop=drop, importance=str(glob.get("importance", "l1")),
-            act_calibration=str(glob.get("act_calibration", "minmax")),
-            power_modes={k[len(POWER_MODE_PREFIX):]: str(v) for k, v in modes.items()},
+            layers=layers, distill=distill, seed=self.seed, drop=drop,
+            **{c.field: c.kind(values.get(c.name, c.default)) for c in choices_of(Scope.PLAN)},
+            power_modes={k[len(POWER_MODE_PREFIX):]: str(values[k]) for k in self._names()
+                         if k.startswith(POWER_MODE_PREFIX)},
         )
+
+    def _names(self) -> list[str]:
+        return [name for name, _ in (*self.fixed, *self.choices)]
 
     @property
     def size(self) -> int:
@@ -125,10 +127,3 @@ class SearchSpace:
             total *= len(values)
         return total
 
-
-def _sparsity(choices: dict) -> float:
-    """The sparsity a plan gets: 2:4 always zeroes half of the weights (when sparsity is asked for)."""
-    sparsity = float(choices.get("sparsity", 0.0))
-    if choices.get("sparsity_pattern") == "2:4" and sparsity > 0:
-        return 0.5
-    return sparsity

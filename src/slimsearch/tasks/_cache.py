@@ -6,6 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from slimsearch._io import atomic_path
+
 
 def cache_dir() -> Path:
     """slimsearch's cache (teachers, data, MLflow's empty store): ``$SLIMSEARCH_CACHE`` or
@@ -47,9 +49,8 @@ def load_or_train(path: Path, model, train_fn) -> str:
         with torch_threads(os.cpu_count() or 1):
             train_fn(model)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(model.state_dict(), tmp)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)

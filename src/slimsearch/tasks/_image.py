@@ -6,6 +6,7 @@ import contextlib
 import os
 from collections import OrderedDict
 
+from slimsearch._io import atomic_path
 from slimsearch.tasks._base import Preprocessing, Split, Task, accuracy
 from slimsearch.tasks._cache import cache_dir, file_sha256, load_or_train
 
@@ -186,11 +187,10 @@ def _mnist_arrays():
     table = np.loadtxt(path, delimiter=",", dtype=np.float64)
     pixels, labels = table[:, :-1], table[:, -1].astype(int)
     if np.array_equal(pixels, pixels.astype(np.uint8)) and np.array_equal(labels, labels.astype(np.uint8)):
-        tmp = cached.with_name(f"{cached.stem}.tmp{os.getpid()}.npz")  # a reader never sees half a file
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(tmp, pixels=pixels.astype(np.uint8), labels=labels.astype(np.uint8))
-            os.replace(tmp, cached)
+            with atomic_path(cached, suffix=".npz") as tmp:  # np.savez names a file ending .npz as given
+                np.savez(tmp, pixels=pixels.astype(np.uint8), labels=labels.astype(np.uint8))
         except OSError:  # a read-only or full cache: parsed again next time
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from torch import nn
 from slimsearch.compress.quant.grid import QuantizedWeight, effective_group_size, fake_quant_weight, num_groups, quantize_weight
 from slimsearch.compress.quant.sparsity import NM_PATTERN, sparsity_mask
 from slimsearch.exceptions import ConfigError
-from slimsearch.spaces.plan import FULL_PRECISION, CompressionPlan
+from slimsearch.spaces.plan import FULL_PRECISION
 
 PERCENTILE = 99.99
 HISTOGRAM_BINS = 16384
@@ -98,8 +98,8 @@ class _QuantMixin:
         row = self.weight[0].numel()
         self.group_size = effective_group_size(row, int(group_size)) if self.weight_bits < FULL_PRECISION else 0
         self.symmetric = bool(symmetric)
-        self.sparsity = float(sparsity)
-        self.sparsity_pattern = NM_PATTERN if (sparsity_pattern == NM_PATTERN and self.sparsity > 0) else None
+        self.sparsity = 0.0
+        self.sparsity_pattern = None
         self.frozen = False
         self.calibrating = False
         self._histogram: Optional[torch.Tensor] = None
@@ -113,6 +113,13 @@ class _QuantMixin:
             self.register_buffer("weight_zero_point", torch.zeros(shape, dtype=torch.int32))
             if self.group_size:
                 self.register_buffer("weight_scale_step", torch.tensor(1.0))
+        if sparsity > 0:
+            self.set_sparsity(sparsity, sparsity_pattern)
+
+    def set_sparsity(self, sparsity: float, pattern: Optional[str] = None) -> None:
+        """Fix the sparsity mask from the current weights (``pattern`` ``"2:4"``, else unstructured)."""
+        self.sparsity = float(sparsity)
+        self.sparsity_pattern = NM_PATTERN if (pattern == NM_PATTERN and self.sparsity > 0) else None
         if self.sparsity > 0:
             self.register_buffer("weight_mask", sparsity_mask(self.weight, self.sparsity, self.sparsity_pattern))
 
@@ -244,36 +251,6 @@ class QLinear(_QuantMixin, nn.Linear):
         return F.linear(self._quant_input(x), self._weight(), self.bias)
 
 
-def _check_layer_plan(name: str, lp) -> None:
-    if lp.sparsity_pattern == NM_PATTERN and lp.sparsity not in (0.0, 0.5):
-        raise ConfigError(f"layer {name!r}: sparsity_pattern '2:4' zeroes exactly half of the weights, so "
-                          f"sparsity must be 0.5 (or 0 for dense), got {lp.sparsity}")
-
-
-def quantize_layers(model: nn.Module, plan: CompressionPlan) -> nn.Module:
-    """Swap every Conv2d/Linear that the plan quantizes or sparsifies for its quantized twin (in place).
-
-    Bit-widths, grids (``group_size``, ``symmetric``) and sparsity come from the
-    plan's :class:`~slimsearch.spaces.LayerPlan` of each layer; the sparsity mask is
-    fixed here from the layer's current weights.
-    """
-    from slimsearch.evaluators.prune import _replace
-
-    for name, module in list(model.named_modules()):
-        if type(module) not in (nn.Conv2d, nn.Linear):
-            continue
-        lp = plan.layer(name)
-        if lp.weight_bits >= FULL_PRECISION and lp.act_bits >= FULL_PRECISION and lp.sparsity <= 0:
-            continue
-        _check_layer_plan(name, lp)
-        new = build_layer(module)
-        new.load_state_dict(module.state_dict())
-        new._setup(lp.weight_bits, lp.act_bits, group_size=lp.group_size, symmetric=lp.symmetric,
-                   sparsity=lp.sparsity, sparsity_pattern=lp.sparsity_pattern)
-        _replace(model, name, new)
-    return model
-
-
 def build_layer(module: nn.Module) -> "QConv2d | QLinear":
     """An un-set-up quantized twin of a Conv2d/Linear with the same shape (weights not copied)."""
     if isinstance(module, nn.Conv2d):
@@ -283,11 +260,31 @@ def build_layer(module: nn.Module) -> "QConv2d | QLinear":
     return QLinear(module.in_features, module.out_features, bias=module.bias is not None)
 
 
+def quantized_twin(module: nn.Module, weight_bits: int = FULL_PRECISION, act_bits: int = FULL_PRECISION, *,
+                   group_size: int = 0, symmetric: bool = True) -> "QConv2d | QLinear":
+    """A quantized twin of a plain Conv2d/Linear holding its weights, set up at these settings."""
+    new = build_layer(module)
+    new.load_state_dict(module.state_dict())
+    new._setup(weight_bits, act_bits, group_size=group_size, symmetric=symmetric)
+    return new
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is a quantized (or sparse) layer of this module."""
+    return isinstance(module, _QuantMixin)
+
+
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of ``root``'s submodule ``name`` (dotted)."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
 def quant_layers(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, _QuantMixin)]
 
 
-def calibrate(
+def calibrate_activations(
     model: nn.Module,
     batches: Iterable[torch.Tensor],
     method: "str | CalibrationMethod" = CalibrationMethod.MINMAX,

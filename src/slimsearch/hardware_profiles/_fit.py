@@ -28,34 +28,21 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
-import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Union
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from slimsearch.exceptions import ConfigError
+from slimsearch.hardware_profiles._catalogue import load_profile
 from slimsearch.hardware_profiles._enums import OpType
-from slimsearch.hardware_profiles._layers import LayerCost, layer_costs
-from slimsearch.hardware_profiles._predict import kernel_work, predict
-from slimsearch.hardware_profiles._profile import (
-    MAX_EFFICIENCY,
-    HardwareProfile,
-    OpAtPrecision,
-    OpKey,
-    load_profile,
-)
+from slimsearch.hardware_profiles._measurements import Sample, layer_samples
+from slimsearch.hardware_profiles._predict import kernel_work
+from slimsearch.hardware_profiles._profile import HardwareProfile
+from slimsearch.hardware_profiles._schema import MAX_EFFICIENCY, OpAtPrecision, OpKey
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
-__all__ = ["FIT_PARAMETERS", "MEASUREMENT_COLUMNS", "FitReport", "calibrate", "fit_report", "kendall_tau",
-           "load_measurements", "report", "share_within"]
-
-Sample = tuple[Union["torch.nn.Module", Sequence[LayerCost]], Any, float]
-"""``(model, example_input, measured_latency_ms)``, or ``(layer_costs, None, measured_ms)``."""
+__all__ = ["DEFAULT_FIT", "FIT_PARAMETERS", "calibrate"]
 
 _OPS = tuple(OpType)
 FIT_PARAMETERS = (*(op.value for op in _OPS), "memory", "op_overhead", "layer_overhead", "sample_overhead",
@@ -73,29 +60,6 @@ _IRLS_STEPS = 8  # reweighting steps per bound decision in the robust fit
 _HUBER_K = 1.345  # Huber threshold in robust standard deviations (95% efficiency under normal errors)
 _HUBER_FLOOR = 0.005  # smallest Huber threshold (relative error): below it the fit is as good as exact
 _MAX_BANDWIDTH_GAIN = 1e3  # effective bandwidth is kept within 1000x of the profile's
-
-
-@dataclass(frozen=True)
-class FitReport:
-    """How well a profile's predictions match measured latencies.
-
-    Attributes:
-        n: Number of samples.
-        kendall_tau: Kendall rank correlation (tau-b) of predicted against measured.
-        within_10: Share of predictions within ±10% of the measured latency.
-        within_20: Share of predictions within ±20% of the measured latency.
-        median_abs_rel_error: Median of ``|predicted / measured - 1|``.
-    """
-
-    n: int
-    kendall_tau: float
-    within_10: float
-    within_20: float
-    median_abs_rel_error: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready values."""
-        return dataclasses.asdict(self)
 
 
 class _Rows(NamedTuple):
@@ -270,98 +234,6 @@ def calibrate(
                                name=name or profile.name)
 
 
-def fit_report(
-    profile: HardwareProfile | str, samples: Iterable[Sample], *, power_mode: str | None = None
-) -> FitReport:
-    """Compare ``profile``'s predictions with the measured latencies of ``samples``."""
-    profile = load_profile(profile)
-    predicted, measured = [], []
-    for layers, measured_ms in _layer_samples(samples):
-        predicted.append(predict(layers, profile, power_mode=power_mode).latency_ms)
-        measured.append(measured_ms)
-    return report(predicted, measured)
-
-
-def report(predicted: Sequence[float], measured: Sequence[float]) -> FitReport:
-    """:class:`FitReport` of paired predicted and measured latencies."""
-    import numpy as np
-
-    p, m = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)
-    if p.shape != m.shape or p.size < 2:
-        raise ConfigError(f"need at least two paired latencies, got {p.size} predicted and {m.size} measured")
-    rel = np.abs(p / m - 1.0)
-    return FitReport(n=int(p.size), kendall_tau=kendall_tau(p, m), within_10=share_within(p, m, 0.10),
-                     within_20=share_within(p, m, 0.20), median_abs_rel_error=float(np.median(rel)))
-
-
-def share_within(predicted: Sequence[float], measured: Sequence[float], tolerance: float) -> float:
-    """Share of predictions with ``|predicted / measured - 1| <= tolerance``."""
-    import numpy as np
-
-    p, m = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)
-    return float(np.mean(np.abs(p / m - 1.0) <= tolerance + 1e-12))
-
-
-def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
-    """Kendall's tau-b (ties counted as scipy does), in O(n log n) (Knight's algorithm)."""
-    import numpy as np
-
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    n = x.size
-    if n != y.size or n < 2:
-        raise ConfigError(f"kendall_tau needs two sequences of equal length >= 2, got {x.size} and {y.size}")
-    pairs = n * (n - 1) // 2
-
-    def tied(*keys: np.ndarray) -> int:
-        order = np.lexsort(keys[::-1])
-        same = np.ones(n - 1, dtype=bool)
-        for key in keys:
-            sorted_key = key[order]
-            same &= sorted_key[1:] == sorted_key[:-1]
-        # sizes of runs of equal keys
-        edges = np.flatnonzero(np.concatenate(([True], ~same, [True])))
-        runs = np.diff(edges)
-        return int(np.sum(runs * (runs - 1) // 2))
-
-    tied_x, tied_y, tied_xy = tied(x), tied(y), tied(x, y)
-    # discordant pairs: inversions of y's ranks after sorting by (x, y)
-    order = np.lexsort((y, x))
-    ranks = np.searchsorted(np.unique(y), y[order]) + 1
-    size = int(ranks.max())
-    tree = [0] * (size + 1)
-    inversions = 0
-    for seen, r in enumerate(ranks.tolist()):
-        # count earlier entries with a strictly greater rank
-        i, not_greater = r, 0
-        while i > 0:
-            not_greater += tree[i]
-            i -= i & -i
-        inversions += seen - not_greater
-        i = r
-        while i <= size:
-            tree[i] += 1
-            i += i & -i
-    concordant_minus_discordant = pairs - tied_x - tied_y + tied_xy - 2 * inversions
-    denominator = math.sqrt((pairs - tied_x) * (pairs - tied_y))
-    return float(concordant_minus_discordant / denominator) if denominator > 0 else float("nan")
-
-
-def _layer_samples(samples: Iterable[Sample]) -> Iterable[tuple[Sequence[LayerCost], float]]:
-    for index, sample in enumerate(samples):
-        if not isinstance(sample, (tuple, list)) or len(sample) != 3:
-            raise ConfigError(f"samples[{index}] must be (model or layer costs, example_input, "
-                              f"measured_latency_ms), got {type(sample).__name__}")
-        model, example_input, measured = sample
-        if (isinstance(measured, bool) or not isinstance(measured, (int, float))
-                or not math.isfinite(measured) or measured <= 0):
-            raise ConfigError(f"samples[{index}]: measured_latency_ms must be a number > 0, got {measured!r}")
-        if isinstance(model, (list, tuple)) and all(isinstance(layer, LayerCost) for layer in model):
-            layers = model
-        else:
-            layers = layer_costs(model, example_input)
-        yield layers, float(measured)
-
-
 def _rows(profile: HardwareProfile, samples: Iterable[Sample], power_mode: str | None) -> _Rows:
     import numpy as np
 
@@ -370,7 +242,7 @@ def _rows(profile: HardwareProfile, samples: Iterable[Sample], power_mode: str |
     bandwidth = profile.memory_bandwidth_gbps * 1e9
     memo: dict = {}
     layers_seen, measured = [], []
-    for index, (layers, measured_ms) in enumerate(_layer_samples(samples)):
+    for index, (layers, measured_ms) in enumerate(layer_samples(samples)):
         for layer in layers:
             precision, work = kernel_work(layer, profile, memo)
             lowered = 0 if profile.memory_overlap else 2 * layer.workspace_bytes
@@ -563,79 +435,3 @@ def _nnls(a: np.ndarray, b: np.ndarray, *, max_iter: int = 500) -> np.ndarray:
     return np.where(usable, z / np.where(usable, norms, 1.0), 0.0)
 
 
-MEASUREMENT_COLUMNS = ("latency_ms", "layers", "task", "plan", "batch")
-"""Columns of a measurements CSV (see :func:`load_measurements`)."""
-
-
-def load_measurements(path: str | os.PathLike[str]) -> list[Sample]:
-    """Read a measurements CSV into calibration samples.
-
-    One row per measured model. Columns: ``latency_ms`` (required, > 0) and either
-    ``layers`` (JSON list of :meth:`LayerCost.to_dict` values) or ``task`` (a built-in
-    task name or ``package.module:function``) with ``plan`` (a CompressionPlan as JSON;
-    ``{}`` is the uncompressed teacher), rebuilt with ``apply_plan`` and costed at
-    ``batch`` copies of the task's example input (``batch`` optional, default 1).
-
-    Raises:
-        ConfigError: Missing file, missing or unknown column, or a bad value; the message
-            names the file, the row and the column.
-    """
-    import csv
-    import json
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"measurements file {str(path)!r} does not exist")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        unknown = [c for c in header if c not in MEASUREMENT_COLUMNS]
-        if unknown:
-            raise ConfigError(f"{path}: header: unknown column(s) {unknown}; allowed: {list(MEASUREMENT_COLUMNS)}")
-        if "latency_ms" not in header or not ("layers" in header or {"task", "plan"} <= set(header)):
-            raise ConfigError(f"{path}: header: needs 'latency_ms' and either 'layers' or 'task' and 'plan', "
-                              f"got {header}")
-        rows = list(reader)
-    samples: list[Sample] = []
-    tasks: dict[str, Any] = {}
-    for number, row in enumerate(rows, start=2):
-        where = f"{path}: row {number}"
-        try:
-            latency = float(row["latency_ms"])
-        except (TypeError, ValueError):
-            latency = float("nan")
-        if not math.isfinite(latency) or latency <= 0:
-            raise ConfigError(f"{where}: latency_ms: must be a number > 0, got {row['latency_ms']!r}")
-        if row.get("layers"):
-            try:
-                layers = [LayerCost.from_dict(item) for item in json.loads(row["layers"])]
-            except (ValueError, TypeError) as exc:
-                raise ConfigError(f"{where}: layers: must be a JSON list of layer costs ({exc})") from None
-            samples.append((layers, None, latency))
-            continue
-        if not row.get("task") or not row.get("plan"):
-            raise ConfigError(f"{where}: needs 'layers', or 'task' and 'plan'")
-        batch_text = row.get("batch") or "1"
-        if not batch_text.isdigit() or int(batch_text) < 1:
-            raise ConfigError(f"{where}: batch: must be an int >= 1, got {batch_text!r}")
-        model, example = _rebuild(where, row["task"], row["plan"], tasks)
-        batch = int(batch_text)
-        samples.append((model, example.repeat(batch, *[1] * (example.dim() - 1)), latency))
-    if len(samples) < 2:
-        raise ConfigError(f"{path}: needs at least two rows of measurements, got {len(samples)}")
-    return samples
-
-
-def _rebuild(where: str, task_name: str, plan_json: str, tasks: dict[str, Any]) -> tuple[Any, Any]:
-    """The compressed model a row names and its task's batch-1 example input."""
-    from slimsearch.evaluators import apply_plan
-    from slimsearch.spaces import CompressionPlan
-    from slimsearch.tasks import load_task
-
-    try:
-        if task_name not in tasks:
-            tasks[task_name] = load_task(task_name)
-        plan = CompressionPlan.from_json(plan_json)
-    except (ConfigError, ValueError, TypeError) as exc:
-        raise ConfigError(f"{where}: {' '.join(str(exc).split())}") from None
-    return apply_plan(tasks[task_name], plan), tasks[task_name].example_input

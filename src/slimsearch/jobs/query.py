@@ -62,7 +62,7 @@ class JobProgress:
     running: int
     budget: int
     front_size: int
-    hypervolume: Optional[float]  # in teacher units (see dashboards.report.hypervolume_reference); None if not computed
+    hypervolume: Optional[float]  # in teacher units (see search.pareto.hypervolume_reference); None if not computed
     hypervolume_rule: Optional[str]
     seconds_per_candidate: Optional[float]
     seconds_left: Optional[float]
@@ -76,7 +76,7 @@ def progress(ref: str | Path, registry: Optional[Registry] = None) -> JobProgres
     Optuna study as it is now (also while the job runs)."""
     import optuna
 
-    from slimsearch.dashboards.report import hypervolume_reference, hypervolume_series
+    from slimsearch.search.pareto import hypervolume_reference, hypervolume_series
     from slimsearch.search.driver import front_of, records
 
     job = resolve_job(ref, registry)
@@ -140,3 +140,18 @@ def find_random_baseline(folder: Path, registry: Optional[Registry] = None) -> O
         if (Path(record.out) / "front.json").is_file():
             return Path(record.out)
     return None
+
+
+def write_job_report(folder: Path, out: Optional[Path] = None, baseline: Optional[Path] = None) -> Path:
+    """Write the job's ``report.html`` (:func:`slimsearch.dashboards.report.write_report`). Without a
+    ``baseline`` folder, the job registry is asked for a finished random-search job of the same
+    task, space, objectives and profiles (:func:`find_random_baseline`), unless the job is one."""
+    from slimsearch.dashboards.report import write_report
+
+    folder = Path(folder)
+    state_path = folder / "job.json"
+    if baseline is None and state_path.exists():
+        sampler = json.loads(state_path.read_text())["spec"]["search"].get("sampler")
+        if sampler != "random":
+            baseline = safely(lambda: find_random_baseline(folder))
+    return write_report(folder, out, baseline=baseline)

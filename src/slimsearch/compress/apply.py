@@ -1,0 +1,48 @@
+"""apply_plan: the compressed model a plan stands for, its registered methods run in order."""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Callable, Optional
+
+from slimsearch.compress.registry import Context, apply_config, methods, plan_configs
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from slimsearch.spaces.plan import CompressionPlan
+    from slimsearch.tasks import Task
+
+
+def apply_plan(task: "Task", plan: "CompressionPlan", *,
+               on_chunk: Optional[Callable[[int, "nn.Module"], bool]] = None,
+               chunk_every: Optional[int] = None) -> "nn.Module":
+    """Compress a copy of the teacher as the plan says (by default: prune, quantize, sparsify,
+    factorise, calibrate, distill, fold BatchNorm, freeze; see :func:`plan_configs`).
+
+    Deterministic for ``plan.seed``: export rebuilds the measured model with it.
+    ``on_chunk`` and ``chunk_every`` reach the fine-tuning (early stopping of a hopeless
+    candidate).
+    """
+    import torch
+
+    torch.manual_seed(plan.seed)
+    context = Context(task=task, plan=plan, on_chunk=on_chunk, chunk_every=chunk_every)
+    model = copy.deepcopy(task.teacher)
+    for config in plan_configs(plan):
+        model = apply_config(model, config, context)
+    return model
+
+
+def finalize(model: "nn.Module", task: "Task", plan: Optional["CompressionPlan"] = None) -> "nn.Module":
+    """The deployable form of a (fine-tuned) student: the plan's steps from BatchNorm folding on."""
+    from slimsearch.compress.finalize import FOLD_ORDER
+    from slimsearch.spaces.plan import CompressionPlan
+
+    plan = plan or CompressionPlan()
+    context = Context(task=task, plan=plan)
+    for method in methods():
+        config = method.from_plan(plan) if method.order >= FOLD_ORDER else None
+        if config is not None:
+            model = apply_config(model, config, context)
+    return model

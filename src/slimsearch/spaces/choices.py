@@ -1,0 +1,133 @@
+"""Every searchable choice, declared once: its type, allowed values, defaults and where it lands.
+
+The job file's ``space`` schema, the search space's parameters and the plan's fields
+(and their checks) are all derived from :data:`CHOICES`. A new compression method
+adds its choice here and nowhere else in this package.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable
+
+from slimsearch.exceptions import ConfigError
+
+FULL_PRECISION = 32
+WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
+ACT_BITS = (8, 16, 32)  # 16-bit activations export as opset-21 uint16 QDQ
+SPARSITY_PATTERNS = ("unstructured", "2:4")
+ACT_CALIBRATIONS = ("minmax", "percentile", "mse")
+IMPORTANCES = ("l1", "l2", "taylor")
+
+
+class Scope(str, Enum):
+    """Where a choice is made and where its value lands."""
+
+    LAYER = "layer"  # per layer: parameter ``<name>.<layer>``, field ``LayerPlan.<name>``
+    GROUP = "group"  # per prunable group: parameter ``<name>.<group>``, field ``LayerPlan.<name>``
+    EVERY_LAYER = "every_layer"  # one model-wide parameter ``<name>``, copied into every ``LayerPlan``
+    PLAN = "plan"  # one model-wide parameter ``<name>``, field ``CompressionPlan.<name>``
+    DISTILL = "distill"  # one model-wide parameter ``distill_<field>``, field ``DistillPlan.<field>``
+    BLOCK = "block"  # per droppable block: parameter ``drop.<block>`` (true drops it)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One searchable choice.
+
+    Attributes:
+        name: its key in the job file's ``space`` (and per-layer overrides), and the
+            stem of its search parameter's name.
+        kind: the Python type of one value.
+        default: the plan's value where nothing is chosen: it leaves the model as it is.
+        space_default: the job file's default list of values to search.
+        scope: where it is chosen and where its value lands.
+        allowed: the allowed values, in words (as a job file's list of them).
+        ok: whether one value is allowed.
+        per_layer: may be overridden per layer in ``space.layers``.
+        listed: with one value it is a search parameter all the same (the choices that
+            have always been); any other choice with one value is fixed, not searched.
+    """
+
+    name: str
+    kind: type
+    default: Any
+    space_default: tuple
+    scope: Scope
+    allowed: str
+    ok: Callable[[Any], bool]
+    per_layer: bool = False
+    listed: bool = False
+
+    @property
+    def field(self) -> str:
+        """The plan field it sets."""
+        return self.name[len("distill_"):] if self.scope is Scope.DISTILL else self.name
+
+    def allows(self, value: Any) -> bool:
+        """Whether ``value`` is one allowed value of this choice."""
+        return isinstance(value, bool) == (self.kind is bool) and bool(self.ok(value))
+
+    def check(self, value: Any) -> Any:
+        """``value`` if it is allowed, else a ConfigError naming the choice and what is allowed."""
+        if not self.allows(value):
+            raise ConfigError(f"{self.name}: {value!r} is not allowed; allowed: {self.allowed}")
+        return value
+
+
+CHOICES: tuple[Choice, ...] = (
+    Choice("prune_ratio", float, 0.0, (0.0, 0.25, 0.5, 0.75), Scope.GROUP, "numbers with 0 <= ratio < 1",
+           lambda r: _number(r) and 0 <= r < 1, per_layer=True, listed=True),
+    Choice("weight_bits", int, FULL_PRECISION, (2, 3, 4, 6, 8, 32), Scope.LAYER, f"{list(WEIGHT_BITS)}",
+           lambda b: b in WEIGHT_BITS, per_layer=True, listed=True),
+    Choice("act_bits", int, FULL_PRECISION, (8, 32), Scope.LAYER, f"{list(ACT_BITS)}",
+           lambda b: b in ACT_BITS, per_layer=True, listed=True),
+    Choice("drop", bool, False, (False,), Scope.BLOCK, "[false] or [false, true]", lambda d: True),
+    Choice("group_size", int, 0, (0,), Scope.EVERY_LAYER, "0 (per channel) or a positive group size",
+           lambda g: isinstance(g, int) and g >= 0),
+    Choice("symmetric", bool, True, (True,), Scope.EVERY_LAYER, "true (codes around 0) or false (a zero point per group)", lambda s: True),
+    Choice("sparsity", float, 0.0, (0.0,), Scope.EVERY_LAYER, "numbers with 0 <= sparsity < 1",
+           lambda r: _number(r) and 0 <= r < 1),
+    Choice("sparsity_pattern", str, "unstructured", ("unstructured",), Scope.EVERY_LAYER,
+           f"{list(SPARSITY_PATTERNS)} (quote '2:4': unquoted, YAML reads it as the number 124)",
+           lambda p: p in SPARSITY_PATTERNS),
+    Choice("importance", str, "l1", ("l1",), Scope.PLAN, f"{list(IMPORTANCES)}",
+           lambda i: i in IMPORTANCES),
+    Choice("act_calibration", str, "minmax", ("minmax",), Scope.PLAN, f"{list(ACT_CALIBRATIONS)}",
+           lambda c: c in ACT_CALIBRATIONS),
+    Choice("distill_temperature", float, 4.0, (4.0,), Scope.DISTILL, "numbers > 0",
+           lambda t: _number(t) and t > 0),
+    Choice("distill_alpha", float, 0.7, (0.7,), Scope.DISTILL, "numbers with 0 <= alpha <= 1",
+           lambda a: _number(a) and 0 <= a <= 1),
+    Choice("distill_lr", float, 1e-3, (1e-3,), Scope.DISTILL, "numbers > 0", lambda r: _number(r) and r > 0),
+    Choice("distill_hidden_weight", float, 0.0, (0.0,), Scope.DISTILL,
+           "numbers >= 0 (above 0 only for tasks with hidden states, e.g. minilm)",
+           lambda w: _number(w) and w >= 0),
+    Choice("distill_steps", int, 0, (100, 200, 300), Scope.DISTILL, "whole numbers >= 0",
+           lambda n: isinstance(n, int) and n >= 0, listed=True),
+)
+
+
+def choices(*scopes: Scope) -> tuple[Choice, ...]:
+    """The choices of these scopes (all when none is given), in declaration order."""
+    return tuple(c for c in CHOICES if not scopes or c.scope in scopes)
+
+
+def choice(name: str) -> Choice:
+    """The choice named ``name``."""
+    for c in CHOICES:
+        if c.name == name:
+            return c
+    raise ConfigError(f"unknown choice {name!r}; allowed: {[c.name for c in CHOICES]}")
+
+
+def layer_fields() -> tuple[Choice, ...]:
+    """The choices that are fields of a layer's plan."""
+    return choices(Scope.LAYER, Scope.GROUP, Scope.EVERY_LAYER)
+
