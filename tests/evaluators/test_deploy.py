@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 
@@ -137,6 +138,20 @@ def test_save_and_load_refuse_what_they_cannot_do_faithfully(tmp_path):
     bogus.write_bytes(b"\x80\x04K\x01." + bytes(30))  # a pickle, not a packed file
     with pytest.raises(ConfigError, match="not a slimsearch packed file"):
         load_packed(bogus, _mlp())
+
+
+def test_a_layer_replaced_by_new_modules_reloads_from_the_template(tmp_path):
+    """A compressed model may put modules of its own in a layer's place (a low-rank layer's two
+    factors): they are rebuilt from their records under the module that replaced the layer."""
+    teacher = _mlp()
+    model = copy.deepcopy(teacher)
+    old = model[3]
+    model[3] = nn.Sequential(nn.Linear(old.in_features, 4, bias=False), nn.Linear(4, old.out_features))
+    model = freeze(quantize_layers(model, CompressionPlan(layers={"3.0": LayerPlan(weight_bits=4)})))
+    save_packed(model, tmp_path / "m.slim")
+    again = load_packed(tmp_path / "m.slim", teacher)
+    x = torch.randn(5, 3, 6, 6)
+    assert torch.equal(again(x), model(x)) and type(again[3][0]).__name__ == "QLinear"
 
 
 # --------------------------------------------------------------------------- int8 ONNX

@@ -244,29 +244,33 @@ def load_packed(path: PathLike, template_model: nn.Module) -> nn.Module:
     import torch
     from torch import nn
 
-    from slimsearch.compress.quant.layers import quant_layers
+    from slimsearch.compress.quant.layers import quant_layers, set_module
 
     header, blobs = read_packed(path)
     if header.get("format") != FORMAT:
         raise ConfigError(f"{path}: format {header.get('format')!r} is not {FORMAT!r}")
     model = copy.deepcopy(template_model)
     state: dict[str, torch.Tensor] = {}
+    replaced: set[str] = set()  # modules not the template's own
     for record in header["modules"]:
         name = record["name"]
         try:
             current = model.get_submodule(name)
-        except AttributeError:
-            raise ConfigError(f"{path}: module {name!r} is not in the template architecture") from None
+        except AttributeError:  # a child of a module the compressed model put in (a low-rank layer's factor)
+            if name.rpartition(".")[0] not in replaced:
+                raise ConfigError(f"{path}: module {name!r} is not in the template architecture") from None
+            current = None
         module = current
         if "layer" in record:
             module = _build_layer(record["layer"], "quant" in record)
             if "quant" in record:
                 module._setup(**record["quant"])
-        elif _class_path(current) != record["class"]:
+        elif current is None or _class_path(current) != record["class"]:
             module = _instantiate(record["class"], name)
         if module is not current:
+            replaced.add(name)
             if name:
-                model.set_submodule(name, module)
+                set_module(model, name, module)
             else:
                 model = module
         prefix = f"{name}." if name else ""
