@@ -88,6 +88,9 @@ CHOICES: tuple[Choice, ...] = (
            lambda b: b in WEIGHT_BITS, per_layer=True, listed=True),
     Choice("act_bits", int, FULL_PRECISION, (8, 32), Scope.LAYER, f"{list(ACT_BITS)}",
            lambda b: b in ACT_BITS, per_layer=True, listed=True),
+    Choice("rank_ratio", float, 1.0, (1.0,), Scope.LAYER, "numbers with 0 < ratio <= 1 (the share of a Linear or "
+           "1x1 conv's full rank kept by low-rank factorisation; 1 leaves it whole)",
+           lambda r: _number(r) and 0 < r <= 1, per_layer=True),
     Choice("drop", bool, False, (False,), Scope.BLOCK, "[false] or [false, true]", lambda d: True),
     Choice("group_size", int, 0, (0,), Scope.EVERY_LAYER, "0 (per channel) or a positive group size",
            lambda g: isinstance(g, int) and g >= 0),
