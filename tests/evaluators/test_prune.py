@@ -189,7 +189,9 @@ def test_fold_batchnorm_of_a_norm_without_affine_parameters():
 def test_fold_batchnorm_into_a_quantized_conv_before_freeze():
     """apply_plan distils with BN in place, then folds it into the quantized conv: exact for float
     weights with quantized inputs, and the folded conv then freezes onto its own grid."""
-    from slimsearch.evaluators.quantize import QConv2d, calibrate, freeze, quantize_layers
+    from slimsearch.compress.quant.layers import QConv2d, freeze
+    from slimsearch.compress.quant.layers import calibrate_activations as calibrate
+    from slimsearch.compress.quantize import quantize_layers
     from slimsearch.spaces import CompressionPlan, LayerPlan
 
     model = _cnn()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from slimsearch.evaluators.transformer import BertStructure, capture_hidden, hidden_state_loss
-from slimsearch.exceptions import ConfigError
+from slimsearch.exceptions import ConfigError, SlimSearchError
 
 LAYERS, HEADS, HEAD_SIZE, FFN = 4, 4, 8, 64
 
@@ -123,7 +123,8 @@ def test_some_heads_and_neurons_always_stay(encoder, ids):
 
 
 def test_quantized_layers_stay_quantized(encoder, ids):
-    from slimsearch.evaluators.quantize import QLinear, quantize_layers
+    from slimsearch.compress.quant.layers import QLinear, freeze
+    from slimsearch.compress.quantize import quantize_layers
     from slimsearch.spaces.plan import CompressionPlan, LayerPlan
 
     names = [n for n, m in encoder.named_modules() if isinstance(m, nn.Linear)]
@@ -132,8 +133,64 @@ def test_quantized_layers_stay_quantized(encoder, ids):
     layer = small.encoder.layer[0]
     assert isinstance(layer.attention.self.query, QLinear) and layer.attention.self.query.out_features == 16
     assert isinstance(layer.output.dense, QLinear) and layer.output.dense.in_features == FFN // 2
+    # the weight grid (one row per output) follows the rows, so the pruned layers still freeze
+    assert layer.attention.self.query.weight_scale.shape == (16, 1)
     with torch.no_grad():
         assert small(ids).shape == (5, 32)
+    freeze(small)
+    with torch.no_grad():
+        assert small(ids).shape == (5, 32)
+
+
+def test_a_sparsity_mask_follows_the_pruned_rows_and_columns(encoder, ids):
+    from slimsearch.compress.quantize import quantize_layers
+    from slimsearch.spaces.plan import CompressionPlan, LayerPlan
+
+    plan = CompressionPlan(layers={"encoder.layer.0.intermediate.dense": LayerPlan(sparsity=0.5),
+                                   "encoder.layer.0.output.dense": LayerPlan(sparsity=0.5)})
+    sparse = quantize_layers(copy.deepcopy(encoder), plan)
+    small = BertStructure().prune(sparse, ids[:1], {"encoder.layer.0.ffn": 0.5})
+    up, down = small.encoder.layer[0].intermediate.dense, small.encoder.layer[0].output.dense
+    kept = torch.sort(torch.topk(_ffn_scores(sparse), FFN // 2).indices).values  # the l1 rule
+    assert torch.equal(up.weight_mask, sparse.encoder.layer[0].intermediate.dense.weight_mask[kept])
+    assert torch.equal(down.weight_mask, sparse.encoder.layer[0].output.dense.weight_mask[:, kept])
+    with torch.no_grad():
+        assert small(ids).shape == (5, 32)
+
+
+def _ffn_scores(model: nn.Module) -> torch.Tensor:
+    layer = model.encoder.layer[0]
+    return layer.intermediate.dense.weight.abs().sum(1) + layer.output.dense.weight.abs().sum(0)
+
+
+class TaggedLinear(nn.Linear):
+    """A Linear with a per-output buffer of its own, which pruning cannot know how to follow."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear.in_features, linear.out_features)
+        self.load_state_dict(linear.state_dict())
+        self.register_buffer("tag", torch.arange(linear.out_features))
+
+
+def test_a_group_whose_layers_pruning_cannot_slice_is_not_offered(encoder, ids):
+    model = copy.deepcopy(encoder)
+    layer = model.encoder.layer[0]
+    layer.intermediate.dense = TaggedLinear(layer.intermediate.dense)
+    structure = BertStructure()
+    groups = structure.groups(model, ids[:1])
+    assert "encoder.layer.0.ffn" not in groups and "encoder.layer.0.attention" in groups
+    with pytest.raises(ConfigError, match="cannot prune group 'encoder.layer.0.ffn'"):
+        structure.prune(model, ids[:1], {"encoder.layer.0.ffn": 0.5})
+
+
+def test_a_pruned_encoder_that_would_not_run_is_refused(encoder, ids, monkeypatch):
+    from slimsearch.evaluators import transformer
+
+    monkeypatch.setattr(transformer, "_keep_columns", lambda lin, idx: None)  # output layers keep every input
+    with pytest.raises(SlimSearchError, match=(
+            r"^pruning SentenceEncoder broke it: layer 'encoder.layer.0.output.dense' \(Linear\) fails on the "
+            r"example input \(RuntimeError: [^\n]*\)$")):
+        BertStructure().prune(encoder, ids[:1], {"encoder.layer.0.ffn": 0.5})
 
 
 @pytest.mark.parametrize(
@@ -208,7 +265,7 @@ def test_hidden_states_are_keyed_by_layer_index(encoder, ids):
 
 
 def test_pruned_model_exports_to_onnx(encoder, ids):
-    from slimsearch.evaluators.onnx_graph import onnx_bytes, ort_predict, ort_session
+    from slimsearch.deploy.onnx_graph import onnx_bytes, ort_predict, ort_session
 
     structure = BertStructure()
     small = structure.prune(encoder, ids[:1], {name: 0.5 for name in structure.groups(encoder, ids[:1])},

@@ -25,6 +25,8 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from slimsearch.evaluators._channel_graph import can_slice, slice_channels
+from slimsearch.evaluators.prune import check_pruned
 from slimsearch.exceptions import ConfigError
 
 IMPORTANCE = ("l1", "l2")
@@ -48,8 +50,14 @@ class BertStructure:
         self.layers = layers
 
     def groups(self, model: nn.Module, example_input: torch.Tensor | None = None) -> list[str]:
-        """Names of the prunable groups, two per layer (heads, then FFN neurons)."""
-        return [f"{block}.{kind}" for block in self.droppable(model) for kind in (HEADS, FFN)]
+        """Names of the prunable groups, two per layer (heads, then FFN neurons).
+
+        A group is left out when one of its Linear layers holds tensors pruning cannot
+        slice (see :func:`~slimsearch.evaluators._channel_graph.can_slice`).
+        """
+        layer_list = self._layer_list(model)
+        return [f"{block}.{kind}" for block in self.droppable(model) for kind in (HEADS, FFN)
+                if _sliceable(layer_list[int(block.rsplit(".", 1)[1])], kind)]
 
     def droppable(self, model: nn.Module) -> list[str]:
         """Names of the layers that can be removed whole."""
@@ -70,7 +78,8 @@ class BertStructure:
 
         Args:
             model: the encoder to prune.
-            example_input: unused (the layout is read from the modules); kept for the protocol.
+            example_input: an input ``model`` accepts: the pruned model is run on it once
+                and refused if it fails or its output shape changed.
             ratios: group name (see :meth:`groups`) -> share of its heads or neurons to
                 remove, in [0, 1); at least one head and one neuron always stay.
             drop: layer names (see :meth:`droppable`) to remove whole; all of them may
@@ -83,6 +92,12 @@ class BertStructure:
             The same kind of module with smaller Linear layers (same classes, so a
             quantized layer stays quantized) and dropped layers replaced by ``nn.Identity``.
             Ratios of groups inside dropped layers are ignored.
+
+        Raises:
+            ConfigError: an unknown group or layer, a ratio outside [0, 1), an
+                importance other than ``"l1"``/``"l2"``.
+            SlimSearchError: the pruned model fails on ``example_input`` or its output
+                shape differs from ``model``'s (see :func:`~slimsearch.evaluators.prune.check_pruned`).
         """
         if importance not in IMPORTANCE:
             raise ConfigError(
@@ -111,6 +126,7 @@ class BertStructure:
                     continue
                 _prune_heads(layer_list[i], float(ratios.get(f"{block}.{HEADS}", 0.0)), importance, block)
                 _prune_ffn(layer_list[i], float(ratios.get(f"{block}.{FFN}", 0.0)), importance, block)
+        check_pruned(model, pruned, example_input, channel_dims=(1, -1))  # heads, hidden units
         return pruned
 
     def _layer_list(self, model: nn.Module) -> nn.ModuleList:
@@ -142,6 +158,21 @@ def _linear(layer: nn.Module, path: str, block: str) -> nn.Linear:
     if not isinstance(module, nn.Linear):
         raise ConfigError(f"{block} is not a BERT-style layer: it has no Linear {path!r}")
     return module
+
+
+def _sliceable(layer: nn.Module, kind: str) -> bool:
+    """Whether the Linear layers of group ``kind`` can lose heads or neurons.
+
+    True where they are missing, so that pruning says the layer is not BERT-style.
+    """
+    paths = ((("attention.self.query", "attention.self.key", "attention.self.value"), "attention.output.dense")
+             if kind == HEADS else (("intermediate.dense",), "output.dense"))
+    rows, columns = paths
+    try:
+        return (all(can_slice(layer.get_submodule(p), rows=True, columns=False) for p in rows)
+                and can_slice(layer.get_submodule(columns), rows=False, columns=True))
+    except AttributeError:
+        return True
 
 
 def _prune_heads(layer: nn.Module, ratio: float, importance: str, block: str) -> None:
@@ -180,16 +211,12 @@ def _prune_ffn(layer: nn.Module, ratio: float, importance: str, block: str) -> N
 
 def _keep_rows(lin: nn.Linear, idx: torch.Tensor) -> None:
     """Keep output rows ``idx`` of ``lin`` in place (the module object and its class stay)."""
-    lin.weight = nn.Parameter(lin.weight.data[idx].clone(), requires_grad=lin.weight.requires_grad)
-    if lin.bias is not None:
-        lin.bias = nn.Parameter(lin.bias.data[idx].clone(), requires_grad=lin.bias.requires_grad)
-    lin.out_features = len(idx)
+    slice_channels(lin, rows=idx)
 
 
 def _keep_columns(lin: nn.Linear, idx: torch.Tensor) -> None:
     """Keep input columns ``idx`` of ``lin`` in place."""
-    lin.weight = nn.Parameter(lin.weight.data[:, idx].clone(), requires_grad=lin.weight.requires_grad)
-    lin.in_features = len(idx)
+    slice_channels(lin, columns=idx)
 
 
 @contextlib.contextmanager
