@@ -23,6 +23,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "slimsearch.evaluators.onnx_graph": ("slimsearch.deploy.onnx_graph",),
     "slimsearch.evaluators.distill": ("slimsearch.compress.distill",),
     "slimsearch.storage.jobs": ("slimsearch.jobs.query",),
+    "slimsearch.search._front": ("slimsearch.search.samplers.auto", "slimsearch.search.pareto"),
     "slimsearch.hardware_profiles._calibrate": ("slimsearch.hardware_profiles._fit",
                                                 "slimsearch.hardware_profiles._fit_report",
                                                 "slimsearch.hardware_profiles._measurements"),

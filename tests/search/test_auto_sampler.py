@@ -97,7 +97,7 @@ def test_a_slow_estimate_is_called_a_bounded_number_of_times_per_proposal():
 
     import optuna
 
-    from slimsearch.search._front import FrontSampler
+    from slimsearch.search.samplers.auto import FrontSampler
     from slimsearch.search.driver import suggest
 
     space = {f"layer{i}": [2, 4, 8, 16] for i in range(10)}  # a million plans: not enumerated
@@ -146,7 +146,7 @@ def evaluate_big(p: dict) -> dict:
 
 
 def test_auto_repeats_for_a_seed_and_proposes_anew_once_reseeded():
-    from slimsearch.search._front import FrontSampler
+    from slimsearch.search.samplers.auto import FrontSampler
 
     def sampler():  # with the space given, every proposal is its own (none from its random sampler)
         return FrontSampler(seed=4, space=BIG_SPACE)

@@ -127,6 +127,42 @@ def hypervolume_improvement_2d(candidates, front, reference) -> "np.ndarray":
     return (width * rise).sum(axis=1)
 
 
+def nondominated(points) -> "np.ndarray":
+    """Indices of the points no other point dominates (all minimised; equal points are all kept)."""
+    import numpy as np
+
+    p = np.asarray(points, dtype=float)
+    keep = [i for i in range(len(p)) if not np.any(np.all(p <= p[i], axis=1) & np.any(p < p[i], axis=1))]
+    return np.array(keep, dtype=int)
+
+
+def hypervolume_improvement(candidates, front, reference) -> "np.ndarray":
+    """Hypervolume each candidate would add (minimisation form); rows with inf or NaN add nothing."""
+    import numpy as np
+
+    bad = ~np.isfinite(candidates).all(axis=1)
+    safe = np.where(np.isfinite(candidates), candidates, np.inf)
+    if candidates.shape[1] == 2:
+        return np.where(bad, 0.0, hypervolume_improvement_2d(np.where(bad[:, None], reference, safe), front, reference))
+    if candidates.shape[1] == 1:
+        best = min(front[:, 0].min(), reference[0]) if len(front) else reference[0]
+        return np.where(bad, 0.0, np.clip(best - np.where(bad, best, safe[:, 0]), 0.0, None))
+    # three or more objectives: exact improvement for the candidates best on a plain sum
+    score = np.zeros(len(candidates))
+    order = [i for i in np.argsort(safe.sum(axis=1))[:64] if not bad[i]]
+    dirs = ["min"] * candidates.shape[1]
+    if candidates.shape[1] == 3:
+        base = hypervolume(front.tolist(), reference.tolist(), dirs)
+        for i in order:
+            score[i] = hypervolume(front.tolist() + [candidates[i].tolist()], reference.tolist(), dirs) - base
+    else:
+        for i in order:  # more than three: how far it gets below the reference, if no front member dominates it
+            c = candidates[i]
+            if not len(front) or not np.any(np.all(front <= c, axis=1)):
+                score[i] = float(np.prod(np.clip(reference - c, 0.0, None)))
+    return score
+
+
 # ---------------------------------------------------------------- a job's hypervolume
 
 COST_FACTOR = 4.0  # a minimised objective's reference is this many times the teacher's value

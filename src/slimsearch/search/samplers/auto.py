@@ -6,6 +6,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from optuna.samplers import BaseSampler
 
+from slimsearch.search.pareto import hypervolume_improvement, nondominated
 from slimsearch.search.samplers import _distributions
 
 
@@ -276,7 +277,7 @@ class FrontSampler(BaseSampler):
         done_codes = np.array([self._encode(t.params, names, dists) for t in done]).reshape(len(done), len(dists))
         y = np.array([t.values for t in done], dtype=float).reshape(len(done), len(directions)) * sign
         feasible = np.array([t.user_attrs.get(FEASIBLE_ATTR, True) for t in done], dtype=bool)
-        front_codes = done_codes[feasible][_nondominated(y[feasible])] if feasible.any() else done_codes[:0]
+        front_codes = done_codes[feasible][nondominated(y[feasible])] if feasible.any() else done_codes[:0]
 
         # the candidates: a random sample of the space and the front's neighbours; none asked
         # before, none estimated infeasible
@@ -340,7 +341,7 @@ class FrontSampler(BaseSampler):
         hopeless = self._hopeless(np.column_stack([np.exp(optimistic[:, i]) if logs[i] else optimistic[:, i]
                                                    for i in range(len(logs))]) * sign, metric_names)
         optimistic[hopeless] = np.inf
-        score = _improvement(optimistic, front, reference)
+        score = hypervolume_improvement(optimistic, front, reference)
         # no cost level of the corner is written off on the surrogate's word alone
         short = self._short_stratum(est, est_done, est_run, estimated, metric_names, mu, reference, in_sample,
                                     score > 0, rng)
@@ -349,7 +350,7 @@ class FrontSampler(BaseSampler):
         if not np.nanmax(score) > 0:  # nothing adds to the corner: fill in the rest of the front
             wide = np.maximum(np.vstack([yt, mu]).max(axis=0), reference)
             wide = wide + 0.1 * np.maximum(wide - np.vstack([yt, mu]).min(axis=0), 1e-12)
-            score = _improvement(optimistic, front, wide)
+            score = hypervolume_improvement(optimistic, front, wide)
         if not np.nanmax(score) > 0:
             return pool[int(rng.integers(len(pool)))]
         return pool[int(np.nanargmax(score))]
@@ -486,40 +487,3 @@ def _within(codes, centres, distance: int):
     for centre in centres:
         near |= (codes != centre[None, :]).sum(axis=1) <= distance
     return near
-
-
-def _nondominated(points):
-    import numpy as np
-
-    p = np.asarray(points, dtype=float)
-    keep = [i for i in range(len(p)) if not np.any(np.all(p <= p[i], axis=1) & np.any(p < p[i], axis=1))]
-    return np.array(keep, dtype=int)
-
-
-def _improvement(candidates, front, reference):
-    """Hypervolume each candidate would add (minimisation form); rows with inf or NaN add nothing."""
-    import numpy as np
-
-    from slimsearch.search.pareto import hypervolume, hypervolume_improvement_2d
-
-    bad = ~np.isfinite(candidates).all(axis=1)
-    safe = np.where(np.isfinite(candidates), candidates, np.inf)
-    if candidates.shape[1] == 2:
-        return np.where(bad, 0.0, hypervolume_improvement_2d(np.where(bad[:, None], reference, safe), front, reference))
-    if candidates.shape[1] == 1:
-        best = min(front[:, 0].min(), reference[0]) if len(front) else reference[0]
-        return np.where(bad, 0.0, np.clip(best - np.where(bad, best, safe[:, 0]), 0.0, None))
-    # three or more objectives: exact improvement for the candidates best on a plain sum
-    score = np.zeros(len(candidates))
-    order = [i for i in np.argsort(safe.sum(axis=1))[:64] if not bad[i]]
-    dirs = ["min"] * candidates.shape[1]
-    if candidates.shape[1] == 3:
-        base = hypervolume(front.tolist(), reference.tolist(), dirs)
-        for i in order:
-            score[i] = hypervolume(front.tolist() + [candidates[i].tolist()], reference.tolist(), dirs) - base
-    else:
-        for i in order:  # more than three: how far it gets below the reference, if no front member dominates it
-            c = candidates[i]
-            if not len(front) or not np.any(np.all(front <= c, axis=1)):
-                score[i] = float(np.prod(np.clip(reference - c, 0.0, None)))
-    return score

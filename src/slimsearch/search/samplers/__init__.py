@@ -44,7 +44,7 @@ def make_sampler(name: str, *, seed: int, budget: int, estimate: Optional[Callab
     if kind is Sampler.GP:
         return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
     if kind is Sampler.AUTO:
-        from slimsearch.search._front import FrontSampler
+        from slimsearch.search.samplers.auto import FrontSampler
 
         # a fifth of the budget (5 to 20 trials) samples the space before the surrogates steer
         return FrontSampler(seed=seed, estimate=estimate, constraints=constraints, space=space,
