@@ -111,7 +111,7 @@ def check_stops(out: Path) -> dict:
 
     from slimsearch.job import JobSpec
     from slimsearch.search.driver import EVALUATE_ATTR, Constraint
-    from slimsearch.search.early_stop import STEPS_METRIC, STOPPED_METRIC
+    from slimsearch.jobs.early_stop import STEPS_METRIC, STOPPED_METRIC
     from slimsearch.search.job_runner import _cached_task, build_space, evaluate_params
     from slimsearch.search.pareto import dominates
 

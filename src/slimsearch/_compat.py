@@ -17,16 +17,21 @@ import warnings
 # old module -> the modules its names live in now (looked up in this order)
 MOVED: dict[str, tuple[str, ...]] = {
     "slimsearch.evaluators.quantize": ("slimsearch.compress.quant.grid", "slimsearch.compress.quant.sparsity",
-                                       "slimsearch.compress.quant.layers"),
+                                       "slimsearch.compress.quant.layers", "slimsearch.compress.quantize"),
     "slimsearch.evaluators.deploy": ("slimsearch.deploy.packed_file", "slimsearch.deploy.onnx_int8"),
     "slimsearch.evaluators.pack": ("slimsearch.deploy.pack",),
     "slimsearch.evaluators.onnx_graph": ("slimsearch.deploy.onnx_graph",),
     "slimsearch.evaluators.distill": ("slimsearch.compress.distill",),
     "slimsearch.storage.jobs": ("slimsearch.jobs.query",),
+    "slimsearch.search.early_stop": ("slimsearch.jobs.early_stop",),
     "slimsearch.search._front": ("slimsearch.search.samplers.auto", "slimsearch.search.pareto"),
     "slimsearch.hardware_profiles._calibrate": ("slimsearch.hardware_profiles._fit",
                                                 "slimsearch.hardware_profiles._fit_report",
                                                 "slimsearch.hardware_profiles._measurements"),
+}
+# (old module, old name) -> the name it has now
+RENAMED: dict[tuple[str, str], str] = {
+    ("slimsearch.evaluators.quantize", "calibrate"): "calibrate_activations",
 }
 
 
@@ -45,6 +50,7 @@ class _Moved(importlib.abc.MetaPathFinder, importlib.abc.Loader):
                       "the old path will be removed in the next release", DeprecationWarning, stacklevel=2)
 
         def __getattr__(name: str):
+            name = RENAMED.get((module.__name__, name), name)
             for target in targets:
                 if hasattr(target, name):
                     return getattr(target, name)

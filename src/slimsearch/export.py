@@ -17,7 +17,7 @@ from typing import Mapping, Optional, Sequence
 
 from slimsearch._io import atomic_write
 from slimsearch.exceptions import ConfigError, JobStateError
-from slimsearch.search.early_stop import STEPS_METRIC, STOPPED_METRIC
+from slimsearch.jobs.early_stop import STEPS_METRIC, STOPPED_METRIC
 
 ACCURACY_WINDOW = 0.01  # default choice: within 1 point of the teacher
 REBUILD_TOLERANCE = 0.005  # the exported file may differ from the recorded test score by at most 0.5 points

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from slimsearch.search.early_stop import (CURVES_DIR, SNAPSHOT_FILE, STEPS_METRIC, STOPPED_METRIC, EarlyStop, gains,
+from slimsearch.jobs.early_stop import (CURVES_DIR, SNAPSHOT_FILE, STEPS_METRIC, STOPPED_METRIC, EarlyStop, gains,
                                           plausible_share, write_snapshot)
 from tests._cli import cli as _cli
 from tests._cli import local_job
@@ -32,7 +32,7 @@ def job(tmp_path_factory, teacher_cache):
 
 
 def _curve(out: Path, candidate: dict) -> dict:
-    from slimsearch.search.early_stop import curve_file
+    from slimsearch.jobs.early_stop import curve_file
     from slimsearch.spaces import CompressionPlan
 
     return json.loads(curve_file(out, CompressionPlan.from_dict(candidate["plan"])).read_text())

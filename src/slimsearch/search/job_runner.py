@@ -19,8 +19,8 @@ from typing import Any, Optional
 from slimsearch.exceptions import ConfigError, JobStateError
 from slimsearch.job import BASE_METRICS, LOCAL_ENERGY_METRIC, PROFILE_METRICS, JobSpec, local_latency_metrics
 from slimsearch.search._limits import memory_limit
-from slimsearch.search.early_stop import CONSTRAINT as STOP_CONSTRAINT
-from slimsearch.search.early_stop import STOPPED_METRIC
+from slimsearch.jobs.early_stop import CONSTRAINT as STOP_CONSTRAINT
+from slimsearch.jobs.early_stop import STOPPED_METRIC
 
 STATE_FILE = "job.json"
 FRONT_FILE = "front.json"
@@ -97,7 +97,7 @@ def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
         onnx_out = str(model_file(Path(out), plan))
     stopper = None
     if spec.search.early_stopping and out is not None:
-        from slimsearch.search.early_stop import EarlyStop
+        from slimsearch.jobs.early_stop import EarlyStop
 
         stopper = EarlyStop(Path(out), task, plan, spec.profile_refs)
     with memory_limit(spec.search.memory_limit_mb):  # after the task loads: its data and teacher are not counted
@@ -302,7 +302,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     candidate_log = _CandidateLog(tracker, space, default_modes, log)
     stops = None
     if spec.search.early_stopping:
-        from slimsearch.search.early_stop import FrontSnapshot
+        from slimsearch.jobs.early_stop import FrontSnapshot
 
         stops = FrontSnapshot(out, space.plan_from_params, metric=task.metric_name, teacher=teacher_score,
                               objectives=objectives, constraints=spec.constraints,
