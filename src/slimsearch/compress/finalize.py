@@ -29,7 +29,7 @@ class FreezeConfig:
 def fold(model, config: FoldBatchNormConfig, context: Context):
     from torch import nn
 
-    from slimsearch.evaluators.prune import fold_batchnorm
+    from slimsearch.structures.channels import fold_batchnorm
 
     if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         model = fold_batchnorm(model, context.task.example_input)

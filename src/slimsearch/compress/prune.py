@@ -41,7 +41,7 @@ def _from_plan(plan: CompressionPlan) -> PruneConfig | None:
 @register("prune", PruneConfig, order=10, from_plan=_from_plan)
 def prune(model, config: PruneConfig, context: Context):
     """The model with the groups' channels physically removed and the blocks dropped."""
-    from slimsearch.evaluators.prune import ChannelStructure
+    from slimsearch.structures.channels import ChannelStructure
 
     task = context.task
     kwargs = {"drop": config.drop, "importance": config.importance}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from slimsearch.evaluators.evaluate import apply_plan, evaluate, model_metrics, score
 from slimsearch.evaluators.metrics import Metrics, Provenance
-from slimsearch.evaluators.prune import fold_batchnorm, prunable_layers, prune_channels
+from slimsearch.structures.channels import fold_batchnorm, prunable_layers, prune_channels
 
 __all__ = [
     "Metrics", "Provenance", "apply_plan", "evaluate", "fold_batchnorm", "model_metrics",

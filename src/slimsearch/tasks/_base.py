@@ -53,7 +53,7 @@ class Structure(Protocol):
     """How a family of models is pruned structurally (channels, heads, neurons, layers).
 
     The default, for traceable CNN-like models, is the channel dependency graph of
-    :mod:`slimsearch.evaluators.prune`; transformer tasks bring their own.
+    :mod:`slimsearch.structures.channels`; transformer tasks bring their own.
     """
 
     def groups(self, model: "torch.nn.Module", example_input: "torch.Tensor") -> list[str]:

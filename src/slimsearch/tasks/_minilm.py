@@ -151,12 +151,12 @@ def distill_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, labels: t
 
     ``labels`` are the teacher's embeddings too (this task has no other labels) and are
     not used. ``hidden`` is ``(student_states, teacher_states, input_ids)``: the states
-    from :func:`slimsearch.evaluators.transformer.capture_hidden` and the batch they
+    from :func:`slimsearch.structures.bert.capture_hidden` and the batch they
     were computed on; it is used when ``plan.hidden_weight > 0``.
     """
     loss = (1.0 - F.cosine_similarity(student_out, teacher_out, dim=1)).mean()
     if hidden is not None and plan.hidden_weight > 0:
-        from slimsearch.evaluators.transformer import hidden_state_loss
+        from slimsearch.structures.bert import hidden_state_loss
 
         student_states, teacher_states, input_ids = hidden
         loss = loss + plan.hidden_weight * hidden_state_loss(student_states, teacher_states, input_ids != PAD_ID)
@@ -261,7 +261,7 @@ def minilm(seed: int = 0, *, n_val: int = N_VAL, n_test: int = N_TEST, n_train: 
         raise ConfigError(f"minilm: n_val, n_test (and n_train if given) must be >= 1, and n_val + n_test must "
                           f"leave training paragraphs (there are {len(paras)}); "
                           f"got n_val={n_val}, n_test={n_test}, n_train={n_train}")
-    from slimsearch.evaluators.transformer import BertStructure, capture_hidden
+    from slimsearch.structures.bert import BertStructure, capture_hidden
 
     st_model = load_sentence_transformer()
     teacher = teacher_from(st_model)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimsearch.evaluators import prunable_layers, prune_channels
-from slimsearch.evaluators._channel_graph import analyse
+from slimsearch.structures.channels import prunable_layers, prune_channels
+from slimsearch.structures._channel_graph import analyse
 
 
 class Block(nn.Module):
@@ -130,7 +130,7 @@ def test_unknown_operations_freeze_their_channels_instead_of_guessing(ratio):
 
 
 def test_residual_blocks_with_an_identity_path_can_be_dropped_whole():
-    from slimsearch.evaluators.prune import drop_blocks, droppable_blocks
+    from slimsearch.structures.channels import drop_blocks, droppable_blocks
 
     net = _net()
     assert droppable_blocks(net) == ["r1", "r2"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimsearch.evaluators.transformer import BertStructure, capture_hidden, hidden_state_loss
+from slimsearch.structures.bert import BertStructure, capture_hidden, hidden_state_loss
 from slimsearch.exceptions import ConfigError, SlimSearchError
 
 LAYERS, HEADS, HEAD_SIZE, FFN = 4, 4, 8, 64
@@ -184,7 +184,7 @@ def test_a_group_whose_layers_pruning_cannot_slice_is_not_offered(encoder, ids):
 
 
 def test_a_pruned_encoder_that_would_not_run_is_refused(encoder, ids, monkeypatch):
-    from slimsearch.evaluators import transformer
+    from slimsearch.structures import bert as transformer
 
     monkeypatch.setattr(transformer, "_keep_columns", lambda lin, idx: None)  # output layers keep every input
     with pytest.raises(SlimSearchError, match=(

@@ -25,8 +25,8 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from slimsearch.evaluators._channel_graph import can_slice, slice_channels
-from slimsearch.evaluators.prune import check_pruned
+from slimsearch.structures._channel_graph import can_slice, slice_channels
+from slimsearch.structures.channels import check_pruned
 from slimsearch.exceptions import ConfigError
 
 IMPORTANCE = ("l1", "l2")
@@ -53,7 +53,7 @@ class BertStructure:
         """Names of the prunable groups, two per layer (heads, then FFN neurons).
 
         A group is left out when one of its Linear layers holds tensors pruning cannot
-        slice (see :func:`~slimsearch.evaluators._channel_graph.can_slice`).
+        slice (see :func:`~slimsearch.structures._channel_graph.can_slice`).
         """
         layer_list = self._layer_list(model)
         return [f"{block}.{kind}" for block in self.droppable(model) for kind in (HEADS, FFN)
@@ -97,7 +97,7 @@ class BertStructure:
             ConfigError: an unknown group or layer, a ratio outside [0, 1), an
                 importance other than ``"l1"``/``"l2"``.
             SlimSearchError: the pruned model fails on ``example_input`` or its output
-                shape differs from ``model``'s (see :func:`~slimsearch.evaluators.prune.check_pruned`).
+                shape differs from ``model``'s (see :func:`~slimsearch.structures.channels.check_pruned`).
         """
         if importance not in IMPORTANCE:
             raise ConfigError(

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from slimsearch.evaluators import fold_batchnorm, prunable_layers, prune_channels
-from slimsearch.evaluators.prune import ChannelStructure
+from slimsearch.structures.channels import fold_batchnorm, prunable_layers, prune_channels
+from slimsearch.structures.channels import ChannelStructure
 from slimsearch.exceptions import ConfigError, SlimSearchError
 
 DENSE_TYPES = (nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Linear,
@@ -334,7 +334,7 @@ def _drop_own_forward(real):
 ], ids=["prune_channels", "ChannelStructure"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 def test_a_pruned_model_whose_layer_changed_its_spatial_size_is_refused(monkeypatch, residual, prune):
-    from slimsearch.evaluators import _channel_graph
+    from slimsearch.structures import _channel_graph
 
     monkeypatch.setattr(_channel_graph, "slice_channels", _drop_own_forward(_channel_graph.slice_channels))
     x = torch.randn(1, 3, 10, 10)

@@ -26,7 +26,7 @@ from slimsearch.spaces.plan import IMPORTANCES as IMPORTANCE
 
 
 def _trace(model: "nn.Module", example_input: "torch.Tensor"):
-    from slimsearch.evaluators._channel_graph import trace
+    from slimsearch.structures._channel_graph import trace
 
     return trace(model, example_input)
 
@@ -36,7 +36,7 @@ def prunable_layers(model: "nn.Module", example_input: "torch.Tensor") -> list[s
 
     Layers whose outputs are added together (a residual connection) form one group.
     """
-    from slimsearch.evaluators._channel_graph import analyse
+    from slimsearch.structures._channel_graph import analyse
 
     return list(analyse(model, example_input).groups())
 
@@ -80,7 +80,7 @@ def _prune_channels(model, example_input, ratio, *, importance, batch):
     """:func:`prune_channels` without the final check."""
     import torch
 
-    from slimsearch.evaluators._channel_graph import analyse, slice_channels
+    from slimsearch.structures._channel_graph import analyse, slice_channels
 
     if importance not in IMPORTANCE:
         raise ConfigError(f"importance must be one of {list(IMPORTANCE)}, got {importance!r}")
@@ -306,7 +306,7 @@ def _residual_blocks(model: "nn.Module") -> dict[str, "nn.Module"]:
     import torch.fx
     from torch import nn
 
-    from slimsearch.evaluators._channel_graph import PASSTHROUGH_MODULES
+    from slimsearch.structures._channel_graph import PASSTHROUGH_MODULES
 
     found: dict[str, nn.Module] = {}
     for name, block in model.named_modules():

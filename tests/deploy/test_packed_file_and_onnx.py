@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimsearch.evaluators.prune import fold_batchnorm, prune_channels
+from slimsearch.structures.channels import fold_batchnorm, prune_channels
 from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes, onnx_qdq_bytes, qdq_blockers
 from slimsearch.deploy.packed_file import MAGIC, load_packed, read_packed, save_packed
 from slimsearch.deploy.onnx_graph import onnx_bytes, ort_optimized_ops, ort_predict, ort_session
