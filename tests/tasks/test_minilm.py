@@ -141,7 +141,7 @@ def test_pruned_minilm_onnx_matches_torch(task, pruned):
 
 
 def test_distill_loss_matches_embeddings_and_hidden_states(task, pruned):
-    from slimsearch.evaluators.transformer import capture_hidden
+    from slimsearch.structures.bert import capture_hidden
 
     y = task.train.y[:8]
     assert float(distill_loss(y, y, y, DistillPlan())) == pytest.approx(0.0, abs=1e-6)
@@ -159,7 +159,7 @@ def test_distill_with_hidden_states_pulls_the_student_states_towards_the_teacher
     import copy
 
     from slimsearch.compress.distill import distill
-    from slimsearch.evaluators.transformer import hidden_state_loss
+    from slimsearch.structures.bert import hidden_state_loss
 
     x = task.val.x[:8]
     mask = x != 0

@@ -60,7 +60,7 @@ def layer_names(model) -> list[str]:
 
 
 def build_space(spec: JobSpec, task):
-    from slimsearch.evaluators.prune import ChannelStructure
+    from slimsearch.structures.channels import ChannelStructure
     from slimsearch.spaces import SearchSpace
 
     if task.hidden_states is None and any(w > 0 for w in spec.space.distill_hidden_weight):
