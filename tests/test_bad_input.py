@@ -240,6 +240,30 @@ JOB_FILE_ROWS: list[tuple[str, Any, list[str]]] = [
      ["space.distill_hidden_weight: task 'digits' exposes no hidden states to match", "allowed: [0]"]),
     ("unknown-layer-override", {"space.layers": {"conv9": {"weight_bits": [4]}}},
      ["space.layers: unknown layer 'conv9'", "allowed: ["]),
+    # Values a consumer refuses once the job runs (numpy, torch, Ray, SQLite, setrlimit, a timer, JSON).
+    ("seed-negative", {"search.seed": -1},
+     ["search.seed: Input should be greater than or equal to 0", "(got -1)"]),
+    ("seed-too-large", {"search.seed": 2**32},
+     ["search.seed: Input should be less than or equal to 2147483647", "(got 4294967296)"]),
+    ("budget-too-large", {"search.budget": 2**63},
+     ["search.budget: Input should be less than or equal to 2147483647", "(got 9223372036854775808)"]),
+    ("workers-too-many", {"search.workers": 2**63},
+     ["search.workers: Input should be less than or equal to 100000000000000", "(got 9223372036854775808)"]),
+    ("threads-too-many", {"search.threads_per_worker": 100000},
+     ["search.threads_per_worker: Input should be less than or equal to 8192", "(got 100000)"]),
+    ("workers-times-threads-too-many", {"search.workers": 10**12, "search.threads_per_worker": 1000},
+     ["search.threads_per_worker: workers x threads_per_worker = 1000000000000 x 1000 CPUs",
+      "allowed: at most 10**14 CPUs in all"]),
+    ("memory-limit-too-large", {"search.memory_limit_mb": 2**44},
+     ["search.memory_limit_mb: Input should be less than or equal to 4398046511104", "(got 17592186044416)"]),
+    ("time-limit-too-long", {"search.time_limit_s": 1e10},
+     ["search.time_limit_s: Input should be less than or equal to 9223372036", "(got 10000000000.0)"]),
+    ("early-stopping-margin-infinite", {"search.early_stopping_margin": float("inf")},
+     ["search.early_stopping_margin: Input should be a finite number", "(got inf)"]),
+    ("distill-lr-infinite", {"space.distill_lr": [float("inf")]},
+     ["space.distill_lr: distill_lr choice inf is not allowed", "allowed: numbers > 0"]),
+    ("distill-temperature-infinite", {"space.distill_temperature": [4.0, float("inf")]},
+     ["space.distill_temperature: distill_temperature choice inf is not allowed", "allowed: numbers > 0"]),
 ]
 
 
@@ -309,6 +333,19 @@ def _workers_flag_negative(ctx):
 def _time_limit_flag_zero(ctx):
     _ok_job(ctx)
     return Row(ctx.run("--time-limit", "0"), ["--time-limit: Input should be greater than 0 (got 0.0)"],
+               forbid=("search.time_limit_s",))
+
+
+def _threads_flag_too_many(ctx):
+    _ok_job(ctx)
+    return Row(ctx.run("--threads", "100000"), ["--threads: Input should be less than or equal to 8192 (got 100000)"],
+               forbid=("search.threads_per_worker", str(ctx.job)))
+
+
+def _time_limit_flag_too_long(ctx):
+    _ok_job(ctx)
+    return Row(ctx.run("--time-limit", "1e10"),
+               ["--time-limit: Input should be less than or equal to 9223372036 (got 10000000000.0)"],
                forbid=("search.time_limit_s",))
 
 
@@ -444,6 +481,8 @@ CLI_ROWS: list[tuple[str, Callable[[Ctx], Row]]] = [
     ("budget-flag-zero", _budget_flag_zero),
     ("workers-flag-negative", _workers_flag_negative),
     ("time-limit-flag-zero", _time_limit_flag_zero),
+    ("threads-flag-too-many", _threads_flag_too_many),
+    ("time-limit-flag-too-long", _time_limit_flag_too_long),
     ("budget-flag-not-a-number", _budget_flag_not_a_number),
     ("executor-flag-unknown", _executor_flag_unknown),
     ("budget-flag-over-a-wrong-section", _budget_flag_over_wrong_section),

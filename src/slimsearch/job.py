@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, get_args, get_origin
@@ -129,24 +130,47 @@ class ProfileTarget(_Frozen):
         return list(dict.fromkeys(modes))
 
 
+# Bounds of the search settings, set by what consumes them (the value beyond each fails only once the job runs).
+MAX_INT32 = 2**31 - 1  # budget: an INTEGER column on PostgreSQL (the job registry's budget, Optuna's trial
+# numbers); seed: numpy takes [0, 2**32 - 1], and a resumed or shared study's sampler is seeded with
+# seed + the number of its first trial
+MAX_THREADS = 8192  # torch threads: the most CPUs one Linux machine can have (NR_CPUS); far beyond a
+# machine's cores, starting the threads fails or crashes the worker
+MAX_RAY_CPUS = 10**14  # workers x threads_per_worker CPUs are asked of Ray, whose largest resource quantity is this
+MAX_MEMORY_MB = 2**42  # RLIMIT_AS is set to the worker's size plus this, which must fit in a C long
+MAX_TIME_LIMIT_S = threading.TIMEOUT_MAX  # the longest wait a timer thread takes
+
+
 class SearchSpec(_Frozen):
-    budget: int = Field(24, ge=1, description="trained candidates")
-    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
-    threads_per_worker: Optional[int] = Field(None, ge=1, description="torch threads of each worker (default: the "
-                                              "machine's cores shared out among the workers, at least 1)")
+    budget: int = Field(24, ge=1, le=MAX_INT32, description="trained candidates")
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=MAX_RAY_CPUS)
+    threads_per_worker: Optional[int] = Field(None, ge=1, le=MAX_THREADS, description="torch threads of each worker "
+                                              "(default: the machine's cores shared out among the workers, at least 1)")
     sampler: Sampler = Sampler.NSGA2
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_INT32)
     max_retries: int = Field(1, ge=0, le=10, description="times a candidate whose Ray worker died is run "
                              "again before it is recorded as failed (a candidate that raises is not retried)")
-    memory_limit_mb: Optional[int] = Field(None, ge=64, description="address space one candidate's evaluation "
-                                           "may add to its worker, in MiB; above it the candidate fails")
-    time_limit_s: Optional[float] = Field(None, gt=0, allow_inf_nan=False,
+    memory_limit_mb: Optional[int] = Field(None, ge=64, le=MAX_MEMORY_MB, description="address space one "
+                                           "candidate's evaluation may add to its worker, in MiB; above it the "
+                                           "candidate fails")
+    time_limit_s: Optional[float] = Field(None, gt=0, le=MAX_TIME_LIMIT_S, allow_inf_nan=False,
                                           description="wall-clock seconds one candidate's evaluation may take; "
                                           "beyond it the candidate fails and its worker goes on")
     early_stopping: bool = Field(True, description="stop fine-tuning a candidate that cannot plausibly reach the "
                                  "front or meet the constraints (checked at 1/4, 1/2 and 3/4 of its steps)")
-    early_stopping_margin: float = Field(0.01, ge=0, description="added to the best metric a candidate could "
-                                         "plausibly still reach before it is judged hopeless (metric units)")
+    # finite: the job reaches its workers as JSON, where inf and nan become null
+    early_stopping_margin: float = Field(0.01, ge=0, allow_inf_nan=False, description="added to the best metric "
+                                         "a candidate could plausibly still reach before it is judged hopeless "
+                                         "(metric units)")
+
+    @field_validator("threads_per_worker")
+    @classmethod
+    def _ray_cpus(cls, v: Optional[int], info) -> Optional[int]:
+        workers = info.data.get("workers")
+        if v is not None and workers is not None and workers * v > MAX_RAY_CPUS:
+            raise ValueError(f"workers x threads_per_worker = {workers} x {v} CPUs; allowed: at most 10**14 "
+                             "CPUs in all (Ray's largest resource quantity)")
+        return v
 
 
 class JobSpec(_Frozen):
