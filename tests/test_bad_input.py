@@ -264,6 +264,23 @@ JOB_FILE_ROWS: list[tuple[str, Any, list[str]]] = [
      ["space.distill_lr: distill_lr choice inf is not allowed", "allowed: numbers > 0"]),
     ("distill-temperature-infinite", {"space.distill_temperature": [4.0, float("inf")]},
      ["space.distill_temperature: distill_temperature choice inf is not allowed", "allowed: numbers > 0"]),
+    ("storage-not-an-sqlite-file", {"storage": "sqlite:///{tmp}/notes.txt"},
+     ["storage: sqlite:///{tmp}/notes.txt: {tmp}/notes.txt is not an SQLite database",
+      "allowed: a reachable database URL"]),
+    ("storage-sqlite-path-is-a-folder", {"storage": "sqlite:///{tmp}"},
+     ["storage: sqlite:///{tmp}: {tmp} is a folder, not a database file", "allowed: a reachable database URL"]),
+    ("storage-in-memory", {"storage": "sqlite://"},
+     ["storage: sqlite://: an in-memory database ends with this process", "allowed: a reachable database URL"]),
+    ("tracking-not-an-sqlite-file", {"tracking_uri": "sqlite:///{tmp}/notes.txt"},
+     ["tracking_uri: sqlite:///{tmp}/notes.txt: {tmp}/notes.txt is not an SQLite database"]),
+    ("tracking-sqlite-path-is-a-folder", {"tracking_uri": "sqlite:///{tmp}"},
+     ["tracking_uri: sqlite:///{tmp}: {tmp} is a folder, not a database file"]),
+    ("tracking-file-store", {"tracking_uri": "{tmp}/mlruns"},
+     ["tracking_uri: '{tmp}/mlruns' names an MLflow file store", "MLFLOW_ALLOW_FILE_STORE=true",
+      "allowed: a running MLflow tracking server, a database URL"]),
+    ("tracking-unknown-kind", {"tracking_uri": "postgres://u:secret@127.0.0.1:1/db"},
+     ["tracking_uri: 'postgres://u:***@127.0.0.1:1/db': MLflow has no tracking store of kind 'postgres'",
+      "allowed: a tracking URI of kind ['http', 'https', 'sqlite', 'postgresql'"]),
 ]
 
 
@@ -282,6 +299,7 @@ def _job_file_row(content) -> Callable[[Ctx], Row]:
     def build(ctx: Ctx) -> Row:
         for name, text in USER_MODULES.items():
             ctx.write(text, name)
+        ctx.write("not a database\n", "notes.txt")
         _profile_files(ctx.tmp)
         if isinstance(content, dict):
             text = json.loads(json.dumps({k: v for k, v in content.items() if v is not DELETE}).replace(
@@ -347,6 +365,44 @@ def _time_limit_flag_too_long(ctx):
     return Row(ctx.run("--time-limit", "1e10"),
                ["--time-limit: Input should be less than or equal to 9223372036 (got 10000000000.0)"],
                forbid=("search.time_limit_s",))
+
+
+def _storage_flag_not_a_database(ctx):
+    _ok_job(ctx)
+    notes = ctx.write("not a database\n", "notes.txt")
+    return Row(ctx.run("--storage", f"sqlite:///{notes}"),
+               [f"--storage: sqlite:///{notes}: {notes} is not an SQLite database"], forbid=(str(ctx.job),))
+
+
+def _tracking_uri_flag_file_store(ctx):
+    _ok_job(ctx)
+    return Row(ctx.run("--tracking-uri", str(ctx.tmp / "mlruns")),
+               [f"--tracking-uri: '{ctx.tmp / 'mlruns'}' names an MLflow file store"],
+               after=lambda: _assert_absent(ctx.tmp / "mlruns"))
+
+
+def _read_only_sqlite(ctx, folder: bool) -> Row:
+    """A valid SQLite file that this user may not write, or whose folder it may not write (subprocess)."""
+    import sqlite3
+
+    _ok_job(ctx)
+    parent = ctx.tmp / "readonly"
+    parent.mkdir()
+    db = parent / "study.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    (parent if folder else db).chmod(0o555 if folder else 0o444)
+    before = db.read_bytes()
+
+    def after():
+        parent.chmod(0o755)
+        db.chmod(0o644)
+        assert db.read_bytes() == before and sorted(p.name for p in parent.iterdir()) == ["study.db"]
+
+    what = f"folder {parent} is read-only to this user" if folder else f"{db} is read-only to this user"
+    return Row(ctx.run("--storage", f"sqlite:///{db}"), [f"--storage: sqlite:///{db}: {what}"], env={},
+               drop_root=True, after=after)
 
 
 def _budget_flag_not_a_number(ctx):
@@ -483,6 +539,10 @@ CLI_ROWS: list[tuple[str, Callable[[Ctx], Row]]] = [
     ("time-limit-flag-zero", _time_limit_flag_zero),
     ("threads-flag-too-many", _threads_flag_too_many),
     ("time-limit-flag-too-long", _time_limit_flag_too_long),
+    ("storage-flag-not-a-database", _storage_flag_not_a_database),
+    ("tracking-uri-flag-file-store", _tracking_uri_flag_file_store),
+    ("storage-read-only", lambda ctx: _read_only_sqlite(ctx, folder=False)),
+    ("storage-folder-read-only", lambda ctx: _read_only_sqlite(ctx, folder=True)),
     ("budget-flag-not-a-number", _budget_flag_not_a_number),
     ("executor-flag-unknown", _executor_flag_unknown),
     ("budget-flag-over-a-wrong-section", _budget_flag_over_wrong_section),

@@ -422,25 +422,60 @@ def dump_job(spec: JobSpec) -> dict:
 
 # URL schemes that name a database SQLAlchemy opens (Optuna storage, MLflow backend store).
 _DB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "mssql", "oracle")
+# The databases MLflow keeps runs in, and its other tracking stores (mlflow.tracking's store registry).
+_MLFLOW_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+_MLFLOW_SERVER_SCHEMES = ("http", "https")
+_MLFLOW_NAMED_STORES = ("databricks", "databricks-uc", "uc")
+_TRACKING_ALLOWED = ("allowed: a running MLflow tracking server, a database URL, or leave it out for SQLite in the "
+                     "job folder")
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 
 
 def check_reachable(spec: JobSpec, *, source: str = "<job>", flags: dict[str, str] | None = None) -> None:
     """Refuse, before anything is written, a ``storage`` or ``tracking_uri`` that cannot be opened.
 
-    Database URLs are opened once through SQLAlchemy (a connection, no table created; for
-    SQLite only the folder is checked, since opening would create the file); an HTTP
-    tracking server must accept a TCP connection. Passwords never appear in the message.
-    ``flags`` names the command-line flag a field's value came from (``{"storage": "--storage"}``).
+    Database URLs are opened once through SQLAlchemy (a connection, no table created); an
+    SQLite file is checked without opening it (that would create it): an existing one must
+    be an SQLite database, and the file and its folder writable. An HTTP tracking server
+    must accept a TCP connection; a tracking URI must name a store MLflow has. Passwords
+    never appear in the message. ``flags`` names the command-line flag a field's value came
+    from (``{"storage": "--storage"}``).
     """
+    from urllib.parse import urlsplit
+
     for field, url in (("storage", spec.storage), ("tracking_uri", spec.tracking_uri)):
         if not url:
             continue
         where = (flags or {}).get(field) or f"{source}: {field}"
-        scheme = url.split(":", 1)[0].split("+", 1)[0].lower()
-        if field == "storage" or scheme in _DB_SCHEMES:
+        if field == "storage":
             _check_database(url, where)
-        elif scheme in ("http", "https"):
+            continue
+        scheme = urlsplit(url).scheme.split("+", 1)[0].lower()
+        if scheme in _MLFLOW_DB_SCHEMES:
+            _check_database(url, where)
+        elif scheme in _MLFLOW_SERVER_SCHEMES:
             _check_server(url, where)
+        elif scheme in ("", "file") and url not in _MLFLOW_NAMED_STORES:
+            _check_file_store(url, where)
+        elif url not in _MLFLOW_NAMED_STORES:
+            from slimsearch.storage import redact
+
+            kinds = [*_MLFLOW_SERVER_SCHEMES, *_MLFLOW_DB_SCHEMES, *_MLFLOW_NAMED_STORES]
+            raise ConfigError(f"{where}: {redact(url)!r}: MLflow has no tracking store of kind {scheme!r}; "
+                              f"allowed: a tracking URI of kind {kinds}, or leave it out for SQLite in the job folder")
+
+
+def _check_file_store(url: str, where: str) -> None:
+    """A folder of MLflow runs (``file:`` URI or a path), which MLflow opens only when
+    ``MLFLOW_ALLOW_FILE_STORE`` is true (its file store is in maintenance mode)."""
+    from urllib.parse import unquote, urlsplit
+
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() not in ("true", "1"):
+        raise ConfigError(f"{where}: {url!r} names an MLflow file store (a folder of runs), which MLflow opens "
+                          f"only with MLFLOW_ALLOW_FILE_STORE=true; {_TRACKING_ALLOWED}")
+    path = Path(unquote(urlsplit(url).path) if url.lower().startswith("file:") else url).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{where}: {url!r}: {path} is a file, not a folder of MLflow runs; {_TRACKING_ALLOWED}")
 
 
 def _check_database(url: str, where: str) -> None:
@@ -465,9 +500,7 @@ def _check_database(url: str, where: str) -> None:
         return text.replace(str(secret), "***") if secret else text
 
     if parsed.get_backend_name() == "sqlite":
-        folder = Path(parsed.database or ".").expanduser().resolve().parent
-        if parsed.database not in (None, "", ":memory:") and not folder.is_dir():
-            raise ConfigError(f"{where}: {shown}: folder {folder} does not exist; {allowed}")
+        _check_sqlite_file(parsed.database, f"{where}: {shown}", allowed)
         return
     connect_args = {"connect_timeout": 10} if parsed.get_backend_name() in ("postgresql", "mysql", "mariadb") else {}
     try:
@@ -487,6 +520,30 @@ def _check_database(url: str, where: str) -> None:
         engine.dispose()
 
 
+def _check_sqlite_file(database: Optional[str], where: str, allowed: str) -> None:
+    """An SQLite database file a job can keep: on disk, an SQLite database (or new, or empty), writable."""
+    if database in (None, "", ":memory:"):
+        raise ConfigError(f"{where}: an in-memory database ends with this process, and --resume, status and "
+                          f"export reopen it; {allowed}")
+    path = Path(database).expanduser().resolve()
+    if not path.parent.is_dir():
+        raise ConfigError(f"{where}: folder {path.parent} does not exist; {allowed}")
+    if path.is_dir():
+        raise ConfigError(f"{where}: {path} is a folder, not a database file; {allowed}")
+    if path.exists():
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(SQLITE_HEADER))
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read {path} ({exc.strerror}); {allowed}") from None
+        if head and head != SQLITE_HEADER:  # SQLite takes an empty file as a new database
+            raise ConfigError(f"{where}: {path} is not an SQLite database (it lacks SQLite's file header); {allowed}")
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"{where}: {path} is read-only to this user; {allowed}")
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # a new file, its journal and the job's lock go there
+        raise ConfigError(f"{where}: folder {path.parent} is read-only to this user; {allowed}")
+
+
 def _check_server(url: str, where: str) -> None:
     import socket
     from urllib.parse import urlsplit
@@ -499,5 +556,4 @@ def _check_server(url: str, where: str) -> None:
         socket.create_connection((parts.hostname or "", port), timeout=10).close()
     except OSError as exc:
         raise ConfigError(f"{where}: cannot reach the tracking server {redact(url)} ({exc.strerror or exc}); "
-                          "allowed: a running MLflow tracking server, a database URL, or leave it out for "
-                          "SQLite in the job folder") from None
+                          f"{_TRACKING_ALLOWED}") from None
