@@ -405,6 +405,13 @@ def _read_only_sqlite(ctx, folder: bool) -> Row:
                drop_root=True, after=after)
 
 
+def _hw_profile_threads_too_many(ctx):
+    out = ctx.tmp / "profile.yaml"
+    return Row(["hw", "profile", "--threads", "3000000000", "--quick", "--out", str(out)],
+               ["--threads: allowed: a whole number from 1 to 8192 (got 3000000000)"],
+               after=lambda: _assert_absent(out))
+
+
 def _budget_flag_not_a_number(ctx):
     _ok_job(ctx)
     return Row(ctx.run("--budget", "ten"), ["argument --budget: invalid int value: 'ten'",
@@ -543,6 +550,7 @@ CLI_ROWS: list[tuple[str, Callable[[Ctx], Row]]] = [
     ("tracking-uri-flag-file-store", _tracking_uri_flag_file_store),
     ("storage-read-only", lambda ctx: _read_only_sqlite(ctx, folder=False)),
     ("storage-folder-read-only", lambda ctx: _read_only_sqlite(ctx, folder=True)),
+    ("hw-profile-threads-flag-too-many", _hw_profile_threads_too_many),
     ("budget-flag-not-a-number", _budget_flag_not_a_number),
     ("executor-flag-unknown", _executor_flag_unknown),
     ("budget-flag-over-a-wrong-section", _budget_flag_over_wrong_section),

@@ -405,8 +405,12 @@ def _write_profile(profile, out: str) -> Path:
 
 
 def _hw_profile(args) -> int:
+    from slimsearch.exceptions import ConfigError
     from slimsearch.hardware_profiles import measure_host
+    from slimsearch.job import MAX_THREADS
 
+    if not 1 <= args.threads <= MAX_THREADS:
+        raise ConfigError(f"--threads: allowed: a whole number from 1 to {MAX_THREADS} (got {args.threads})")
     profile = measure_host(name=args.name, threads=args.threads, quick=args.quick)
     path = _write_profile(profile, args.out)
     print(f"Wrote profile {profile.name!r} to {path}")
