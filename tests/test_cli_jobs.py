@@ -322,3 +322,32 @@ def test_report_command_draws_a_given_random_search_baseline_and_takes_a_screens
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = cli("report", NAME, "--baseline", "no-such-job")
     assert bad.code == 2 and "JOB 'no-such-job'" in bad.stderr
+
+
+@pytest.mark.parametrize("faults, failed", [("raise," * 12, 10), ("raise", 1)], ids=["every-candidate", "one"])
+def test_run_exits_1_only_when_every_candidate_failed(tmp_path, monkeypatch, teacher_cache, faults, failed):
+    """A job none of whose candidates completed exits 1 with the runner's reason as its one stderr line, so a
+    pipeline does not go on to export; a job where some failed and the others completed exits 0."""
+    from pathlib import Path
+
+    from tests._cli import write_job
+
+    monkeypatch.setenv("SLIMSEARCH_TEST_FAULTS", faults)  # tests/search/faulty_task.py: one action per candidate
+    monkeypatch.setenv("SLIMSEARCH_TEST_FAULT_DIR", str(tmp_path))
+    job = write_job(tmp_path, {**JOB, "name": "failing", "task": "faulty_task:digits_with_faults",
+                               "task_path": str(Path(__file__).resolve().parent / "search"),
+                               "space": {**JOB["space"], "distill_steps": [5]},
+                               "search": {"budget": 2, "workers": 1, "seed": 0}})
+    out = tmp_path / "out"
+    result = cli("run", str(job), "--out", str(out), "--executor", "local", "--no-progress")
+    front = json.loads((out / "front.json").read_text())
+    assert len(front["failed"]) == failed
+    if failed == 10:  # the failure cap of a 2-candidate run
+        assert result.code == 1
+        assert result.stderr.splitlines() == ["slimsearch: stopped after 0 of 2 candidates: 10 candidates failed "
+                                              "(see front.json's 'failed' or the runs' error tags)"]
+        assert front["candidates"] == []
+    else:
+        assert result.code == 0, result.stderr
+        assert "stopped after" not in result.stderr
+        assert len(front["candidates"]) == 2

@@ -1,7 +1,8 @@
 """The ``slimsearch`` command. Thin: parses arguments, calls the library, prints.
 
 Every error that slimsearch raises on purpose ends the command with one line on
-stderr and exit code 2.
+stderr and exit code 2. A job that ends without one completed candidate (every
+candidate failed) says why on one line of stderr and exits 1: there is nothing to export.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 EXIT_BAD_INPUT = 2
+EXIT_NO_CANDIDATE = 1  # `run`: the job ended without one completed candidate
 _sigterm_received = False  # set by entry()'s SIGTERM handler: exit 143, not Ctrl-C's 130
 JOB_HELP = "job: registry id, job name (the latest of that name) or job folder"
 
@@ -186,6 +188,10 @@ def _run(args, ray_in_background: bool = False) -> int:
               else f"mlflow ui --backend-store-uri sqlite:///{result.out / 'mlflow.db'}")
     print(f"\nJob folder: {result.out}\n  front: {result.out / 'front.json'}, plot: {result.out / 'front.html'}"
           f"\n  MLflow: {mlflow}")
+    if result.stopped and not result.candidates:  # every candidate failed: a pipeline must not go on to export
+        sys.stdout.flush()
+        print(f"slimsearch: {result.stopped}", file=sys.stderr)
+        return EXIT_NO_CANDIDATE
     return 0
 
 

@@ -6,6 +6,7 @@ call into the module that owns it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -50,6 +51,8 @@ class JobResult:
     teacher: dict
     objectives: dict[str, str]
     teacher_provenance: dict[str, str]  # cost metric -> "measured" or "modelled", as a candidate's "provenance"
+    # why this run stopped short of the budget ("stopped after 0 of 2 candidates: ..."); "" when it did not
+    stopped: str = ""
 
 
 def layer_names(model) -> list[str]:
@@ -333,7 +336,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     (out / MODELS_DIR).mkdir(exist_ok=True)
     job_fn = functools.partial(evaluate_params, job_json=redact(spec.to_json()), space=space, teacher_score=teacher_score,
                                out=str(out), devices=devices or None)
-    status = "FAILED"
+    status, stopped = "FAILED", ""
     try:
         if remaining and executor == "ray":
             ray_start = ray_start or RayStart(workers * threads, background=ray_in_background)
@@ -354,7 +357,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                    if failed >= failure_cap(remaining) else
                    "the sampler kept proposing plans already tried or estimated infeasible (the space may be too "
                    "small for the budget)")
-            log(f"[slimsearch] stopped after {evaluated} of {remaining} candidates: {why}")
+            stopped = f"stopped after {evaluated} of {remaining} candidates: {why}"
+            log(f"[slimsearch] {stopped}")
         status = "FINISHED"
     except BaseException as exc:
         if _stopped(exc):
@@ -383,7 +387,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
             if ray_start is not None:
                 ray_start.stop()
             _release(locks)  # last: while a driver holds them, the registry's "running" is true (JobStatus.LOST)
-    return result
+    return dataclasses.replace(result, stopped=stopped)
 
 
 def _estimate_can_screen(constraints, objectives, costs) -> bool:
