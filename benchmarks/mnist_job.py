@@ -69,7 +69,7 @@ def run_job(job: Path, out: Path, workers: int, threads: int | None, budget: int
             ray_address: str | None = None) -> dict:
     import optuna
 
-    from slimsearch.search.driver import EVALUATE_ATTR
+    from slimsearch.search._types import EVALUATE_ATTR
 
     cmd = [sys.executable, "-m", "slimsearch.cli", "run", str(job), "--out", str(out), "--workers", str(workers),
            "--no-progress"]
@@ -110,7 +110,7 @@ def check_stops(out: Path) -> dict:
     import torch
 
     from slimsearch.job import JobSpec
-    from slimsearch.search.driver import EVALUATE_ATTR, Constraint
+    from slimsearch.search._types import EVALUATE_ATTR, Constraint
     from slimsearch.jobs.early_stop import STEPS_METRIC, STOPPED_METRIC
     from slimsearch.search.job_runner import _cached_task, build_space, evaluate_params
     from slimsearch.search.pareto import dominates
@@ -173,7 +173,7 @@ def probe_floor(workers: int, threads: int, launched: float) -> None:
     was ready."""
     from ray import tune
 
-    from slimsearch.search.driver import start_ray
+    from slimsearch.ray_runtime import start_ray
 
     start_ray(workers * threads)
     ray_up = time.time()

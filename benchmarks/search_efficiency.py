@@ -161,7 +161,7 @@ def run_optuna_default(setting: Setting, name: str, seed: int, budget: int) -> l
 
 def overhead(trials: int) -> dict:
     from slimsearch.search import search
-    from slimsearch.search.driver import start_ray
+    from slimsearch.ray_runtime import start_ray
 
     t0 = time.perf_counter()
     start_ray(2)

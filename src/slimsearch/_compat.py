@@ -62,6 +62,18 @@ class _Moved(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__getattr__ = __getattr__
 
 
+def moved_attribute(module: str, name: str, homes: tuple[str, ...]):
+    """For a module's ``__getattr__``: ``name``, which moved out of ``module`` into one of ``homes``
+    (with a DeprecationWarning); AttributeError when none has it."""
+    for home in homes:
+        target = importlib.import_module(home)
+        if hasattr(target, name):
+            warnings.warn(f"{module}.{name} has moved to {home}; the old path will be removed in the next release",
+                          DeprecationWarning, stacklevel=3)
+            return getattr(target, name)
+    raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+
 def install() -> None:
     """Put the finder first on ``sys.meta_path`` (once)."""
     if not any(isinstance(finder, _Moved) for finder in sys.meta_path):

@@ -489,7 +489,7 @@ def entry() -> None:
         _sigterm_received = True
         raise KeyboardInterrupt  # its type does not survive every library (Ray's calls raise their own)
 
-    signal.signal(signal.SIGTERM, terminated)  # driver.start_ray keeps this over the handler Ray sets
+    signal.signal(signal.SIGTERM, terminated)  # ray_runtime.start_ray keeps this over the handler Ray sets
     try:
         code = main(one_job_per_process=True)
         sys.stdout.flush()

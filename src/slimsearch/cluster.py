@@ -17,7 +17,6 @@ Nothing here runs at import: Ray is imported inside the functions that use it.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import socket
 import uuid
@@ -27,63 +26,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from slimsearch.exceptions import ConfigError
+from slimsearch.ray_runtime import HTTP_URL, SUBMIT_ADDRESS_ALLOWED, probe
 
 DEVICE_PREFIX = "device:"
 MEASURE_TASK = "slimsearch-measure"  # name of the measuring task, ``slimsearch-measure:<profile>``
 DEVICE_TIMEOUT_S = 300.0  # a device node that does not answer within this costs the candidate, not the job
 DEVICE_WARMUP = 3
 DEVICE_REPEATS = 15
-PROBE_TIMEOUT_S = 5.0
-_HOST_PORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})$")
-_HTTP = re.compile(r"^https?://(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})/?$")
-RAY_ADDRESS_ALLOWED = "'auto' or the head's GCS address HOST:PORT (e.g. 10.0.0.5:6379)"
-SUBMIT_ADDRESS_ALLOWED = "the head's dashboard URL http://HOST:PORT (e.g. http://10.0.0.5:8265)"
 
 
 def device_resource(profile: str) -> str:
     """The Ray resource a node carries when it is device ``profile``: ``device:<profile>``."""
     return f"{DEVICE_PREFIX}{profile}"
-
-
-def _probe(host: str, port: int, what: str, allowed: str) -> None:
-    """Refuse an address nothing listens on, at once: ``ray.init`` would retry for two minutes
-    and then exit the process."""
-    try:
-        with socket.create_connection((host.strip("[]"), port), timeout=PROBE_TIMEOUT_S):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ConfigError(f"{what}: nothing answers at {host}:{port} ({reason}); allowed: {allowed} "
-                          "of a running Ray cluster") from None
-
-
-def connect(address: str) -> None:
-    """Join the running Ray cluster at ``address`` (``--ray-address``) from this process.
-
-    ``"auto"`` is the cluster this machine belongs to (``RAY_ADDRESS``, else the last
-    ``ray start`` here), which is what a job submitted with :func:`submit` runs under.
-    """
-    import ray
-
-    what = f"--ray-address {address!r}"
-    if address != "auto":
-        match = _HOST_PORT.match(address or "")
-        if match is None:
-            hint = " (that is a dashboard URL: `slimsearch submit --address` takes it)" \
-                if _HTTP.match(address or "") else ""
-            raise ConfigError(f"{what}: not an address{hint}; allowed: {RAY_ADDRESS_ALLOWED}")
-        _probe(match["host"], int(match["port"]), what, RAY_ADDRESS_ALLOWED)
-    # torch before ray.init: in a Ray Job's entrypoint (slimsearch submit), `ray.init(address="auto")`
-    # and then `import torch` aborts the process with "Intel oneMKL FATAL ERROR: Cannot load
-    # .../libtorch_cpu.so" (Ray 2.60, torch 2.13.0+cpu; the same order outside a Ray Job works).
-    import torch  # noqa: F401
-
-    try:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR", configure_logging=True)
-    except (ConnectionError, ValueError, RuntimeError, SystemExit) as exc:  # Ray exits when the GCS never answers
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"{what}: cannot join a Ray cluster there ({type(exc).__name__}: {first}); "
-                          f"allowed: {RAY_ADDRESS_ALLOWED}") from None
 
 
 @contextmanager
@@ -99,7 +53,7 @@ def joined(address: Optional[str], profile_refs: Sequence[Any] = (), log: Callab
         return
     import ray
 
-    from slimsearch.search.driver import start_ray
+    from slimsearch.ray_runtime import start_ray
 
     mine = start_ray(0, address=address)
     try:
@@ -219,11 +173,11 @@ class Submission:
 
 def _client(address: str):
     """A JobSubmissionClient for ``address``, or a ConfigError naming ``--address``."""
-    match = _HTTP.match(address or "")
+    match = HTTP_URL.match(address or "")
     what = f"--address {address!r}"
     if match is None:
         raise ConfigError(f"{what}: not a dashboard URL; allowed: {SUBMIT_ADDRESS_ALLOWED}")
-    _probe(match["host"], int(match["port"]), what, SUBMIT_ADDRESS_ALLOWED)
+    probe(match["host"], int(match["port"]), what, SUBMIT_ADDRESS_ALLOWED)
     from ray.job_submission import JobSubmissionClient
 
     try:

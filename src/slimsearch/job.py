@@ -259,7 +259,7 @@ class JobSpec(_Frozen):
         for metric in self.objectives:
             if metric not in allowed and not (user_task and "@" not in metric):
                 raise ValueError(f"objectives: unknown metric {metric!r}; allowed: {allowed}")
-        from slimsearch.search.driver import Constraint
+        from slimsearch.search._types import Constraint
 
         parsed = []
         for i, text in enumerate(self.constraints):

@@ -98,7 +98,7 @@ def test_a_slow_estimate_is_called_a_bounded_number_of_times_per_proposal():
     import optuna
 
     from slimsearch.search.samplers.auto import FrontSampler
-    from slimsearch.search.driver import suggest
+    from slimsearch.search._teller import suggest
 
     space = {f"layer{i}": [2, 4, 8, 16] for i in range(10)}  # a million plans: not enumerated
     calls = []
@@ -126,7 +126,7 @@ def test_a_slow_estimate_is_called_a_bounded_number_of_times_per_proposal():
 def _proposals(sampler, n: int = 6) -> list[dict]:
     import optuna
 
-    from slimsearch.search.driver import suggest
+    from slimsearch.search._teller import suggest
 
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
     out = []

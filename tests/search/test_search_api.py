@@ -200,7 +200,7 @@ def test_a_search_on_storage_continues_to_the_budget(tmp_path):
 
 def test_ray_executor_runs_the_budget_exactly_once_with_two_workers(tmp_path):
     ray = pytest.importorskip("ray")
-    from slimsearch.search.driver import start_ray
+    from slimsearch.ray_runtime import start_ray
 
     start_ray(2)
     try:

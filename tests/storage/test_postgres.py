@@ -125,7 +125,8 @@ def test_resume_recovers_only_the_interrupted_trials_of_its_own_job(postgres):
     with its owner) requeues its own trial and leaves the other job's, still being evaluated."""
     import optuna
 
-    from slimsearch.search.driver import open_study, recover_interrupted, run_trials
+    from slimsearch.search._study import open_study, recover_interrupted
+    from slimsearch.search.driver import run_trials
 
     url = postgres.database("owners")
     objectives = {"score": "max"}

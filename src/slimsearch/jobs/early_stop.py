@@ -194,7 +194,7 @@ class EarlyStop:
 
     def _hopeless(self, snapshot: Mapping, value: float, gain: float, student) -> Optional[str]:
         """Why the candidate cannot plausibly reach the front, or None."""
-        from slimsearch.search.driver import Constraint
+        from slimsearch.search._types import Constraint
 
         metric, teacher = snapshot["metric"], snapshot["teacher"]
         sign = 1.0 if snapshot["direction"] == "max" else -1.0

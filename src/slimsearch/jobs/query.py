@@ -77,7 +77,7 @@ def progress(ref: str | Path, registry: Optional[Registry] = None) -> JobProgres
     import optuna
 
     from slimsearch.search.pareto import hypervolume_reference, hypervolume_series
-    from slimsearch.search.driver import front_of, records
+    from slimsearch.search._study import front_of, records
 
     job = resolve_job(ref, registry)
     state = read_state(job.folder)

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from slimsearch.search.api import search
-from slimsearch.search.driver import Constraint, Range, SearchResult, TrialRecord, TrialState
+from slimsearch.search._types import Constraint, Range, SearchResult, TrialRecord, TrialState
 from slimsearch.search.pareto import dominates, hypervolume, hypervolume_2d, pareto_front
 
 __all__ = ["Constraint", "Range", "SearchResult", "TrialRecord", "TrialState", "dominates", "hypervolume",

@@ -12,20 +12,10 @@ import tempfile
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from slimsearch.exceptions import ConfigError
-from slimsearch.search.driver import (
-    Constraint,
-    Executor,
-    Range,
-    SearchResult,
-    TrialState,
-    _check_objectives,
-    default_threads,
-    front_of,
-    open_study,
-    records,
-    run_trials,
-    start_ray,
-)
+from slimsearch.ray_runtime import start_ray
+from slimsearch.search._study import _check_objectives, front_of, open_study, records
+from slimsearch.search._types import Constraint, Executor, Range, SearchResult, TrialState
+from slimsearch.search.driver import default_threads, run_trials
 from slimsearch.search.samplers import Sampler, make_sampler
 
 STUDY_NAME = "slimsearch"

@@ -186,8 +186,10 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     from slimsearch.evaluators import model_metrics, score
     from slimsearch.evaluators.metrics import absent_reasons, provenance_map
     from slimsearch.hardware_profiles._energy import EnergyDomain, energy_meter
-    from slimsearch.search.driver import (Constraint, RayStart, default_threads, failure_cap, open_study,
-                                          recover_interrupted, records, run_trials)
+    from slimsearch.ray_runtime import RayStart
+    from slimsearch.search._study import open_study, recover_interrupted, records
+    from slimsearch.search._types import Constraint
+    from slimsearch.search.driver import default_threads, failure_cap, run_trials
     from slimsearch.search.samplers import make_sampler, seeded_at_first_trial
     from slimsearch.storage import default_storage_url, default_tracking_uri, redact
     from slimsearch.storage.urls import claim_folder, claim_sqlite
@@ -505,7 +507,7 @@ def _log_hypervolume(tracker, complete, objectives, teacher, log) -> None:
 def _front_numbers(complete, objectives) -> set[int]:
     """Trial numbers of the non-dominated candidates among the feasible ones (a candidate that breaks
     a job constraint never enters the front)."""
-    from slimsearch.search.driver import front_of
+    from slimsearch.search._study import front_of
 
     return {r.number for r in front_of(complete, objectives)}
 
@@ -543,7 +545,7 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
     """
     from slimsearch.dashboards.front import front_infos, write_front_html
     from slimsearch.evaluators.metrics import provenance_map
-    from slimsearch.search.driver import records
+    from slimsearch.search._study import records
     from slimsearch.storage import redact
 
     all_records = records(study)

@@ -30,7 +30,7 @@ def _client(tracking_uri: str):
     import logging
 
     # MLflow's usage telemetry fetches its config from and posts to the internet from a
-    # thread of its own; off unless the user sets it (as Ray's usage stats, driver.start_ray).
+    # thread of its own; off unless the user sets it (as Ray's usage stats, ray_runtime.start_ray).
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 

@@ -29,7 +29,7 @@ def make_sampler(name: str, *, seed: int, budget: int, estimate: Optional[Callab
     """
     import optuna
 
-    from slimsearch.search.driver import Constraint
+    from slimsearch.search._types import Constraint
 
     try:
         kind = Sampler(name)
@@ -90,21 +90,3 @@ def seeded_at_first_trial(build: Callable[[int], Any], seed: int):
                 self.sampler.reseed_rng()
 
     return _FirstTrialSeeded()
-
-
-def _distributions(space: Mapping[str, Any]) -> dict:
-    """The Optuna distributions ``driver.suggest`` creates for ``space``."""
-    import optuna.distributions as od
-
-    from slimsearch.search.driver import Range
-
-    out = {}
-    for name, dim in space.items():
-        if isinstance(dim, Range):
-            if dim.integer:
-                out[name] = od.IntDistribution(dim.low, dim.high, log=dim.log, step=dim.step or 1)
-            else:
-                out[name] = od.FloatDistribution(dim.low, dim.high, log=dim.log, step=dim.step)
-        else:
-            out[name] = od.CategoricalDistribution(list(dim))
-    return out

@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from optuna.samplers import BaseSampler
 
 from slimsearch.search.pareto import hypervolume_improvement, nondominated
-from slimsearch.search.samplers import _distributions
+from slimsearch.search._teller import distributions
 
 
 class FrontSampler(BaseSampler):
@@ -76,7 +76,7 @@ class FrontSampler(BaseSampler):
         self._seed = seed
         self._estimate_fn = estimate
         self._constraints = tuple(constraints)
-        self._fixed = _distributions(space) if space is not None else None
+        self._fixed = distributions(space) if space is not None else None
         self.n_startup, self.n_trees = n_startup, n_trees
         self.kappa = (float(kappa), float(kappa)) if isinstance(kappa, (int, float)) else tuple(map(float, kappa))
         self.measured_share, self.estimated_share = measured_share, estimated_share
@@ -231,7 +231,7 @@ class FrontSampler(BaseSampler):
 
         import numpy as np
 
-        from slimsearch.search.driver import _call
+        from slimsearch.search._teller import call_evaluate as _call
 
         if self._estimate_fn is None:
             out = np.zeros((len(codes), 0))
@@ -264,7 +264,8 @@ class FrontSampler(BaseSampler):
         import numpy as np
         import optuna
 
-        from slimsearch.search.driver import FEASIBLE_ATTR, _key
+        from slimsearch.search._teller import _key
+        from slimsearch.search._types import FEASIBLE_ATTR
 
         TS = optuna.trial.TrialState
         trials = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number
