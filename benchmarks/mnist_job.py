@@ -109,17 +109,17 @@ def check_stops(out: Path) -> dict:
     import optuna
     import torch
 
-    from slimsearch.job import JobSpec
+    from slimsearch.jobs.spec import JobSpec
     from slimsearch.search._types import EVALUATE_ATTR, Constraint
     from slimsearch.jobs.early_stop import STEPS_METRIC, STOPPED_METRIC
-    from slimsearch.search.job_runner import _cached_task, build_space, evaluate_params
+    from slimsearch.jobs.worker import cached_task, build_space, evaluate_params
     from slimsearch.search.pareto import dominates
 
     state = json.loads((out / "job.json").read_text())
     spec = JobSpec.from_json(json.dumps(state["spec"]))
     front = json.loads((out / "front.json").read_text())
     torch.set_num_threads(state["threads"][-1][1])
-    task = _cached_task(spec.task, spec.search.seed, spec.task_path)
+    task = cached_task(spec.task, spec.search.seed, spec.task_path)
     space = build_space(spec, task)
     study = optuna.load_study(study_name=state["study_name"], storage=state["storage"])
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -152,12 +152,12 @@ def time_candidate(job: Path, params_file: Path, threads: int, repeat: int) -> N
     """(A subprocess of :func:`ceiling`.) Evaluate one candidate ``repeat`` times; print the seconds as JSON."""
     import torch
 
-    from slimsearch.job import load_job
-    from slimsearch.search.job_runner import _cached_task, build_space, evaluate_params
+    from slimsearch.jobs.load import load_job
+    from slimsearch.jobs.worker import cached_task, build_space, evaluate_params
 
     torch.set_num_threads(threads)
     spec = load_job(job)
-    task = _cached_task(spec.task, spec.search.seed, spec.task_path)
+    task = cached_task(spec.task, spec.search.seed, spec.task_path)
     space = build_space(spec, task)
     data = json.loads(params_file.read_text())
     seconds = []
@@ -257,7 +257,7 @@ def main() -> None:
         probe_floor(args.probe_floor, args.threads, args.launched)
         return
 
-    from slimsearch.job import load_job
+    from slimsearch.jobs.load import load_job
     from slimsearch.tasks import load_task
 
     spec = load_job(args.job)

@@ -648,7 +648,7 @@ def test_every_yaml_load_in_src_is_safe():
         assert set(bases) <= {"SafeLoader"}, f"{path}: a YAML loader built on {bases}"
         if "from slimsearch._io import safe_load" in text:
             uses.append(path.relative_to(SRC).as_posix())
-    assert {"job.py", "hardware_profiles/_schema.py"} <= set(uses)
+    assert {"jobs/load.py", "hardware_profiles/_schema.py"} <= set(uses)
     with pytest.raises(Exception, match="is not allowed; files are read with safe loading"):
         safe_load("x: !!python/object/apply:os.system ['true']", "t.yaml")
 

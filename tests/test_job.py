@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from slimsearch.cli import main
-from slimsearch.job import JobSpec, load_job
+from slimsearch.jobs.load import load_job
+from slimsearch.jobs.spec import JobSpec
 from slimsearch.spaces.choices import WEIGHT_BITS
 
 VALID = {

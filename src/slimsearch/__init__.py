@@ -4,15 +4,18 @@ Importing this package is cheap: it does not import torch, Ray, MLflow or Optuna
 start anything or open a database. Heavy parts load when a function that needs
 them is called.
 
-The functions below mirror the commands: ``jobs()`` (``slimsearch jobs``),
-``status(job)``, ``front(job)`` and ``export(job, out, ...)``; ``job`` is a registry
-id, a job name or a job folder.
+The functions below mirror the commands: ``run(job, **overrides)`` (``slimsearch run``),
+``jobs()`` (``slimsearch jobs``), ``status(job)``, ``front(job)`` and
+``export(job, out, ...)``, where ``job`` is a registry id, a job name or a job folder;
+``search(space, evaluate, objectives, ...)`` searches any objective. ``jobs`` and
+``search`` are also the packages of those names (:mod:`slimsearch._package`).
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from slimsearch import _compat
 from slimsearch.exceptions import ConfigError, SlimSearchError
@@ -20,14 +23,24 @@ from slimsearch.exceptions import ConfigError, SlimSearchError
 _compat.install()
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "SlimSearchError", "__version__", "export", "front", "jobs", "status"]
+__all__ = ["ConfigError", "SlimSearchError", "__version__", "export", "front", "jobs", "run", "search", "status"]
 
 
-def jobs() -> list:
-    """Every job in the job registry (``JobRecord`` values), oldest first."""
-    from slimsearch.storage.registry import Registry
+def __getattr__(name: str) -> Any:
+    # slimsearch.jobs() and slimsearch.search(...): callable packages, imported when first used
+    if name in ("jobs", "search"):
+        return importlib.import_module(f"slimsearch.{name}")
+    raise AttributeError(f"module 'slimsearch' has no attribute {name!r}")
 
-    return Registry().jobs()
+
+def run(job, **kwargs):
+    """Run (or resume) a compression search job as ``slimsearch run`` does; returns its ``JobResult``.
+
+    See :func:`slimsearch.launch.run` for the keywords (``out``, ``resume``, ``budget``,
+    ``workers``, ...)."""
+    from slimsearch.launch import run as run_job
+
+    return run_job(job, **kwargs)
 
 
 def status(job: str | Path):

@@ -26,6 +26,9 @@ MOVED: dict[str, tuple[str, ...]] = {
     "slimsearch.evaluators._channel_graph": ("slimsearch.structures._channel_graph",),
     "slimsearch.evaluators.transformer": ("slimsearch.structures.bert",),
     "slimsearch.storage.jobs": ("slimsearch.jobs.query",),
+    "slimsearch.job": ("slimsearch.jobs.spec", "slimsearch.jobs.load", "slimsearch.metric_names"),
+    "slimsearch.search.job_runner": ("slimsearch.jobs.runner", "slimsearch.jobs.folder", "slimsearch.jobs.worker",
+                                     "slimsearch.jobs.log"),
     "slimsearch.search.early_stop": ("slimsearch.jobs.early_stop",),
     "slimsearch.search._front": ("slimsearch.search.samplers.auto", "slimsearch.search.pareto"),
     "slimsearch.hardware_profiles._calibrate": ("slimsearch.hardware_profiles._fit",
@@ -35,6 +38,7 @@ MOVED: dict[str, tuple[str, ...]] = {
 # (old module, old name) -> the name it has now
 RENAMED: dict[tuple[str, str], str] = {
     ("slimsearch.evaluators.quantize", "calibrate"): "calibrate_activations",
+    ("slimsearch.search.job_runner", "_cached_task"): "cached_task",
 }
 
 

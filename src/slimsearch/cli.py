@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, help="parallel Ray workers (default: one per core)")
     run.add_argument("--threads", type=int, help="torch threads per worker (default: the cores shared out among "
                                                  "the workers)")
-    run.add_argument("--time-limit", type=float, help="wall-clock seconds one candidate may take; past them it "
+    run.add_argument("--time-limit", dest="time_limit_s", type=float, help="wall-clock seconds one candidate may take; past them it "
                      "fails (default: no limit; may be set on --resume)")
     run.add_argument("--out", help="job folder (default: runs/<job name>)")
     run.add_argument("--resume", action="store_true", help="continue the job in --out where it stopped")
@@ -159,32 +159,18 @@ def main(argv: Optional[Sequence[str]] = None, *, one_job_per_process: bool = Fa
 
 
 def _run(args, ray_in_background: bool = False) -> int:
-    from slimsearch.exceptions import ConfigError
-    from slimsearch.job import check_reachable, load_job
+    from slimsearch.launch import OVERRIDES, launch
 
-    flags = {"search.budget": ("--budget", args.budget), "search.workers": ("--workers", args.workers),
-             "search.threads_per_worker": ("--threads", args.threads),
-             "search.time_limit_s": ("--time-limit", args.time_limit),
-             "storage": ("--storage", args.storage), "tracking_uri": ("--tracking-uri", args.tracking_uri)}
-    flags = {k: (flag, v) for k, (flag, v) in flags.items() if v is not None}  # the flags given
-    spec = load_job(args.job, {k: v for k, (_, v) in flags.items()}, flags={k: flag for k, (flag, _) in flags.items()})
-    out = Path(args.out) if args.out else Path("runs") / spec.name
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r}: is a file; allowed: a new folder, or the folder of this job "
-                          "with --resume")
-    check_reachable(spec, source=args.job, flags={k: flag for k, (flag, _) in flags.items()})
-    from slimsearch.search.job_runner import run_job
-
-    from slimsearch.cluster import joined
-
-    with joined(args.ray_address, spec.profile_refs) as devices:
-        result = run_job(spec, out, resume=args.resume, executor=args.executor, progress=not args.no_progress,
-                         ray_in_background=ray_in_background,
-                         source=args.job, devices=devices)
+    given = {key: getattr(args, key) for key in OVERRIDES}
+    result = launch(args.job, overrides={OVERRIDES[k][0]: v for k, v in given.items()},
+                    labels={**{field: flag for field, flag in OVERRIDES.values()}, "out": "--out"},
+                    out=args.out, resume=args.resume, executor=args.executor, progress=not args.no_progress,
+                    ray_address=args.ray_address, ray_in_background=ray_in_background)
     print(format_front(result))
     from slimsearch.storage import redact
 
-    mlflow = (redact(spec.tracking_uri) if spec.tracking_uri
+    tracking_uri = result.tracking_uri
+    mlflow = (redact(tracking_uri) if tracking_uri
               else f"mlflow ui --backend-store-uri sqlite:///{result.out / 'mlflow.db'}")
     print(f"\nJob folder: {result.out}\n  front: {result.out / 'front.json'}, plot: {result.out / 'front.html'}"
           f"\n  MLflow: {mlflow}")
@@ -413,7 +399,7 @@ def _write_profile(profile, out: str) -> Path:
 def _hw_profile(args) -> int:
     from slimsearch.exceptions import ConfigError
     from slimsearch.hardware_profiles import measure_host
-    from slimsearch.job import MAX_THREADS
+    from slimsearch.jobs.spec import MAX_THREADS
 
     if not 1 <= args.threads <= MAX_THREADS:
         raise ConfigError(f"--threads: allowed: a whole number from 1 to {MAX_THREADS} (got {args.threads})")

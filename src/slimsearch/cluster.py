@@ -216,7 +216,7 @@ def submit(job_file: str | os.PathLike, address: str, *, out: Optional[str | os.
     finished) follows it; for that the head must use the same registry
     (``$SLIMSEARCH_REGISTRY``, e.g. PostgreSQL; on one machine the default one is shared).
     """
-    from slimsearch.job import load_job
+    from slimsearch.jobs.load import load_job
     from slimsearch.storage import default_storage_url, default_tracking_uri, redact
     from slimsearch.storage.registry import JobStatus, Registry
 

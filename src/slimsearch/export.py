@@ -24,7 +24,7 @@ REBUILD_TOLERANCE = 0.005  # the exported file may differ from the recorded test
 
 
 def _read_job(job_dir: Path) -> tuple[dict, dict]:
-    from slimsearch.search.job_runner import FRONT_FILE, STATE_FILE
+    from slimsearch.jobs.folder import FRONT_FILE, STATE_FILE
 
     state_path, front_path = job_dir / STATE_FILE, job_dir / FRONT_FILE
     if not state_path.exists() or not front_path.exists():
@@ -229,9 +229,9 @@ def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
         raise ConfigError("--run names the candidate itself; it cannot be combined with --where or --minimize")
     out = safe_out(out, [FILE_NAMES[f] for f in formats] + ["manifest.json", "manifest.json.tmp"])
     from slimsearch.evaluators import score
-    from slimsearch.evaluators.evaluate import measure_local
+    from slimsearch.evaluators.candidate import measure_local
     from slimsearch.deploy.pack import packed_size
-    from slimsearch.job import JobSpec
+    from slimsearch.jobs.spec import JobSpec
     from slimsearch.spaces import CompressionPlan
     from slimsearch.tasks import load_task
 

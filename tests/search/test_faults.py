@@ -113,8 +113,8 @@ def ray_faults(tmp_path_factory, teacher_cache):
     for 4 GiB, hang, are killed (a new candidate), then run normally."""
     import ray
 
-    from slimsearch.job import load_job
-    from slimsearch.search.job_runner import run_job
+    from slimsearch.jobs.load import load_job
+    from slimsearch.jobs.runner import run_job
 
     folder = tmp_path_factory.mktemp("ray-faults")
     with pytest.MonkeyPatch.context() as mp:
@@ -384,8 +384,8 @@ DIGITS = {"prune_ratio": [0.0, 0.25, 0.5], "weight_bits": [4, 8, 32], "act_bits"
 
 
 def test_mlflow_store_locked_for_a_while_gets_every_candidate_once_it_is_back(tmp_path):
-    from slimsearch.job import load_job
-    from slimsearch.search.job_runner import run_job
+    from slimsearch.jobs.load import load_job
+    from slimsearch.jobs.runner import run_job
 
     out = tmp_path / "out"
     lock = _MlflowLock(out, release_after=1)
@@ -405,8 +405,8 @@ def test_mlflow_store_locked_for_a_while_gets_every_candidate_once_it_is_back(tm
 
 def test_mlflow_store_down_until_the_end_stops_cleanly_and_resume_logs_everything(tmp_path):
     from slimsearch.exceptions import JobStateError
-    from slimsearch.job import load_job
-    from slimsearch.search.job_runner import run_job
+    from slimsearch.jobs.load import load_job
+    from slimsearch.jobs.runner import run_job
 
     out = tmp_path / "out"
     job = _job(tmp_path, budget=1, task="digits", space=DIGITS)

@@ -219,8 +219,8 @@ def test_resumed_trials_are_new_plans(resumed_job):
 def test_ray_executor_runs_each_candidate_once(tmp_path, request):
     import ray
 
-    from slimsearch.job import load_job
-    from slimsearch.search.job_runner import run_job
+    from slimsearch.jobs.load import load_job
+    from slimsearch.jobs.runner import run_job
 
     assert not ray.is_initialized()
     request.addfinalizer(lambda: ray.shutdown() if ray.is_initialized() else None)

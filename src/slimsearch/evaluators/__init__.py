@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from slimsearch.evaluators.evaluate import apply_plan, evaluate, model_metrics, score
+from slimsearch.evaluators.candidate import apply_plan, evaluate, model_metrics, score
 from slimsearch.evaluators.metrics import Metrics, Provenance
 from slimsearch.structures.channels import fold_batchnorm, prunable_layers, prune_channels
 

@@ -20,7 +20,7 @@ all within 0.03 of the teacher then, had closed at most 75% of their gaps, or 0.
 absolute terms; absolute gains stopped it and another future front member in one run).
 Nothing is stopped before ``MIN_CURVES`` candidates have finished.
 
-The two sides share the job folder (as the front models do, ``job_runner.model_file``):
+The two sides share the job folder (as the front models do, ``jobs.folder.model_file``):
 the driver writes :data:`SNAPSHOT_FILE` (front, constraints, gains) after every finished
 candidate; each worker reads it at its checks and leaves its learning curve in
 :data:`CURVES_DIR` for the gains. A stopped candidate is still measured and recorded, with
@@ -241,7 +241,7 @@ class EarlyStop:
         """The candidate's local latencies, timed once on a finalized copy (only asked for when every
         other objective already shows it dominated)."""
         if self._measured is None:
-            from slimsearch.evaluators.evaluate import measure_local
+            from slimsearch.evaluators.candidate import measure_local
 
             self._measured = measure_local(self._finalized(student), self.task)
         return self._measured

@@ -1,6 +1,6 @@
 """``search()``: the driver's Python door, for any space and any ``evaluate``.
 
-The job path (``slimsearch run``, :func:`slimsearch.search.job_runner.run_job`) and
+The job path (``slimsearch run``, :func:`slimsearch.jobs.runner.run_job`) and
 this function open the same kind of Optuna study and run the same
 :func:`slimsearch.search.driver.run_trials`; only what they evaluate differs.
 """

@@ -1,4 +1,4 @@
-"""evaluate(task, plan, profiles): one plan becomes a compressed model and its Metrics."""
+"""evaluate(task, plan, profiles): one candidate, from its plan to a compressed model and its Metrics."""
 
 from __future__ import annotations
 

@@ -1,0 +1,81 @@
+"""What runs in a worker for a job: its task (loaded once per process), its space, and one
+candidate's evaluation or estimate."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Optional
+
+from slimsearch.exceptions import ConfigError
+from slimsearch.jobs.spec import JobSpec
+from slimsearch.search._limits import memory_limit
+
+from slimsearch.jobs.folder import MODELS_DIR, model_file
+
+
+def layer_names(model) -> list[str]:
+    """Names of the Conv2d/Linear layers of ``model``: the layers a plan sets bits for."""
+    from torch import nn
+
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def build_space(spec: JobSpec, task):
+    from slimsearch.structures.channels import ChannelStructure
+    from slimsearch.spaces import SearchSpace
+
+    if task.hidden_states is None and any(w > 0 for w in spec.space.distill_hidden_weight):
+        raise ConfigError(f"space.distill_hidden_weight: task {spec.task!r} exposes no hidden states to match; "
+                          "allowed: [0]")
+    structure = task.structure or ChannelStructure()
+    return SearchSpace.build(spec.space, layer_names(task.teacher), structure.groups(task.teacher, task.example_input),
+                             droppable=structure.droppable(task.teacher), seed=spec.search.seed,
+                             power_modes=spec.power_mode_choices())
+
+
+@functools.lru_cache(maxsize=2)
+def cached_task(name: str, seed: int, path: Optional[str] = None):
+    # Per-process cache: a reused Ray worker loads the task (and its data) once, not per trial.
+    from slimsearch.tasks import load_task
+
+    return load_task(name, seed=seed, path=path)
+
+
+def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
+                    out: Optional[str] = None, devices=None):
+    """Worker side: params -> plan -> compressed model -> Metrics (values and their provenance).
+
+    With the job folder ``out``, the model's ONNX graph is left at :func:`model_file`;
+    ``devices`` (profile -> meter on a device node) is passed to ``evaluate``.
+    """
+    from slimsearch.evaluators import evaluate
+
+    spec = JobSpec.from_json(job_json)
+    task = cached_task(spec.task, spec.search.seed, spec.task_path)
+    plan = space.plan_from_params(params)
+    onnx_out = None
+    if out is not None and os.path.isdir(Path(out) / MODELS_DIR):
+        onnx_out = str(model_file(Path(out), plan))
+    stopper = None
+    if spec.search.early_stopping and out is not None:
+        from slimsearch.jobs.early_stop import EarlyStop
+
+        stopper = EarlyStop(Path(out), task, plan, spec.profile_refs)
+    with memory_limit(spec.search.memory_limit_mb):  # after the task loads: its data and teacher are not counted
+        metrics = evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score, onnx_out=onnx_out,
+                           devices=devices, on_chunk=stopper, chunk_every=None if stopper is None else stopper.every)
+    if stopper is None:
+        return metrics
+    from slimsearch.evaluators.metrics import Metrics
+
+    return Metrics(values={**metrics.values, **stopper.finish()}, provenance=metrics.provenance)
+
+
+def estimate_params(params: dict, *, task, space, profiles) -> dict[str, Optional[float]]:
+    """Driver side, before training: the plan's exact size and modelled device costs (see
+    :func:`slimsearch.evaluators.estimate.estimate`), for screening and the ``auto`` sampler."""
+    from slimsearch.evaluators.estimate import estimate
+
+    return dict(estimate(task, space.plan_from_params(params), profiles).values)
