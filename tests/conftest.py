@@ -1,10 +1,36 @@
-"""Fixtures shared by the whole suite: an isolated teacher cache and the digits task."""
+"""Fixtures shared by the whole suite: an isolated teacher cache and job registry, Ctrl-C that reaches
+the processes tests start, and the digits task."""
 
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_reaches_children():
+    """Start every process the tests spawn with SIGINT at its default, as a terminal's foreground job.
+
+    The suite may itself run with SIGINT ignored: started in the background by a non-interactive
+    shell (``pytest ... &`` in a script) or a runner that does the same. An ignored signal stays
+    ignored across ``exec``, and Python then never turns Ctrl-C into KeyboardInterrupt, so a
+    ``slimsearch`` that a test stops with SIGINT (as a user's Ctrl-C) ignored it: the driver went on
+    waiting for its hung candidate, ``slimsearch ui`` went on serving. A handler set here, even one
+    that does nothing, is reset to the default by ``exec``; this process still ignores SIGINT, as it
+    was started to.
+    """
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, _ignore)
+    yield
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _ignore(signum, frame) -> None:
+    """SIGINT in the test process: ignored (see ``ctrl_c_reaches_children``)."""
 
 
 @pytest.fixture(scope="session", autouse=True)
