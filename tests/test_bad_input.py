@@ -176,7 +176,7 @@ JOB_FILE_ROWS: list[tuple[str, Any, list[str]]] = [
     ("unknown-metric-in-constraint", {"constraints": ["latncy_ms@local <= 5"]},
      ["constraints.0: 'latncy_ms@local <= 5': unknown metric 'latncy_ms@local'", "allowed: ["]),
     ("malformed-constraint", {"constraints": ["size_bytes =< 1000"]},
-     ["constraints.0: constraint 'size_bytes =< 1000': not understood", "op one of <=, >=, <, >"]),
+     ["constraints.0: constraint 'size_bytes =< 1000': not understood", "op one of <=, >=, ==, <, >"]),
     ("contradictory-constraints", {"constraints": ["size_bytes <= 1000", "accuracy >= 0.5", "size_bytes >= 2000"]},
      ["constraints.2: 'size_bytes >= 2000' contradicts constraints.0 'size_bytes <= 1000'",
       "no value of size_bytes meets both", "allowed:"]),

@@ -11,6 +11,7 @@ import pytest
 
 import slimsearch
 from tests._cli import cli, local_job
+from tests._real import missing
 
 NAME = "digits-registry"
 JOB = {
@@ -123,7 +124,7 @@ def test_report_of_a_real_job_renders_in_chromium(job):
     from slimsearch.dashboards.browser import find_chromium, render
 
     if find_chromium() is None:
-        pytest.skip("no chromium binary on PATH (.ci/run installs Debian's chromium)")
+        missing("no chromium binary on PATH (.ci/run installs Debian's chromium)")
     shown = render(job.out / "report.html")
     assert (shown.state, shown.errors) == ("rendered", [])
     assert "fig-0:Pareto front (all objectives)" in shown.traces
@@ -150,7 +151,7 @@ def test_export_picks_the_fastest_candidate_meeting_where(job, exported):
     meeting = [c for c in job.front["candidates"] if c["metrics"]["accuracy"] >= 0.5]
     best = min(meeting, key=lambda c: c["metrics"]["latency_ms@raspberry-pi-4"])
     assert m["trial"] == best["trial"]
-    assert m["selection"] == "lowest latency_ms@raspberry-pi-4 where accuracy>=0.5"
+    assert m["selection"] == "lowest latency_ms@raspberry-pi-4 where accuracy >= 0.5"
     record = next(j for j in slimsearch.jobs() if j.id == job.id)
     assert [e["alias"] for e in record.exports] == ["best-raspberry-pi-4"]
 

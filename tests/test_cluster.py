@@ -29,7 +29,14 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-pytestmark = pytest.mark.skipif(shutil.which("ray") is None, reason="the `ray` command is not installed")
+from tests._real import missing
+
+
+
+@pytest.fixture(autouse=True)
+def ray_command():
+    if shutil.which("ray") is None:
+        missing("the `ray` command is not installed")
 
 PI, T4 = "raspberry-pi-4", "nvidia-t4"
 MARKER = "SLIMSEARCH_TEST_CLUSTER"

@@ -178,3 +178,11 @@ def test_the_link_finder_sees_links_and_skips_urls_and_code(tmp_path: Path):
     page.write_text("[a](docs/a.md) ![b](img.png \"title\") [c](https://x.org/y) [d](#here)\n"
                     "`[e](code.md)`\n```\n[f](block.md)\n```\n[g](docs/g.md#part)\n", encoding="utf-8")
     assert _relative_links(page) == ["docs/a.md", "img.png", "docs/g.md#part"]
+
+
+def test_ci_runs_the_readmes_second_quickstart_command():
+    """.ci/run is README's command 2 (install everything, run the tests), word for word."""
+    readme = README.read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme.split("## Quickstart", 1)[1], flags=re.S)
+    ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()[-1]
+    assert blocks[1].strip() == ci.strip()

@@ -54,7 +54,7 @@ CASES = {
     "profile_twice": ({"profiles": ["jetson-orin-nano", {"name": "jetson-orin-nano", "power_modes": ["7W"]}]},
                       "profiles", ["'jetson-orin-nano' is named twice"]),
     "constraint_syntax": ({"constraints": ["size_bytes =< 5"]}, "constraints.0",
-                          ["'size_bytes =< 5'", "with op one of <=, >=, <, >"]),
+                          ["'size_bytes =< 5'", "with op one of <=, >=, ==, <, >"]),
     "constraint_metric": ({"constraints": ["flops <= 5"]}, "constraints.0",
                           ["unknown metric 'flops'", "'size_bytes'", "'latency_ms@raspberry-pi-4'"]),
     "profile_not_a_name": ({"profiles": [4]}, "profiles.0", ["a profile is a name, a profile file, or {name: ..., power_modes:", "4"]),

@@ -161,9 +161,9 @@ def main(argv: Optional[Sequence[str]] = None, *, one_job_per_process: bool = Fa
 def _run(args, ray_in_background: bool = False) -> int:
     from slimsearch.launch import OVERRIDES, launch
 
-    given = {key: getattr(args, key) for key in OVERRIDES}
+    given = {key: getattr(args, key) for key in OVERRIDES if getattr(args, key) is not None}  # the flags given
     result = launch(args.job, overrides={OVERRIDES[k][0]: v for k, v in given.items()},
-                    labels={**{field: flag for field, flag in OVERRIDES.values()}, "out": "--out"},
+                    labels={**{OVERRIDES[k][0]: OVERRIDES[k][1] for k in given}, "out": "--out"},
                     out=args.out, resume=args.resume, executor=args.executor, progress=not args.no_progress,
                     ray_address=args.ray_address, ray_in_background=ray_in_background)
     print(format_front(result))

@@ -11,13 +11,13 @@ import hashlib
 import json
 import platform
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 from slimsearch._io import atomic_write
 from slimsearch.exceptions import ConfigError, JobStateError
 from slimsearch.jobs.early_stop import STEPS_METRIC, STOPPED_METRIC
+from slimsearch.search._types import CONSTRAINT_OPS, Constraint
 
 ACCURACY_WINDOW = 0.01  # default choice: within 1 point of the teacher
 REBUILD_TOLERANCE = 0.005  # the exported file may differ from the recorded test score by at most 0.5 points
@@ -73,49 +73,19 @@ def choose(front: dict, run_id: Optional[str] = None) -> tuple[dict, str]:
     return best, f"no front member within {ACCURACY_WINDOW:g} of the teacher's {metric}; most accurate front member"
 
 
-_CONDITION = re.compile(r"^\s*([A-Za-z_][\w.@/-]*)\s*(>=|<=|==|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
-_OPS = {">=": lambda v, t: v >= t, "<=": lambda v, t: v <= t, ">": lambda v, t: v > t, "<": lambda v, t: v < t,
-        "==": lambda v, t: v == t}
-
-
-@dataclass(frozen=True)
-class Condition:
-    """One ``metric OP number`` of ``--where``."""
-
-    metric: str
-    op: str
-    value: float
-
-    def holds(self, metrics: Mapping) -> bool:
-        v = metrics.get(self.metric)
-        return v is not None and _OPS[self.op](v, self.value)
-
-    def shortfall(self, metrics: Mapping) -> float:
-        """How far ``metrics`` miss this condition, relative to its threshold (0 when it holds)."""
-        v = metrics.get(self.metric)
-        if v is None:
-            return float("inf")
-        if self.holds(metrics):
-            return 0.0
-        return abs(v - self.value) / (abs(self.value) or 1.0)
-
-    def __str__(self) -> str:
-        return f"{self.metric}{self.op}{self.value:g}"
-
-
-def parse_where(text: str, known: Sequence[str]) -> list[Condition]:
-    """``"accuracy>=0.97, size_bytes<20000"`` as conditions: comma-separated ``metric OP number`` with
-    OP one of >=, <=, >, <, ==, and metric one of ``known``."""
+def parse_where(text: str, known: Sequence[str]) -> list[Constraint]:
+    """``"accuracy>=0.97, size_bytes<20000"`` as constraints (the job file's grammar): comma-separated
+    ``metric OP number``, with metric one of ``known``."""
     conditions = []
     for part in text.split(","):
-        m = _CONDITION.match(part)
-        if m is None:
+        try:
+            condition = Constraint.parse(part)
+        except ConfigError:
             raise ConfigError(f"--where {text!r}: {part.strip()!r} is not 'metric OP number' "
-                              f"(OP one of {list(_OPS)}; conditions separated by commas)")
-        metric, op, value = m.group(1), m.group(2), float(m.group(3))
-        if metric not in known:
-            raise ConfigError(f"--where {text!r}: no metric {metric!r}; the candidates have {sorted(known)}")
-        conditions.append(Condition(metric, op, value))
+                              f"(OP one of {list(CONSTRAINT_OPS)}; conditions separated by commas)") from None
+        if condition.metric not in known:
+            raise ConfigError(f"--where {text!r}: no metric {condition.metric!r}; the candidates have {sorted(known)}")
+        conditions.append(condition)
     return conditions
 
 

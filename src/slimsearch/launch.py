@@ -82,6 +82,7 @@ def run(job: JobLike, *, out: Optional[Union[str, "os.PathLike[str]"]] = None, r
     if unknown:
         raise ConfigError(f"run: unknown keyword {unknown[0]!r}; allowed: {sorted(OVERRIDES)} and out, resume, "
                           "executor, progress, ray_address, log")
-    return launch(job, overrides={OVERRIDES[k][0]: v for k, v in overrides.items()},
-                  labels={OVERRIDES[k][0]: f"{k}=" for k in overrides}, out=out, resume=resume, executor=executor,
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return launch(job, overrides={OVERRIDES[k][0]: v for k, v in given.items()},
+                  labels={OVERRIDES[k][0]: f"{k}=" for k in given}, out=out, resume=resume, executor=executor,
                   progress=progress, ray_address=ray_address, log=log)

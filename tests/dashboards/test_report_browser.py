@@ -8,9 +8,14 @@ import pytest
 
 from slimsearch.dashboards.browser import find_chromium, render
 from slimsearch.dashboards.report import write_report
+from tests._real import missing
 
-pytestmark = pytest.mark.skipif(find_chromium() is None,
-                                reason="no chromium binary on PATH (.ci/run installs Debian's chromium)")
+
+
+@pytest.fixture(autouse=True)
+def chromium():
+    if find_chromium() is None:
+        missing("no chromium binary on PATH (.ci/run installs Debian's chromium)")
 
 
 def test_report_renders_every_figure_without_script_errors(job_data, tmp_path):

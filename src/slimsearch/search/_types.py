@@ -55,9 +55,10 @@ class TrialState(str, Enum):
     SCREENED = "screened"  # judged by its cheap estimate and never evaluated
 
 
-_OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
-_CONSTRAINT = re.compile(r"^\s*([A-Za-z_][\w.\-]*(?:@[\w.\-]+)?)\s*(<=|>=|<|>)\s*(\S+)\s*$")
-CONSTRAINT_SYNTAX = "'<metric> <op> <number>' with op one of <=, >=, <, > (e.g. 'latency_ms <= 20')"
+_OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "<": operator.lt, ">": operator.gt}
+CONSTRAINT_OPS = tuple(_OPS)
+_CONSTRAINT = re.compile(r"^\s*([A-Za-z_][\w.\-]*(?:@[\w.\-]+)?)\s*(<=|>=|==|<|>)\s*(\S+)\s*$")
+CONSTRAINT_SYNTAX = "'<metric> <op> <number>' with op one of <=, >=, ==, <, > (e.g. 'latency_ms <= 20')"
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,15 @@ class Constraint:
         if _OPS[self.op](float(value), self.limit):
             return 0.0
         return max(abs(float(value) - self.limit), 1e-12)
+
+    def holds(self, values: Mapping[str, Any]) -> bool:
+        """Whether ``values`` meet it (a missing metric does not)."""
+        return self.violation(values) == 0.0
+
+    def shortfall(self, values: Mapping[str, Any]) -> float:
+        """How far ``values`` miss it, relative to its limit (0 when met, inf when the metric is absent)."""
+        violation = self.violation(values)
+        return float("inf") if violation is None else violation / (abs(self.limit) or 1.0)
 
     def __str__(self) -> str:
         return f"{self.metric} {self.op} {self.limit:g}"
