@@ -69,7 +69,7 @@ def run_job(job: Path, out: Path, workers: int, threads: int | None, budget: int
             ray_address: str | None = None) -> dict:
     import optuna
 
-    from slimsearch.search._types import EVALUATE_ATTR
+    from slimsearch.search import EVALUATE_ATTR
 
     cmd = [sys.executable, "-m", "slimsearch.cli", "run", str(job), "--out", str(out), "--workers", str(workers),
            "--no-progress"]
@@ -110,7 +110,7 @@ def check_stops(out: Path) -> dict:
     import torch
 
     from slimsearch.jobs.spec import JobSpec
-    from slimsearch.search._types import EVALUATE_ATTR, Constraint
+    from slimsearch.search import EVALUATE_ATTR, Constraint
     from slimsearch.jobs.early_stop import STEPS_METRIC, STOPPED_METRIC
     from slimsearch.jobs.worker import cached_task, build_space, evaluate_params
     from slimsearch.search.pareto import dominates

@@ -359,8 +359,7 @@ def twin_agreement(measured: list[float], pairs: list[tuple[int, int]], toleranc
 def nb201_rows(csv_path: Path, devices=NB201_DEVICES) -> list[dict]:
     import csv
 
-    from slimsearch.hardware_profiles import calibrate, load_profile, predict
-    from slimsearch.hardware_profiles._calibrate import report
+    from slimsearch.hardware_profiles import calibrate, load_profile, predict, report
 
     with open(csv_path, newline="") as f:
         table = list(csv.DictReader(f))
@@ -555,7 +554,7 @@ def with_channel_block(profile):
     """
     import dataclasses
 
-    from slimsearch.hardware_profiles._enums import Precision
+    from slimsearch.hardware_profiles import Precision
 
     block = nchwc_block()
     if profile.channel_block or block is None or Precision.FP32 not in profile.peak_gops:
@@ -568,8 +567,7 @@ def with_channel_block(profile):
 
 def local_rows(profile_path: Path, cache: Path | None = None) -> list[dict]:
     from slimsearch.compress import apply_plan
-    from slimsearch.hardware_profiles import calibrate, layer_costs, load_profile, predict
-    from slimsearch.hardware_profiles._calibrate import report
+    from slimsearch.hardware_profiles import calibrate, layer_costs, load_profile, predict, report
     from slimsearch.spaces import CompressionPlan
     from slimsearch.tasks import load_task
 

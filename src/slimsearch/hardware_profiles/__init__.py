@@ -14,7 +14,7 @@ Importing this package does not import torch; the functions that need it do.
 from __future__ import annotations
 
 from slimsearch.hardware_profiles._fit import FIT_PARAMETERS, calibrate
-from slimsearch.hardware_profiles._fit_report import FitReport, fit_report, kendall_tau, share_within
+from slimsearch.hardware_profiles._fit_report import FitReport, fit_report, kendall_tau, report, share_within
 from slimsearch.hardware_profiles._enums import Bound, DeviceKind, OpType, Precision
 from slimsearch.hardware_profiles._host import measure_host
 from slimsearch.hardware_profiles._layers import LayerCost, layer_costs
@@ -53,5 +53,6 @@ __all__ = [
     "measure_latency",
     "predict",
     "predict_model",
+    "report",
     "share_within",
 ]
