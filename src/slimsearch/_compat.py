@@ -26,6 +26,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "slimsearch.evaluators._channel_graph": ("slimsearch.structures._channel_graph",),
     "slimsearch.evaluators.transformer": ("slimsearch.structures.bert",),
     "slimsearch.storage.jobs": ("slimsearch.jobs.query",),
+    "slimsearch.evaluators.evaluate": ("slimsearch.evaluators.candidate", "slimsearch.compress.apply"),
     "slimsearch.job": ("slimsearch.jobs.spec", "slimsearch.jobs.load", "slimsearch.metric_names"),
     "slimsearch.search.job_runner": ("slimsearch.jobs.runner", "slimsearch.jobs.folder", "slimsearch.jobs.worker",
                                      "slimsearch.jobs.log"),
@@ -64,6 +65,14 @@ class _Moved(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             raise AttributeError(f"module {module.__name__!r} has no attribute {name!r}")
 
         module.__getattr__ = __getattr__
+        # importing it sets it as its parent's attribute: where that attribute was a function of the
+        # module's own name (evaluators.evaluate), the forwarding module calls that function
+        short = module.__name__.rpartition(".")[2]
+        function = next((getattr(t, short) for t in targets if callable(getattr(t, short, None))), None)
+        if function is not None:
+            from slimsearch._package import callable_package
+
+            callable_package(module.__name__, function)
 
 
 def moved_attribute(module: str, name: str, homes: tuple[str, ...]):
