@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from slimsearch.compress import apply_plan
-from slimsearch.evaluators.metrics import Metrics, Provenance
+from slimsearch.evaluators.costs import model_costs
+from slimsearch.evaluators.metrics import Metrics
 from slimsearch.spaces.plan import CompressionPlan
 from slimsearch.tasks import Split, Task
 
@@ -73,30 +75,19 @@ def model_metrics(model: nn.Module, task: Task, profiles: Sequence[Any], *, repe
     ``device:<profile>``, :class:`slimsearch.cluster.DeviceMeter`): that profile's
     ``latency_ms`` is then measured, its energy and cost stay modelled.
     """
-    from slimsearch.evaluators.estimate import modelled_costs, static_costs
-    from slimsearch.hardware_profiles import layer_costs
-
     values: dict[str, float | None] = {task.metric_name: score(model, task.val, task)}
     for name, metric in task.extra_metrics.items():
         values[name] = metric(model, task.val)
-    layers = layer_costs(model, task.example_input)
-    values.update(static_costs(model, layers))
-    provenance: dict[str, Provenance] = {}
-    for name, value in measure_local(model, task, repeats=repeats, energy=energy).items():
-        values[name] = value
-        provenance[name] = Provenance.MEASURED
-    costs = modelled_costs(layers, profiles, power_modes)
-    values.update(costs.values)
-    provenance.update(costs.provenance)
+    timers = None
     if devices:
         from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
 
-        graph = deployable_onnx_bytes(model, task.example_input)
-        for name, measure in devices.items():
-            if f"latency_ms@{name}" in values:
-                values[f"latency_ms@{name}"] = float(measure(graph, task.val.x[:1].numpy()))
-                provenance[f"latency_ms@{name}"] = Provenance.MEASURED
-    return Metrics(values=values, provenance=provenance)
+        graph, x = deployable_onnx_bytes(model, task.example_input), task.val.x[:1].numpy()
+        timers = {name: functools.partial(measure, graph, x) for name, measure in devices.items()}
+    costs = model_costs(model, task.example_input, profiles, power_modes, timers=timers,
+                        measured=measure_local(model, task, repeats=repeats, energy=energy))
+    values.update(costs.values)
+    return Metrics(values=values, provenance=costs.provenance)
 
 
 def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teacher_score: float | None = None,

@@ -10,11 +10,15 @@ accuracy is not estimated at all.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
-from slimsearch.evaluators.metrics import Metrics, Provenance
+# static_costs and modelled_costs live in costs.py; imported from here by older code
+from slimsearch.evaluators.costs import model_costs, modelled_costs, static_costs
+from slimsearch.evaluators.metrics import Metrics
 from slimsearch.spaces.plan import CompressionPlan
 from slimsearch.tasks import Task
+
+__all__ = ["estimate", "modelled_costs", "static_costs"]
 
 
 def estimate(task: Task, plan: CompressionPlan, profiles: Sequence[Any]) -> Metrics:
@@ -26,49 +30,6 @@ def estimate(task: Task, plan: CompressionPlan, profiles: Sequence[Any]) -> Metr
     weights only; its costs are therefore the trained candidate's.
     """
     from slimsearch.compress import apply_plan
-    from slimsearch.hardware_profiles import layer_costs
 
     model = apply_plan(task, replace(plan, distill=replace(plan.distill, steps=0)))
-    layers = layer_costs(model, task.example_input)
-    values: dict[str, float | None] = dict(static_costs(model, layers))
-    costs = modelled_costs(layers, profiles, plan.power_modes)
-    values.update(costs.values)
-    return Metrics(values=values, provenance=costs.provenance)
-
-
-def static_costs(model, layers) -> dict[str, float]:
-    """``size_bytes`` (packed), ``params``, ``macs`` and ``bitops`` of ``model`` with ``layer_costs`` ``layers``."""
-    from slimsearch.deploy.pack import packed_size
-
-    return {
-        "size_bytes": float(packed_size(model)),
-        "params": float(sum(p.numel() for p in model.parameters())),
-        "macs": float(sum(layer.macs for layer in layers)),
-        "bitops": float(sum(layer.macs * layer.weight_bits * layer.act_bits for layer in layers)),
-    }
-
-
-def modelled_costs(layers, profiles: Sequence[Any], power_modes: Mapping[str, str] | None = None) -> Metrics:
-    """``latency_ms@P``, ``energy_mj@P`` and ``cost_usd_per_1m@P`` of a model's ``layers`` on every
-    profile ``P`` (anything :func:`~slimsearch.hardware_profiles.load_profile` takes), at the
-    power mode ``power_modes`` names for it (its default otherwise), all modelled. A model that
-    does not run on a device as it is gets ``None`` figures there rather than a guess.
-    """
-    from slimsearch.exceptions import UnsupportedOnDevice
-    from slimsearch.hardware_profiles import load_profile, predict
-
-    values: dict[str, float | None] = {}
-    provenance: dict[str, Provenance] = {}
-    for ref in profiles:
-        profile = load_profile(ref)
-        name = profile.name
-        try:
-            pred = predict(layers, profile, power_mode=(power_modes or {}).get(name))
-            figures = (("latency_ms", pred.latency_ms), ("energy_mj", pred.energy_mj),
-                       ("cost_usd_per_1m", pred.cost_usd_per_1m))
-        except UnsupportedOnDevice:
-            figures = (("latency_ms", None), ("energy_mj", None), ("cost_usd_per_1m", None))
-        for key, value in figures:
-            values[f"{key}@{name}"] = value
-            provenance[f"{key}@{name}"] = Provenance.MODELLED
-    return Metrics(values=values, provenance=provenance)
+    return model_costs(model, task.example_input, profiles, plan.power_modes)

@@ -227,14 +227,11 @@ class EarlyStop:
         """The candidate's size, MACs and modelled device figures: fixed by the plan, computed once
         on a finalized copy (training changes weights, not shapes)."""
         if self._costs is None:
-            from slimsearch.evaluators.estimate import modelled_costs, static_costs
-            from slimsearch.hardware_profiles import layer_costs
+            from slimsearch.evaluators.costs import model_costs
 
-            model = self._finalized(student)
-            layers = layer_costs(model, self.task.example_input)
-            values = dict(static_costs(model, layers))
-            values.update(modelled_costs(layers, self.profiles, self.plan.power_modes).values)
-            self._costs = {k: v for k, v in values.items() if v is not None}
+            costs = model_costs(self._finalized(student), self.task.example_input, self.profiles,
+                                self.plan.power_modes)
+            self._costs = {k: v for k, v in costs.values.items() if v is not None}
         return self._costs
 
     def measured(self, student) -> dict[str, float]:
@@ -247,7 +244,9 @@ class EarlyStop:
         return self._measured
 
     def _finalized(self, student):
-        from slimsearch.compress import finalize
+        # not ``from slimsearch.compress import finalize``: once the submodule compress/finalize.py
+        # is imported, that package attribute is the module, not the function
+        from slimsearch.compress.apply import finalize
 
         return finalize(copy.deepcopy(student), self.task)
 
