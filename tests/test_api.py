@@ -62,3 +62,9 @@ def test_jobs_and_search_are_callable_and_packages():
     result = slimsearch.search({"x": [0, 1, 2]}, lambda p: {"y": float(p["x"])}, {"y": "max"}, budget=3,
                                executor="local", sampler="random")
     assert max(t.values["y"] for t in result.trials if t.values) == 2.0
+
+
+def test_export_stays_callable_once_its_module_is_imported():
+    import slimsearch.export  # what the command and the job code import
+
+    assert callable(slimsearch.export) and slimsearch.export.export_job

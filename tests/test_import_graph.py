@@ -146,3 +146,18 @@ def test_the_checks_fail_on_a_back_edge_and_a_cycle(tmp_path, monkeypatch):
         test_no_module_imports_a_layer_above_its_own()
     with pytest.raises(AssertionError, match="slimsearch.jobs.zz_a <-> slimsearch.jobs.zz_b"):
         test_the_import_graph_has_no_cycle()
+
+
+def test_no_package_exports_a_name_that_one_of_its_modules_has():
+    """Importing a submodule sets it as its package's attribute: a function of the same name
+    exported by the package would be replaced by the module (``compress.finalize``)."""
+    clashes = []
+    for init in PACKAGE.rglob("__init__.py"):
+        modules = {p.stem for p in init.parent.glob("*.py")} | {p.name for p in init.parent.iterdir() if p.is_dir()}
+        for node in ast.parse(init.read_text(encoding="utf-8")).body:
+            package = ".".join(init.parent.relative_to(SRC).parts)
+            names = ([node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else
+                     [a.asname or a.name for a in node.names if node.module != package]  # not the module itself
+                     if isinstance(node, ast.ImportFrom) else [])
+            clashes += [f"{init.parent.relative_to(SRC)}: {n}" for n in names if n in modules and n != "__init__"]
+    assert not clashes, "names that are also a module of the package:\n" + "\n".join(clashes)

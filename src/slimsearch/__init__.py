@@ -8,14 +8,15 @@ The functions below mirror the commands: ``run(job, **overrides)`` (``slimsearch
 ``jobs()`` (``slimsearch jobs``), ``status(job)``, ``front(job)`` and
 ``export(job, out, ...)``, where ``job`` is a registry id, a job name or a job folder;
 ``search(space, evaluate, objectives, ...)`` searches any objective. ``jobs`` and
-``search`` are also the packages of those names (:mod:`slimsearch._package`).
+``search`` are also the packages of those names, and ``export`` the module
+(:mod:`slimsearch._package`).
 """
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from slimsearch import _compat
 from slimsearch.exceptions import ConfigError, SlimSearchError
@@ -27,8 +28,9 @@ __all__ = ["ConfigError", "SlimSearchError", "__version__", "export", "front", "
 
 
 def __getattr__(name: str) -> Any:
-    # slimsearch.jobs() and slimsearch.search(...): callable packages, imported when first used
-    if name in ("jobs", "search"):
+    # slimsearch.jobs(), slimsearch.search(...) and slimsearch.export(...): callable modules of those
+    # names, imported when first used
+    if name in ("jobs", "search", "export"):
         return importlib.import_module(f"slimsearch.{name}")
     raise AttributeError(f"module 'slimsearch' has no attribute {name!r}")
 
@@ -56,14 +58,3 @@ def front(job: str | Path) -> list[dict]:
     from slimsearch.jobs.query import read_front
 
     return read_front(job)["front"]
-
-
-def export(job: str | Path, out: str | Path, *, run_id: Optional[str] = None, where: Optional[str] = None,
-           minimize: Optional[str] = None, formats: tuple[str, ...] = ("onnx", "torchscript"),
-           register: bool = True) -> dict:
-    """Export a candidate of ``job`` into folder ``out`` (as ``slimsearch export``); returns the manifest."""
-    from slimsearch.export import export_job
-    from slimsearch.jobs.query import resolve_job
-
-    return export_job(resolve_job(job).folder, Path(out), run_id=run_id, formats=formats, where=where,
-                      minimize=minimize, register=register)

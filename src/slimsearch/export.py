@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from slimsearch._io import atomic_write
+from slimsearch._package import callable_package
 from slimsearch.exceptions import ConfigError, JobStateError
 from slimsearch.jobs.early_stop import STEPS_METRIC, STOPPED_METRIC
 from slimsearch.search._types import CONSTRAINT_OPS, Constraint
@@ -345,3 +346,18 @@ def _record_export(job_dir: Path, out: Path, manifest: dict) -> None:
                                    model_version=reg.get("version"), alias=reg.get("alias"))
 
     safely(record)
+
+
+def export(job: str | Path, out: str | Path, *, run_id: Optional[str] = None, where: Optional[str] = None,
+           minimize: Optional[str] = None, formats: tuple[str, ...] = ("onnx", "torchscript"),
+           register: bool = True) -> dict:
+    """Export a candidate of ``job`` (a registry id, a job name or a job folder) into folder ``out``
+    (as ``slimsearch export``); returns the manifest. This module called is this function:
+    ``slimsearch.export(job, out, ...)``."""
+    from slimsearch.jobs.query import resolve_job
+
+    return export_job(resolve_job(job).folder, Path(out), run_id=run_id, formats=formats, where=where,
+                      minimize=minimize, register=register)
+
+
+callable_package(__name__, export)

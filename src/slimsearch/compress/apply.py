@@ -36,7 +36,7 @@ def apply_plan(task: "Task", plan: "CompressionPlan", *,
 
 def finalize(model: "nn.Module", task: "Task", plan: Optional["CompressionPlan"] = None) -> "nn.Module":
     """The deployable form of a (fine-tuned) student: the plan's steps from BatchNorm folding on."""
-    from slimsearch.compress.finalize import FOLD_ORDER
+    from slimsearch.compress.fold_and_freeze import FOLD_ORDER
     from slimsearch.spaces.plan import CompressionPlan
 
     plan = plan or CompressionPlan()

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from slimsearch.tasks import Task
 
 # The built-in method modules, imported (and so registered) on first use.
-BUILT_IN = ("prune", "quantize", "sparsity", "lowrank", "calibrate", "distill", "finalize")
+BUILT_IN = ("prune", "quantize", "sparsity", "lowrank", "calibrate", "distill", "fold_and_freeze")
 
 
 class Context(NamedTuple):

@@ -244,9 +244,7 @@ class EarlyStop:
         return self._measured
 
     def _finalized(self, student):
-        # not ``from slimsearch.compress import finalize``: once the submodule compress/finalize.py
-        # is imported, that package attribute is the module, not the function
-        from slimsearch.compress.apply import finalize
+        from slimsearch.compress import finalize
 
         return finalize(copy.deepcopy(student), self.task)
 
