@@ -198,7 +198,7 @@ def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
         raise ConfigError(f"--format: {bad[0] if bad else 'nothing'!r} is not a format; allowed: {list(FORMATS)}")
     if run_id and (where or minimize):
         raise ConfigError("--run names the candidate itself; it cannot be combined with --where or --minimize")
-    out = safe_out(out, [FILE_NAMES[f] for f in formats] + ["manifest.json", "manifest.json.tmp"])
+    out = safe_out(out, [FILE_NAMES[f] for f in formats] + ["manifest.json"])
     from slimsearch.evaluators import score
     from slimsearch.evaluators.candidate import measure_local
     from slimsearch.deploy.pack import packed_size

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from slimsearch._io import atomic_write
 from slimsearch.exceptions import ConfigError, JobStateError
 from slimsearch.jobs.spec import JobSpec
 
@@ -37,12 +37,7 @@ def write_json(path: Path, data: Any) -> None:
 
     text = json.dumps(data, indent=2, sort_keys=True)
     # With a database password in it (job.json keeps the URLs it reopens): readable by its owner only.
-    mode = 0o600 if redact(text) != text else 0o666
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.unlink(missing_ok=True)
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, text, mode=0o600 if redact(text) != text else 0o666)
 
 
 def job_state(spec: JobSpec, out: Path, resume: bool) -> dict:

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Mapping, Optional
 
+from slimsearch._io import atomic_path
+
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "slimsearch.trial"
 JOB_TAG = "slimsearch.job"
@@ -73,16 +75,12 @@ def _seed_sqlite_store(tracking_uri: str) -> None:
         empty = cache_dir() / "mlflow" / f"empty-store-{mlflow.__version__}.db"
         if not empty.exists():
             empty.parent.mkdir(parents=True, exist_ok=True)
-            making = empty.with_name(f"{empty.name}.{os.getpid()}.tmp")
-            making.unlink(missing_ok=True)
-            engine = create_engine(f"sqlite:///{making}")
-            try:
-                _initialize_tables(engine)
-                engine.dispose()
-                os.replace(making, empty)  # whole or absent: drivers making it at once each write their own
-            finally:
-                engine.dispose()
-                making.unlink(missing_ok=True)
+            with atomic_path(empty) as making:  # whole or absent: drivers making it at once each write their own
+                engine = create_engine(f"sqlite:///{making}")
+                try:
+                    _initialize_tables(engine)
+                finally:
+                    engine.dispose()
         copy = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         shutil.copyfile(empty, copy)
         try:

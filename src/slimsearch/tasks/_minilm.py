@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimsearch._io import atomic_path
 from slimsearch.exceptions import ConfigError
 from slimsearch.tasks._base import Preprocessing, Split, Task
 from slimsearch.tasks._cache import cache_dir, file_sha256
@@ -235,9 +236,8 @@ def _load_or_build(path, build) -> dict[str, torch.Tensor]:
     if not path.exists():
         data = build()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(data, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(data, tmp)
         return data
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
