@@ -11,10 +11,11 @@ from torch import nn
 from slimsearch.compress import apply_plan
 from slimsearch.evaluators.costs import model_costs
 from slimsearch.evaluators.metrics import Metrics
+from slimsearch.metric_names import LOCAL_PROFILE
 from slimsearch.spaces.plan import CompressionPlan
 from slimsearch.tasks import Split, Task
 
-LOCAL = "local"
+LOCAL = LOCAL_PROFILE
 ENERGY_AUTO = "auto"  # measure_local's default: use the CPU energy meter this machine has, if any
 ENERGY_MIN_TIME_S = 0.5  # RAPL counters tick about once a millisecond: count over long enough
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Mapping, Optional
 
+from slimsearch.metric_names import PROFILE_METRICS
+
 
 class Provenance(str, Enum):
     """Where a latency, energy or cost figure comes from (DESIGN.md, "Honesty rules")."""
@@ -52,7 +54,7 @@ class Metrics:
         return cls.from_dict(json.loads(text))
 
 
-COST_METRICS = ("latency_ms", "energy_mj", "cost_usd_per_1m")  # and latency_ms_b<N> (batch N)
+COST_METRICS = PROFILE_METRICS  # and latency_ms_b<N> (batch N)
 _BATCH_LATENCY = re.compile(r"latency_ms_b\d+")
 
 
