@@ -120,6 +120,7 @@ def test_report_is_written_and_logged_to_the_parent_run(job):
     assert {"report.html", "front.json", "front.html"} <= names
 
 
+@pytest.mark.slow
 def test_report_of_a_real_job_renders_in_chromium(job):
     from slimsearch.dashboards.browser import find_chromium, render
 
@@ -222,6 +223,7 @@ def test_export_refuses_a_job_whose_teacher_changed(job, tmp_path):
     assert not (tmp_path / "x" / "model.onnx").exists()
 
 
+@pytest.mark.slow
 def test_ui_serves_the_jobs_experiment_on_loopback(job):
     from slimsearch.storage.ui import start_ui
 
@@ -281,6 +283,7 @@ def test_front_members_carry_their_onnx_model_and_it_reproduces_their_metric(job
     assert list((job.out / "models").iterdir()) == []  # logged, then removed; the dominated ones deleted
 
 
+@pytest.mark.slow
 def test_ui_command_prints_its_loopback_url_and_stops_on_ctrl_c(job):
     import os
     import signal
@@ -307,6 +310,7 @@ def test_ui_command_prints_its_loopback_url_and_stops_on_ctrl_c(job):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
 
 
+@pytest.mark.slow
 def test_report_command_draws_a_given_random_search_baseline_and_takes_a_screenshot(job, tmp_path):
     from slimsearch.dashboards.browser import find_chromium
 

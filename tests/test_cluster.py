@@ -186,6 +186,7 @@ def _measure_tasks(cluster) -> list[dict]:
     return _python(MEASURE_TASKS.format(dashboard=cluster.dashboard, profile=PI), cluster.env)
 
 
+@pytest.mark.slow
 def test_run_joins_the_cluster_and_the_device_node_measures_its_latency(cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -235,6 +236,7 @@ def _jobs(env: dict, cwd: Path) -> list[dict]:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_submit_goes_through_the_job_api_and_the_registry_follows_it(cluster, tmp_path):
     job, out = _job(tmp_path / "job", "digits-submitted"), tmp_path / "out"
     result = _slimsearch(["submit", str(job), "--address", cluster.dashboard, "--out", str(out),
@@ -269,6 +271,7 @@ def test_submit_goes_through_the_job_api_and_the_registry_follows_it(cluster, tm
     assert sid in table and "ray submission" in table
 
 
+@pytest.mark.slow
 def test_a_submitted_job_that_fails_on_the_head_is_recorded_failed_with_rays_reason(cluster, tmp_path):
     job = _job(tmp_path / "job", "digits-fails")
     blocker = tmp_path / "a-file"
@@ -315,6 +318,7 @@ def test_an_address_nothing_listens_on_is_one_line_exit_2_and_writes_nothing(wri
     assert not any(j["name"] == "x" for j in json.loads(_main("jobs", "--json").stdout))  # nothing registered
 
 
+@pytest.mark.slow
 def test_a_version_1_registry_gains_the_submission_columns(tmp_path):
     from sqlalchemy import create_engine, inspect, text
 

@@ -58,7 +58,8 @@ def atomic_path(path: Union[str, "os.PathLike[str]"], *, suffix: str = ".tmp") -
         yield tmp
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # gone already; or a folder that cannot be written
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write(path: Union[str, "os.PathLike[str]"], data: Union[bytes, str], *, mode: int = 0o666) -> None:

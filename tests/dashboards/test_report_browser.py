@@ -10,6 +10,8 @@ from slimsearch.dashboards.browser import find_chromium, render
 from slimsearch.dashboards.report import write_report
 from tests._real import missing
 
+pytestmark = pytest.mark.slow  # a real browser
+
 
 
 @pytest.fixture(autouse=True)

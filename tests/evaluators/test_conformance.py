@@ -46,6 +46,7 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_a_plan_gives_the_same_model_for_the_same_seed(task):
     plan = _plan(task)
     first, second = apply_plan(task, plan), apply_plan(task, plan)

@@ -38,6 +38,7 @@ def _curve(out: Path, candidate: dict) -> dict:
     return json.loads(curve_file(out, CompressionPlan.from_dict(candidate["plan"])).read_text())
 
 
+@pytest.mark.slow
 def test_hopeless_candidates_are_stopped_and_kept_off_the_front(job):
     candidates = sorted(job.front["candidates"], key=lambda c: c["trial"])
     stopped = [c for c in candidates if c["metrics"][STOPPED_METRIC] == 1.0]
@@ -54,6 +55,7 @@ def test_hopeless_candidates_are_stopped_and_kept_off_the_front(job):
     assert len(candidates) == JOB["search"]["budget"]
 
 
+@pytest.mark.slow
 def test_each_stop_follows_from_the_candidates_finished_before_it(job):
     """Nothing stops before three candidates finished; a stopped candidate's metric at its check
     plus the largest share of the gap to the teacher that an earlier finished candidate, at least
@@ -77,6 +79,7 @@ def test_each_stop_follows_from_the_candidates_finished_before_it(job):
             finished.append({"points": curve["points"], "final": c["metrics"]["accuracy"]})
 
 
+@pytest.mark.slow
 def test_mlflow_tags_the_stopped_candidates(job):
     from mlflow.tracking import MlflowClient
 
@@ -93,6 +96,7 @@ def test_mlflow_tags_the_stopped_candidates(job):
         assert run.data.metrics[STEPS_METRIC] == c["metrics"][STEPS_METRIC]
 
 
+@pytest.mark.slow
 def test_export_refuses_a_stopped_candidate(job, tmp_path):
     stopped = next(c for c in job.front["candidates"] if c["metrics"][STOPPED_METRIC])
     result = _cli("export", str(job.out), "--run", stopped["run_id"], "--out", str(tmp_path / "export"))
@@ -169,6 +173,7 @@ def test_nothing_stops_before_the_gains_are_known(tmp_path, teacher_cache):
     assert stopper(stopper.every, task.teacher) is True  # two finished curves are not enough
 
 
+@pytest.mark.slow
 def test_checking_a_candidate_leaves_its_training_unchanged(tmp_path, teacher_cache):
     """A candidate checked (scored, its costs computed, its latency timed) and not stopped ends exactly
     where it ends unchecked: export rebuilds candidates without checks."""

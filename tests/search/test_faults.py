@@ -136,6 +136,7 @@ def _failed_with(trials, text: str) -> list:
     return [t for t in _by_state(trials, "FAIL") if text in t.user_attrs["error"]]
 
 
+@pytest.mark.slow
 def test_ray_worker_killed_mid_candidate_is_retried_then_failed_and_the_search_completes(ray_faults):
     actions = [a for a, _ in ray_faults.claims]
     assert actions[:7] == ["kill", "kill", "raise", "nan", "alloc", "hang", "kill"]
@@ -156,6 +157,7 @@ def test_ray_worker_killed_mid_candidate_is_retried_then_failed_and_the_search_c
     assert len(ray_faults.result.candidates) == 2
 
 
+@pytest.mark.slow
 def test_candidate_that_raises_is_failed_with_its_error_and_the_search_goes_on(ray_faults):
     (raised,) = _failed_with(ray_faults.trials, "injected fault: this candidate's loss function raised")
     assert raised.user_attrs["error"].startswith("RuntimeError: ")
@@ -164,6 +166,7 @@ def test_candidate_that_raises_is_failed_with_its_error_and_the_search_goes_on(r
     assert any(t.number > raised.number for t in _by_state(ray_faults.trials, "COMPLETE"))
 
 
+@pytest.mark.slow
 def test_candidate_whose_loss_becomes_nan_is_failed_naming_the_step(ray_faults):
     (nan,) = _failed_with(ray_faults.trials, "loss became NaN at step 3 of 10")
     assert nan.user_attrs["error"].startswith("FloatingPointError: distillation loss became NaN at step 3")
@@ -171,6 +174,7 @@ def test_candidate_whose_loss_becomes_nan_is_failed_naming_the_step(ray_faults):
     assert "loss became NaN at step 3" in by_trial[nan.number].data.tags["error"]
 
 
+@pytest.mark.slow
 def test_candidate_over_the_memory_limit_is_failed_naming_the_limit(ray_faults):
     (over,) = _failed_with(ray_faults.trials, "exceeded search.memory_limit_mb = 1024 MiB")
     assert over.user_attrs["error"].startswith("MemoryError: ")
@@ -181,6 +185,7 @@ def test_candidate_over_the_memory_limit_is_failed_naming_the_limit(ray_faults):
     assert any(t.number > over.number for t in _by_state(ray_faults.trials, "COMPLETE"))
 
 
+@pytest.mark.slow
 def test_candidate_past_the_time_limit_is_failed_naming_it_and_its_worker_goes_on(ray_faults):
     (late,) = _failed_with(ray_faults.trials, f"exceeded its time limit (time_limit_s = {TIME_LIMIT_S} s")
     assert late.user_attrs["error"].startswith("TimeoutError: ")
@@ -194,6 +199,7 @@ def test_candidate_past_the_time_limit_is_failed_naming_it_and_its_worker_goes_o
     assert any(t.number > late.number for t in _by_state(ray_faults.trials, "COMPLETE"))
 
 
+@pytest.mark.slow
 def test_failed_candidates_are_listed_in_front_json_and_never_on_the_front(ray_faults):
     data = json.loads((ray_faults.out / "front.json").read_text())
     failed = {t.number: t.user_attrs["error"] for t in _by_state(ray_faults.trials, "FAIL")}
@@ -251,6 +257,7 @@ def _gone(pid: int, limit_s: float = 120) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_driver_killed_mid_search_resumes_to_exactly_the_budget(tmp_path, monkeypatch, executor):
     from slimsearch.storage.registry import Registry
@@ -304,6 +311,7 @@ def test_driver_killed_mid_search_resumes_to_exactly_the_budget(tmp_path, monkey
 # --- the driver stopped with SIGTERM or Ctrl-C mid-search, then resumed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, 143, "stopped by SIGTERM"),
                                              (signal.SIGINT, 130, "interrupted")])
 def test_driver_stopped_mid_search_says_so_everywhere_and_resumes(tmp_path, monkeypatch, sig, code, said):
@@ -383,6 +391,7 @@ class _MlflowLock:
 DIGITS = {"prune_ratio": [0.0, 0.25, 0.5], "weight_bits": [4, 8, 32], "act_bits": [8, 32], "distill_steps": [0]}
 
 
+@pytest.mark.slow
 def test_mlflow_store_locked_for_a_while_gets_every_candidate_once_it_is_back(tmp_path):
     from slimsearch.jobs.load import load_job
     from slimsearch.jobs.runner import run_job
@@ -403,6 +412,7 @@ def test_mlflow_store_locked_for_a_while_gets_every_candidate_once_it_is_back(tm
     assert len(by_trial) == 2
 
 
+@pytest.mark.slow
 def test_mlflow_store_down_until_the_end_stops_cleanly_and_resume_logs_everything(tmp_path):
     from slimsearch.exceptions import JobStateError
     from slimsearch.jobs.load import load_job

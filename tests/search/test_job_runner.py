@@ -216,6 +216,7 @@ def test_resumed_trials_are_new_plans(resumed_job):
     assert [t.number for t in trials if t.number >= 3 and t.params in earlier] == []
 
 
+@pytest.mark.slow
 def test_ray_executor_runs_each_candidate_once(tmp_path, request):
     import ray
 

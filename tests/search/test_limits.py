@@ -70,6 +70,7 @@ def test_the_limit_stops_a_loop_in_a_worker_thread_and_leaves_the_thread_usable(
     assert outcome["second"] == 45
 
 
+@pytest.mark.slow
 def test_a_limit_that_fires_as_the_call_ends_never_escapes_it():
     # Limits about as long as the work, thousands of times, in two threads at once: whenever
     # the timer fires at the boundary, the exception is either delivered inside (a

@@ -61,18 +61,19 @@ def test_a_constrained_metric_evaluate_does_not_report_makes_the_trial_infeasibl
     ("latency_ms@jetson-orin-nano<5", Constraint("latency_ms@jetson-orin-nano", "<", 5.0)),
     ("  accuracy_drop>=-0.01 ", Constraint("accuracy_drop", ">=", -0.01)),
     ("size_bytes <= 1e6", Constraint("size_bytes", "<=", 1e6)),
+    ("drop == 0", Constraint("drop", "==", 0.0)),
 ])
 def test_constraints_parse(text, parsed):
     assert Constraint.parse(text) == parsed
 
 
-@pytest.mark.parametrize("text", ["latency_ms == 20", "latency_ms <= twenty", "<= 20", "latency_ms", "a <= 1 <= 2",
+@pytest.mark.parametrize("text", ["latency_ms = 20", "latency_ms <= twenty", "<= 20", "latency_ms", "a <= 1 <= 2",
                                   "latency_ms <= nan", "latency_ms => 3", 20])
 def test_bad_constraints_are_refused_in_one_line_naming_them(text):
     with pytest.raises(ConfigError) as info:
         search(SPACE, evaluate, OBJECTIVES, constraints=[text], budget=1)
     message = str(info.value)
-    assert "\n" not in message and repr(text) in message and "<=, >=, <, >" in message
+    assert "\n" not in message and repr(text) in message and "<=, >=, ==, <, >" in message
 
 
 @pytest.mark.parametrize("kwargs, needle", [
@@ -198,6 +199,7 @@ def test_a_search_on_storage_continues_to_the_budget(tmp_path):
     assert len(set(keys)) == len(keys)  # no candidate evaluated twice
 
 
+@pytest.mark.slow
 def test_ray_executor_runs_the_budget_exactly_once_with_two_workers(tmp_path):
     ray = pytest.importorskip("ray")
     from slimsearch.ray_runtime import start_ray

@@ -36,8 +36,9 @@ def test_json_round_trip_gives_an_equal_plan(seed):
 def test_json_is_plain_data_with_every_choice():
     plan = CompressionPlan(layers={"conv1": LayerPlan(0.5, 4, 8)}, distill=DistillPlan(steps=100), seed=7)
     data = json.loads(plan.to_json())
-    assert data["layers"] == {"conv1": {"prune_ratio": 0.5, "weight_bits": 4, "act_bits": 8, "group_size": 0,
-                                        "symmetric": True, "sparsity": 0.0, "sparsity_pattern": "unstructured"}}
+    assert data["layers"] == {"conv1": {"prune_ratio": 0.5, "weight_bits": 4, "act_bits": 8, "rank_ratio": 1.0,
+                                        "group_size": 0, "symmetric": True, "sparsity": 0.0,
+                                        "sparsity_pattern": "unstructured"}}
     assert data["distill"]["steps"] == 100
     assert data["seed"] == 7
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # a real PostgreSQL server
+
 SPACE = {  # 15 searched dimensions on digits' five layers: far more plans than any budget here
     "prune_ratio": [0.0, 0.25, 0.5],
     "weight_bits": [2, 3, 4, 5, 6, 8],

@@ -59,7 +59,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     from slimsearch.search.driver import default_threads, failure_cap, run_trials
     from slimsearch.search.samplers import make_sampler, seeded_at_first_trial
     from slimsearch.storage import default_storage_url, default_tracking_uri, redact
-    from slimsearch.storage.urls import claim_folder, claim_sqlite
+    from slimsearch.storage.locks import claim_folder, claim_sqlite
     from slimsearch.storage.tracking import Tracker, mlflow_key
 
     out = Path(out).resolve()

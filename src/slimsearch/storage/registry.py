@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from slimsearch.exceptions import ConfigError
-from slimsearch.storage.urls import driver_gone, redact
+from slimsearch.storage.locks import driver_gone
+from slimsearch.storage.urls import redact
 
 ENV_URL = "SLIMSEARCH_REGISTRY"
 ENV_HOME = "SLIMSEARCH_HOME"
@@ -38,7 +39,7 @@ class JobStatus(str, Enum):
     FAILED = "failed"
     STOPPED = "stopped"  # interrupted (Ctrl-C, SIGTERM); --resume continues it
     # never stored: "running" in the registry, but the driver ended without saying so (SIGKILL, out of
-    # memory, the machine restarted), seen when it no longer holds its job folder (urls.driver_gone)
+    # memory, the machine restarted), seen when it no longer holds its job folder (locks.driver_gone)
     LOST = "lost"
 
 

@@ -9,7 +9,8 @@ import os
 import pytest
 
 from slimsearch.exceptions import JobStateError
-from slimsearch.storage.urls import claim_folder, claim_sqlite, driver_gone, redact, sqlite_path
+from slimsearch.storage.locks import claim_folder, claim_sqlite, driver_gone
+from slimsearch.storage.urls import redact, sqlite_path
 
 
 @pytest.mark.parametrize("url, shown", [
@@ -69,7 +70,7 @@ def test_a_job_folder_is_held_by_one_driver_and_one_killed_is_seen_gone(tmp_path
     assert not driver_gone(tmp_path)  # never held: nothing to tell
     holder = subprocess.Popen([sys.executable, "-c", (
         "import time\n"
-        "from slimsearch.storage.urls import claim_folder\n"
+        "from slimsearch.storage.locks import claim_folder\n"
         f"lock = claim_folder({str(tmp_path)!r}); print('held', flush=True); time.sleep(600)")],
         stdout=subprocess.PIPE, text=True)
     try:
