@@ -35,3 +35,10 @@ def sqlite_path(url: str) -> Optional[Path]:
     if match is None or match.group(1) in ("", ":memory:"):
         return None
     return Path(match.group(1)).expanduser().resolve()
+
+
+def __getattr__(name: str):
+    """The driver locks that lived here (claim_folder, claim_sqlite, driver_gone), forwarded for one release."""
+    from slimsearch._compat import moved_attribute
+
+    return moved_attribute(__name__, name, ("slimsearch.storage.locks",))
