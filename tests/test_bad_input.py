@@ -262,6 +262,8 @@ JOB_FILE_ROWS: list[tuple[str, Any, list[str]]] = [
      ["search.early_stopping_margin: Input should be a finite number", "(got inf)"]),
     ("distill-lr-infinite", {"space.distill_lr": [float("inf")]},
      ["space.distill_lr: distill_lr choice inf is not allowed", "allowed: numbers > 0"]),
+    ("distill-lr-beyond-a-float", {"space.distill_lr": [10**400]},
+     ["space.distill_lr: distill_lr choice 1000", "is not allowed", "allowed: numbers > 0"]),
     ("distill-temperature-infinite", {"space.distill_temperature": [4.0, float("inf")]},
      ["space.distill_temperature: distill_temperature choice inf is not allowed", "allowed: numbers > 0"]),
     ("storage-not-an-sqlite-file", {"storage": "sqlite:///{tmp}/notes.txt"},
