@@ -12,7 +12,7 @@ from slimsearch.compress.lowrank import LowRankConfig, factorise, low_rank, rank
 from slimsearch.compress.quant.layers import QLinear, quantized_twin
 from slimsearch.exceptions import ConfigError
 from slimsearch.spaces import CompressionPlan
-from slimsearch.spaces.plan import LayerPlan
+from slimsearch.spaces.plan import DistillPlan, LayerPlan
 from slimsearch.tasks import Preprocessing, Split, Task
 from slimsearch.tasks._base import accuracy
 
@@ -132,3 +132,16 @@ def test_a_job_space_searches_the_rank_ratio_of_a_named_layer():
     assert "rank_ratio.conv1" not in dict(space.choices)  # one value (1.0, the default): not a parameter
     plan = space.plan_from_params({name: values[0] for name, values in space.choices})
     assert plan.layer("fc1").rank_ratio == 0.25 and plan.layer("conv1").rank_ratio == 1.0
+
+
+def test_apply_plan_leaves_the_teacher_as_it_was():
+    """The teacher is copied once, before the first method that would change it (pruning copies
+    by itself); a pruned, quantized, factorised and distilled candidate leaves it untouched."""
+    task = _task()
+    before = {k: v.clone() for k, v in task.teacher.state_dict().items()}
+    plan = CompressionPlan(layers={"0": LayerPlan(prune_ratio=0.5, weight_bits=4), "5": LayerPlan(rank_ratio=0.25)},
+                           distill=DistillPlan(steps=3))
+    model = apply_plan(task, plan)
+    assert model is not task.teacher and model[0].out_channels == 8
+    after = task.teacher.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

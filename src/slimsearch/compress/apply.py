@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Callable, Optional
 
-from slimsearch.compress.registry import Context, apply_config, methods, plan_configs
+from slimsearch.compress.registry import Context, apply_config, method_of, methods, plan_configs
 
 if TYPE_CHECKING:
     from torch import nn
@@ -28,10 +28,13 @@ def apply_plan(task: "Task", plan: "CompressionPlan", *,
 
     torch.manual_seed(plan.seed)
     context = Context(task=task, plan=plan, on_chunk=on_chunk, chunk_every=chunk_every)
-    model = copy.deepcopy(task.teacher)
+    model, owned = task.teacher, False  # the teacher is copied once, before a method would change it
     for config in plan_configs(plan):
-        model = apply_config(model, config, context)
-    return model
+        method = method_of(config)
+        if not owned and not method.copies:
+            model = copy.deepcopy(model)
+        model, owned = method.apply(model, config, context), True
+    return model if owned else copy.deepcopy(model)
 
 
 def finalize(model: "nn.Module", task: "Task", plan: Optional["CompressionPlan"] = None) -> "nn.Module":

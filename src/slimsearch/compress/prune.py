@@ -38,7 +38,7 @@ def _from_plan(plan: CompressionPlan) -> PruneConfig | None:
     return PruneConfig(ratios=ratios, drop=plan.drop, importance=plan.importance)
 
 
-@register("prune", PruneConfig, order=10, from_plan=_from_plan)
+@register("prune", PruneConfig, order=10, from_plan=_from_plan, copies=True)  # the structures prune a copy
 def prune(model, config: PruneConfig, context: Context):
     """The model with the groups' channels physically removed and the blocks dropped."""
     from slimsearch.structures.channels import ChannelStructure

@@ -46,6 +46,7 @@ class Method:
     order: int  # lower runs first
     from_plan: Callable[["CompressionPlan"], Optional[Any]]  # the plan's config for it, None when unused
     apply: Callable[["nn.Module", Any, Context], "nn.Module"]
+    copies: bool = False  # apply returns a new model and leaves its input as it was
 
 
 _METHODS: dict[type, Method] = {}
@@ -53,8 +54,9 @@ _loaded = False
 
 
 def register(name: str, config_type: type, *, order: int,
-             from_plan: Callable[["CompressionPlan"], Optional[Any]]) -> Callable:
-    """Decorator: register ``apply(model, config, context) -> model`` for ``config_type``."""
+             from_plan: Callable[["CompressionPlan"], Optional[Any]], copies: bool = False) -> Callable:
+    """Decorator: register ``apply(model, config, context) -> model`` for ``config_type``. An apply
+    function may change the model it is given in place, unless ``copies``: it returns a new one."""
     if not (dataclasses.is_dataclass(config_type) and config_type.__dataclass_params__.frozen):
         raise TypeError(f"a method's config must be a frozen dataclass, got {config_type!r}")
 
@@ -62,7 +64,7 @@ def register(name: str, config_type: type, *, order: int,
         taken = [m.name for m in _METHODS.values() if m.name == name and m.config_type is not config_type]
         if taken:
             raise ValueError(f"compression method name {name!r} is registered already")
-        _METHODS[config_type] = Method(name, config_type, order, from_plan, apply)
+        _METHODS[config_type] = Method(name, config_type, order, from_plan, apply, copies)
         return apply
 
     return decorate
