@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from slimsearch.hardware_profiles._fit import FIT_PARAMETERS, calibrate
 from slimsearch.hardware_profiles._fit_report import FitReport, fit_report, kendall_tau, report, share_within
+from slimsearch.hardware_profiles._decode import DecoderFootprint, DecoderPrediction, predict_decoder
 from slimsearch.hardware_profiles._enums import Bound, DeviceKind, OpType, Precision
 from slimsearch.hardware_profiles._host import measure_host
 from slimsearch.hardware_profiles._layers import LayerCost, layer_costs
@@ -32,6 +33,8 @@ from slimsearch.hardware_profiles._profile import HardwareProfile, PowerMode
 __all__ = [
     "FIT_PARAMETERS",
     "Bound",
+    "DecoderFootprint",
+    "DecoderPrediction",
     "DeviceKind",
     "FitReport",
     "HardwareProfile",
@@ -52,6 +55,7 @@ __all__ = [
     "measure_host",
     "measure_latency",
     "predict",
+    "predict_decoder",
     "predict_model",
     "report",
     "share_within",
