@@ -161,3 +161,16 @@ def tied(model: "nn.Module") -> bool:
     """Whether the output projection shares its weight with the input embedding."""
     out = model.get_output_embeddings()
     return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+def ffn_width(model: "nn.Module") -> int:
+    """The FFN's inner width from the model's config (GPT-2's ``n_inner``, ``4 * n_embd`` when unset)."""
+    config = model.config
+    width = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+    return int(width or 4 * config.n_embd)
+
+
+def final_hidden(model: "nn.Module", input_ids: "torch.Tensor") -> "torch.Tensor":
+    """The decoder's last hidden states ``(batch, seq, hidden)``, after the final norm: what the
+    output projection (:meth:`get_output_embeddings`) turns into logits. No key/value cache."""
+    return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
