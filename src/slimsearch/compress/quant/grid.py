@@ -3,7 +3,9 @@ or per group of ``group_size`` consecutive input elements of each output row,
 symmetric (codes in ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``) or asymmetric (codes
 in ``[0, 2**bits - 1]`` with a zero point per group). Per-group scales are stored as
 8-bit multiples of one float32 step per tensor (two-level scales, as GGUF's k-quants
-and NVFP4 do), so that scales cost 8 bits per group, not 32.
+and NVFP4 do), so that scales cost 8 bits per group, not 32; ``two_level=False`` keeps
+them as plain float32 per group, as GPTQ, AWQ, compressed-tensors and onnxruntime's
+MatMulNBits store them (the LLM path).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ class QuantizedWeight(NamedTuple):
         scale: float32 scale per output channel and group, shape ``(out, groups)``.
         zero_point: int32 code of 0.0 per output channel and group, ``(out, groups)``
             (all zero when symmetric).
-        scale_step: per-group scales only: the float32 step the scales are 8-bit
-            multiples of (``scale == scale_codes * scale_step``); None per channel.
+        scale_step: two-level per-group scales only: the float32 step the scales are
+            8-bit multiples of (``scale == scale_codes * scale_step``); None per channel
+            or with plain float32 scales per group.
         bits: code width.
         group_size: input elements per scale; 0 = one scale per output channel.
         symmetric: symmetric (signed codes) or asymmetric (unsigned codes).
@@ -49,7 +52,7 @@ class QuantizedWeight(NamedTuple):
     def scale_codes(self) -> torch.Tensor:
         """Per-group scales as their 8-bit codes (int32, ``(out, groups)``)."""
         if self.scale_step is None:
-            raise ValueError("per-channel scales are stored as float32, not as codes")
+            raise ValueError("these scales are stored as float32, not as codes")
         return torch.round(self.scale / self.scale_step).to(torch.int32)
 
     def dequantize(self) -> torch.Tensor:
@@ -108,13 +111,15 @@ def quantize_weight(
     scale: Optional[torch.Tensor] = None,
     zero_point: Optional[torch.Tensor] = None,
     scale_step: Optional[torch.Tensor] = None,
+    two_level: bool = True,
 ) -> QuantizedWeight:
     """Round ``weight`` to its integer grid.
 
     With ``scale`` (and ``zero_point``, ``scale_step``) given, the codes are taken on
     that grid; otherwise the grid is fitted: symmetric scale ``max|w| / qmax``, or
     asymmetric over ``[min(w, 0), max(w, 0)]`` so that 0.0 is always exactly a code
-    (pruned weights stay exactly zero).
+    (pruned weights stay exactly zero). ``two_level`` stores fitted per-group scales as
+    8-bit multiples of a per-tensor step; without it they stay plain float32.
     """
     if not 2 <= bits <= 16:
         raise ConfigError(f"weight bits must be in [2, 16], got {bits}")
@@ -133,7 +138,7 @@ def quantize_weight(
             hi = grouped.amax(-1).clamp_min(0.0)
             scale = ((hi - lo) / hi_code).clamp_min(1e-12)
         scale_step = None
-        if g:
+        if g and two_level:
             scale, scale_step = _two_level(scale)
         if not symmetric:
             zero_point = torch.clamp(torch.round(-lo / scale), lo_code, hi_code).to(torch.int32)
