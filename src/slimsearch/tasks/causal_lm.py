@@ -34,6 +34,7 @@ __all__ = ["Corpus", "LMScores", "TextSplit", "Tokenizer", "documents", "load_ca
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 def smollm2_folder() -> Path:
@@ -106,9 +107,9 @@ def load_causal_lm(path: Union[str, "os.PathLike[str]"], *, gguf_file: Optional[
     if gguf_name:
         kwargs["gguf_file"] = gguf_name
     try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)  # first: it fails sooner and cheaper
         model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True,
                                                            **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         reason = " ".join(str(exc).split())[:300]
         raise ConfigError(f"{where}: could not be loaded as a causal LM ({type(exc).__name__}: {reason})") from None
@@ -150,6 +151,10 @@ def _resolve(path: Path, gguf_file: Optional[str]) -> tuple[Path, Optional[str]]
         what = f"{path}: is a {model_type!r} model"
         if model_type in SUPPORTED_MODEL_TYPES and not any((path / name).is_file() for name in _WEIGHT_FILES):
             raise ConfigError(f"{path}: has a config.json but no weights file; allowed: one of {list(_WEIGHT_FILES)}")
+        # without these, transformers builds an empty tokenizer from the config and says nothing
+        if model_type in SUPPORTED_MODEL_TYPES and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+            raise ConfigError(f"{path}: has no tokenizer; allowed: a folder with one of {list(_TOKENIZER_FILES)} "
+                              "(tokenizer.save_pretrained writes them)")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"{what}, not a decoder-only causal LM slimsearch supports; allowed model_type: {allowed}")
     return path, gguf_file
