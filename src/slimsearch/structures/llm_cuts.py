@@ -96,13 +96,14 @@ def importance(model: "nn.Module", calibration: "torch.Tensor", *, batch_size: i
         return hook
 
     def on_o(i, module):
-        weight = llm.weight_of(module).detach()
-        w = weight.reshape(weight.shape[0], groups, -1)
+        weight = llm.weight_of(module).detach().float()
+        w = weight.reshape(weight.shape[0], groups, -1).transpose(0, 1)  # (group, out, k)
+        gram = w.transpose(1, 2) @ w  # ||x_g W_g^T||^2 = x_g Gram_g x_g^T, cheaper than W_g x_g
 
         def hook(mod, args):
-            x = args[0].detach().flatten(0, -2).reshape(-1, groups, w.shape[-1])
-            share = torch.einsum("ngk,hgk->ngh", x.to(w.dtype), w)
-            add(attn_sum, i, share.norm(dim=-1).sum(0, dtype=torch.float64))
+            x = args[0].detach().float().reshape(-1, groups, gram.shape[-1]).transpose(0, 1)  # (group, n, k)
+            squared = ((x @ gram) * x).sum(-1).clamp_min(0)
+            add(attn_sum, i, squared.sqrt().sum(1, dtype=torch.float64))
         return hook
 
     def on_block(i):
@@ -136,8 +137,8 @@ def importance(model: "nn.Module", calibration: "torch.Tensor", *, batch_size: i
     tokens = calibration.numel()
     ffn = []
     for i, block in enumerate(blocks):
-        columns = llm.weight_of(block.get_submodule(down_name)).detach().double().norm(dim=0)
-        ffn.append((ffn_sum[i] / tokens * columns).float())
+        columns = torch.linalg.vector_norm(llm.weight_of(block.get_submodule(down_name)).detach().float(), dim=0)
+        ffn.append((ffn_sum[i] / tokens * columns.double()).float())
     return DecoderImportance(ffn=tuple(ffn), attention=tuple((a / tokens).float() for a in attn_sum),
                              layers=(layer_sum / tokens).float(), hidden=(hidden_sum[0] / tokens).float(),
                              tokens=tokens)
