@@ -191,3 +191,13 @@ def test_build_onnx_names_an_unsupported_family(tmp_path):
     _tokenizer().save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ConfigError, match="GPT2LMHeadModel is not supported"):
         build_onnx(tmp_path / "gpt2", tmp_path / "out")
+
+
+def test_build_onnx_refuses_a_folder_without_tokenizer_or_a_used_output(quantized_graph, tmp_path):
+    _, _, root = quantized_graph
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text((root / "hf" / "config.json").read_text())
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        build_onnx(tmp_path / "bare", tmp_path / "out")
+    with pytest.raises(ConfigError, match="not empty"):
+        build_onnx(root / "hf", root / "float")
