@@ -15,8 +15,8 @@ pytest.importorskip("compressed_tensors")
 from slimsearch.compress.quant.grid import quantize_weight  # noqa: E402
 from slimsearch.deploy.hf_folder import reload, save_hf_folder  # noqa: E402
 from slimsearch.deploy.llm_timing import onnx_logits, onnx_perplexity, time_generation  # noqa: E402
-from slimsearch.deploy.onnx_nbits import (block_size_for, build_onnx, quantize_output_projection,  # noqa: E402
-                                          to_matmul_nbits, to_w8a8)
+from slimsearch.deploy.onnx_nbits import (block_size_for, build_onnx, export_genai,  # noqa: E402
+                                          quantize_output_projection, to_matmul_nbits, to_w8a8)
 from slimsearch.exceptions import ConfigError  # noqa: E402
 from slimsearch.structures.llm import decoder_linears, set_weight, tied, weight_of  # noqa: E402
 
@@ -201,3 +201,12 @@ def test_build_onnx_refuses_a_folder_without_tokenizer_or_a_used_output(quantize
         build_onnx(tmp_path / "bare", tmp_path / "out")
     with pytest.raises(ConfigError, match="not empty"):
         build_onnx(root / "hf", root / "float")
+
+
+def test_export_genai_writes_the_quantized_folder_in_one_call(tmp_path):
+    model = _llama(2)
+    codes = _rtn(model, SCHEMES["mixed-asym"])
+    lm_head = quantize_output_projection(model)
+    out = export_genai(model, _tokenizer(), tmp_path / "genai", quantized=codes, lm_head=lm_head, accuracy_level=0)
+    np.testing.assert_allclose(onnx_logits(out, IDS), _logits(model, IDS), atol=1e-4, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["genai"]

@@ -63,8 +63,9 @@ def save_hf_folder(model: "nn.Module", tokenizer: Any, out: PathLike, *,
             raise ConfigError(f"{path}: codes of shape {tuple(qw.codes.shape)} do not fit a weight of shape "
                               f"{tuple(module.weight.shape)}")
         if check_weights:
-            gap = float((module.weight.detach().float() - qw.dequantize()).abs().max())
-            if gap > 1e-5 * float(qw.dequantize().abs().max()) + 1e-7:
+            expected = qw.dequantize()
+            gap = float((module.weight.detach().float() - expected).abs().max())
+            if gap > 1e-5 * float(expected.abs().max()) + 1e-7:
                 raise ConfigError(f"{path}: the model's weight differs from the de-quantized codes by up to {gap:.3g}; "
                                   "write the de-quantized weights into the model first")
         del state[f"{path}.weight"]

@@ -104,6 +104,25 @@ def build_onnx(hf_folder: PathLike, out_dir: PathLike, *, threads: int = 1) -> P
     return out_dir
 
 
+def export_genai(model: "nn.Module", tokenizer, out_dir: PathLike, *,
+                 quantized: Optional[Mapping[str, "QuantizedWeight"]] = None,
+                 lm_head: Optional["QuantizedWeight"] = None, accuracy_level: int = 4, threads: int = 1) -> Path:
+    """``model`` (holding de-quantized weights) as a GenAI folder: :func:`build_onnx` of its float
+    weights, then :func:`to_matmul_nbits` with ``quantized`` and ``lm_head`` when given."""
+    import tempfile
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        model.save_pretrained(Path(tmp) / "hf")
+        tokenizer.save_pretrained(Path(tmp) / "hf")
+        if not quantized and lm_head is None:
+            return build_onnx(Path(tmp) / "hf", out_dir, threads=threads)
+        build_onnx(Path(tmp) / "hf", Path(tmp) / "float", threads=threads)
+        return to_matmul_nbits(Path(tmp) / "float", quantized or {}, out_dir=out_dir, accuracy_level=accuracy_level,
+                               lm_head=lm_head).path
+
+
 def set_threads(onnx_dir: PathLike, threads: int) -> None:
     """Write ``session_options.intra_op_num_threads`` (and one inter-op thread) into genai_config.json."""
     if int(threads) < 1:
