@@ -86,7 +86,7 @@ def _pieces(windows: torch.Tensor, seq_len: Optional[int]) -> torch.Tensor:
     return windows[:, : per * seq_len].reshape(-1, seq_len)
 
 
-def heal(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, *, steps: int, lr: float = 1e-4,
+def heal(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, *, steps: int, lr: float = 3e-4,
          batch_size: int = 1, seq_len: Optional[int] = 256, chunk: int = CHUNK, clip: float = 1.0,
          weight_decay: float = 0.0, warmup: Optional[int] = None,
          progress: Optional[Callable[[int, float], None]] = None) -> nn.Module:
@@ -99,9 +99,11 @@ def heal(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, *, steps
         windows: token ids ``(n, length)``, no padding; cycled through in order.
         steps: optimizer steps.
         lr: peak learning rate, reached after ``warmup`` steps, then cosine decay to 10% of it.
+            On SmolLM2-135M cut by 25% of its FFN and 2 blocks, 12 steps of 256 tokens lowered
+            the held-out KL from 1.106 to 0.936 at 1e-4, 0.880 at 3e-4, 1.073 at 1e-3.
         batch_size: windows per step.
-        seq_len: windows are cut into pieces this long (shorter is cheaper per step); None
-            keeps them whole.
+        seq_len: windows are cut into pieces this long; None keeps them whole. A step of 256
+            tokens costs ~0.6 of one of 512 (SmolLM2-135M on 2 CPU threads: 18 s and 31 s).
         chunk: positions per chunk of the loss (see :func:`chunked_kl`).
         clip: largest gradient norm (global), ``0`` for none.
         weight_decay: AdamW's.
