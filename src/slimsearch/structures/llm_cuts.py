@@ -37,7 +37,7 @@ __all__ = ["DecoderImportance", "importance", "layers_to_drop", "cut"]
 
 @dataclass(frozen=True)
 class DecoderImportance:
-    """Scores from calibration activations; higher means more important.
+    """Scores from calibration activations (CPU tensors); higher means more important.
 
     Attributes:
         ffn: per block, one score per FFN channel.
@@ -111,7 +111,7 @@ def importance(model: "nn.Module", calibration: "torch.Tensor", *, batch_size: i
             x = args[0] if args else kwargs["hidden_states"]
             y = output[0] if isinstance(output, tuple) else output
             cos = F.cosine_similarity(x.detach().float(), y.detach().float(), dim=-1)
-            layer_sum[i] += (1 - cos).sum(dtype=torch.float64)
+            layer_sum[i] += float((1 - cos).sum(dtype=torch.float64))
         return hook
 
     def on_norm(module, args, output):
@@ -125,11 +125,12 @@ def importance(model: "nn.Module", calibration: "torch.Tensor", *, batch_size: i
         handles += [block.get_submodule(name).register_forward_hook(on_norm) for name in norm_names]
     handles.append(model.get_submodule(family.final_norm).register_forward_hook(on_norm))
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     try:
         with torch.no_grad():
             for start in range(0, len(calibration), batch_size):
-                llm.final_hidden(model, calibration[start:start + batch_size])
+                llm.final_hidden(model, calibration[start:start + batch_size].to(device))
     finally:
         for handle in handles:
             handle.remove()
@@ -138,9 +139,9 @@ def importance(model: "nn.Module", calibration: "torch.Tensor", *, batch_size: i
     ffn = []
     for i, block in enumerate(blocks):
         columns = torch.linalg.vector_norm(llm.weight_of(block.get_submodule(down_name)).detach().float(), dim=0)
-        ffn.append((ffn_sum[i] / tokens * columns.double()).float())
-    return DecoderImportance(ffn=tuple(ffn), attention=tuple((a / tokens).float() for a in attn_sum),
-                             layers=(layer_sum / tokens).float(), hidden=(hidden_sum[0] / tokens).float(),
+        ffn.append((ffn_sum[i] / tokens * columns.double()).float().cpu())
+    return DecoderImportance(ffn=tuple(ffn), attention=tuple((a / tokens).float().cpu() for a in attn_sum),
+                             layers=(layer_sum / tokens).float(), hidden=(hidden_sum[0] / tokens).float().cpu(),
                              tokens=tokens)
 
 
