@@ -91,3 +91,10 @@ def test_bad_footprint_and_prompt_are_refused():
     ok = DecoderFootprint(weight_bytes=1, macs=1, kv_bytes_per_token=1, attention_macs_per_token=1)
     with pytest.raises(ConfigError, match="prompt_tokens"):
         predict_decoder(load_profile("nvidia-t4"), ok, prompt_tokens=0)
+
+
+def test_a_quantized_tied_output_projection_is_counted_once_for_both_ends():
+    model = _llama()
+    vocab, hidden = model.get_input_embeddings().weight.shape
+    head8 = quantized_linear_bytes(hidden, vocab, 8, 32, symmetric=False)
+    assert weight_bytes(model) - weight_bytes(model, lm_head_bits=8) == vocab * hidden * 4 - head8

@@ -90,12 +90,15 @@ def _norm_bytes(model: "nn.Module") -> int:
 
 def weight_bytes(model: "nn.Module", *, quantized: Optional[Mapping[str, "QuantizedWeight"]] = None,
                  lm_head_bits: int = 32, lm_head_group: int = 32) -> int:
-    """Bytes of the deployed weights: packed linears, float32 norms and embedding table, and the
-    output projection (shared with the embedding when tied and left in float, else its own)."""
+    """Bytes of the deployed weights: packed linears, float32 norms, the output projection at
+    ``lm_head_bits`` and the input embedding. A tied embedding is the output projection's own
+    bytes, read packed too when the projection is quantized (onnxruntime's GatherBlockQuantized,
+    as :func:`slimsearch.deploy.onnx_nbits.to_matmul_nbits` writes it); an untied one is a
+    float32 table of its own."""
     quantized = quantized or {}
     vocab, hidden = model.get_input_embeddings().weight.shape
     total = sum(_linear_bytes(path, m, quantized) for path, m in llm.decoder_linears(model).items())
-    total += vocab * hidden * FLOAT_BYTES + _norm_bytes(model)
-    if lm_head_bits < 32 or not llm.tied(model):
-        total += _lm_head_bytes(vocab, hidden, lm_head_bits, lm_head_group)
+    total += _norm_bytes(model) + _lm_head_bytes(vocab, hidden, lm_head_bits, lm_head_group)
+    if not llm.tied(model):
+        total += vocab * hidden * FLOAT_BYTES
     return int(total)
