@@ -238,6 +238,7 @@ def test_configs_round_trip_through_json():
     (lambda: WeightOnlyConfig(groups=("qkv", "lm_head")), "WeightOnlyConfig.groups must be one of"),
     (lambda: WeightOnlyConfig(overrides={"down": 4}), "WeightOnlyConfig.overrides keys must be 'block.group'"),
     (lambda: WeightOnlyConfig(overrides={"3.down": 5}), "WeightOnlyConfig.overrides['3.down'] must be one of"),
+    (lambda: WeightOnlyConfig(sink_weight=1.0), "WeightOnlyConfig.sink_weight must be in [0, 1), got 1.0"),
     (lambda: SmoothQuantConfig(alpha=1.5), "SmoothQuantConfig.alpha must be a number in [0, 1], got 1.5"),
     (lambda: KVCacheConfig(bits=2), "KVCacheConfig.bits must be one of [16, 8, 4], got 2"),
 ])
@@ -254,3 +255,15 @@ def test_calibrated_methods_need_token_windows():
         quantize_weights(_llama(), WeightOnlyConfig(method="awq"), torch.rand(2, 8))
     with pytest.raises(ConfigError, match="blocks the model lacks"):
         quantize_weights(_llama(), WeightOnlyConfig(overrides={"7.down": 8}))
+
+
+def test_hessian_gives_the_first_tokens_their_share():
+    x = torch.zeros(3, 5, 2)
+    x[:, 0, 0] = 1.0  # first tokens on feature 0
+    x[:, 1:, 1] = 2.0  # the others on feature 1
+    plain = hessian([x])
+    assert torch.allclose(torch.diagonal(plain), torch.tensor([2 * 3 / 15, 2 * 4 * 12 / 15]))
+    weighted = hessian([x], sink_weight=0.25)
+    assert torch.allclose(torch.diagonal(weighted), torch.tensor([2 * 0.25, 2 * 0.75 * 4]))
+    with pytest.raises(ValueError, match="windows, seq_len, in"):
+        hessian([x[0]], sink_weight=0.25)

@@ -131,8 +131,9 @@ def sequential_groups(model: "nn.Module", calib: "torch.Tensor", process: GroupF
                       groups: Sequence[str] = GROUP_NAMES, batch_size: int = 1) -> None:
     """Call ``process(block index, group, member paths, inputs)`` for every selected group, in order.
 
-    ``inputs()`` yields, batch by batch, the group's input as ``(tokens, in_features)``
-    float32, computed from the calibration windows through the model as changed so far
+    ``inputs()`` yields, batch by batch, the group's input as ``(windows, seq_len,
+    in_features)`` float32 (position 0 of a window is its first token, the attention
+    sink), computed from the calibration windows through the model as changed so far
     (earlier blocks and earlier groups of this block included). ``process`` may call it
     more than once; it changes the group's weights in place (or not at all).
     """
@@ -165,7 +166,7 @@ def sequential_groups(model: "nn.Module", calib: "torch.Tensor", process: GroupF
                         finally:
                             handle.remove()
                         x = seen.pop()
-                        yield x.reshape(-1, x.shape[-1]).to(torch.float32)
+                        yield x.reshape(x.shape[0], -1, x.shape[-1]).to(torch.float32)
 
                 process(index, group, paths, inputs)
             stored = [run_block(block, args, kwargs) for args, kwargs in stored]

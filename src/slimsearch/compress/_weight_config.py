@@ -48,6 +48,9 @@ class WeightOnlyConfig:
         overrides: ``"block.group"`` (e.g. ``"11.down"``) -> bits for that group of that
             block; 16 leaves it in float.
         damp: GPTQ: damping added to the Hessian's diagonal, a share of its mean.
+        sink_weight: GPTQ and AWQ: share of the calibration objective held by the first
+            token of each window (the attention sink, which every later query reads);
+            0 weighs it as one token of many, as plain GPTQ does.
         block_size: GPTQ: columns per lazy batch update.
         grid: AWQ: steps of the scale exponent searched in [0, 1).
         clip: AWQ: also search a clipping range per output channel and group.
@@ -62,6 +65,7 @@ class WeightOnlyConfig:
     groups: tuple[str, ...] = GROUP_NAMES
     overrides: Mapping[str, int] = field(default_factory=dict)
     damp: float = 0.01
+    sink_weight: float = 0.1
     block_size: int = 128
     grid: int = 20
     clip: bool = True
@@ -90,6 +94,8 @@ class WeightOnlyConfig:
         object.__setattr__(self, "overrides", overrides)
         if not 0.0 < float(self.damp) < 1.0:
             raise ConfigError(f"WeightOnlyConfig.damp must be in (0, 1), got {self.damp!r}")
+        if isinstance(self.sink_weight, bool) or not 0.0 <= float(self.sink_weight) < 1.0:
+            raise ConfigError(f"WeightOnlyConfig.sink_weight must be in [0, 1), got {self.sink_weight!r}")
         for name in ("block_size", "grid", "max_tokens", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

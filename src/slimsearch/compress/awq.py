@@ -10,7 +10,8 @@ by ``s``), so the float model computes the same function and stays standard. The
 optionally, AWQ's clipping search: per output channel and group, the shrunk range of
 the weights that minimises the error of that group's partial outputs. Groups with no
 foldable predecessor (``o_proj`` under grouped-query attention, GPT-2's projections)
-are rounded to nearest (after the clipping search).
+are rounded to nearest (after the clipping search). As in :mod:`.gptq`, the first token
+of each window (the attention sink) holds ``sink_weight`` of the scale search's loss.
 
 Written here rather than taken from llm-compressor or AutoAWQ: both replace the layers
 with packed kernels (or need a GPU); this keeps the model a plain float HF model and
@@ -20,7 +21,7 @@ uses our grid.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 from slimsearch.compress._calibration import fold_scales, foldable, predecessor, sequential_groups
 from slimsearch.compress._weight_config import WeightOnlyConfig, quantize_rows, store
@@ -39,15 +40,19 @@ MAX_SHRINK = 0.5  # the clipping search shrinks a range by at most half (AWQ's d
 CLIP_TOKENS = 512  # tokens the clipping search scores on, as in AWQ
 
 
-def search_scales(x: "torch.Tensor", weight: "torch.Tensor", config: WeightOnlyConfig, bits: int) -> "torch.Tensor":
+def search_scales(x: "torch.Tensor", weight: "torch.Tensor", config: WeightOnlyConfig, bits: int,
+                  token_weights: Optional["torch.Tensor"] = None) -> "torch.Tensor":
     """Per-input-channel scales ``mean|x|^alpha`` (normalised) with the best ``alpha`` on the grid.
 
     Args:
         x: the group's inputs ``(tokens, in)``.
         weight: the members' weights stacked ``(out, in)``.
+        token_weights: weight of each token's squared output error ``(tokens,)``; equal if None.
     """
     import torch
 
+    if token_weights is None:
+        token_weights = torch.full((x.shape[0],), 1.0 / x.shape[0], device=x.device)
     reference = x @ weight.t()
     mean_abs = x.abs().mean(0)
     best, best_scales = math.inf, torch.ones_like(mean_abs)
@@ -56,7 +61,7 @@ def search_scales(x: "torch.Tensor", weight: "torch.Tensor", config: WeightOnlyC
         scales = mean_abs.pow(alpha).clamp_min(1e-4)
         scales = scales / (scales.max() * scales.min()).sqrt()
         rounded = quantize_rows(weight * scales[None, :], config, bits).dequantize() / scales[None, :]
-        loss = float((x @ rounded.t() - reference).pow(2).mean())
+        loss = float(((x @ rounded.t() - reference).pow(2).mean(1) * token_weights).sum())
         if loss < best:
             best, best_scales = loss, scales
     return best_scales
@@ -92,6 +97,24 @@ def clip_weight(x: "torch.Tensor", weight: "torch.Tensor", config: WeightOnlyCon
     return torch.maximum(torch.minimum(wg, best_max), -best_max).reshape(rows, -1)[:, :cols]
 
 
+def _sample(batches: Iterable["torch.Tensor"], stride: int, sink_weight: float) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Tokens ``(n, in)`` the searches score on (every first token of a window, every
+    ``stride``-th other) and their weights: the first tokens share ``sink_weight``."""
+    import torch
+
+    firsts, others = [], []
+    for batch in batches:
+        firsts.append(batch[:, 0])
+        others.append(batch[:, 1:].reshape(-1, batch.shape[-1])[::stride])
+    first, other = torch.cat(firsts), torch.cat(others)
+    if not sink_weight or not other.shape[0]:
+        x = torch.cat([first, other])
+        return x, torch.full((x.shape[0],), 1.0 / x.shape[0], device=x.device)
+    weights = torch.cat([torch.full((first.shape[0],), sink_weight / first.shape[0], device=first.device),
+                         torch.full((other.shape[0],), (1 - sink_weight) / other.shape[0], device=first.device)])
+    return torch.cat([first, other]), weights
+
+
 def _clips(path: str, paths: Sequence[str]) -> bool:
     """AWQ leaves queries and keys unclipped: their error matters through the attention
     scores, not the layer output (a fused q/k/v layer likewise)."""
@@ -104,7 +127,8 @@ def awq(model: "nn.Module", config: WeightOnlyConfig, calib: "torch.Tensor") -> 
 
     Args:
         model: a Hugging Face causal LM of a known decoder family.
-        config: grid and groups (``method`` is not read), ``grid``, ``clip`` and ``max_tokens``.
+        config: grid and groups (``method`` is not read), ``grid``, ``clip``, ``max_tokens``
+            and ``sink_weight``.
         calib: token windows ``(n, seq_len)``.
 
     Returns:
@@ -120,10 +144,10 @@ def awq(model: "nn.Module", config: WeightOnlyConfig, calib: "torch.Tensor") -> 
         bits = config.bits_for(index, group.name)
         if bits is None:
             return
-        x = torch.cat([batch[::stride] for batch in inputs()])
+        x, token_weights = _sample(inputs(), stride, config.sink_weight)
         weights = [llm.weight_of(llm.get(model, path)).to(torch.float32, copy=True) for path in paths]
         if foldable(model, group):
-            scales = search_scales(x, torch.cat(weights), config, bits)
+            scales = search_scales(x, torch.cat(weights), config, bits, token_weights)
             if not bool((scales == 1).all()):
                 fold_scales(model, index, group, paths, scales)
                 prev = predecessor(model, index, group)
