@@ -150,8 +150,14 @@ USER_MODULES = {
 
 JOB_FILE_ROWS: list[tuple[str, Any, list[str]]] = [
     ("unknown-task", {"task": "digitz"},
-     ["task: unknown task 'digitz'", "allowed: one of ['mnist', 'mnist-resnet', 'digits', 'minilm'] or "
-      "'package.module:function'"]),
+     ["task: unknown task 'digitz'", "allowed: one of ['mnist', 'mnist-resnet', 'digits', 'minilm', 'smollm2'], "
+      "'causal-lm:<folder or .gguf file>' or 'package.module:function'"]),
+    ("causal-lm-model-missing", {"task": "causal-lm:nowhere"},
+     ["task: {tmp}/nowhere: no such file or folder", "allowed: a Hugging Face causal-LM folder"]),
+    ("text-for-a-classification-task", {"text": "wikipedia"},
+     ["text: task 'digits' reads no text", "allowed: text only with a causal-lm task"]),
+    ("perplexity-maximised", {"task": "smollm2", "space": {}, "objectives": {"ppl": "max"}},
+     ["objectives.ppl: ppl is better lower for task 'smollm2'", "allowed: min"]),
     ("unknown-profile", {"profiles": ["raspbery-pi-4"]},
      ["profiles.0: unknown profile 'raspbery-pi-4'", "allowed: [", "'raspberry-pi-4'"]),
     ("unknown-sampler", {"search.sampler": "cmaes"},
@@ -324,6 +330,16 @@ def _nothing_ran(tmp: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 def _ok_job(ctx: Ctx) -> Path:
     return ctx.write(patched({}))
+
+
+def _causal_lm_not_a_decoder(ctx: Ctx) -> Row:
+    """``task: causal-lm:<folder>`` naming an encoder: refused from its config.json, before any weight."""
+    (ctx.tmp / "encoder").mkdir()
+    (ctx.tmp / "encoder" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    ctx.write(patched({"task": "causal-lm:encoder", "space": {}}))
+    return Row(ctx.run(), [str(ctx.job), f"task: {ctx.tmp / 'encoder'}",
+                           "is a 'bert' model, not a decoder-only causal LM slimsearch supports",
+                           "allowed model_type: ['llama', 'mistral', 'qwen2', 'qwen3', 'phi3', 'gpt2']"])
 
 
 def _missing_job_file(ctx):
@@ -542,6 +558,7 @@ def _export_unknown_minimize(ctx):
 
 CLI_ROWS: list[tuple[str, Callable[[Ctx], Row]]] = [
     ("job-file-missing", _missing_job_file),
+    ("causal-lm-not-a-decoder", _causal_lm_not_a_decoder),
     ("job-file-is-a-folder", _job_file_is_a_folder),
     ("budget-flag-zero", _budget_flag_zero),
     ("workers-flag-negative", _workers_flag_negative),

@@ -18,10 +18,19 @@ from slimsearch._io import atomic_write
 from slimsearch._package import callable_package
 from slimsearch.exceptions import ConfigError, JobStateError
 from slimsearch.jobs.early_stop import STEPS_METRIC, STOPPED_METRIC
+from slimsearch.metric_names import TaskFamily
 from slimsearch.search._types import CONSTRAINT_OPS, Constraint
 
 ACCURACY_WINDOW = 0.01  # default choice: within 1 point of the teacher
+# The default choice's window, as the gap to the teacher (TaskFamily.gap) of each family: 1 point of
+# accuracy; 5% more perplexity.
+CLOSE_TO_TEACHER = {TaskFamily.CLASSIFICATION: ACCURACY_WINDOW, TaskFamily.CAUSAL_LM: 0.05}
 REBUILD_TOLERANCE = 0.005  # the exported file may differ from the recorded test score by at most 0.5 points
+
+
+def _family(front: dict) -> TaskFamily:
+    """The family of the job's task (front.json of jobs from before families: classification)."""
+    return TaskFamily(front.get("family", TaskFamily.CLASSIFICATION.value))
 
 
 def _read_job(job_dir: Path) -> tuple[dict, dict]:
@@ -36,21 +45,24 @@ def _read_job(job_dir: Path) -> tuple[dict, dict]:
 
 def latency_objective(objectives: dict, metrics: dict) -> str:
     """The latency the default choice minimises: the first latency objective, else the measured
-    latency at the task's larger batch (``latency_ms_b<N>@local`` among ``metrics``)."""
+    latency at the task's larger batch (``latency_ms_b<N>@local`` among ``metrics``; a task timed at
+    batch 1 only, a causal LM: ``latency_ms@local``)."""
     for name in objectives:
         if name.startswith("latency_ms"):
             return name
-    return next(name for name in metrics if name.startswith("latency_ms_b") and name.endswith("@local"))
+    return next((name for name in metrics if name.startswith("latency_ms_b") and name.endswith("@local")),
+                "latency_ms@local")
 
 
 def choose(front: dict, run_id: Optional[str] = None) -> tuple[dict, str]:
     """The candidate to export and the rule that chose it.
 
     With ``run_id``: that candidate. Otherwise the fastest front member whose
-    validation metric is within 1 point of the teacher's; if none is, the most
-    accurate front member.
+    validation metric is close to the teacher's (within 1 point of accuracy, or 5% of
+    perplexity: :data:`CLOSE_TO_TEACHER`); if none is, the front member with the best metric.
     """
     metric = front["metric"]
+    family = _family(front)
     if run_id:
         for c in front["candidates"]:
             if c["run_id"] == run_id:
@@ -65,13 +77,14 @@ def choose(front: dict, run_id: Optional[str] = None) -> tuple[dict, str]:
     if not front["front"]:
         raise JobStateError("the job has no completed candidate to export")
     speed = latency_objective(front["objectives"], front["front"][0]["metrics"])
-    floor = front["teacher"][metric] - ACCURACY_WINDOW
-    close = [c for c in front["front"] if c["metrics"][metric] >= floor]
+    window, gap = CLOSE_TO_TEACHER[family], family.gap_name(metric)
+    close = [c for c in front["front"] if family.gap(c["metrics"][metric], front["teacher"][metric]) <= window]
     if close:
         best = min(close, key=lambda c: c["metrics"][speed])
-        return best, f"fastest ({speed}) front member with {metric} >= teacher - {ACCURACY_WINDOW:g}"
-    best = max(front["front"], key=lambda c: c["metrics"][metric])
-    return best, f"no front member within {ACCURACY_WINDOW:g} of the teacher's {metric}; most accurate front member"
+        return best, f"fastest ({speed}) front member with {gap} <= {window:g}"
+    pick = max if family.direction == "max" else min
+    best = pick(front["front"], key=lambda c: c["metrics"][metric])
+    return best, f"no front member with {gap} <= {window:g}; the front member with the best {metric}"
 
 
 def parse_where(text: str, known: Sequence[str]) -> list[Constraint]:
@@ -215,8 +228,14 @@ def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
         candidate, rule = choose(front, run_id)
         if not run_id:
             target = latency_objective(front["objectives"], candidate["metrics"])
+    if _family(front) is TaskFamily.CAUSAL_LM:
+        raise ConfigError(f"{job_dir}: `slimsearch export` writes ONNX, TorchScript and packed files of image and "
+                          "encoder models; a causal LM's candidate is not exported by it yet. Rebuild it with "
+                          "slimsearch.compress.apply_plan(task, plan) (the plan is in front.json) and write it with "
+                          "slimsearch.deploy.hf_folder.save_hf_folder(model, tokenizer, out, "
+                          "quantized=slimsearch.compress.llm_methods.record_of(model).quantized)")
     spec = JobSpec.from_json(json.dumps(state["spec"]))
-    task = load_task(spec.task, seed=spec.search.seed, path=spec.task_path)
+    task = load_task(spec.task, seed=spec.search.seed, path=spec.task_path, text=spec.task_text)
     if state.get("teacher_sha256") and task.teacher_sha256 != state["teacher_sha256"]:
         raise JobStateError(f"{job_dir}: the teacher of task {spec.task!r} changed since the search "
                             f"(sha256 {task.teacher_sha256[:12]} != {state['teacher_sha256'][:12]}); "

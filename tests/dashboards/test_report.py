@@ -27,6 +27,17 @@ def test_one_front_per_pair_of_objectives_then_metric_against_each_profile_laten
     assert "conv1:w4a8 -50%, KD 0 steps" in next(p[4] for p in first.points if p[2] == 0)
 
 
+def test_a_task_metric_that_is_better_lower_keeps_its_direction_against_each_profile_latency(job_data):
+    """A causal LM's perplexity is minimised: its front against a profile's latency is the lowest ppl."""
+    for c, ppl in zip(job_data["candidates"], (30.0, 21.0, 31.0, 25.0)):
+        c["metrics"].pop("accuracy")
+        c["metrics"]["ppl"] = ppl
+    data = {**job_data, "metric": "ppl", "family": "causal-lm", "direction": "min",
+            "objectives": {"ppl": "min", "size_bytes": "min"}}
+    profile = [i for i in pair_front_infos(data) if i.x_name == "latency_ms@raspberry-pi-4"]
+    assert [(i.y_name, i.step) for i in profile] == [("ppl", [(6.0, 30.0), (9.0, 25.0), (12.0, 21.0)])]
+
+
 def test_reference_comes_from_the_teacher_so_the_teacher_alone_is_one(job_data):
     ref = hypervolume_reference(job_data["objectives"], job_data["teacher"])
     assert ref.point == (0.49, 20.0, 40000)

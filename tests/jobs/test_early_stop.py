@@ -210,3 +210,22 @@ def test_a_candidate_with_fewer_than_four_steps_is_never_checked(tmp_path, teach
     apply_plan(task, plan, on_chunk=stopper, chunk_every=stopper.every)
     assert stopper.every == 0 and stopper.points == []
     assert stopper.finish() == {STOPPED_METRIC: 0.0, STEPS_METRIC: 3.0}
+
+
+def test_a_task_whose_metric_is_better_lower_is_judged_by_its_own_gap(tmp_path):
+    """A causal LM's perplexity falls as it trains: the best it can reach is below it, and a constraint on
+    ``ppl_increase`` (not ``ppl_drop``) judges it; the snapshot says the family and its direction."""
+    from types import SimpleNamespace
+
+    from slimsearch.jobs.early_stop import FrontSnapshot
+    from slimsearch.metric_names import TaskFamily
+
+    FrontSnapshot(tmp_path, lambda params: None, metric="ppl", teacher=20.0, objectives={"ppl": "min"},
+                  constraints=["ppl_increase <= 0.05"], margin=0.0, complete=[], front=[],
+                  family=TaskFamily.CAUSAL_LM)
+    snapshot = json.loads((tmp_path / SNAPSHOT_FILE).read_text())
+    assert (snapshot["direction"], snapshot["family"]) == ("min", "causal-lm")
+    stopper = EarlyStop(tmp_path, None, SimpleNamespace(distill=SimpleNamespace(steps=8)), [])
+    reason = stopper._hopeless(snapshot, 25.0, 2.0, None)  # at best 23: 15% above the teacher
+    assert reason == "ppl 25.0000 now, at best 23.0000 at the end, which breaks ppl_increase <= 0.05"
+    assert stopper._hopeless(snapshot, 22.0, 1.5, None) is None  # at best 20.5: within 5%; no front to beat

@@ -104,3 +104,18 @@ def test_describe_lists_changed_layers_and_counts_them_in_big_plans():
     layers.update({f"encoder.layer.{i}.ffn": LayerPlan(prune_ratio=0.5) for i in range(3)})
     big = CompressionPlan(layers=layers, drop=("encoder.layer.5",))
     assert big.describe() == "4 layers w8a32, 8 layers w8a8, 3 groups -50%, drop encoder.layer.5, KD 0 steps"
+
+
+def test_a_causal_lm_plans_model_wide_choices_round_trip_and_are_described():
+    plan = CompressionPlan(layers={"down": LayerPlan(weight_bits=4)}, weight_method="gptq", kv_bits=8,
+                           ffn_keep=0.75, drop_layers=2)
+    again = CompressionPlan.from_json(plan.to_json())
+    assert again == plan and again.kv_bits == 8 and again.weight_method == "gptq"
+    assert plan.flat_params()["kv_bits"] == "8" and plan.flat_params()["ffn_keep"] == "0.75"
+    assert plan.describe() == "down:w4a32, weight_method gptq, kv_bits 8, ffn_keep 0.75, drop_layers 2, KD 0 steps"
+    old = {k: v for k, v in json.loads(CompressionPlan().to_json()).items()
+           if k not in ("weight_method", "kv_bits", "ffn_keep", "kv_groups_keep", "hidden_keep", "drop_layers",
+                        "smooth_alpha")}
+    assert CompressionPlan.from_dict(old) == CompressionPlan()  # a plan stored before these choices
+    with pytest.raises(ConfigError, match=r"kv_bits must be one of \[4, 8, 16, 32\], got 7"):
+        CompressionPlan(kv_bits=7)

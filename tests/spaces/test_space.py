@@ -155,3 +155,36 @@ def test_optuna_records_the_searched_power_mode():
         seen.add(plan.power_modes["jetson-orin-nano"])
         study.tell(trial, 0.0)
     assert seen == {"7W", "15W"}
+
+
+def test_a_causal_lm_space_takes_its_familys_defaults_and_refuses_what_it_does_not_use():
+    from slimsearch.exceptions import ConfigError
+    from slimsearch.metric_names import TaskFamily
+    from slimsearch.spaces.schema import SpaceSpec
+    from slimsearch.spaces.space import fit_space
+
+    lm = fit_space(SpaceSpec(kv_bits=[8, 32]), TaskFamily.CAUSAL_LM)
+    assert (lm.weight_bits, lm.act_bits, lm.group_size, lm.distill_steps, lm.distill_lr, lm.prune_ratio,
+            lm.sparsity_pattern, lm.kv_bits) == ([4, 8, 32], [32], [128], [0], [3e-4], [0.0], ["2:4"], [8, 32])
+    assert fit_space(SpaceSpec(), TaskFamily.CLASSIFICATION) == SpaceSpec()
+    space = SearchSpace.build(lm, ["qkv", "o", "gate_up", "down"], [])
+    assert dict(space.choices) == {**{f"weight_bits.{g}": (4, 8, 32) for g in ("qkv", "o", "gate_up", "down")},
+                                   **{f"act_bits.{g}": (32,) for g in ("qkv", "o", "gate_up", "down")},
+                                   "kv_bits": (8, 32), "distill_steps": (0,)}
+    refused = [
+        (SpaceSpec(prune_ratio=[0.0, 0.5]), TaskFamily.CAUSAL_LM,
+         "space.prune_ratio: a causal-lm task does not use prune_ratio (a classification task does); allowed: [0.0]"),
+        (SpaceSpec(layers={"down": {"rank_ratio": [0.5]}}), TaskFamily.CAUSAL_LM,
+         "space.layers.down.rank_ratio: a causal-lm task does not use rank_ratio"),
+        (SpaceSpec(weight_bits=[4, 6]), TaskFamily.CAUSAL_LM,
+         "space.weight_bits: 6 is not allowed for a causal-lm task; allowed: [2, 3, 4, 8, 32]"),
+        (SpaceSpec(sparsity_pattern=["unstructured"]), TaskFamily.CAUSAL_LM,
+         "space.sparsity_pattern: 'unstructured' is not allowed for a causal-lm task; allowed: ['2:4']"),
+        (SpaceSpec(ffn_keep=[0.5, 1.0]), TaskFamily.CLASSIFICATION,
+         "space.ffn_keep: a classification task does not use ffn_keep (a causal-lm task does); allowed: [1.0]"),
+    ]
+    for spec, family, message in refused:
+        with pytest.raises(ConfigError) as exc:
+            fit_space(spec, family)
+        assert str(exc.value).startswith(message), str(exc.value)
+    assert fit_space(SpaceSpec(prune_ratio=[0.0]), TaskFamily.CAUSAL_LM).prune_ratio == [0.0]  # the default: fine

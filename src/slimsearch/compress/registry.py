@@ -5,7 +5,9 @@ the step it runs at and how it reads its config off a :class:`CompressionPlan`.
 :func:`~slimsearch.compress.apply.apply_plan` runs the configs a plan yields in step
 order. Adding a method means adding its module (which calls :func:`register`), its
 name in :data:`BUILT_IN` and its entry in the choice table
-(:mod:`slimsearch.spaces.choices`); nothing else changes.
+(:mod:`slimsearch.spaces.choices`); nothing else changes. A method acts on the tasks of the
+families it registers for (the CNN-style ``quantize`` never touches a causal LM's linears;
+``weight_only`` never a CNN's).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 from slimsearch.exceptions import ConfigError
+from slimsearch.metric_names import TaskFamily
 
 if TYPE_CHECKING:
     from torch import nn
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
     from slimsearch.tasks import Task
 
 # The built-in method modules, imported (and so registered) on first use.
-BUILT_IN = ("prune", "quantize", "sparsity", "lowrank", "calibrate", "distill", "fold_and_freeze")
+BUILT_IN = ("prune", "quantize", "sparsity", "lowrank", "calibrate", "distill", "fold_and_freeze", "llm_methods")
 
 
 class Context(NamedTuple):
@@ -47,6 +50,7 @@ class Method:
     from_plan: Callable[["CompressionPlan"], Optional[Any]]  # the plan's config for it, None when unused
     apply: Callable[["nn.Module", Any, Context], "nn.Module"]
     copies: bool = False  # apply returns a new model and leaves its input as it was
+    families: tuple[TaskFamily, ...] = (TaskFamily.CLASSIFICATION,)  # the tasks it acts on
 
 
 _METHODS: dict[type, Method] = {}
@@ -54,9 +58,11 @@ _loaded = False
 
 
 def register(name: str, config_type: type, *, order: int,
-             from_plan: Callable[["CompressionPlan"], Optional[Any]], copies: bool = False) -> Callable:
+             from_plan: Callable[["CompressionPlan"], Optional[Any]], copies: bool = False,
+             families: tuple[TaskFamily, ...] = (TaskFamily.CLASSIFICATION,)) -> Callable:
     """Decorator: register ``apply(model, config, context) -> model`` for ``config_type``. An apply
-    function may change the model it is given in place, unless ``copies``: it returns a new one."""
+    function may change the model it is given in place, unless ``copies``: it returns a new one.
+    ``families``: the task families whose plans it reads (classification: images, encoders)."""
     if not (dataclasses.is_dataclass(config_type) and config_type.__dataclass_params__.frozen):
         raise TypeError(f"a method's config must be a frozen dataclass, got {config_type!r}")
 
@@ -64,20 +70,22 @@ def register(name: str, config_type: type, *, order: int,
         taken = [m.name for m in _METHODS.values() if m.name == name and m.config_type is not config_type]
         if taken:
             raise ValueError(f"compression method name {name!r} is registered already")
-        _METHODS[config_type] = Method(name, config_type, order, from_plan, apply, copies)
+        _METHODS[config_type] = Method(name, config_type, order, from_plan, apply, copies,
+                                       tuple(TaskFamily(f) for f in families))
         return apply
 
     return decorate
 
 
-def methods() -> tuple[Method, ...]:
-    """Every registered method, in the order the pipeline runs them."""
+def methods(family: Optional[TaskFamily] = None) -> tuple[Method, ...]:
+    """Every registered method (those of ``family`` when given), in the order the pipeline runs them."""
     global _loaded
     if not _loaded:
         for module in BUILT_IN:
             importlib.import_module(f"slimsearch.compress.{module}")
         _loaded = True
-    return tuple(sorted(_METHODS.values(), key=lambda m: m.order))
+    return tuple(m for m in sorted(_METHODS.values(), key=lambda m: m.order)
+                 if family is None or TaskFamily(family) in m.families)
 
 
 def method_of(config: Any) -> Method:
@@ -95,9 +103,9 @@ def apply_config(model: "nn.Module", config: Any, context: Context) -> "nn.Modul
     return method_of(config).apply(model, config, context)
 
 
-def plan_configs(plan: "CompressionPlan") -> list[Any]:
-    """The method configs a plan stands for, in pipeline order."""
-    configs = [m.from_plan(plan) for m in methods()]
+def plan_configs(plan: "CompressionPlan", family: TaskFamily = TaskFamily.CLASSIFICATION) -> list[Any]:
+    """The method configs a plan stands for on a task of ``family``, in pipeline order."""
+    configs = [m.from_plan(plan) for m in methods(family)]
     return [c for c in configs if c is not None]
 
 

@@ -93,12 +93,13 @@ def pair_front_infos(data: Mapping) -> list[FrontInfo]:
     infos = [front_info(candidates, objectives, front=front, teacher=teacher, provenance=provenance,
                         x_name=x, y_name=y) for y, x in combinations(names, 2)]
     metric = names[0]
+    better = objectives[metric]  # its own direction: lower perplexity is better, higher accuracy
     extra = sorted({k for c in candidates for k in c["metrics"]
                     if k.startswith("latency_ms@") and k not in objectives})
     for x in extra:
         if any(c["metrics"].get(x) is not None for c in candidates):
             infos.append(front_info(candidates, objectives, front=front, teacher=teacher, provenance=provenance,
-                                    x_name=x, y_name=metric, directions={x: "min", metric: "max"}))
+                                    x_name=x, y_name=metric, directions={x: "min", metric: better}))
     return infos
 
 

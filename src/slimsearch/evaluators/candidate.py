@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from slimsearch.compress import apply_plan
-from slimsearch.evaluators.costs import model_costs
+from slimsearch.evaluators.costs import task_costs
 from slimsearch.evaluators.metrics import Metrics
-from slimsearch.metric_names import LOCAL_PROFILE
+from slimsearch.metric_names import LOCAL_PROFILE, TaskFamily
 from slimsearch.spaces.plan import CompressionPlan
 from slimsearch.tasks import Split, Task
 
@@ -22,10 +22,20 @@ ENERGY_MIN_TIME_S = 0.5  # RAPL counters tick about once a millisecond: count ov
 
 def score(model: nn.Module, data: Split, task: Task, batch_size: int = 500) -> float:
     """The task metric of ``model`` on ``data``."""
+    if task.scorer is not None:
+        return task.scorer(model, data, False)[task.metric_name]
     model.eval()
     with torch.no_grad():
         logits = torch.cat([model(data.x[i : i + batch_size]) for i in range(0, len(data), batch_size)])
     return task.metric(logits, data.y)
+
+
+def task_scores(model: nn.Module, data: Split, task: Task) -> dict[str, float]:
+    """The task metric and every extra metric of ``model`` on ``data`` (one pass with a ``Task.scorer``)."""
+    if task.scorer is not None:
+        return dict(task.scorer(model, data, True))
+    return {task.metric_name: score(model, data, task),
+            **{name: metric(model, data) for name, metric in task.extra_metrics.items()}}
 
 
 def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=None) -> dict[str, float]:
@@ -37,11 +47,20 @@ def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=Non
     for the CPU (what :func:`model_metrics` asks for).
     The counters cover the whole CPU package, so ``energy_mj@local`` includes whatever
     else ran on it meanwhile (other trials, other programs).
+
+    A causal LM is timed per generated token in PyTorch with its KV cache instead
+    (:func:`~slimsearch.evaluators.decoder.measure_decoder`).
     """
+    from slimsearch.hardware_profiles._energy import EnergyDomain, energy_meter
+
+    if task.family is TaskFamily.CAUSAL_LM:
+        from slimsearch.evaluators.decoder import measure_decoder
+
+        return measure_decoder(model, task, energy=energy_meter(EnergyDomain.CPU) if energy == ENERGY_AUTO
+                               else energy)
     from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
     from slimsearch.deploy.onnx_graph import INPUT_NAME, ort_session
     from slimsearch.hardware_profiles import measure_latency
-    from slimsearch.hardware_profiles._energy import EnergyDomain, energy_meter
 
     session = ort_session(deployable_onnx_bytes(model, task.example_input))
     out = {}
@@ -76,17 +95,17 @@ def model_metrics(model: nn.Module, task: Task, profiles: Sequence[Any], *, repe
     ``device:<profile>``, :class:`slimsearch.cluster.DeviceMeter`): that profile's
     ``latency_ms`` is then measured, its energy and cost stay modelled.
     """
-    values: dict[str, float | None] = {task.metric_name: score(model, task.val, task)}
-    for name, metric in task.extra_metrics.items():
-        values[name] = metric(model, task.val)
+    values: dict[str, float | None] = dict(task_scores(model, task.val, task))
     timers = None
-    if devices:
+    if devices and task.family is TaskFamily.CAUSAL_LM:
+        timers = dict(devices)  # refused by task_costs: a causal LM has no single ONNX graph to time there
+    elif devices:
         from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
 
         graph, x = deployable_onnx_bytes(model, task.example_input), task.val.x[:1].numpy()
         timers = {name: functools.partial(measure, graph, x) for name, measure in devices.items()}
-    costs = model_costs(model, task.example_input, profiles, power_modes, timers=timers,
-                        measured=measure_local(model, task, repeats=repeats, energy=energy))
+    costs = task_costs(model, task, profiles, power_modes, timers=timers,
+                       measured=measure_local(model, task, repeats=repeats, energy=energy))
     values.update(costs.values)
     return Metrics(values=values, provenance=costs.provenance)
 
@@ -97,11 +116,14 @@ def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teac
     """Compress the teacher as ``plan`` says and score the result (validation chooses, test reports).
 
     With ``onnx_out``, the model's deployable ONNX graph is also written to that path
-    (atomically), so a job can keep the models of its front without rebuilding them.
+    (atomically), so a job can keep the models of its front without rebuilding them (not for a
+    causal LM, whose deployable form is a folder: :mod:`slimsearch.deploy.hf_folder`).
+    The gap to ``teacher_score`` is named and measured as the task's family says
+    (``accuracy_drop``, ``ppl_increase``: :class:`~slimsearch.metric_names.TaskFamily`).
     ``devices`` is passed to :func:`model_metrics`; ``on_chunk`` and ``chunk_every`` to :func:`apply_plan`.
     """
     model = apply_plan(task, plan, on_chunk=on_chunk, chunk_every=chunk_every)
-    if onnx_out is not None:
+    if onnx_out is not None and task.family is not TaskFamily.CAUSAL_LM:
         from slimsearch._io import atomic_write
         from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
 
@@ -112,5 +134,5 @@ def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teac
     # the front, test reports it (and export checks the exported file against it).
     values[f"{task.metric_name}_test"] = score(model, task.test, task)
     if teacher_score is not None:
-        values[f"{task.metric_name}_drop"] = teacher_score - values[task.metric_name]
+        values[task.family.gap_name(task.metric_name)] = task.family.gap(values[task.metric_name], teacher_score)
     return Metrics(values=values, provenance=metrics.provenance)

@@ -5,8 +5,9 @@ into cost metrics. :func:`~slimsearch.evaluators.estimate.estimate` (before trai
 :func:`~slimsearch.evaluators.candidate.model_metrics` (after it) and a job's early stopping
 (part way through) all cost a model here, so the three cannot drift apart.
 
-Static costs (``size_bytes``, ``params``, ``macs``, ``bitops``) are exact and carry no
-provenance. Device figures (``latency_ms@P``, ``energy_mj@P``, ``cost_usd_per_1m@P``) are
+A causal LM is costed per generated token instead (:func:`task_costs` picks by the task's
+family; :mod:`slimsearch.evaluators.decoder` says how). Static costs (``size_bytes``,
+``params``, ``macs``, ``bitops``) are exact and carry no provenance. Device figures (``latency_ms@P``, ``energy_mj@P``, ``cost_usd_per_1m@P``) are
 modelled from profile ``P``, unless a figure timed on real hardware is given in their place:
 that one is tagged measured.
 """
@@ -84,3 +85,24 @@ def model_costs(model, example_input, profiles: Sequence[Any], power_modes: Mapp
             values[f"latency_ms@{name}"] = float(time())
             provenance[f"latency_ms@{name}"] = Provenance.MEASURED
     return Metrics(values=values, provenance=provenance)
+
+
+def task_costs(model, task, profiles: Sequence[Any], power_modes: Mapping[str, str] | None = None, *,
+               measured: Mapping[str, float] | None = None,
+               timers: Mapping[str, Callable[[], float]] | None = None, record=None) -> Metrics:
+    """The costs of ``model``, a candidate of ``task``, as its family counts them: per inference by
+    its layers (:func:`model_costs`), or per generated token for a causal LM
+    (:func:`~slimsearch.evaluators.decoder.decoder_costs`, which takes ``record``, what the LLM
+    methods did to it; ``timers`` on device nodes time ONNX graphs and are refused for it)."""
+    from slimsearch.metric_names import TaskFamily
+
+    if task.family is TaskFamily.CAUSAL_LM:
+        if timers:
+            from slimsearch.exceptions import ConfigError
+
+            raise ConfigError(f"profiles {sorted(timers)}: timing a causal LM on device nodes is not supported; "
+                              "its device figures are modelled (run the job without device nodes)")
+        from slimsearch.evaluators.decoder import decoder_costs
+
+        return decoder_costs(model, profiles, power_modes, measured=measured, record=record)
+    return model_costs(model, task.example_input, profiles, power_modes, measured=measured, timers=timers)

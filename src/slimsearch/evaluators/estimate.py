@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 # static_costs and modelled_costs live in costs.py; imported from here by older code
-from slimsearch.evaluators.costs import model_costs, modelled_costs, static_costs
+from slimsearch.evaluators.costs import modelled_costs, static_costs, task_costs
 from slimsearch.evaluators.metrics import Metrics
 from slimsearch.spaces.plan import CompressionPlan
 from slimsearch.tasks import Task
@@ -27,9 +27,18 @@ def estimate(task: Task, plan: CompressionPlan, profiles: Sequence[Any]) -> Metr
 
     The model is built as :func:`~slimsearch.evaluators.apply_plan` builds it (pruned,
     quantized, calibrated, BatchNorm folded) but with no distillation steps, which change
-    weights only; its costs are therefore the trained candidate's.
+    weights only; its costs are therefore the trained candidate's. A causal LM's plan is not
+    built at all (GPTQ alone takes minutes): its cut shape and the bits it sets are enough
+    (:func:`~slimsearch.compress.llm_methods.planned_shape`).
     """
+    from slimsearch.metric_names import TaskFamily
+
+    if task.family is TaskFamily.CAUSAL_LM:
+        from slimsearch.compress.llm_methods import planned_shape
+
+        model, record = planned_shape(task, plan)
+        return task_costs(model, task, profiles, plan.power_modes, record=record)
     from slimsearch.compress import apply_plan
 
     model = apply_plan(task, replace(plan, distill=replace(plan.distill, steps=0)))
-    return model_costs(model, task.example_input, profiles, plan.power_modes)
+    return task_costs(model, task, profiles, plan.power_modes)

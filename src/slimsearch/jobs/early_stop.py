@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from slimsearch._io import atomic_write
+from slimsearch.metric_names import TaskFamily
 
 SNAPSHOT_FILE = "early_stop.json"
 CURVES_DIR = "curves"
@@ -93,24 +94,28 @@ def plausible_share(seen: Sequence[Sequence[float]], gap: float) -> Optional[flo
 
 def write_snapshot(out: Path, *, metric: str, direction: str, teacher: float, objectives: Mapping[str, str],
                    constraints: Sequence[str], front: Sequence[Mapping[str, float]],
-                   curves: Sequence[Mapping], margin: float) -> None:
+                   curves: Sequence[Mapping], margin: float, family: str = TaskFamily.CLASSIFICATION.value) -> None:
     """What workers compare a candidate against: the feasible front's objective values, the job's
-    constraints and, per check, the gaps to the teacher finished candidates closed (:func:`gains`)."""
+    constraints and, per check, the gaps to the teacher finished candidates closed (:func:`gains`).
+    ``family`` (the task's) names and measures the gap to the teacher (``accuracy_drop``, ...)."""
     _atomic_write(Path(out) / SNAPSHOT_FILE, {
-        "metric": metric, "direction": direction, "teacher": teacher, "objectives": dict(objectives),
+        "metric": metric, "direction": direction, "family": TaskFamily(family).value, "teacher": teacher,
+        "objectives": dict(objectives),
         "constraints": list(constraints), "front": [dict(f) for f in front], "margin": margin,
         "gains": gains(curves, direction, teacher), "finished": len(curves)})
 
 
 class FrontSnapshot:
     """The driver's side: gathers each finished candidate's curve (``complete``: trial records, with
-    ``plan_of(params)`` giving a record's plan) and rewrites :data:`SNAPSHOT_FILE` with ``front``."""
+    ``plan_of(params)`` giving a record's plan) and rewrites :data:`SNAPSHOT_FILE` with ``front``.
+    ``family`` is the task's: which way its metric points and how its gap is named."""
 
     def __init__(self, out: Path, plan_of: Callable[[dict], Any], *, metric: str, teacher: float,
                  objectives: Mapping[str, str], constraints: Sequence[str], margin: float, complete: Sequence,
-                 front: Sequence):
+                 front: Sequence, family: TaskFamily = TaskFamily.CLASSIFICATION):
         self.out, self.plan_of, self.metric = Path(out), plan_of, metric
-        self.common = {"metric": metric, "direction": objectives.get(metric, "max"), "teacher": teacher,
+        family = TaskFamily(family)
+        self.common = {"metric": metric, "direction": family.direction, "family": family.value, "teacher": teacher,
                        "objectives": dict(objectives), "constraints": list(constraints), "margin": margin}
         self.curves: dict[int, dict] = {}
         for record in complete:
@@ -200,7 +205,8 @@ class EarlyStop:
         sign = 1.0 if snapshot["direction"] == "max" else -1.0
         best = value + sign * (gain + snapshot["margin"])
         reachable = f"{metric} {value:.4f} now, at best {best:.4f} at the end"
-        known = {metric: best, f"{metric}_drop": teacher - best}
+        family = TaskFamily(snapshot.get("family", TaskFamily.CLASSIFICATION.value))
+        known = {metric: best, family.gap_name(metric): family.gap(best, teacher)}
         for text in snapshot["constraints"]:
             c = Constraint.parse(text)
             if c.metric in known and c.violation(known):
@@ -227,10 +233,9 @@ class EarlyStop:
         """The candidate's size, MACs and modelled device figures: fixed by the plan, computed once
         on a finalized copy (training changes weights, not shapes)."""
         if self._costs is None:
-            from slimsearch.evaluators.costs import model_costs
+            from slimsearch.evaluators.costs import task_costs
 
-            costs = model_costs(self._finalized(student), self.task.example_input, self.profiles,
-                                self.plan.power_modes)
+            costs = task_costs(self._finalized(student), self.task, self.profiles, self.plan.power_modes)
             self._costs = {k: v for k, v in costs.values.items() if v is not None}
         return self._costs
 

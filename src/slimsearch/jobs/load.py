@@ -15,7 +15,8 @@ from pydantic import BaseModel, ValidationError
 
 from slimsearch._io import safe_load
 from slimsearch.exceptions import ConfigError
-from slimsearch.jobs.spec import JobSpec, looks_like_file
+from slimsearch.jobs.spec import CORPORA, JobSpec, looks_like_file
+from slimsearch.tasks._registry import CAUSAL_LM_PREFIX
 
 
 def load_job(path: str | os.PathLike, overrides: dict[str, Any] | None = None,
@@ -59,8 +60,16 @@ def _resolve_paths(data: dict, base: Path) -> None:
     def absolute(text: str) -> str:
         return str((base / os.path.expanduser(text)).resolve())
 
-    if isinstance(data.get("task"), str) and ":" in data["task"]:
+    task = data.get("task")
+    if isinstance(task, str) and task.startswith(CAUSAL_LM_PREFIX) and task[len(CAUSAL_LM_PREFIX):].strip():
+        data["task"] = CAUSAL_LM_PREFIX + absolute(task[len(CAUSAL_LM_PREFIX):])
+    elif isinstance(task, str) and ":" in task:
         data["task_path"] = absolute(data["task_path"]) if isinstance(data.get("task_path"), str) else str(base.resolve())
+    text = data.get("text")
+    if isinstance(text, str) and text not in CORPORA:
+        data["text"] = absolute(text)
+    elif isinstance(text, list):
+        data["text"] = [absolute(t) if isinstance(t, str) else t for t in text]
     profiles = data.get("profiles")
     for i, entry in enumerate(profiles if isinstance(profiles, list) else []):
         if isinstance(entry, str) and looks_like_file(entry):

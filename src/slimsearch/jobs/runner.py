@@ -74,8 +74,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     state = job_state(spec, out, resume)
     log(f"[slimsearch] task {spec.task}: loading data and teacher (trained once, then cached)")
     try:  # what the job file names must fit the task; say so before anything is written
-        task = cached_task(spec.task, spec.search.seed, spec.task_path)
-        reported = {task.metric_name, f"{task.metric_name}_drop", *task.extra_metrics}
+        task = cached_task(spec.task, spec.search.seed, spec.task_path, spec.task_text)
+        reported = {task.metric_name, task.family.gap_name(task.metric_name), *task.extra_metrics}
         costs = {*BASE_METRICS, *local_latency_metrics(task.latency_batch)}
         costs |= {f"{m}@{p}" for p in spec.profile_names for m in PROFILE_METRICS}
         meter = energy_meter(EnergyDomain.CPU)
@@ -178,7 +178,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
 
         stops = FrontSnapshot(out, space.plan_from_params, metric=task.metric_name, teacher=teacher_score,
                               objectives=objectives, constraints=spec.constraints,
-                              margin=spec.search.early_stopping_margin, complete=complete,
+                              margin=spec.search.early_stopping_margin, complete=complete, family=task.family,
                               front=[r for r in complete if r.number in front_numbers(complete, objectives)])
 
     def on_trial(record) -> None:
@@ -241,7 +241,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
             ray_start.stop(wait=False)
         try:
             result = _finish(study, space, tracker, out, objectives, teacher, task.metric_name, state,
-                             default_modes)
+                             default_modes, family=task.family)
             tracker.finish(status)
             if status == "FINISHED":
                 register_end(job_id, None, log)
@@ -269,7 +269,7 @@ def _estimate_can_screen(constraints, objectives, costs) -> bool:
 
 
 def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, state,
-            default_modes: dict[str, str]) -> JobResult:
+            default_modes: dict[str, str], family=None) -> JobResult:
     """Reconcile MLflow with the study, mark the front, write front.json and the plot.
 
     The files in ``out`` are written even when the MLflow store cannot be; that is then
@@ -306,7 +306,11 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
                            "provenance": provenance, "on_front": r.number in front, "feasible": r.feasible})
     front_list = sorted((c for c in candidates if c["on_front"]), key=lambda c: c["trial"])
     teacher_provenance = provenance_map(teacher, state.get("teacher_provenance"))
-    data = {"job": state["spec"]["name"], "objectives": objectives, "metric": metric_name, "teacher": teacher,
+    from slimsearch.metric_names import TaskFamily
+
+    family = TaskFamily(family or TaskFamily.CLASSIFICATION)
+    data = {"job": state["spec"]["name"], "objectives": objectives, "metric": metric_name,
+            "family": family.value, "direction": family.direction, "teacher": teacher,
             "teacher_provenance": teacher_provenance,
             "front": front_list, "candidates": candidates,
             "failed": [{"trial": r.number, "error": r.error} for r in all_records if r.state.value == "failed"]}

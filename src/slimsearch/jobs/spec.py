@@ -6,14 +6,16 @@ import os
 import re
 import threading
 from enum import Enum
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from slimsearch.exceptions import ConfigError
 from slimsearch.search.samplers import Sampler
 from slimsearch.spaces.schema import SpaceSpec  # noqa: F401 - LayerChoices: part of the schema
-from slimsearch.metric_names import BASE_METRICS, LOCAL_ENERGY_METRIC, LOCAL_PROFILE, PROFILE_METRICS, local_latency_metrics
+from slimsearch.metric_names import (BASE_METRICS, LOCAL_ENERGY_METRIC, LOCAL_PROFILE, PROFILE_METRICS, TaskFamily,
+                                     local_latency_metrics)
 
 
 class Direction(str, Enum):
@@ -152,23 +154,32 @@ class SearchSpec(_Frozen):
         return v
 
 
+# The objectives of a job file that names none, by the family of its task.
+DEFAULT_OBJECTIVES = {
+    TaskFamily.CLASSIFICATION: {"accuracy": "max", "latency_ms_b64@local": "min", "size_bytes": "min"},
+    TaskFamily.CAUSAL_LM: {"ppl": "min", "latency_ms@local": "min", "size_bytes": "min"},
+}
+CORPORA = ("wikipedia", "lee")  # the built-in text of causal-lm tasks (slimsearch.tasks.causal_lm.Corpus)
+
+
 class JobSpec(_Frozen):
     """A whole job file."""
 
     name: str
     task: str
     space: SpaceSpec = SpaceSpec()
-    objectives: dict[str, Direction] = {
-        "accuracy": Direction.MAX,
-        "latency_ms_b64@local": Direction.MIN,
-        "size_bytes": Direction.MIN,
-    }
-    constraints: list[str] = Field([], description="e.g. 'accuracy_drop <= 0.01' or 'latency_ms@jetson-orin-nano <= 5'; "
+    objectives: dict[str, Direction] = {name: Direction(d) for name, d in
+                                        DEFAULT_OBJECTIVES[TaskFamily.CLASSIFICATION].items()}
+    constraints: list[str] = Field([], description="e.g. 'accuracy_drop <= 0.01', 'ppl_increase <= 0.05' or "
+                                   "'latency_ms@jetson-orin-nano <= 5'; "
                                    "a candidate that breaks one never enters the front")
     profiles: list[ProfileTarget] = [ProfileTarget(name="raspberry-pi-4")]
     search: SearchSpec = SearchSpec()
     task_path: Optional[str] = Field(None, description="folder a package.module:function task is imported from "
                                      "first; default: the job file's folder")
+    text: Optional[Union[str, list[str]]] = Field(None, description="the text a causal-lm task is calibrated, "
+                                                  "validated and tested on: 'wikipedia' (default), 'lee', or "
+                                                  "text files (split by paragraph)")
     storage: Optional[str] = Field(None, description="Optuna storage URL; default sqlite in the job folder")
     tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI; default sqlite in the job folder")
 
@@ -180,14 +191,56 @@ class JobSpec(_Frozen):
             raise ValueError("allowed: 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _family_objectives(cls, data: Any) -> Any:
+        """A job file without objectives gets its task family's defaults."""
+        if isinstance(data, dict) and "objectives" not in data and isinstance(data.get("task"), str):
+            from slimsearch.tasks._registry import task_family
+
+            family = task_family(data["task"])
+            if family is not None and family is not TaskFamily.CLASSIFICATION:
+                data = {**data, "objectives": dict(DEFAULT_OBJECTIVES[family])}
+        return data
+
     @field_validator("task")
     @classmethod
     def _task(cls, v: str) -> str:
-        from slimsearch.tasks import BUILTIN_TASKS
+        from slimsearch.tasks._registry import BUILTIN_TASKS, CAUSAL_LM_PREFIX, is_causal_lm
 
+        if is_causal_lm(v):
+            if not v[len(CAUSAL_LM_PREFIX):].strip():
+                raise ValueError(f"{v!r} names no model; allowed: '{CAUSAL_LM_PREFIX}<Hugging Face folder or "
+                                 ".gguf file>'")
+            return v
         if v not in BUILTIN_TASKS and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
-            raise ValueError(f"unknown task {v!r}; allowed: one of {list(BUILTIN_TASKS)} or 'package.module:function'")
+            raise ValueError(f"unknown task {v!r}; allowed: one of {list(BUILTIN_TASKS)}, "
+                             f"'{CAUSAL_LM_PREFIX}<folder or .gguf file>' or 'package.module:function'")
         return v
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, v: Optional[Union[str, list[str]]], info) -> Optional[Union[str, list[str]]]:
+        from slimsearch.tasks._registry import task_family
+
+        if v is None:
+            return v
+        task = info.data.get("task")
+        if task is not None and task_family(task) is not TaskFamily.CAUSAL_LM:
+            raise ValueError(f"task {task!r} reads no text; allowed: text only with a causal-lm task (smollm2 "
+                             "or 'causal-lm:<path>'), or leave it out")
+        files = [v] if isinstance(v, str) and v not in CORPORA else v if isinstance(v, list) else []
+        if isinstance(v, list) and not v:
+            raise ValueError(f"an empty list; allowed: {list(CORPORA)} or text files")
+        for f in files:
+            if not Path(f).is_file():
+                raise ValueError(f"{f}: no such file; allowed: {list(CORPORA)} or text files (relative to the job file)")
+        return v
+
+    @property
+    def task_text(self) -> Union[str, tuple[str, ...], None]:
+        """``text`` as the task loader takes it (a list becomes a tuple, so that it can key a cache)."""
+        return tuple(self.text) if isinstance(self.text, list) else self.text
 
     @field_validator("profiles")
     @classmethod
@@ -233,11 +286,19 @@ class JobSpec(_Frozen):
     def _objectives(self) -> "JobSpec":
         if not self.objectives:
             raise ValueError("objectives: at least one objective is needed")
+        from slimsearch.tasks._registry import task_family, task_metrics
+
         allowed = self.metric_names()
-        user_task = ":" in self.task
-        for metric in self.objectives:
+        user_task = task_metrics(self.task) is None
+        family, own = task_family(self.task), (task_metrics(self.task) or ("",))[0]
+        for metric, direction in self.objectives.items():
             if metric not in allowed and not (user_task and "@" not in metric):
                 raise ValueError(f"objectives: unknown metric {metric!r}; allowed: {allowed}")
+            if family is not None and metric in (own, family.gap_name(own)):
+                better = family.direction if metric == own else "min"
+                if direction.value != better:
+                    raise ValueError(f"objectives.{metric}: {metric} is better {'higher' if better == 'max' else 'lower'}"
+                                     f" for task {self.task!r}; allowed: {better}")
         from slimsearch.search._types import Constraint
 
         parsed = []
@@ -257,11 +318,12 @@ class JobSpec(_Frozen):
 
         A user task's metrics are known only once it is loaded; ``run_job`` checks them.
         """
-        from slimsearch.tasks._registry import BUILTIN_LATENCY_BATCH, BUILTIN_METRICS, DEFAULT_LATENCY_BATCH
+        from slimsearch.tasks._registry import task_family, task_latency_batch, task_metrics
 
-        task_metrics = BUILTIN_METRICS.get(self.task, ("accuracy",))
-        batch = BUILTIN_LATENCY_BATCH.get(self.task, DEFAULT_LATENCY_BATCH)
-        names = [*task_metrics, f"{task_metrics[0]}_drop", *BASE_METRICS, *local_latency_metrics(batch)[1:]]
+        own = task_metrics(self.task) or ("accuracy",)
+        family = task_family(self.task) or TaskFamily.CLASSIFICATION
+        batch = task_latency_batch(self.task)
+        names = [*own, family.gap_name(own[0]), *BASE_METRICS, *local_latency_metrics(batch)[1:]]
         names.append(LOCAL_ENERGY_METRIC)
         names += [f"{m}@{p}" for p in self.profile_names for m in PROFILE_METRICS]
         return names

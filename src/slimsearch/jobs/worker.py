@@ -23,24 +23,29 @@ def layer_names(model) -> list[str]:
 
 
 def build_space(spec: JobSpec, task):
+    """The job's space laid over the task's layers, as the task's family reads it
+    (:func:`~slimsearch.spaces.space.fit_space`)."""
     from slimsearch.structures.channels import ChannelStructure
     from slimsearch.spaces import SearchSpace
+    from slimsearch.spaces.space import fit_space
 
     if task.hidden_states is None and any(w > 0 for w in spec.space.distill_hidden_weight):
         raise ConfigError(f"space.distill_hidden_weight: task {spec.task!r} exposes no hidden states to match; "
                           "allowed: [0]")
+    space = fit_space(spec.space, task.family)
     structure = task.structure or ChannelStructure()
-    return SearchSpace.build(spec.space, layer_names(task.teacher), structure.groups(task.teacher, task.example_input),
+    layers = list(task.layers) if task.layers is not None else layer_names(task.teacher)
+    return SearchSpace.build(space, layers, structure.groups(task.teacher, task.example_input),
                              droppable=structure.droppable(task.teacher), seed=spec.search.seed,
                              power_modes=spec.power_mode_choices())
 
 
 @functools.lru_cache(maxsize=2)
-def cached_task(name: str, seed: int, path: Optional[str] = None):
+def cached_task(name: str, seed: int, path: Optional[str] = None, text=None):
     # Per-process cache: a reused Ray worker loads the task (and its data) once, not per trial.
     from slimsearch.tasks import load_task
 
-    return load_task(name, seed=seed, path=path)
+    return load_task(name, seed=seed, path=path, text=text)
 
 
 def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
@@ -53,7 +58,7 @@ def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
     from slimsearch.evaluators import evaluate
 
     spec = JobSpec.from_json(job_json)
-    task = cached_task(spec.task, spec.search.seed, spec.task_path)
+    task = cached_task(spec.task, spec.search.seed, spec.task_path, spec.task_text)
     plan = space.plan_from_params(params)
     onnx_out = None
     if out is not None and os.path.isdir(Path(out) / MODELS_DIR):

@@ -15,9 +15,12 @@ from slimsearch.spaces.choices import (  # noqa: F401 - re-exported: the plan's 
     IMPORTANCES,
     SPARSITY_PATTERNS,
     WEIGHT_BITS,
+    Scope,
     choice,
+    choices,
     layer_fields,
 )
+from slimsearch.metric_names import TaskFamily
 
 DESCRIBE_LAYERS = 8  # plans with more changed layers are described by counts
 
@@ -54,20 +57,28 @@ class DistillPlan:
     eval_every: int = 0  # report the metric every this many steps (0: only at the end)
 
 
+# The model-wide choices (Scope.PLAN) are fields of the plan, each defaulting to the value that leaves
+# the model as it is: the choice table declares them, so a new one needs nothing here.
+_PlanChoices = make_dataclass(
+    "_PlanChoices", [(c.field, c.kind, field(default=c.default)) for c in choices(Scope.PLAN)], frozen=True,
+    namespace={"__module__": __name__, "__doc__": "The plan's model-wide choices (see CompressionPlan)."})
+
+
 @dataclass(frozen=True)
-class CompressionPlan:
+class CompressionPlan(_PlanChoices):
     """One candidate: per-layer choices, distillation settings and the seed.
 
-    Applying a plan to the teacher is deterministic for its seed, which is what
-    makes export and resume exact (DESIGN.md, "The values that flow").
+    Its model-wide choices (``importance``, ``act_calibration``, ``weight_method``,
+    ``kv_bits``, ``ffn_keep``, ...) are the PLAN-scope entries of
+    :data:`slimsearch.spaces.choices.CHOICES`, each a field with the default that
+    leaves the model as it is. Applying a plan to the teacher is deterministic for its
+    seed, which is what makes export and resume exact (DESIGN.md, "The values that flow").
     """
 
     layers: Mapping[str, LayerPlan] = field(default_factory=dict)
     distill: DistillPlan = field(default_factory=DistillPlan)
     seed: int = 0
     drop: tuple[str, ...] = ()  # blocks/layers removed whole (depth)
-    importance: str = "l1"  # how channels are ranked for structured pruning
-    act_calibration: str = "minmax"  # how activation ranges are calibrated
     # profile -> power mode its figures are modelled at, for the profiles whose modes the
     # job lists; any other profile is modelled at its default mode.
     power_modes: Mapping[str, str] = field(default_factory=dict)
@@ -76,10 +87,14 @@ class CompressionPlan:
         if not isinstance(self.power_modes, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in self.power_modes.items()):
             raise ConfigError(f"power_modes must map profile names to power mode names, got {self.power_modes!r}")
-        if self.importance not in IMPORTANCES:
-            raise ConfigError(f"importance must be one of {list(IMPORTANCES)}, got {self.importance!r}")
-        if self.act_calibration not in ACT_CALIBRATIONS:
-            raise ConfigError(f"act_calibration must be one of {list(ACT_CALIBRATIONS)}, got {self.act_calibration!r}")
+        for c in choices(Scope.PLAN):
+            value = getattr(self, c.field)
+            if not c.allows(value):
+                raise ConfigError(f"{c.field} must be one of {c.allowed}, got {value!r}")
+
+    def model_wide(self) -> dict[str, Any]:
+        """The model-wide choices, by field name."""
+        return {c.field: getattr(self, c.field) for c in choices(Scope.PLAN)}
 
     def layer(self, name: str) -> LayerPlan:
         """The plan of layer ``name``; a layer the plan does not name is left as it is."""
@@ -91,8 +106,7 @@ class CompressionPlan:
             "distill": asdict(self.distill),
             "seed": self.seed,
             "drop": list(self.drop),
-            "importance": self.importance,
-            "act_calibration": self.act_calibration,
+            **self.model_wide(),
             "power_modes": dict(self.power_modes),
         }
 
@@ -107,8 +121,7 @@ class CompressionPlan:
                 distill=DistillPlan(**data.get("distill", {})),
                 seed=int(data.get("seed", 0)),
                 drop=tuple(data.get("drop", ())),
-                importance=data.get("importance", "l1"),
-                act_calibration=data.get("act_calibration", "minmax"),
+                **{c.field: data.get(c.field, c.default) for c in choices(Scope.PLAN)},  # older plans lack some
                 power_modes=data.get("power_modes", {}),
             )
         except TypeError as exc:
@@ -124,8 +137,7 @@ class CompressionPlan:
         out.update({f"distill.{key}": str(value) for key, value in asdict(self.distill).items()})
         out["seed"] = str(self.seed)
         out["drop"] = ",".join(self.drop)
-        out["importance"] = self.importance
-        out["act_calibration"] = self.act_calibration
+        out.update({name: str(value) for name, value in self.model_wide().items()})
         out.update({f"power_mode.{profile}": mode for profile, mode in self.power_modes.items()})
         return out
 
@@ -153,6 +165,9 @@ class CompressionPlan:
             parts += [f"{n} groups -{ratio:.0%}" for ratio, n in sorted(prunes.items())]
         if self.drop:
             parts.append(f"drop {'+'.join(self.drop)}")
+        # a decoder LLM's model-wide choices (cuts, KV cache, weight method), where not as they leave it
+        parts += [f"{c.field} {getattr(self, c.field)}" for c in choices(Scope.PLAN)
+                  if c.families == (TaskFamily.CAUSAL_LM,) and getattr(self, c.field) != c.default]
         parts.append(f"KD {self.distill.steps} steps")
         parts += [f"{profile} at {mode}" for profile, mode in sorted(self.power_modes.items())]
         return ", ".join(parts)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from slimsearch.exceptions import ConfigError
-from slimsearch.spaces.choices import Choice, Scope, layer_fields
+from slimsearch.metric_names import TaskFamily
+from slimsearch.spaces.choices import CHOICES, Choice, Scope, layer_fields
 from slimsearch.spaces.choices import choices as choices_of
 from slimsearch.spaces.plan import CompressionPlan, DistillPlan, LayerPlan
 
@@ -127,3 +128,42 @@ class SearchSpace:
             total *= len(values)
         return total
 
+
+def fit_space(spec: Any, family: TaskFamily) -> Any:
+    """The job's ``space`` (a :class:`~slimsearch.spaces.schema.SpaceSpec`) as a task of ``family``
+    reads it.
+
+    A choice that no method of the family reads (``Choice.families``) must stay at its default,
+    in the space and in its per-layer overrides; a choice the family narrows (``Choice.narrow``)
+    must keep to the values it allows, and takes the family's default list where the job file
+    does not set it (a causal LM's weights default to ``[4, 8, 32]`` bits, not the CNN list).
+    Raises ConfigError naming the field and what is allowed.
+    """
+    family = TaskFamily(family)
+    given = spec.model_fields_set
+    updates: dict[str, list] = {}
+    for c in CHOICES:
+        places = [(f"space.{c.name}", getattr(spec, c.name))] if c.name in given else []
+        if c.per_layer:
+            places += [(f"space.layers.{layer}.{c.name}", getattr(own, c.name)) for layer, own in spec.layers.items()
+                       if getattr(own, c.name) is not None]
+        if family not in c.families:
+            for where, values in places:
+                if any(v != c.default for v in values):
+                    users = ", ".join(f.value for f in c.families)
+                    raise ConfigError(f"{where}: a {family.value} task does not use {c.name} (a {users} task does); "
+                                      f"allowed: [{c.default!r}], or leave it out")
+            if list(getattr(spec, c.name) or [c.default]) != [c.default]:
+                updates[c.name] = [c.default]
+            continue
+        narrow = c.narrow.get(family)
+        if narrow is None:
+            continue
+        for where, values in places:
+            bad = [v for v in values if narrow.allowed is not None and v not in narrow.allowed]
+            if bad:
+                raise ConfigError(f"{where}: {bad[0]!r} is not allowed for a {family.value} task; "
+                                  f"allowed: {list(narrow.allowed)}")
+        if c.name not in given:
+            updates[c.name] = list(narrow.space_default)
+    return spec.model_copy(update=updates) if updates else spec

@@ -1,6 +1,7 @@
 """What is compressed: built-in tasks and the loader for a user's own.
 
-A job names a task by a built-in name (``mnist``, ``digits``) or as
+A job names a task by a built-in name (``mnist``, ``digits``, ``smollm2``), as
+``causal-lm:<folder or .gguf file>`` (a user's decoder LLM) or as
 ``package.module:function`` returning a :class:`Task`.
 """
 

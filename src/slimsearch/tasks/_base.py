@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping, Optional, Protocol, Sequence
 
+from slimsearch.metric_names import TaskFamily
+
 if TYPE_CHECKING:
     import torch
 
@@ -78,12 +80,13 @@ class Task:
         name: the task's name as a job file gives it.
         teacher: the trained model, in eval mode.
         train, val, test: data splits; validation chooses the front, test reports it.
-        metric: ``metric(logits, labels) -> float``, higher is better.
+        metric: ``metric(logits, labels) -> float``, better in ``family.direction`` (higher
+            for classification, lower for a causal LM's perplexity).
         metric_name: the metric's name in Metrics, MLflow and plots.
         example_input: one batch-1 input.
         preprocessing: what an exported model expects of its input.
         teacher_sha256: hash of the teacher's weights file, so a changed teacher is noticed.
-        extra_metrics: more metrics, ``name -> f(model, split) -> float`` (higher is better).
+        extra_metrics: more metrics, ``name -> f(model, split) -> float``.
         distill_loss: ``f(student_out, teacher_out, labels, distill_plan) -> loss``;
             ``None`` means logit distillation with temperature (classification).
         structure: how the teacher is pruned; ``None`` means the channel graph.
@@ -93,7 +96,16 @@ class Task:
             model runs inside it; ``distill_loss`` then gets ``hidden=``. ``None``: the
             task has none (``distill_hidden_weight`` must stay 0).
         latency_batch: the larger batch latency is measured at, besides batch 1
-            (metric ``latency_ms_b<N>@local``).
+            (metric ``latency_ms_b<N>@local``); 1: none (a causal LM is timed per token).
+        family: what kind of model it is (:class:`~slimsearch.metric_names.TaskFamily`):
+            which way its metric points, how the gap to the teacher is named, which
+            compression methods and choices apply and how its costs are counted.
+        scorer: ``scorer(model, split, extras) -> {name: value}``: the task metric (and, with
+            ``extras``, every extra metric) in one pass over ``split``, for tasks whose
+            outputs are too large to gather (a causal LM's logits over its vocabulary);
+            ``None``: ``metric`` on the gathered outputs and ``extra_metrics`` one by one.
+        layers: the names a plan's per-layer choices are keyed by; ``None``: every Conv2d
+            and Linear layer (a causal LM's are its linear groups, ``qkv``, ``o``, ...).
     """
 
     name: str
@@ -111,6 +123,9 @@ class Task:
     structure: Optional[Structure] = None
     hidden_states: Optional[Callable[["torch.nn.Module"], ContextManager[Mapping]]] = None
     latency_batch: int = 64
+    family: TaskFamily = TaskFamily.CLASSIFICATION
+    scorer: Optional[Callable[["torch.nn.Module", Split, bool], Mapping[str, float]]] = None
+    layers: Optional[tuple[str, ...]] = None
 
 
 def accuracy(logits: "torch.Tensor", labels: "torch.Tensor") -> float:

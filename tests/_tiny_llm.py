@@ -1,0 +1,58 @@
+"""Tiny random decoder LLMs saved as Hugging Face folders, with a tiny tokenizer and text, for tests across
+the suite (nothing downloaded; the real SmolLM2 only in slow tests)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+VOCAB = 64
+
+
+def tokenizer():
+    """A word-level tokenizer of the words ``w2`` .. ``w63`` (``<unk>`` 0, ``</s>`` 1), built in memory."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+
+
+def llama(seed: int = 0):
+    """Llama with grouped-query attention: 2 blocks, hidden 64, 4 heads sharing 2 key/value heads, FFN 96, tied."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                      max_position_embeddings=128)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def gpt2(seed: int = 0):
+    """GPT-2 (Conv1D linears): 2 blocks, hidden 64, 4 heads, 64 positions."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def folder(path: Path, kind: str = "llama") -> Path:
+    """A tiny ``kind`` (``llama`` or ``gpt2``) model and its tokenizer saved in ``path``."""
+    model = {"llama": llama, "gpt2": gpt2}[kind]()
+    model.save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return path
+
+
+def text(path: Path, paragraphs: int = 60, seed: int = 0) -> Path:
+    """A text file of ``paragraphs`` paragraphs of 40-120 random words of the tiny vocabulary."""
+    rng = random.Random(seed)
+    path.write_text("\n\n".join(" ".join(f"w{rng.randint(2, VOCAB - 1)}" for _ in range(rng.randint(40, 120)))
+                                for _ in range(paragraphs)))
+    return path

@@ -1,0 +1,68 @@
+"""evaluators/decoder.py: a decoder LLM's costs per generated token, and one SmolLM2 candidate end to end."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from slimsearch.compress.llm_methods import DecoderRecord  # noqa: E402
+from slimsearch.evaluators.decoder import CONTEXT_TOKENS, decoder_costs  # noqa: E402
+from slimsearch.evaluators.llm_costs import decoder_footprint, weight_bytes  # noqa: E402
+from slimsearch.hardware_profiles import load_profile, predict_decoder  # noqa: E402
+from tests import _tiny_llm  # noqa: E402
+
+
+def test_costs_per_token_are_the_footprint_on_each_profile_all_modelled_but_the_timed_ones():
+    model = _tiny_llm.llama()
+    measured = {"latency_ms@local": 3.0}
+    costs = decoder_costs(model, ["raspberry-pi-4", "nvidia-t4", "edge-tpu"], measured=measured)
+    footprint = decoder_footprint(model)
+    pred = predict_decoder(load_profile("nvidia-t4"), footprint, prompt_tokens=CONTEXT_TOKENS,
+                           context_tokens=CONTEXT_TOKENS)
+    v = costs.values
+    assert v["size_bytes"] == weight_bytes(model) and v["macs"] == footprint.macs
+    assert v["params"] == sum(p.numel() for p in model.parameters())
+    assert (v["latency_ms@nvidia-t4"], v["energy_mj@nvidia-t4"], v["cost_usd_per_1m@nvidia-t4"]) == (
+        pred.decode_ms_per_token, pred.energy_mj_per_token, pred.usd_per_1m_tokens)
+    assert v["cost_usd_per_1m@raspberry-pi-4"] is None  # not rented
+    assert v["latency_ms@edge-tpu"] is None  # int8 only: a float LLM does not run there as it is
+    assert costs.provenance["latency_ms@local"].value == "measured"
+    assert {costs.provenance[k].value for k in v if "@" in k and not k.endswith("@local")} == {"modelled"}
+
+
+def test_a_smaller_kv_cache_and_2_4_sparsity_lower_the_modelled_decode_only_where_they_apply():
+    model = _tiny_llm.llama()
+    profiles = ["nvidia-a100", "raspberry-pi-4"]
+    dense = decoder_costs(model, profiles).values
+    sparse = decoder_costs(model, profiles, record=DecoderRecord(sparsity="2:4")).values
+    assert sparse["latency_ms@nvidia-a100"] < dense["latency_ms@nvidia-a100"]  # Ampere runs 2:4
+    assert sparse["latency_ms@raspberry-pi-4"] == dense["latency_ms@raspberry-pi-4"]  # a Pi does not
+    assert sparse["size_bytes"] == dense["size_bytes"]  # zeros stored dense
+    small_cache = decoder_costs(model, profiles, record=DecoderRecord(kv_bits=4)).values
+    assert small_cache["latency_ms@raspberry-pi-4"] < dense["latency_ms@raspberry-pi-4"]
+
+
+@pytest.mark.slow
+def test_one_smollm2_candidate_end_to_end():
+    """GPTQ 4-bit (groups of 128) and an 8-bit KV cache on SmolLM2-135M: the candidate is scored on
+    Wikipedia against its teacher and costed per token."""
+    from slimsearch.evaluators import evaluate
+    from slimsearch.spaces.plan import CompressionPlan, LayerPlan
+    from slimsearch.tasks import load_task
+
+    task = load_task("smollm2")
+    teacher_ppl = task.scorer(task.teacher, task.val, False)["ppl"]
+    plan = CompressionPlan(layers={g: LayerPlan(weight_bits=4, group_size=128) for g in task.layers},
+                           weight_method="gptq", kv_bits=8)
+    m = evaluate(task, plan, ["raspberry-pi-4"], teacher_score=teacher_ppl).values
+    assert math.isfinite(m["ppl"]) and math.isfinite(m["ppl_test"])
+    assert m["ppl_increase"] == pytest.approx(m["ppl"] / teacher_ppl - 1) and 0 < m["ppl_increase"] < 1
+    assert m["kl"] > 0 and 0.3 < m["top1"] < 1
+    assert m["size_bytes"] < 0.4 * 538_060_032 and m["latency_ms@local"] > 0
+    assert m["latency_ms@raspberry-pi-4"] > 0

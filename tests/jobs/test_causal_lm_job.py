@@ -1,0 +1,100 @@
+"""A causal-lm task as a job: its job-file syntax, its metrics and their direction, a tiny search through
+``slimsearch run``, and the one-line refusal of a folder that is not a causal LM."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+
+from slimsearch.exceptions import ConfigError  # noqa: E402
+from slimsearch.jobs.load import load_job  # noqa: E402
+from slimsearch.jobs.spec import JobSpec  # noqa: E402
+from tests import _tiny_llm  # noqa: E402
+from tests._cli import cli, local_job, write_job  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llm-job")
+    _tiny_llm.folder(root / "models" / "tiny")
+    _tiny_llm.text(root / "notes.txt")
+    return root
+
+
+def test_a_causal_lm_job_names_its_model_and_text_relative_to_the_job_file(made):
+    job = write_job(made, {"name": "lm", "task": "causal-lm:models/tiny", "text": ["notes.txt"],
+                           "constraints": ["ppl_increase <= 0.05", "kl <= 0.5"]}, "paths.yaml")
+    spec = load_job(job)
+    assert spec.task == f"causal-lm:{made / 'models' / 'tiny'}" and spec.text == [str(made / "notes.txt")]
+    assert {k: v.value for k, v in spec.objectives.items()} == {"ppl": "min", "latency_ms@local": "min",
+                                                                "size_bytes": "min"}
+    names = spec.metric_names()
+    assert {"ppl", "kl", "top1", "ppl_increase", "latency_ms@local"} <= set(names)
+    assert not any(n.startswith("latency_ms_b") or n.endswith("_drop") for n in names)
+    assert JobSpec(name="x", task="smollm2", text="lee").text == "lee"
+
+
+@pytest.mark.parametrize("patch, fragment", [
+    ({"objectives": {"ppl": "max"}}, "objectives.ppl: ppl is better lower for task"),
+    ({"objectives": {"accuracy": "max"}}, "objectives: unknown metric 'accuracy'"),
+    ({"constraints": ["accuracy_drop <= 0.01"]}, "unknown metric 'accuracy_drop'"),
+    ({"text": ["missing.txt"]}, "missing.txt: no such file"),
+    ({"task": "digits", "text": "wikipedia"}, "text: task 'digits' reads no text"),
+    ({"task": "causal-lm:"}, "'causal-lm:' names no model"),
+])
+def test_a_causal_lm_job_file_is_checked_as_its_family_reads_it(made, patch, fragment):
+    job = write_job(made, {"name": "lm", "task": "causal-lm:models/tiny", **patch}, "bad.yaml")
+    with pytest.raises(ConfigError) as exc:
+        load_job(job)
+    assert fragment in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_tiny_search_on_a_users_causal_lm_records_perplexity_and_its_increase(made):
+    (made / "run").mkdir()
+    run = local_job(made / "run", {
+        "name": "tiny-lm", "task": f"causal-lm:{made / 'models' / 'tiny'}", "text": [str(made / "notes.txt")],
+        "space": {"weight_bits": [4, 32], "kv_bits": [8, 32], "ffn_keep": [0.5, 1.0]},
+        "objectives": {"ppl": "min", "size_bytes": "min"},
+        "constraints": ["ppl_increase <= 0.5"],
+        "profiles": ["raspberry-pi-4"],
+        "search": {"budget": 2, "workers": 1, "sampler": "random"}})
+    front = json.loads((run.out / "front.json").read_text())
+    assert (front["metric"], front["family"], front["direction"]) == ("ppl", "causal-lm", "min")
+    assert len(front["candidates"]) == 2 and front["front"]
+    teacher = front["teacher"]
+    assert teacher["kl"] == 0.0 and teacher["top1"] == 1.0
+    for c in front["candidates"]:
+        m = c["metrics"]
+        assert m["ppl_increase"] == pytest.approx(m["ppl"] / teacher["ppl"] - 1)
+        assert m["ppl"] > 1 and m["ppl_test"] > 1 and 0 <= m["top1"] <= 1 and m["kl"] >= 0
+        assert c["provenance"]["latency_ms@local"] == "measured"
+        assert c["provenance"]["latency_ms@raspberry-pi-4"] == "modelled"
+        assert not any(k.endswith("_drop") for k in m)
+    assert (run.out / "front.html").is_file()
+
+
+def test_a_folder_that_is_not_a_causal_lm_is_one_line_exit_2_and_nothing_written(tmp_path):
+    (tmp_path / "encoder").mkdir()
+    (tmp_path / "encoder" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    job = write_job(tmp_path, {"name": "not-lm", "task": "causal-lm:encoder"})
+    result = cli("run", str(job), "--out", str(tmp_path / "out"), "--executor", "local", "--no-progress")
+    assert result.code == 2
+    (line,) = result.stderr.splitlines()
+    assert str(job) in line and "is a 'bert' model, not a decoder-only causal LM" in line
+    assert "allowed model_type: ['llama'" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_choice_a_causal_lm_does_not_use_is_refused_once_the_task_is_known(made, tmp_path):
+    job = write_job(tmp_path, {"name": "lm-prune", "task": f"causal-lm:{made / 'models' / 'tiny'}",
+                               "text": [str(made / "notes.txt")], "space": {"prune_ratio": [0.0, 0.5]}})
+    result = cli("run", str(job), "--out", str(tmp_path / "out"), "--executor", "local", "--no-progress")
+    assert result.code == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert "space.prune_ratio: a causal-lm task does not use prune_ratio" in line and "allowed: [0.0]" in line
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,48 @@
+"""export.py's default choice: the fastest front member close to the teacher, as the task's family
+measures closeness (1 point of accuracy; 5% of perplexity)."""
+
+from __future__ import annotations
+
+import pytest
+
+from slimsearch.exceptions import ConfigError
+from slimsearch.export import choose, export_job
+
+
+def _member(trial: int, metric: str, value: float, latency: float) -> dict:
+    return {"trial": trial, "run_id": f"r{trial}", "metrics": {metric: value, "latency_ms@local": latency}}
+
+
+def _front(metric: str, teacher: float, members: list[dict], family=None) -> dict:
+    front = {"metric": metric, "objectives": {metric: "max", "latency_ms@local": "min"},
+             "teacher": {metric: teacher}, "front": members, "candidates": members}
+    return front if family is None else {**front, "family": family, "direction": "min",
+                                         "objectives": {metric: "min", "latency_ms@local": "min"}}
+
+
+def test_a_classification_job_exports_the_fastest_member_within_a_point_of_the_teacher():
+    members = [_member(0, "accuracy", 0.975, 3.0), _member(1, "accuracy", 0.95, 1.0), _member(2, "accuracy", 0.98, 5.0)]
+    best, rule = choose(_front("accuracy", 0.98, members))  # front.json of a job from before families
+    assert best["trial"] == 0 and rule == "fastest (latency_ms@local) front member with accuracy_drop <= 0.01"
+    best, rule = choose(_front("accuracy", 0.99, members[:2]))
+    assert best["trial"] == 0 and "the front member with the best accuracy" in rule
+
+
+def test_a_causal_lm_job_exports_the_fastest_member_within_5_percent_of_the_teachers_perplexity():
+    members = [_member(0, "ppl", 20.8, 3.0), _member(1, "ppl", 30.0, 1.0), _member(2, "ppl", 20.5, 5.0)]
+    best, rule = choose(_front("ppl", 20.0, members, family="causal-lm"))
+    assert best["trial"] == 0 and rule == "fastest (latency_ms@local) front member with ppl_increase <= 0.05"
+    best, rule = choose(_front("ppl", 10.0, members, family="causal-lm"))
+    assert best["trial"] == 2 and "no front member with ppl_increase <= 0.05" in rule  # the lowest perplexity
+
+
+def test_export_of_a_causal_lm_candidate_is_refused_saying_how_to_get_it(tmp_path):
+    import json
+
+    members = [_member(0, "ppl", 21.5, 3.0)]
+    (tmp_path / "job.json").write_text(json.dumps({"spec": {}}))
+    (tmp_path / "front.json").write_text(json.dumps({**_front("ppl", 20.0, members, family="causal-lm"),
+                                                     "job": "lm"}))
+    with pytest.raises(ConfigError, match="a causal LM's candidate is not exported by it yet.*save_hf_folder"):
+        export_job(tmp_path, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
