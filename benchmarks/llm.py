@@ -56,8 +56,11 @@ class Bench:
         self.teacher, self.tokenizer = load_causal_lm(self.folder)
         self.test = text_windows(self.tokenizer, "wikipedia", "test", seq_len=args.seq_len,
                                  max_tokens=args.test_tokens)
-        self.calib = text_windows(self.tokenizer, "wikipedia", "calibration", seq_len=args.seq_len,
-                                  max_tokens=args.calib_windows * args.seq_len)
+        every = text_windows(self.tokenizer, "wikipedia", "calibration", seq_len=args.seq_len)
+        # spread over the whole split: the first N consecutive windows (two or three articles)
+        # over-fit GPTQ (measured on SmolLM2-135M)
+        pick = torch.linspace(0, len(every) - 1, min(args.calib_windows, len(every))).round().long()
+        self.calib = every[pick]
         self.work = Path(tempfile.mkdtemp(prefix="slimsearch-llm-", dir=args.work))
         self.rows: list[dict] = []
         self.teacher_ppl = None
