@@ -41,6 +41,14 @@ def test_a_user_causal_lm_is_a_task_of_its_family_with_windows_from_its_text(mad
     assert len(task.teacher_sha256) == 64
 
 
+def test_windows_are_taken_evenly_spread_over_a_split_not_from_its_start():
+    from slimsearch.tasks._causal_lm_task import spread
+
+    windows = torch.arange(10).unsqueeze(1).repeat(1, 4)
+    assert spread(windows, 4)[:, 0].tolist() == [0, 3, 6, 9]
+    assert torch.equal(spread(windows, 10), windows) and torch.equal(spread(windows, 20), windows)
+
+
 def test_a_model_with_a_short_context_gets_windows_that_fit_it(made):
     task = load_task(f"causal-lm:{made['gpt2']}", text=str(made["text"]))
     assert task.val.x.shape[1] == 64 and task.layers == ("qkv", "o", "gate_up", "down")
