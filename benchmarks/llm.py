@@ -416,7 +416,7 @@ def main() -> None:
     parser.add_argument("--ffn-cut", type=float, default=0.25, help="share of FFN channels cut")
     parser.add_argument("--drop-layers", type=int, default=2, help="layers cut")
     parser.add_argument("--heal-steps", type=int, default=200, help="healing steps after the cut")
-    parser.add_argument("--heal-lr", type=float, default=1e-4, help="healing learning rate")
+    parser.add_argument("--heal-lr", type=float, default=3e-4, help="healing learning rate")
     parser.add_argument("--heal-seq-len", type=int, default=256, help="tokens per healing step")
     parser.add_argument("--int4-method", default="gptq", choices=("rtn", "gptq", "awq"),
                         help="int4-ort: whose 4-bit group-128 codes the deployed graph holds")
