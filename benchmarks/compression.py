@@ -2,9 +2,11 @@
 
 Prints one table; ``--json PATH`` writes the same rows. Latencies are measured on
 this machine's CPU, one thread, median of repeats (training uses every core). Every row is timed in 11 short alternating
-rounds with its own teacher (teacher, model, teacher, model, ...); its "x" is the median
-of the per-round ratios, and the ms columns the medians of the rounds, so a change in
-machine load between rounds does not bias the ratios; run it on an idle machine all the same.
+rounds with its own teacher (teacher, model, model, teacher, ...; the library's
+``measure_paired``, as a job times its candidates); its "x" is the median of the per-round
+ratios (``latency_x_cv`` in the JSON: their coefficient of variation; rounds that disagree are
+timed again), and the ms columns the medians of the rounds, so a change in machine load between
+rounds does not bias the ratios; run it on an idle machine all the same.
 
     python benchmarks/compression.py [--steps 300] [--minilm-steps 300] [--skip-minilm] [--json out.json]
 
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import tempfile
 import time
 import warnings
@@ -59,21 +60,14 @@ def _eager_runner(model, x):
     return run
 
 
-def _paired_ms(run, teacher_run) -> tuple[float, float, float]:
-    """Median ms of ``run`` and of ``teacher_run``, and the median of their per-round ratios.
+def _paired_ms(run, teacher_run) -> tuple[float, float, float, float]:
+    """Median ms of ``run`` and of ``teacher_run``, the median of their per-round ratios, and the
+    ratios' coefficient of variation: the library's paired timing (``measure_paired``, what a
+    job's workers and ``export`` use), in ``ROUNDS`` alternating rounds of ``REPEATS`` calls."""
+    from slimsearch.hardware_profiles import measure_paired
 
-    The two are timed in many short alternating rounds (teacher, model, teacher, ...);
-    the ratio of each round compares calls made within a second of each other, so a
-    change of machine load between rounds cancels out of the ratio.
-    """
-    from slimsearch.hardware_profiles import measure_latency
-
-    ours, theirs = [], []
-    for _ in range(ROUNDS):
-        theirs.append(measure_latency(teacher_run, warmup=1, repeats=REPEATS).median_ms)
-        ours.append(measure_latency(run, warmup=1, repeats=REPEATS).median_ms)
-    ratio = statistics.median(a / b for a, b in zip(ours, theirs))
-    return statistics.median(ours), statistics.median(theirs), ratio
+    paired = measure_paired(run, teacher_run, rounds=ROUNDS, repeats=REPEATS)
+    return paired.candidate_ms, paired.reference_ms, paired.ratio, paired.cv
 
 
 def _ort_metric(model, task, split) -> float:
@@ -103,13 +97,14 @@ class Table:
             target="", passed=None, note=""):
         teacher = task.teacher
         make = _eager_runner if eager else _onnx_runner
-        ms, teacher_ms, ratio = _paired_ms(make(model, x), make(teacher, x))
+        ms, teacher_ms, ratio, cv = _paired_ms(make(model, x), make(teacher, x))
         row = {
             "task": task.name, "model": name, "runtime": runtime,
             "params": _params(model), "params_x": _params(model) / _params(teacher),
             "bytes": size, "bytes_x": size / teacher_size,
             "metric": task.metric_name, "value": metric, "teacher_value": metric if model is teacher else teacher_metric,
             "latency_ms_measured": ms, "teacher_latency_ms_measured": teacher_ms, "latency_x": ratio,
+            "latency_x_cv": cv,
             "batch": list(x.shape), "target": target, "passed": passed, "note": note,
         }
         if callable(passed):

@@ -46,3 +46,26 @@ def test_export_of_a_causal_lm_candidate_is_refused_saying_how_to_get_it(tmp_pat
     with pytest.raises(ConfigError, match="a causal LM's candidate is not exported by it yet.*save_hf_folder"):
         export_job(tmp_path, tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+def test_export_times_the_chosen_model_as_the_search_did_paired_with_the_teacher(digits_task, monkeypatch):
+    # export and a job's workers call the same paired timing, scaled to the teacher's figures of the job's start
+    from slimsearch.export import export_latency
+    from slimsearch.hardware_profiles import _measure
+
+    calls = []
+
+    def fake(candidate, reference, **kwargs):  # a FAKE measure_paired: no timing
+        calls.append(reference)
+        return _measure.PairedTiming(ratio=0.25, ratios=(0.25,), cv=0.01, candidate_ms=3.0, reference_ms=12.0,
+                                     attempts=1, noisy=False)
+
+    monkeypatch.setattr(_measure, "measure_paired", fake)
+    teacher = {"latency_ms@local": 2.0, "latency_ms_b64@local": 8.0, "accuracy": 0.97}
+    recorded = {"latency_ms@local": 0.5, "latency_ms_b64@local": 2.5}
+    latency = export_latency(digits_task.teacher, digits_task, teacher, recorded, threads=1)
+    assert len(calls) == 2
+    assert latency["model"]["latency_ms_b64@local"] == 2.0 and latency["model"]["latency_ms_raw_b64@local"] == 3.0
+    assert latency["teacher_at_job_start"] == {"latency_ms@local": 2.0, "latency_ms_b64@local": 8.0}
+    assert latency["search_over_export"] == {"latency_ms@local": 1.0, "latency_ms_b64@local": 1.25}
+    assert "latency_ms_b64@local" in latency["teacher"]  # the teacher now, unpaired, beside them

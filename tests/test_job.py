@@ -61,6 +61,9 @@ CASES = {
     "unknown_objective": ({"objectives": {"accuracy": "max", "flops": "min"}}, "objectives",
                           ["'flops'", "'accuracy'", "'size_bytes'", "'latency_ms@local'",
                            "'latency_ms@raspberry-pi-4'", "'energy_mj@raspberry-pi-4'"]),
+    # the raw figure beside a paired local latency is a diagnostic: never an objective
+    "raw_latency_objective": ({"objectives": {"accuracy": "max", "latency_ms_raw_b64@local": "min"}}, "objectives",
+                              ["'latency_ms_raw_b64@local'", "'latency_ms_b64@local'"]),
     "unknown_sampler": ({"search__sampler": "cmaes"}, "search.sampler",
                         ["'cmaes'", "'nsga2'", "'tpe'", "'random'"]),
     "budget_0": ({"search__budget": 0}, "search.budget", ["0", "greater than or equal to 1"]),

@@ -213,7 +213,6 @@ def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
         raise ConfigError("--run names the candidate itself; it cannot be combined with --where or --minimize")
     out = safe_out(out, [FILE_NAMES[f] for f in formats] + ["manifest.json"])
     from slimsearch.evaluators import score
-    from slimsearch.evaluators.candidate import measure_local
     from slimsearch.deploy.pack import packed_size
     from slimsearch.jobs.spec import JobSpec
     from slimsearch.spaces import CompressionPlan
@@ -263,8 +262,7 @@ def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
             path.unlink(missing_ok=True)
         raise
     manifest_path = out / "manifest.json"
-    latency_model = measure_local(model, task)
-    latency_teacher = measure_local(task.teacher, task)
+    latency = export_latency(model, task, state["teacher"], candidate["metrics"], threads)
     manifest = {
         "job": front["job"],
         "metric": metric,
@@ -279,11 +277,7 @@ def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
         "rebuilt_with_threads": threads,
         f"test_{metric}_recorded": recorded,
         f"test_{metric}_teacher": front["teacher"].get(f"{metric}_test"),
-        "latency_at_export_measured_ms": {
-            "note": "onnxruntime on this machine's CPU, measured back to back at export time",
-            "model": latency_model,
-            "teacher": latency_teacher,
-        },
+        "latency_at_export_measured_ms": latency,
         "input": {"name": task.preprocessing.input_name, "shape": list(task.preprocessing.input_shape),
                   "dtype": task.preprocessing.input_dtype, "batch_dimension": "dynamic"},
         "preprocessing": task.preprocessing.to_dict(),
@@ -301,6 +295,28 @@ def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
     atomic_write(manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
     _record_export(job_dir, out, manifest)
     return manifest
+
+
+def export_latency(model, task, teacher: dict, recorded: dict, threads: Optional[int]) -> dict:
+    """The exported model's local latencies, measured as the search measured them: timed in
+    alternating rounds with the teacher, with the worker's thread count, and scaled to the
+    teacher's latencies recorded at the job's start (``teacher``), so that they compare with the
+    search's figures ``recorded`` (``search_over_export`` gives the ratios). The teacher's
+    latencies now, unpaired, are recorded beside them."""
+    from slimsearch._threads import torch_threads
+    from slimsearch.evaluators.candidate import local_reference, measure_local
+    from slimsearch.metric_names import local_latency_metrics
+
+    quiet = {name: teacher.get(name) for name in local_latency_metrics(task.latency_batch)}
+    with torch_threads(threads):  # onnxruntime sessions take torch's thread count, as in the worker
+        model_ms = measure_local(model, task, reference=local_reference(task, quiet))
+        teacher_ms = measure_local(task.teacher, task)
+    return {"note": "onnxruntime on this machine's CPU at export time, timed in alternating rounds with the "
+                    "teacher (median of per-round ratios) times the teacher's latency recorded at the job's start, "
+                    "as the search measured its candidates; raw: latency_ms_raw*@local",
+            "model": model_ms, "teacher": teacher_ms, "teacher_at_job_start": quiet,
+            "search_over_export": {name: recorded[name] / model_ms[name] for name in quiet
+                                   if recorded.get(name) and model_ms.get(name)}}
 
 
 def _worker_threads(state: dict, trial: int) -> Optional[int]:

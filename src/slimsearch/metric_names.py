@@ -6,6 +6,7 @@ from __future__ import annotations
 from enum import Enum
 
 LOCAL_PROFILE = "local"
+LATENCY = "latency_ms"
 # Metrics every candidate has, whatever the profiles.
 BASE_METRICS = ("size_bytes", "params", "macs", "bitops", "latency_ms@local")
 
@@ -14,6 +15,27 @@ def local_latency_metrics(batch: int) -> tuple[str, ...]:
     """The measured latencies of a task whose larger timed batch is ``batch`` (Task.latency_batch);
     a batch of 1 adds none (a causal LM is timed per generated token, at batch 1)."""
     return ("latency_ms@local",) if batch <= 1 else ("latency_ms@local", f"latency_ms_b{batch}@local")
+
+
+def paired_latency_extras(name: str) -> tuple[str, str, str]:
+    """The names recorded beside a paired local latency ``name`` (``latency_ms@local``,
+    ``latency_ms_b<N>@local``): its raw latency, the coefficient of variation of its per-round
+    ratios and its noisy flag (1.0: its rounds disagreed beyond the tolerance every time).
+
+    In a job, ``name`` itself is the paired figure: the median of per-round ratios to the teacher,
+    timed in alternating rounds, times the teacher's latency taken once at the job's start
+    (:func:`~slimsearch.hardware_profiles._measure.measure_paired`); it is what the front uses.
+    These three are diagnostics, never objectives or constraints:
+    ``latency_ms_b64@local`` -> ``latency_ms_raw_b64@local``, ``latency_cv_b64@local``,
+    ``latency_noisy_b64@local``.
+    """
+    from slimsearch.exceptions import ConfigError
+
+    base, at, profile = name.partition("@")
+    if not base.startswith(LATENCY) or not at:
+        raise ConfigError(f"{name!r} is not a local latency metric; allowed: {list(local_latency_metrics(64))}")
+    batch = base[len(LATENCY):]  # "" or "_b64"
+    return f"{LATENCY}_raw{batch}@{profile}", f"latency_cv{batch}@{profile}", f"latency_noisy{batch}@{profile}"
 
 
 # Measured only where this machine exposes energy counters (RAPL); see hardware_profiles/_energy.py.

@@ -210,3 +210,61 @@ def test_model_metrics_finds_the_machines_cpu_meter_by_itself(digits_task, monke
     assert asked == [_energy.EnergyDomain.CPU]
     assert metrics["energy_mj@local"] > 0
     assert metrics.provenance["energy_mj@local"] is Provenance.MEASURED
+
+
+# -- local latency paired with the teacher (a job's candidates, export) -------------------------
+
+QUIET = {"latency_ms@local": 2.0, "latency_ms_b64@local": 8.0}
+
+
+@pytest.fixture
+def paired_calls(monkeypatch):
+    """A FAKE measure_paired (no timing): ratio 0.5, raw 7 ms, CV 0.03 (0.3 and noisy for a reference
+    function marked ``noisy``); records the reference function of each call."""
+    from slimsearch.hardware_profiles import _measure
+
+    calls = []
+
+    def fake(candidate, reference, **kwargs):
+        calls.append(reference)
+        noisy = getattr(reference, "noisy", False)
+        return _measure.PairedTiming(ratio=0.5, ratios=(0.5,), cv=0.3 if noisy else 0.03, candidate_ms=7.0,
+                                     reference_ms=14.0, attempts=3 if noisy else 1, noisy=noisy)
+
+    monkeypatch.setattr(_measure, "measure_paired", fake)
+    return calls
+
+
+def test_paired_local_latency_is_the_ratio_times_the_teachers_quiet_figure_with_the_raw_one_beside(
+        digits_task, paired_calls):
+    from slimsearch.evaluators.candidate import local_reference
+
+    reference = local_reference(digits_task, QUIET)
+    reference.runs["latency_ms_b64@local"].noisy = True  # the fake says this one's rounds disagreed
+    metrics = model_metrics(digits_task.teacher, digits_task, [PROFILE], reference=reference, energy=None)
+    assert paired_calls == [reference.runs["latency_ms@local"], reference.runs["latency_ms_b64@local"]]
+    assert metrics["latency_ms@local"] == pytest.approx(1.0) and metrics["latency_ms_b64@local"] == pytest.approx(4.0)
+    assert metrics["latency_ms_raw@local"] == 7.0 and metrics["latency_ms_raw_b64@local"] == 7.0
+    assert (metrics["latency_cv@local"], metrics["latency_noisy@local"]) == (0.03, 0.0)
+    assert (metrics["latency_cv_b64@local"], metrics["latency_noisy_b64@local"]) == (0.3, 1.0)
+    for raw in ("latency_ms_raw@local", "latency_ms_raw_b64@local"):  # a raw latency is labelled too
+        assert metrics.provenance[raw] is Provenance.MEASURED
+
+
+def test_evaluate_pairs_a_candidates_latency_when_given_the_teacher(digits_task, paired_calls):
+    from slimsearch.evaluators.candidate import local_reference
+
+    reference = local_reference(digits_task, QUIET)
+    plan = CompressionPlan(layers={"fc1": LayerPlan(prune_ratio=0.5)})
+    metrics = evaluate(digits_task, plan, [PROFILE], reference=reference)
+    assert len(paired_calls) == 2 and metrics["latency_ms_b64@local"] == pytest.approx(4.0)
+    unpaired = evaluate(digits_task, plan, [PROFILE])  # no teacher: a plain median, no pairing figures
+    assert len(paired_calls) == 2 and "latency_ms_raw@local" not in unpaired.values
+
+
+def test_a_reference_needs_every_quiet_teacher_figure(digits_task):
+    from slimsearch.evaluators.candidate import local_reference
+    from slimsearch.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="latency_ms_b64@local must be a number of ms > 0, got None"):
+        local_reference(digits_task, {"latency_ms@local": 2.0})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 import types
@@ -87,3 +88,89 @@ def test_bad_arguments_are_config_errors(kwargs, field):
 def test_timing_round_trips():
     timing = measure_latency(lambda: None, warmup=0, repeats=4)
     assert Timing.from_dict(timing.to_dict()) == timing
+
+
+# -- measure_paired: a candidate timed in alternating rounds with a reference ------------------
+
+
+class LoadedMachine:
+    """A fake ``perf_counter`` and functions that move it: in round r, a call of a function made by
+    :meth:`fn` takes its own ms for round r times the machine's load in round r (one round of
+    ``measure_paired`` is ``per_round`` calls)."""
+
+    def __init__(self, per_round: int, loads):
+        self.now, self.calls, self.per_round, self.loads = 0.0, 0, per_round, list(loads)
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def fn(self, ms_by_round):
+        def call() -> None:
+            r = self.calls // self.per_round
+            self.calls += 1
+            ms = ms_by_round[r % len(ms_by_round)] if isinstance(ms_by_round, list) else ms_by_round
+            self.now += ms * self.loads[r % len(self.loads)] / 1e3
+        return call
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Install a LoadedMachine in the harness: ``machine(loads, warmup, repeats)`` returns it."""
+    def install(loads, *, warmup=1, repeats=3) -> LoadedMachine:
+        fake = LoadedMachine(2 * (warmup + repeats), loads)
+        monkeypatch.setattr(_measure, "time", types.SimpleNamespace(perf_counter=fake.perf_counter))
+        return fake
+    return install
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios(machine):
+    fake = machine([1.0])
+    ratios = [0.5, 0.4, 0.6, 0.5, 0.9, 0.5, 0.45]
+    paired = _measure.measure_paired(fake.fn([10 * r for r in ratios]), fake.fn(10.0), rounds=7, repeats=3,
+                                     tolerance=1.0)
+    assert paired.ratios == pytest.approx(tuple(ratios))
+    assert paired.ratio == pytest.approx(0.5) and paired.scaled(8.0) == pytest.approx(4.0)
+    assert paired.candidate_ms == pytest.approx(5.0) and paired.reference_ms == pytest.approx(10.0)
+    assert paired.cv == pytest.approx(statistics.stdev(ratios) / statistics.fmean(ratios))
+    assert (paired.attempts, paired.noisy) == (1, False)
+    assert fake.calls == 7 * 2 * (1 + 3)
+
+
+def test_a_candidate_identical_to_the_reference_has_ratio_one_however_the_load_moves(machine):
+    # the load triples between rounds: the raw figures follow it, the ratio does not
+    fake = machine([1.0, 3.0, 1.5, 2.0, 1.0])
+    paired = _measure.measure_paired(fake.fn(4.0), fake.fn(4.0), rounds=5, repeats=3)
+    assert paired.ratio == pytest.approx(1.0) and paired.cv == pytest.approx(0.0, abs=1e-12)
+    assert paired.candidate_ms == pytest.approx(6.0)  # median of 4, 12, 6, 8, 4 ms
+    assert (paired.attempts, paired.noisy) == (1, False)
+
+
+def test_rounds_that_disagree_are_measured_again_and_flagged_if_they_stay_noisy(machine):
+    fake = machine([1.0])
+    jumpy = [2.0, 6.0, 2.0, 6.0, 2.0]  # ratios 0.2 and 0.6 alternate: far beyond a 10% tolerance
+    paired = _measure.measure_paired(fake.fn(jumpy), fake.fn(10.0), rounds=5, repeats=3, tolerance=0.1, attempts=3)
+    assert paired.noisy and paired.attempts == 3 and paired.cv > 0.1
+    assert fake.calls == 3 * 5 * 2 * (1 + 3)
+
+
+def test_a_noisy_attempt_followed_by_a_calm_one_keeps_the_calm_one(machine):
+    fake = machine([1.0])
+    # first attempt (rounds 0-4) jumps, the second (rounds 5-9) is steady at 0.5
+    ms = [2.0, 6.0, 2.0, 6.0, 2.0, 5.0, 5.0, 5.0, 5.0, 5.0]
+    paired = _measure.measure_paired(fake.fn(ms), fake.fn(10.0), rounds=5, repeats=3, tolerance=0.1, attempts=3)
+    assert (paired.attempts, paired.noisy) == (2, False)
+    assert paired.ratio == pytest.approx(0.5) and paired.cv == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [({"rounds": 0}, "rounds"), ({"attempts": 0}, "attempts"),
+                                               ({"tolerance": 0}, "tolerance"), ({"repeats": 0}, "repeats"),
+                                               ({"warmup": -1}, "warmup")])
+def test_bad_paired_arguments_are_config_errors(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        _measure.measure_paired(lambda: None, lambda: None, **kwargs)
+
+
+def test_paired_timing_round_trips(machine):
+    fake = machine([1.0, 2.0])
+    paired = _measure.measure_paired(fake.fn(3.0), fake.fn(4.0), rounds=3, repeats=3)
+    assert _measure.PairedTiming.from_dict(json.loads(json.dumps(paired.to_dict()))) == paired

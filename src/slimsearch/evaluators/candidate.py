@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -11,9 +12,12 @@ from torch import nn
 from slimsearch.compress import apply_plan
 from slimsearch.evaluators.costs import task_costs
 from slimsearch.evaluators.metrics import Metrics
-from slimsearch.metric_names import LOCAL_PROFILE, TaskFamily
+from slimsearch.metric_names import LOCAL_PROFILE, TaskFamily, local_latency_metrics, paired_latency_extras
 from slimsearch.spaces.plan import CompressionPlan
 from slimsearch.tasks import Split, Task
+
+if TYPE_CHECKING:
+    from slimsearch.hardware_profiles._measure import PairedTiming
 
 LOCAL = LOCAL_PROFILE
 ENERGY_AUTO = "auto"  # measure_local's default: use the CPU energy meter this machine has, if any
@@ -38,9 +42,74 @@ def task_scores(model: nn.Module, data: Split, task: Task) -> dict[str, float]:
             **{name: metric(model, data) for name, metric in task.extra_metrics.items()}}
 
 
-def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=None) -> dict[str, float]:
-    """Median latency of the deployable ONNX graph on this CPU at batch 1 and ``task.latency_batch``, in ms
+@dataclass(frozen=True)
+class LocalReference:
+    """The teacher, ready to be timed in the rounds a candidate's local latency is paired with.
+
+    ``quiet_ms`` holds the teacher's local latencies by metric name (``latency_ms@local``,
+    ``latency_ms_b<N>@local``), taken once in a quiet moment (a job's start, before its workers
+    train): the plain-value part, recorded with the job. ``runs`` holds, by the same names,
+    functions that run the teacher's deployable ONNX graph on the input that metric times.
+    Build one with :func:`local_reference`.
+    """
+
+    quiet_ms: Mapping[str, float]
+    runs: Mapping[str, Callable[[], object]]
+
+
+def _timed_inputs(task: Task) -> dict[str, Any]:
+    """The input each local latency metric times: the first validation example, repeated to its batch."""
+    x = task.val.x
+    return {name: x[:1].repeat(batch, *[1] * (x.dim() - 1)).numpy()
+            for name, batch in zip(local_latency_metrics(task.latency_batch), (1, task.latency_batch))}
+
+
+def _onnx_runs(model: nn.Module, task: Task) -> dict[str, Callable[[], object]]:
+    """By local latency metric, a function running ``model``'s deployable ONNX graph on the input it times."""
+    from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
+    from slimsearch.deploy.onnx_graph import INPUT_NAME, ort_session
+
+    session = ort_session(deployable_onnx_bytes(model, task.example_input))
+    return {name: functools.partial(session.run, None, {INPUT_NAME: x}) for name, x in _timed_inputs(task).items()}
+
+
+def local_reference(task: Task, quiet_ms: Mapping[str, float]) -> LocalReference:
+    """The :class:`LocalReference` of ``task``'s teacher, whose quiet local latencies are ``quiet_ms``
+    (the teacher's :func:`measure_local` figures, taken when nothing else ran).
+
+    Raises:
+        ConfigError: ``quiet_ms`` lacks one of the task's local latency metrics, or holds one that is not > 0.
+    """
+    from slimsearch.exceptions import ConfigError
+
+    quiet = {}
+    for name in local_latency_metrics(task.latency_batch):
+        value = quiet_ms.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"reference: the teacher's quiet {name} must be a number of ms > 0, got {value!r}")
+        quiet[name] = float(value)
+    return LocalReference(quiet_ms=quiet, runs=_onnx_runs(task.teacher, task))
+
+
+def paired_figures(name: str, timing: PairedTiming, quiet_ms: float) -> dict[str, float]:
+    """The metrics of local latency ``name`` timed paired with the teacher: ``name`` itself, the
+    median per-round ratio times the teacher's quiet ``quiet_ms``; beside it the raw median, the
+    coefficient of variation of the ratios and the noisy flag (:func:`paired_latency_extras`)."""
+    raw, cv, noisy = paired_latency_extras(name)
+    return {name: timing.scaled(quiet_ms), raw: timing.candidate_ms, cv: timing.cv, noisy: float(timing.noisy)}
+
+
+def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=None,
+                  reference: LocalReference | None = None) -> dict[str, float]:
+    """Latency of the deployable ONNX graph on this CPU at batch 1 and ``task.latency_batch``, in ms
     (measured), and its energy per batch-1 inference in mJ where this machine exposes energy counters.
+
+    Without ``reference``, each latency is the median of ``repeats`` calls. With it (a job's
+    candidates, and ``export``), each is timed in alternating short rounds with the teacher
+    (:func:`~slimsearch.hardware_profiles._measure.measure_paired`) and recorded as the median of
+    the per-round ratios times the teacher's quiet latency, so that load from other workers
+    cancels out; the raw median, the ratios' coefficient of variation and a noisy flag are
+    recorded beside it (:func:`paired_figures`).
 
     ``energy`` is an :class:`~slimsearch.hardware_profiles._energy.EnergyMeter`, None (the
     default) for no energy figure, or ``"auto"`` for whatever :func:`energy_meter` finds
@@ -49,38 +118,32 @@ def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=Non
     else ran on it meanwhile (other trials, other programs).
 
     A causal LM is timed per generated token in PyTorch with its KV cache instead
-    (:func:`~slimsearch.evaluators.decoder.measure_decoder`).
+    (:func:`~slimsearch.evaluators.decoder.measure_decoder`), unpaired: ``reference`` is not used for it.
     """
     from slimsearch.hardware_profiles._energy import EnergyDomain, energy_meter
+    from slimsearch.hardware_profiles._measure import measure_latency, measure_paired
 
+    meter = energy_meter(EnergyDomain.CPU) if energy == ENERGY_AUTO else energy
     if task.family is TaskFamily.CAUSAL_LM:
         from slimsearch.evaluators.decoder import measure_decoder
 
-        return measure_decoder(model, task, energy=energy_meter(EnergyDomain.CPU) if energy == ENERGY_AUTO
-                               else energy)
-    from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
-    from slimsearch.deploy.onnx_graph import INPUT_NAME, ort_session
-    from slimsearch.hardware_profiles import measure_latency
-
-    session = ort_session(deployable_onnx_bytes(model, task.example_input))
-    out = {}
-    for batch in (1, task.latency_batch):
-        x = task.val.x[:1].repeat(batch, *[1] * (task.val.x.dim() - 1)).numpy()
-        timing = measure_latency(lambda: session.run(None, {INPUT_NAME: x}), warmup=3, repeats=repeats)
-        key = "latency_ms" if batch == 1 else f"latency_ms_b{batch}"
-        out[f"{key}@{LOCAL}"] = timing.median_ms
-        if batch == 1:
-            meter = energy_meter(EnergyDomain.CPU) if energy == ENERGY_AUTO else energy
-            if meter is not None:
-                reading = meter.measure(lambda: session.run(None, {INPUT_NAME: x}), warmup=1, repeats=repeats,
-                                        min_time_s=ENERGY_MIN_TIME_S)
-                out[f"energy_mj@{LOCAL}"] = reading.mj_per_call
+        return measure_decoder(model, task, energy=meter)
+    out: dict[str, float] = {}
+    for name, run in _onnx_runs(model, task).items():
+        if reference is None:
+            out[name] = measure_latency(run, warmup=3, repeats=repeats).median_ms
+        else:
+            out.update(paired_figures(name, measure_paired(run, reference.runs[name]), reference.quiet_ms[name]))
+        if name == f"latency_ms@{LOCAL}" and meter is not None:
+            reading = meter.measure(run, warmup=1, repeats=repeats, min_time_s=ENERGY_MIN_TIME_S)
+            out[f"energy_mj@{LOCAL}"] = reading.mj_per_call
     return out
 
 
 def model_metrics(model: nn.Module, task: Task, profiles: Sequence[Any], *, repeats: int = 15,
                   power_modes: Mapping[str, str] | None = None, energy=ENERGY_AUTO,
-                  devices: Mapping[str, Callable[[bytes, Any], float]] | None = None) -> Metrics:
+                  devices: Mapping[str, Callable[[bytes, Any], float]] | None = None,
+                  reference: LocalReference | None = None) -> Metrics:
     """Accuracy on validation, size, MACs and BitOps, measured local latency (and energy where this
     machine can count it), modelled device costs.
 
@@ -89,7 +152,7 @@ def model_metrics(model: nn.Module, task: Task, profiles: Sequence[Any], *, repe
     ``power_modes`` maps a profile name to the power mode its figures are modelled at; a
     profile it leaves out is modelled at its default mode. The metric names do not
     carry the mode (``energy_mj@jetson-orin-nano`` at every mode): the plan records it.
-    ``energy`` is passed to :func:`measure_local`.
+    ``energy`` and ``reference`` (the teacher, to pair local latencies with) are passed to :func:`measure_local`.
     ``devices`` maps a profile name to a function that times the deployable ONNX graph at
     batch 1 on that very device and returns the median ms (a Ray node carrying
     ``device:<profile>``, :class:`slimsearch.cluster.DeviceMeter`): that profile's
@@ -105,14 +168,15 @@ def model_metrics(model: nn.Module, task: Task, profiles: Sequence[Any], *, repe
         graph, x = deployable_onnx_bytes(model, task.example_input), task.val.x[:1].numpy()
         timers = {name: functools.partial(measure, graph, x) for name, measure in devices.items()}
     costs = task_costs(model, task, profiles, power_modes, timers=timers,
-                       measured=measure_local(model, task, repeats=repeats, energy=energy))
+                       measured=measure_local(model, task, repeats=repeats, energy=energy, reference=reference))
     values.update(costs.values)
     return Metrics(values=values, provenance=costs.provenance)
 
 
 def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teacher_score: float | None = None,
              onnx_out: str | None = None, devices: Mapping[str, Callable[[bytes, Any], float]] | None = None,
-             on_chunk: Callable[[int, nn.Module], bool] | None = None, chunk_every: int | None = None) -> Metrics:
+             on_chunk: Callable[[int, nn.Module], bool] | None = None, chunk_every: int | None = None,
+             reference: LocalReference | None = None) -> Metrics:
     """Compress the teacher as ``plan`` says and score the result (validation chooses, test reports).
 
     With ``onnx_out``, the model's deployable ONNX graph is also written to that path
@@ -120,7 +184,8 @@ def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teac
     causal LM, whose deployable form is a folder: :mod:`slimsearch.deploy.hf_folder`).
     The gap to ``teacher_score`` is named and measured as the task's family says
     (``accuracy_drop``, ``ppl_increase``: :class:`~slimsearch.metric_names.TaskFamily`).
-    ``devices`` is passed to :func:`model_metrics`; ``on_chunk`` and ``chunk_every`` to :func:`apply_plan`.
+    ``devices`` and ``reference`` are passed to :func:`model_metrics`; ``on_chunk`` and ``chunk_every``
+    to :func:`apply_plan`.
     """
     model = apply_plan(task, plan, on_chunk=on_chunk, chunk_every=chunk_every)
     if onnx_out is not None and task.family is not TaskFamily.CAUSAL_LM:
@@ -128,7 +193,7 @@ def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teac
         from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
 
         atomic_write(onnx_out, deployable_onnx_bytes(model, task.example_input))
-    metrics = model_metrics(model, task, profiles, power_modes=plan.power_modes, devices=devices)
+    metrics = model_metrics(model, task, profiles, power_modes=plan.power_modes, devices=devices, reference=reference)
     values = dict(metrics.values)
     # Recorded for every candidate, used by nothing that chooses: validation chooses
     # the front, test reports it (and export checks the exported file against it).

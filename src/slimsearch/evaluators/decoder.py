@@ -84,7 +84,11 @@ def _decode(model: "nn.Module", cache: Any, first: "torch.Tensor", tokens: int, 
 
 def measure_decoder(model: "nn.Module", task: Any, *, repeats: int = REPEATS, energy=None) -> dict[str, float]:
     """``latency_ms@local``: decode ms per token with the KV cache, batch 1 (see the module's text), and
-    ``energy_mj@local`` per token when ``energy`` (an EnergyMeter) is given."""
+    ``energy_mj@local`` per token when ``energy`` (an EnergyMeter) is given.
+
+    Unpaired for now: a plain median, as loaded as the machine was, not timed in rounds with the
+    teacher as the ONNX graphs of other tasks are in a job
+    (:func:`~slimsearch.hardware_profiles.measure_paired`, :func:`~slimsearch.evaluators.candidate.measure_local`)."""
     import torch
 
     from slimsearch.hardware_profiles import measure_latency

@@ -54,8 +54,8 @@ class Metrics:
         return cls.from_dict(json.loads(text))
 
 
-COST_METRICS = PROFILE_METRICS  # and latency_ms_b<N> (batch N)
-_BATCH_LATENCY = re.compile(r"latency_ms_b\d+")
+COST_METRICS = PROFILE_METRICS  # and latency_ms_b<N> (batch N), latency_ms_raw[_b<N>] (metric_names.paired_latency_extras)
+_BATCH_LATENCY = re.compile(r"latency_ms(?:_raw)?(?:_b\d+)?")
 
 
 def provenance_of(name: str, local_profile: str = "local") -> Optional[Provenance]:

@@ -4,7 +4,8 @@ A profile is a data file (``profiles/<name>.yaml``) giving a device's peak throu
 per precision, memory bandwidth, accelerated sparsity patterns, power modes, energy
 per MAC and per byte, price, efficiency factors and a source for every number.
 :func:`predict` turns per-layer costs from :func:`layer_costs` into *modelled*
-latency, energy and cost; :func:`measure_latency` times code on this machine;
+latency, energy and cost; :func:`measure_latency` times code on this machine (:func:`measure_paired` against a reference, in
+alternating rounds);
 :func:`calibrate` refits a profile's efficiency factors from measured latencies and
 :func:`measure_host` writes a profile of this machine.
 
@@ -19,7 +20,7 @@ from slimsearch.hardware_profiles._decode import DecoderFootprint, DecoderPredic
 from slimsearch.hardware_profiles._enums import Bound, DeviceKind, OpType, Precision
 from slimsearch.hardware_profiles._host import measure_host
 from slimsearch.hardware_profiles._layers import LayerCost, layer_costs
-from slimsearch.hardware_profiles._measure import Timing, measure_latency
+from slimsearch.hardware_profiles._measure import PairedTiming, Timing, measure_latency, measure_paired
 from slimsearch.hardware_profiles._measurements import load_measurements
 from slimsearch.hardware_profiles._predict import (
     LayerPrediction,
@@ -41,6 +42,7 @@ __all__ = [
     "LayerCost",
     "LayerPrediction",
     "OpType",
+    "PairedTiming",
     "PowerMode",
     "Precision",
     "Prediction",
@@ -54,6 +56,7 @@ __all__ = [
     "load_profile",
     "measure_host",
     "measure_latency",
+    "measure_paired",
     "predict",
     "predict_decoder",
     "predict_model",

@@ -155,8 +155,9 @@ class EarlyStop:
     why the candidate was stopped.
     """
 
-    def __init__(self, out: Path, task, plan, profiles: Sequence[Any]):
+    def __init__(self, out: Path, task, plan, profiles: Sequence[Any], reference=None):
         self.out, self.task, self.plan, self.profiles = Path(out), task, plan, profiles
+        self.reference = reference  # the teacher to pair local latencies with, as the full evaluation does
         self.steps = plan.distill.steps
         self.every = self.steps // 4  # 0 (under 4 steps): never checked
         self.points: list[list[float]] = []
@@ -245,7 +246,7 @@ class EarlyStop:
         if self._measured is None:
             from slimsearch.evaluators.candidate import measure_local
 
-            self._measured = measure_local(self._finalized(student), self.task)
+            self._measured = measure_local(self._finalized(student), self.task, reference=self.reference)
         return self._measured
 
     def _finalized(self, student):

@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from slimsearch.exceptions import ConfigError, JobStateError
 from slimsearch.jobs.spec import JobSpec
@@ -105,6 +106,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                                                                                       measured.provenance)
         teacher[f"{task.metric_name}_test"] = score(task.teacher, task.test, task)
     teacher_score = teacher[task.metric_name]
+    reference = local_reference_figures(task, teacher)
 
     # Ray starts in the background while the study and the MLflow run are set up (a resumed job
     # starts it only once it knows candidates remain). Not before the teacher is measured:
@@ -139,7 +141,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                   "workers": workers, "storage": redact(storage_url),
                   "local_energy_meter": meter.source if meter is not None else
                   "none (no readable RAPL counters: energy_mj@local not recorded)",
-                  "measured_on_device_nodes": ", ".join(sorted(devices or {})) or "none"}
+                  "measured_on_device_nodes": ", ".join(sorted(devices or {})) or "none",
+                  "local_latency": describe_reference(reference)}
         parent = tracker.start_parent(spec.name, params, parent_id=state.get("parent_run_id"))
         default_modes = power_modes_used(spec, {})
         if not resume:
@@ -204,7 +207,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
 
     (out / MODELS_DIR).mkdir(exist_ok=True)
     job_fn = functools.partial(evaluate_params, job_json=redact(spec.to_json()), space=space, teacher_score=teacher_score,
-                               out=str(out), devices=devices or None)
+                               out=str(out), devices=devices or None, reference=reference)
     status, stopped = "FAILED", ""
     try:
         if remaining and executor == "ray":
@@ -257,6 +260,26 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                 ray_start.stop()
             release_locks(locks)  # last: while a driver holds them, the registry's "running" is true (JobStatus.LOST)
     return dataclasses.replace(result, stopped=stopped)
+
+
+def local_reference_figures(task, teacher: dict) -> Optional[dict[str, float]]:
+    """The teacher's local latencies measured at the job's start (before Ray and its workers start:
+    a quiet moment), by metric name: every candidate's are timed paired with the teacher and scaled
+    to these (``measure_local``). None for a causal LM, whose local latency is not paired yet."""
+    from slimsearch.metric_names import TaskFamily
+
+    if task.family is TaskFamily.CAUSAL_LM:
+        return None
+    return {name: teacher[name] for name in local_latency_metrics(task.latency_batch)}
+
+
+def describe_reference(reference: Optional[dict[str, float]]) -> str:
+    """The MLflow parameter ``local_latency``: how the candidates' ``@local`` latencies were measured."""
+    if reference is None:
+        return "unpaired: median of repeated calls, as the worker found the machine"
+    figures = ", ".join(f"{k}={v:.4g}" for k, v in sorted(reference.items()))
+    return ("paired: median of per-round ratios to the teacher (alternating rounds in the same worker) times "
+            f"the teacher's latency measured at the job's start ({figures}); raw figures: latency_ms_raw*@local")
 
 
 def _estimate_can_screen(constraints, objectives, costs) -> bool:

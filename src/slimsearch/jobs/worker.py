@@ -48,17 +48,31 @@ def cached_task(name: str, seed: int, path: Optional[str] = None, text=None):
     return load_task(name, seed=seed, path=path, text=text)
 
 
+@functools.lru_cache(maxsize=2)
+def cached_reference(name: str, seed: int, path: Optional[str], text, quiet: tuple[tuple[str, float], ...]):
+    # Per-process cache, as cached_task: a reused Ray worker builds the teacher's ONNX session once.
+    from slimsearch.evaluators.candidate import local_reference
+
+    return local_reference(cached_task(name, seed, path, text), dict(quiet))
+
+
 def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
-                    out: Optional[str] = None, devices=None):
+                    out: Optional[str] = None, devices=None, reference: Optional[dict] = None):
     """Worker side: params -> plan -> compressed model -> Metrics (values and their provenance).
 
     With the job folder ``out``, the model's ONNX graph is left at :func:`model_file`;
-    ``devices`` (profile -> meter on a device node) is passed to ``evaluate``.
+    ``devices`` (profile -> meter on a device node) is passed to ``evaluate``. ``reference`` holds the
+    teacher's quiet local latencies taken at the job's start (metric -> ms): the candidate's local
+    latencies are then timed paired with the teacher, in this worker (see ``measure_local``).
     """
     from slimsearch.evaluators import evaluate
 
     spec = JobSpec.from_json(job_json)
     task = cached_task(spec.task, spec.search.seed, spec.task_path, spec.task_text)
+    paired = None
+    if reference:
+        paired = cached_reference(spec.task, spec.search.seed, spec.task_path, spec.task_text,
+                                  tuple(sorted(reference.items())))
     plan = space.plan_from_params(params)
     onnx_out = None
     if out is not None and os.path.isdir(Path(out) / MODELS_DIR):
@@ -67,10 +81,11 @@ def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
     if spec.search.early_stopping and out is not None:
         from slimsearch.jobs.early_stop import EarlyStop
 
-        stopper = EarlyStop(Path(out), task, plan, spec.profile_refs)
+        stopper = EarlyStop(Path(out), task, plan, spec.profile_refs, reference=paired)
     with memory_limit(spec.search.memory_limit_mb):  # after the task loads: its data and teacher are not counted
         metrics = evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score, onnx_out=onnx_out,
-                           devices=devices, on_chunk=stopper, chunk_every=None if stopper is None else stopper.every)
+                           devices=devices, on_chunk=stopper, chunk_every=None if stopper is None else stopper.every,
+                           reference=paired)
     if stopper is None:
         return metrics
     from slimsearch.evaluators.metrics import Metrics
