@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
+
 VOCAB = 64
 
 
@@ -56,3 +58,18 @@ def text(path: Path, paragraphs: int = 60, seed: int = 0) -> Path:
     path.write_text("\n\n".join(" ".join(f"w{rng.randint(2, VOCAB - 1)}" for _ in range(rng.randint(40, 120)))
                                 for _ in range(paragraphs)))
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (these models are tiny; more threads only contend), restored after.
+
+    A test module takes it with ``from tests._tiny_llm import one_thread`` and
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

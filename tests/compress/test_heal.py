@@ -14,14 +14,10 @@ from slimsearch.structures import llm
 from slimsearch.structures.llm_cuts import cut, importance
 
 VOCAB = 64
+from tests._tiny_llm import one_thread  # noqa: F401 (a fixture)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _full_kl(student_hidden, teacher_hidden, student_head, teacher_head):

@@ -23,14 +23,10 @@ from tests import _tiny_llm  # noqa: E402
 
 GROUPS = ("qkv", "o", "gate_up", "down")
 PROFILES = ["raspberry-pi-4", "nvidia-a100"]
+from tests._tiny_llm import one_thread  # noqa: F401, E402 (a fixture)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,10 @@ from slimsearch.structures import llm
 from slimsearch.structures.llm_cuts import DecoderImportance, cut, importance, layers_to_drop
 
 VOCAB, HIDDEN, FFN, LAYERS, HEADS, KV, HEAD_DIM = 64, 32, 48, 4, 4, 2, 8
+from tests._tiny_llm import one_thread  # noqa: F401 (a fixture)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _llama(tie: bool = True, kind: str = "llama", **extra):

@@ -19,14 +19,10 @@ from slimsearch.tasks.causal_lm import (  # noqa: E402
     Corpus, TextSplit, documents, load_causal_lm, ppl_increase, score_lm, smollm2_folder, text_windows)
 
 VOCAB = 64
+from tests._tiny_llm import one_thread  # noqa: F401, E402 (a fixture)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(seed: int = 0, tied: bool = True):
