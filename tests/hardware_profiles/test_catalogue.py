@@ -26,6 +26,7 @@ CATALOGUE = {
     "nvidia-t4": (DeviceKind.GPU, ("int8", "fp16", "fp32"), (), True),
     "nvidia-a100": (DeviceKind.GPU, ("int8", "fp16", "fp32"), ("2:4",), True),
     "nvidia-h100": (DeviceKind.GPU, ("int8", "fp16", "fp32"), ("2:4",), True),
+    "titan-rtx": (DeviceKind.GPU, ("int8", "fp16", "fp32"), (), False),
     "xeon-gold-6226": (DeviceKind.CPU, ("int8", "fp32"), (), True),
     "xeon-gold-6240": (DeviceKind.CPU, ("int8", "fp32"), (), True),
     "edge-tpu": (DeviceKind.NPU, ("int8",), (), False),
@@ -46,8 +47,8 @@ def _cnn_layers(make_cnn, bits: int, batch: int = 1, size: int = 64):
     return layer_costs(_at_bits(make_cnn(32), bits), torch.randn(batch, 3, size, size))
 
 
-def test_catalogue_lists_all_thirteen_devices():
-    assert len(CATALOGUE) == 13
+def test_catalogue_lists_all_fourteen_devices():
+    assert len(CATALOGUE) == 14
     assert set(CATALOGUE) <= set(list_profiles())
 
 
