@@ -55,9 +55,32 @@ def test_hw_calibrate_fits_and_reports_held_out_rows(tmp_path, capsys):
     _layers_csv(csv_path, rows)
     assert main(["hw", "calibrate", "raspberry-pi-4", str(csv_path), "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "held-out rows" in text and "Kendall tau" in text and "calibrated" in text
+    assert "held-out rows" in text and "Kendall tau" in text and "roofline" in text
+    assert "no correction learned: it needs at least 30 fitted rows, got 9" in text
     fitted = load_profile(out)
     assert fitted.sources["efficiency.conv"].startswith("calibrated on 9 samples")
+    assert fitted.correction is None
+
+
+def test_hw_calibrate_reports_roofline_and_correction_on_held_out_rows(tmp_path, capsys):
+    rng = random.Random(1)
+    rows = []
+    for k in range(80):
+        layers = [LayerCost(f"l{j}", rng.choice(["conv", "linear"]), rng.randint(10**5, 10**8), 10, 32, 32,
+                            1000, rng.randint(10**3, 10**6)) for j in range(rng.randint(1, 12))]
+        # 40% slower beyond 6 layers: no per-op factor says that, the correction can
+        rows.append((layers, predict(layers, "raspberry-pi-4").latency_ms * (1.4 if len(layers) > 6 else 1.0)))
+    csv_path, out = tmp_path / "m.csv", tmp_path / "cal.yaml"
+    _layers_csv(csv_path, rows)
+    assert main(["hw", "calibrate", "raspberry-pi-4", str(csv_path), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    table = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")}
+    assert {"spec-only", "roofline", "+"} <= set(table)
+    within_10 = {label: float(line.split()[-3].rstrip("%")) for label, line in table.items()
+                 if label in ("roofline", "+")}
+    assert within_10["+"] > within_10["roofline"]
+    fitted = load_profile(out)
+    assert fitted.correction is not None and fitted.correction.samples == 60
 
 
 @pytest.mark.parametrize("content, expected", [

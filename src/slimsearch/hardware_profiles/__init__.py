@@ -6,14 +6,16 @@ per MAC and per byte, price, efficiency factors and a source for every number.
 :func:`predict` turns per-layer costs from :func:`layer_costs` into *modelled*
 latency, energy and cost; :func:`measure_latency` times code on this machine (:func:`measure_paired` against a reference, in
 alternating rounds);
-:func:`calibrate` refits a profile's efficiency factors from measured latencies and
-:func:`measure_host` writes a profile of this machine.
+:func:`calibrate` refits a profile's efficiency factors from measured latencies and learns
+a :class:`Correction` of what the roofline still misses; :func:`measure_host` writes a
+profile of this machine.
 
 Importing this package does not import torch; the functions that need it do.
 """
 
 from __future__ import annotations
 
+from slimsearch.hardware_profiles._correction import Correction
 from slimsearch.hardware_profiles._fit import FIT_PARAMETERS, calibrate
 from slimsearch.hardware_profiles._fit_report import FitReport, fit_report, kendall_tau, report, share_within
 from slimsearch.hardware_profiles._decode import DecoderFootprint, DecoderPrediction, predict_decoder
@@ -34,6 +36,7 @@ from slimsearch.hardware_profiles._profile import HardwareProfile, PowerMode
 __all__ = [
     "FIT_PARAMETERS",
     "Bound",
+    "Correction",
     "DecoderFootprint",
     "DecoderPrediction",
     "DeviceKind",

@@ -35,7 +35,8 @@ from slimsearch.exceptions import ConfigError
 from slimsearch.hardware_profiles._catalogue import load_profile
 from slimsearch.hardware_profiles._enums import OpType
 from slimsearch.hardware_profiles._measurements import Sample, layer_samples
-from slimsearch.hardware_profiles._predict import kernel_work
+from slimsearch.hardware_profiles._correction import MIN_SAMPLES, fit_correction
+from slimsearch.hardware_profiles._predict import correction_features, kernel_work
 from slimsearch.hardware_profiles._profile import HardwareProfile
 from slimsearch.hardware_profiles._schema import MAX_EFFICIENCY, OpAtPrecision, OpKey
 
@@ -111,6 +112,7 @@ def calibrate(
     name: str | None = None,
     date: datetime.date | str | None = None,
     robust: bool = True,
+    correction: bool | None = None,
 ) -> HardwareProfile:
     """A copy of ``profile`` whose efficiency factors and overheads fit ``samples``.
 
@@ -144,23 +146,36 @@ def calibrate(
         robust: Fit the Huber loss of the relative error (True) rather than its square:
             a few measurements far off the rest (a run on a throttled clock) then do not
             drag the factors away from the bulk of the samples.
+        correction: Then learn a correction on top of the refitted roofline
+            (:class:`~slimsearch.hardware_profiles.Correction`: what the roofline misses,
+            from generic per-layer features; the identity where cross-validation finds
+            nothing to learn). None: when there are at least ``MIN_SAMPLES`` (30) samples.
+            A correction the profile had is dropped either way: it was fitted to the old
+            factors.
 
     Raises:
-        ConfigError: Fewer than two samples, a latency that is not a positive number,
-            an unknown name in ``fit``, or an unknown power mode.
+        ConfigError: Fewer than two samples (fewer than 30 with ``correction=True``), a
+            latency that is not a positive number, an unknown name in ``fit``, or an
+            unknown power mode.
     """
     import numpy as np
 
     profile = load_profile(profile)
     if not isinstance(robust, bool):
         raise ConfigError(f"robust must be true or false, got {robust!r}")
+    if correction not in (None, True, False):
+        raise ConfigError(f"correction must be true, false or None (when there are {MIN_SAMPLES} samples), "
+                          f"got {correction!r}")
     unknown = [p for p in fit if p not in FIT_PARAMETERS]
     if unknown or not fit:
         raise ConfigError(f"fit must name some of {list(FIT_PARAMETERS)}, got {list(fit)!r}")
     if "op_overhead" in fit and "layer_overhead" in fit:
         raise ConfigError("fit may name 'op_overhead' or 'layer_overhead', not both: "
                           "a shared overhead is the sum of the per-type ones")
-    rows = _rows(profile, samples, power_mode)
+    pairs = list(layer_samples(samples))
+    if correction and len(pairs) < MIN_SAMPLES:
+        raise ConfigError(f"a correction needs at least {MIN_SAMPLES} samples, got {len(pairs)}")
+    rows = _rows(profile, pairs, power_mode)
     n, g = len(rows.measured_s), len(rows.keys)
     precision_of = {key: key.precision for key in rows.keys if isinstance(key, OpAtPrecision)}
 
@@ -230,11 +245,22 @@ def calibrate(
     description = " ".join(profile.description.split())
     if "Calibrated on" not in description:
         description += f" Calibrated on {n} measured latencies ({when}) by slimsearch calibrate."
-    return dataclasses.replace(profile, **changes, sources=sources, description=description,
-                               name=name or profile.name)
+    fitted = dataclasses.replace(profile, **changes, sources=sources, description=description,
+                                 name=name or profile.name, correction=None)
+    if correction is False or len(pairs) < MIN_SAMPLES:
+        return fitted
+    # a model the roofline gives no time at all (no layers, no call overhead) has no log ratio
+    usable = [(*correction_features(layers, fitted, power_mode=power_mode), ms) for layers, ms in pairs]
+    usable = [row for row in usable if row[1] > 0]
+    if correction is None and len(usable) < MIN_SAMPLES:
+        return fitted
+    features, roofline, measured = zip(*usable) if usable else ((), (), ())
+    learned = fit_correction(features, roofline, measured,
+                             source=f"{note} (log of measured over roofline latency; ridge, Tukey biweight loss)")
+    return dataclasses.replace(fitted, correction=learned)
 
 
-def _rows(profile: HardwareProfile, samples: Iterable[Sample], power_mode: str | None) -> _Rows:
+def _rows(profile: HardwareProfile, pairs: Sequence[tuple[Sequence, float]], power_mode: str | None) -> _Rows:
     import numpy as np
 
     mode = profile.power_mode(power_mode)
@@ -242,7 +268,7 @@ def _rows(profile: HardwareProfile, samples: Iterable[Sample], power_mode: str |
     bandwidth = profile.memory_bandwidth_gbps * 1e9
     memo: dict = {}
     layers_seen, measured = [], []
-    for index, (layers, measured_ms) in enumerate(layer_samples(samples)):
+    for index, (layers, measured_ms) in enumerate(pairs):
         for layer in layers:
             precision, work = kernel_work(layer, profile, memo)
             lowered = 0 if profile.memory_overlap else 2 * layer.workspace_bytes

@@ -15,16 +15,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from slimsearch.exceptions import ConfigError, UnsupportedOnDevice
+from slimsearch.hardware_profiles._correction import LayerTime, feature_values
 from slimsearch.hardware_profiles._enums import Bound, OpType, Precision
 from slimsearch.hardware_profiles._layers import LayerCost, layer_costs
 from slimsearch.hardware_profiles._catalogue import load_profile
-from slimsearch.hardware_profiles._profile import HardwareProfile
+from slimsearch.hardware_profiles._profile import HardwareProfile, PowerMode
 from slimsearch.hardware_profiles._schema import parse_sparsity_pattern
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LayerPrediction", "Prediction", "predict", "predict_model"]
+__all__ = ["LayerPrediction", "Prediction", "correction_features", "predict", "predict_model"]
 
 
 class LayerPrediction(NamedTuple):
@@ -118,39 +119,23 @@ def predict(
     """
     profile = load_profile(profile)
     mode = profile.power_mode(power_mode)
-    reference = profile.default_power_mode
-    clock_scale = mode.clock_mhz / reference.clock_mhz
-    power_scale = mode.power_w / reference.power_w
-    mac_energy_scale = power_scale / clock_scale
+    power_scale = mode.power_w / profile.default_power_mode.power_w
     static_w = profile.idle_power_w
     ceiling_w = max(profile.active_power_w * power_scale, static_w)
-    bandwidth = profile.memory_bandwidth_gbps * 1e9
-    rates: dict = {}  # (op, precision) -> (ops per second, overhead s, overhead s per sample)
-
+    timed = _roofline(layers, profile, mode)
+    call_s = (profile.call_overhead_us or 0.0) * 1e-6
+    scale = 1.0  # the learned correction, the same factor on every layer's time
+    if profile.correction is not None and not profile.correction.is_identity:
+        scale = profile.correction.factor(feature_values(
+            [t for t, _, _ in timed], sum(t.time_s for t, _, _ in timed) + call_s))
     per_layer = []
-    memo: dict = {}
-    peak = profile.peak_gops
-    for layer in layers:
-        precision, work = kernel_work(layer, profile, memo)
-        rate = rates.get((layer.op, precision))
-        if rate is None:
-            rate = rates[(layer.op, precision)] = (
-                peak[precision] * 1e9 * profile.op_efficiency(layer.op, precision) * clock_scale,
-                profile.op_overhead(layer.op, precision) * 1e-6,
-                profile.sample_overhead(layer.op, precision) * 1e-6)
-        compute_s = work / rate[0]
-        memory_s = (layer.total_bytes + (0 if profile.memory_overlap else 2 * layer.workspace_bytes)) / bandwidth
-        busy_s = max(compute_s, memory_s) if profile.memory_overlap else compute_s + memory_s
-        time_s = busy_s + rate[1] + layer.batch * rate[2]
-        dynamic_j = (
-            work / 2.0 * profile.energy_pj_per_mac[precision] * mac_energy_scale
-            + layer.total_bytes * profile.energy_pj_per_byte
-        ) * 1e-12
+    for t, layer, dynamic_j in timed:
+        time_s = t.time_s * scale
         energy_j = min(dynamic_j + static_w * time_s, ceiling_w * time_s)
-        bound = Bound.COMPUTE if compute_s >= memory_s else Bound.MEMORY
+        bound = Bound.MEMORY if t.memory_bound else Bound.COMPUTE
         per_layer.append(LayerPrediction(layer.name, time_s * 1e3, energy_j * 1e3, bound))
 
-    call_s = (profile.call_overhead_us or 0.0) * 1e-6
+    call_s *= scale
     latency_ms = sum(entry.latency_ms for entry in per_layer) + call_s * 1e3
     energy_mj = sum(entry.energy_mj for entry in per_layer) + static_w * call_s * 1e3
     cost = None
@@ -164,6 +149,49 @@ def predict(
         profile=profile.name,
         power_mode=mode.name,
     )
+
+
+def _roofline(layers: Sequence[LayerCost], profile: HardwareProfile,
+              mode: PowerMode) -> list[tuple[LayerTime, LayerCost, float]]:
+    """Each layer's roofline time (without the correction) and its dynamic energy in J."""
+    reference = profile.default_power_mode
+    clock_scale = mode.clock_mhz / reference.clock_mhz
+    mac_energy_scale = (mode.power_w / reference.power_w) / clock_scale
+    bandwidth = profile.memory_bandwidth_gbps * 1e9
+    rates: dict = {}  # (op, precision) -> (ops per second, overhead s, overhead s per sample)
+    memo: dict = {}
+    peak = profile.peak_gops
+    timed = []
+    for layer in layers:
+        precision, work = kernel_work(layer, profile, memo)
+        rate = rates.get((layer.op, precision))
+        if rate is None:
+            rate = rates[(layer.op, precision)] = (
+                peak[precision] * 1e9 * profile.op_efficiency(layer.op, precision) * clock_scale,
+                profile.op_overhead(layer.op, precision) * 1e-6,
+                profile.sample_overhead(layer.op, precision) * 1e-6)
+        compute_s = work / rate[0]
+        memory_s = (layer.total_bytes + (0 if profile.memory_overlap else 2 * layer.workspace_bytes)) / bandwidth
+        busy_s = max(compute_s, memory_s) if profile.memory_overlap else compute_s + memory_s
+        time_s = busy_s + rate[1] + layer.batch * rate[2]
+        dynamic_j = (work / 2.0 * profile.energy_pj_per_mac[precision] * mac_energy_scale
+                     + layer.total_bytes * profile.energy_pj_per_byte) * 1e-12
+        timed.append((LayerTime(layer.op, precision, time_s, compute_s < memory_s,
+                                2.0 * layer.macs + layer.ops, work, layer.total_bytes), layer, dynamic_j))
+    return timed
+
+
+def correction_features(
+    layers: Sequence[LayerCost], profile: HardwareProfile, *, power_mode: str | None = None
+) -> tuple[dict[str, float], float]:
+    """The correction's features of ``layers`` on ``profile``'s roofline, and that latency in ms.
+
+    The profile's own correction (if any) is left out: these are what a new one is fitted on.
+    """
+    profile = load_profile(profile)
+    timed = _roofline(layers, profile, profile.power_mode(power_mode))
+    latency_s = sum(t.time_s for t, _, _ in timed) + (profile.call_overhead_us or 0.0) * 1e-6
+    return feature_values([t for t, _, _ in timed], latency_s), latency_s * 1e3
 
 
 def kernel_work(

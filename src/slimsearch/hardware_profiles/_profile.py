@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slimsearch.exceptions import ConfigError
+from slimsearch.hardware_profiles._correction import Correction
 from slimsearch.hardware_profiles._enums import DeviceKind, OpType, Precision
 from slimsearch.hardware_profiles._schema import (
     _NAME_RE,
@@ -128,6 +129,8 @@ class HardwareProfile:
             rearranges its input (im2col, packing) and then multiplies does.
         call_overhead_us: Fixed cost per inference call (runtime entry, input and output
             handling), or None when the profile does not model one (counted as 0).
+        correction: A learned factor on the roofline's latency (:class:`Correction`, fitted by
+            ``calibrate``; its own ``source`` says from what), or None: the roofline alone.
         sources: Field path (e.g. ``"peak_gops.int8"``) to a short citation, for every number.
         price_usd_per_hour: Rental price, or None when the device is owned, not rented.
         schema_version: Version of the file format.
@@ -156,6 +159,7 @@ class HardwareProfile:
     pool_as_conv: bool = False
     float_narrow_weights: bool = False
     memory_overlap: bool = True
+    correction: Correction | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -249,6 +253,8 @@ class HardwareProfile:
         if self.call_overhead_us is not None:
             put(self, "call_overhead_us", _check_number(
                 "call_overhead_us", self.call_overhead_us, low=0))
+        if self.correction is not None and not isinstance(self.correction, Correction):
+            raise _FieldError("correction", f"must be a Correction or None, got {type(self.correction).__name__}")
         self._check_sources()
 
     def _check_sources(self) -> None:
@@ -411,6 +417,8 @@ class HardwareProfile:
             out["float_narrow_weights"] = True
         if not self.memory_overlap:
             out["memory_overlap"] = False
+        if self.correction is not None:
+            out["correction"] = self.correction.to_dict()
         return out
 
     @classmethod
@@ -440,6 +448,8 @@ class HardwareProfile:
             values["power_modes"] = tuple(parsed_modes)
             if values.get("sparsity_patterns") is None:
                 values["sparsity_patterns"] = ()
+            if values.get("correction") is not None:
+                values["correction"] = Correction.from_dict(values["correction"])
             return cls(**values)
         except _FieldError as exc:
             raise ConfigError(f"{origin}: {exc.path}: {exc.message}") from None
@@ -461,6 +471,6 @@ _REQUIRED_KEYS = (
     "layer_overhead_us", "sources",
 )
 _OPTIONAL_KEYS = ("price_usd_per_hour", "call_overhead_us", "op_overhead_us", "sample_overhead_us",
-                  "channel_block", "pool_as_conv", "float_narrow_weights", "memory_overlap", "schema_version")
+                  "channel_block", "pool_as_conv", "float_narrow_weights", "memory_overlap", "correction", "schema_version")
 
 
