@@ -105,6 +105,18 @@ def test_per_group_bits_become_the_commonest_width_and_per_block_overrides():
     assert config.overrides == {"0.down": 8, "1.down": 8, "2.down": 8}
 
 
+def test_a_block_s_own_key_overrides_its_group_and_may_leave_it_in_float(tasks):
+    config = LLMWeightsConfig("rtn", {"down": 4, "1.down": 32, "0.qkv": 8}, 32).weight_config(2)
+    assert (config.bits, config.groups) == (4, ("down",))
+    assert config.overrides == {"1.down": 16, "0.qkv": 8}  # 16: float, as WeightOnlyConfig writes it
+    layers = {"down": LayerPlan(weight_bits=4, group_size=32), "1.down": LayerPlan(weight_bits=32, group_size=32),
+              "0.qkv": LayerPlan(weight_bits=8, group_size=32)}
+    model = apply_plan(tasks["llama"], CompressionPlan(layers=layers))
+    bits = {path: q.bits for path, q in record_of(model).quantized.items()}
+    assert bits == {"model.layers.0.mlp.down_proj": 4, "model.layers.0.self_attn.q_proj": 8,
+                    "model.layers.0.self_attn.k_proj": 8, "model.layers.0.self_attn.v_proj": 8}
+
+
 def test_each_family_runs_its_own_methods_and_the_cnn_quantizer_never_touches_an_llm(tasks):
     llm_methods = {m.name for m in methods(TaskFamily.CAUSAL_LM)}
     cnn_methods = {m.name for m in methods(TaskFamily.CLASSIFICATION)}

@@ -17,7 +17,9 @@ method                order  plan choices                                    run
 ====================  =====  ==============================================  ==============================
 
 Per-layer choices of a causal LM are keyed by linear group (``qkv``, ``o``, ``gate_up``,
-``down``) and hold in every block, as cuts do. Healing comes after the cut and before the
+``down``) and hold in every block, as cuts do; a key ``"<block>.<group>"`` (``"11.down"``) sets the
+weight bits of that group in that block alone (32: left in float), over its group's key. Method,
+group size and symmetry stay model-wide. Healing comes after the cut and before the
 post-training methods, which then see the healed weights. Calibration windows are the task's
 ``train`` split (its calibration text).
 
@@ -221,27 +223,41 @@ def smoothquant_step(model, config: SmoothQuantStep, context: Context):
 
 @dataclass(frozen=True)
 class LLMWeightsConfig:
-    """Weight-only quantization of a decoder's linear groups: bits per group (the same in every block),
+    """Weight-only quantization of a decoder's linear groups: bits per group (in every block) or per block's group,
     the rounding method, the grid."""
 
     method: str = "rtn"
-    bits: Mapping[str, int] = field(default_factory=dict)
+    bits: Mapping[str, int] = field(default_factory=dict)  # group or "block.group" -> bits (32: float)
     group_size: int = 128
     symmetric: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", dict(self.bits))
 
+    def bits_for(self, block: int, group: str) -> Optional[int]:
+        """Bits of ``group`` in ``block`` (its own key first, then its group's), None when in float."""
+        bits = self.bits.get(f"{block}.{group}", self.bits.get(group))
+        return None if bits is None or bits >= FULL_PRECISION else int(bits)
+
     def weight_config(self, blocks: int):
         """The :class:`~slimsearch.compress.weight_only.WeightOnlyConfig` of a model of ``blocks`` blocks:
-        the commonest width for its groups, every other group's width as per-block overrides."""
-        from slimsearch.compress.weight_only import WeightOnlyConfig
+        the commonest width for its groups, every other group's width and every block's own key as
+        per-block overrides."""
+        from slimsearch.compress._weight_config import FLOAT, WeightOnlyConfig
 
-        common = Counter(self.bits.values()).most_common(1)[0][0]
-        groups = tuple(g for g, b in self.bits.items() if b == common)
-        overrides = {f"{i}.{g}": b for g, b in self.bits.items() if b != common for i in range(blocks)}
+        per_group = {g: b for g, b in self.bits.items() if not _block_key(g)}
+        per_block = {k: (FLOAT if b >= FULL_PRECISION else b) for k, b in self.bits.items() if _block_key(k)}
+        quantized = [b for b in self.bits.values() if b < FULL_PRECISION]
+        common = Counter(per_group.values() or quantized).most_common(1)[0][0]
+        groups = tuple(g for g, b in per_group.items() if b == common)
+        overrides = {f"{i}.{g}": b for g, b in per_group.items() if b != common for i in range(blocks)}
         return WeightOnlyConfig(method=self.method, bits=common, group_size=self.group_size,
-                                symmetric=self.symmetric, groups=groups, overrides=overrides)
+                                symmetric=self.symmetric, groups=groups, overrides={**overrides, **per_block})
+
+
+def _block_key(name: str) -> bool:
+    """Whether a layer key names one block's group (``"11.down"``) rather than a group in every block."""
+    return name.partition(".")[0].isdigit()
 
 
 def _weights_from_plan(plan: CompressionPlan) -> Optional[LLMWeightsConfig]:
@@ -249,8 +265,9 @@ def _weights_from_plan(plan: CompressionPlan) -> Optional[LLMWeightsConfig]:
     if not chosen:
         return None
     first = next(iter(chosen.values()))
-    return LLMWeightsConfig(plan.weight_method, {g: lp.weight_bits for g, lp in chosen.items()},
-                            first.group_size, first.symmetric)
+    bits = {g: lp.weight_bits for g, lp in chosen.items()}
+    bits.update({k: lp.weight_bits for k, lp in plan.layers.items() if _block_key(k)})  # a float block too
+    return LLMWeightsConfig(plan.weight_method, bits, first.group_size, first.symmetric)
 
 
 @register("weight_only", LLMWeightsConfig, order=20, from_plan=_weights_from_plan, families=LLM)
@@ -308,10 +325,10 @@ def planned_shape(task: "Task", plan: CompressionPlan) -> tuple["nn.Module", Dec
     weights = _weights_from_plan(plan)
     quantized = {}
     if weights is not None:
-        for _, group, paths in llm.group_linears(model):
-            if group.name in weights.bits:
-                stand_in = SimpleNamespace(bits=weights.bits[group.name], group_size=weights.group_size,
-                                           symmetric=weights.symmetric)
+        for index, group, paths in llm.group_linears(model):
+            bits = weights.bits_for(index, group.name)
+            if bits is not None:
+                stand_in = SimpleNamespace(bits=bits, group_size=weights.group_size, symmetric=weights.symmetric)
                 quantized.update({p: stand_in for p in paths})
     wanda_config, smooth_config = _wanda_from_plan(plan), _smooth_from_plan(plan)
     from slimsearch.compress.wanda import GROUP_NAMES
