@@ -111,10 +111,16 @@ def test_a_block_s_own_key_overrides_its_group_and_may_leave_it_in_float(tasks):
     assert config.overrides == {"1.down": 16, "0.qkv": 8}  # 16: float, as WeightOnlyConfig writes it
     layers = {"down": LayerPlan(weight_bits=4, group_size=32), "1.down": LayerPlan(weight_bits=32, group_size=32),
               "0.qkv": LayerPlan(weight_bits=8, group_size=32)}
-    model = apply_plan(tasks["llama"], CompressionPlan(layers=layers))
+    plan = CompressionPlan(layers=layers)
+    model = apply_plan(tasks["llama"], plan)
     bits = {path: q.bits for path, q in record_of(model).quantized.items()}
     assert bits == {"model.layers.0.mlp.down_proj": 4, "model.layers.0.self_attn.q_proj": 8,
                     "model.layers.0.self_attn.k_proj": 8, "model.layers.0.self_attn.v_proj": 8}
+    from slimsearch.evaluators.costs import task_costs
+
+    estimated = estimate(tasks["llama"], plan, PROFILES).values  # the shape-only estimate reads them alike
+    built = task_costs(model, tasks["llama"], PROFILES).values
+    assert estimated == {k: v for k, v in built.items() if k in estimated}
 
 
 def test_each_family_runs_its_own_methods_and_the_cnn_quantizer_never_touches_an_llm(tasks):
