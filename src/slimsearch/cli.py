@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from slimsearch._cli_hw import add_hw_parser, hw_main
+from slimsearch.jobs.plan import DEFAULT_CHOICES, DEFAULT_KV_BITS, DEFAULT_WINDOWS
+
 EXIT_BAD_INPUT = 2
 EXIT_NO_CANDIDATE = 1  # `run`: the job ended without one completed candidate
 _sigterm_received = False  # set by entry()'s SIGTERM handler: exit 143, not Ctrl-C's 130
@@ -96,40 +99,33 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("job", help=JOB_HELP)
     ui.add_argument("--port", type=int, help="port (default: a free one)")
 
-    hw = sub.add_parser("hw", help="hardware profiles: measure this machine, calibrate a profile")
-    hw_sub = hw.add_subparsers(dest="hw_command", required=True)
-    profile = hw_sub.add_parser(
-        "profile", help="measure this machine and write its profile",
-        description="Measure this CPU (fp32 and int8 matrix-multiply throughput in onnxruntime, memory "
-                    "bandwidth, per-call and per-operator overhead) and write a profile file that jobs "
-                    "and predict() can name by its path. Power and energy numbers are labelled estimates.")
-    profile.add_argument("--out", required=True, help="profile file to write (.yaml, .yml or .json)")
-    profile.add_argument("--name", help="profile name (default: local-<hostname>)")
-    profile.add_argument("--threads", type=int, default=1,
-                         help="onnxruntime threads, as the evaluator will use (default: 1)")
-    profile.add_argument("--quick", action="store_true", help="small, fast measurements (rougher numbers)")
-    calib = hw_sub.add_parser(
-        "calibrate", help="fit a profile's efficiency factors to measured latencies",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Fit PROFILE's efficiency factors, effective bandwidth and overheads to the measured "
-                    "latencies in MEASUREMENTS.csv, then (from 30 fitted rows) a learned correction of what "
-                    "that roofline still misses; write the result. The rows --holdout sets aside are not "
-                    "fitted: Kendall tau and the shares within 10%% and 20%% on them are printed for the "
-                    "profile as given, the refitted roofline, and roofline + correction.",
-        epilog="MEASUREMENTS.csv: one row per measured model, with a header row. Columns:\n"
-               "  latency_ms  measured latency in ms (required, > 0)\n"
-               "  layers      JSON list of layer costs (LayerCost.to_dict), or else:\n"
-               "  task        built-in task name or package.module:function, with\n"
-               "  plan        CompressionPlan as JSON ({} = the uncompressed teacher), and\n"
-               "  batch       batch size the latency was measured at (optional, default 1)\n"
-               "Rows with task+plan are rebuilt with apply_plan and costed with layer_costs.")
-    calib.add_argument("profile", help="shipped profile name or profile file path")
-    calib.add_argument("measurements", help="CSV of measured latencies (format below)")
-    calib.add_argument("--out", required=True, help="calibrated profile file to write (.yaml, .yml or .json)")
-    calib.add_argument("--holdout", type=float, default=0.25,
-                       help="share of rows held out to report the fit on, not fitted (default: 0.25)")
-    calib.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default: 0)")
-    calib.add_argument("--name", help="name of the calibrated profile (default: the old name)")
+    add_hw_parser(sub)
+    plan = sub.add_parser(
+        "plan", help="a causal-LM job's fastest plan within a perplexity budget, without a search",
+        description="Measure what each weight choice and KV precision costs each group of linears on a few "
+                    "calibration windows (cached in the job folder), solve an integer program for the plan that "
+                    "minimises the modelled latency (or energy, or bytes) within the perplexity budget, build "
+                    "it and score it on the validation windows. The planner's figures are predictions (the "
+                    "groups' effects are assumed to add up); the validation figures are measured.")
+    plan.add_argument("job", help="job file (YAML) of a causal-lm task")
+    plan.add_argument("--out", help="job folder the sensitivities are cached in and plan.json written to "
+                                    "(default: runs/<job name>)")
+    plan.add_argument("--max-ppl-increase", type=float,
+                      help="perplexity budget relative to the teacher, e.g. 0.05 (default: the job's "
+                           "'ppl_increase <= X' constraint)")
+    plan.add_argument("--minimise", metavar="METRIC", help="latency_ms@P, energy_mj@P (P a profile of the job, "
+                                                           "modelled) or size_bytes (default: the first profile's "
+                                                           "latency)")
+    plan.add_argument("--choices", default=",".join(DEFAULT_CHOICES),
+                      help="weight options <method>-w<bits>-g<group>[-asym], comma-separated (default: %(default)s)")
+    plan.add_argument("--kv-bits", default=",".join(map(str, DEFAULT_KV_BITS)),
+                      help="KV-cache precisions to consider, comma-separated (default: %(default)s)")
+    plan.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
+                      help="calibration windows the sensitivities are measured on (default: %(default)s)")
+    plan.add_argument("--per-group", action="store_true",
+                      help="one choice per group across all blocks (qkv, o, gate_up, down), not per block")
+    plan.add_argument("--no-verify", action="store_true", help="do not build and score the plan")
+    plan.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
 
@@ -146,8 +142,10 @@ def main(argv: Optional[Sequence[str]] = None, *, one_job_per_process: bool = Fa
     try:
         if args.command == "run":
             return _run(args, ray_in_background=one_job_per_process)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "hw":
-            return _hw_profile(args) if args.hw_command == "profile" else _hw_calibrate(args)
+            return hw_main(args)
         if args.command in _JOB_COMMANDS:
             return _JOB_COMMANDS[args.command](args)
         return _export(args)
@@ -211,6 +209,40 @@ def _fmt(v) -> str:
     if abs(v) >= 1000:
         return f"{v:,.0f}"
     return f"{v:.4g}"
+
+
+def _plan(args) -> int:
+    from slimsearch._io import atomic_write
+    from slimsearch.exceptions import ConfigError
+    from slimsearch.jobs.load import load_job
+    from slimsearch.jobs.plan import plan_job
+
+    spec = load_job(args.job)
+    folder = Path(args.out) if args.out else Path("runs") / spec.name
+    try:
+        kv_bits = [int(b) for b in args.kv_bits.split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"--kv-bits {args.kv_bits!r}: allowed: comma-separated integers, e.g. 8,4") from None
+    choices = [c.strip() for c in args.choices.split(",") if c.strip()]
+    result = plan_job(spec, folder=folder, max_ppl_increase=args.max_ppl_increase, minimise=args.minimise,
+                      choices=choices, kv_bits=kv_bits, windows=args.windows, per_block=not args.per_group,
+                      verify=not args.no_verify, progress=None if args.json else print)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "plan.json", result.to_json() + "\n")
+    if args.json:
+        print(result.to_json())
+        return 0
+    p, m = result.predicted, result.measured
+    print(f"Plan within ppl_increase <= {result.max_ppl_increase:g}, minimising {result.minimised} "
+          f"(wrote {folder / 'plan.json'}):")
+    print(f"  {result.plan.describe()}")
+    print(f"  predicted: ppl_increase {p['ppl_increase']:+.2%}, {result.minimised} {p[result.minimised]:.4g}, "
+          f"size {p['size_bytes'] / 1e6:.1f} MB [modelled, from the per-group table]")
+    if m:
+        print(f"  measured on validation: ppl {m['ppl']:.3f}, ppl_increase {m['ppl_increase']:+.2%}, "
+              f"size {m['size_bytes'] / 1e6:.1f} MB")
+    print("  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()))
+    return 0
 
 
 def _export(args) -> int:
@@ -379,87 +411,6 @@ def _submit(args) -> int:
 
 
 _JOB_COMMANDS = {"submit": _submit, "jobs": _jobs, "status": _status, "front": _front, "report": _report, "ui": _ui}
-
-
-def _write_profile(profile, out: str) -> Path:
-    from slimsearch.exceptions import ConfigError
-    from slimsearch.hardware_profiles import load_profile
-
-    path = Path(out)
-    if path.suffix.lower() not in (".yaml", ".yml", ".json"):
-        raise ConfigError(f"--out {out!r} must end with one of ['.yaml', '.yml', '.json']")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".json":
-        path.write_text(profile.to_json() + "\n", encoding="utf-8")
-    else:
-        import yaml
-
-        path.write_text(yaml.safe_dump(profile.to_dict(), sort_keys=False, width=100), encoding="utf-8")
-    load_profile(path)  # what was written must read back
-    return path
-
-
-def _hw_profile(args) -> int:
-    from slimsearch.exceptions import ConfigError
-    from slimsearch.hardware_profiles import measure_host
-    from slimsearch.jobs.spec import MAX_THREADS
-
-    if not 1 <= args.threads <= MAX_THREADS:
-        raise ConfigError(f"--threads: allowed: a whole number from 1 to {MAX_THREADS} (got {args.threads})")
-    profile = measure_host(name=args.name, threads=args.threads, quick=args.quick)
-    path = _write_profile(profile, args.out)
-    print(f"Wrote profile {profile.name!r} to {path}")
-    print(f"  fp32 {profile.peak_gops[_p('fp32')]:.1f} GOPS, int8 {profile.peak_gops[_p('int8')]:.1f} GOPS, "
-          f"memory {profile.memory_bandwidth_gbps:.1f} GB/s, per call {profile.call_overhead_us:.1f} us, "
-          f"per operator {profile.layer_overhead_us:.2f} us ({args.threads} thread(s))")
-    print(f"  jobs name it by path: profiles: [{path}]")
-    return 0
-
-
-def _p(name: str):
-    from slimsearch.hardware_profiles import Precision
-
-    return Precision(name)
-
-
-def _hw_calibrate(args) -> int:
-    import dataclasses
-    import random
-
-    from slimsearch.evaluators.measurements import load_measurements
-    from slimsearch.exceptions import ConfigError
-    from slimsearch.hardware_profiles import calibrate, fit_report, load_profile
-
-    if not 0.0 < args.holdout < 1.0:
-        raise ConfigError(f"--holdout must be a number in (0, 1), got {args.holdout}")
-    profile = load_profile(args.profile)
-    samples = load_measurements(args.measurements)
-    order = list(range(len(samples)))
-    random.Random(args.seed).shuffle(order)
-    n_test = max(2, round(args.holdout * len(samples)))
-    if len(samples) - n_test < 2:
-        raise ConfigError(f"{args.measurements}: {len(samples)} rows leave fewer than two to fit after "
-                          f"holding out {n_test}; add rows or lower --holdout")
-    test = [samples[i] for i in sorted(order[:n_test])]
-    train = [samples[i] for i in sorted(order[n_test:])]
-    fitted = calibrate(profile, train, name=args.name)
-    path = _write_profile(fitted, args.out)
-    roofline = dataclasses.replace(fitted, correction=None)
-    reports = [("spec-only", fit_report(profile, test)), ("roofline", fit_report(roofline, test))]
-    if fitted.correction is not None:
-        reports.append(("+ correction", fit_report(fitted, test)))
-    print(f"Calibrated {profile.name!r} on {len(train)} rows; wrote {path}")
-    print(f"Fit on {len(test)} held-out rows (seed {args.seed}):")
-    print(f"  {'':12} {'Kendall tau':>11} {'within 10%':>10} {'within 20%':>10} {'median |err|':>12}")
-    for label, rep in reports:
-        print(f"  {label:12} {rep.kendall_tau:11.3f} {rep.within_10:10.1%} {rep.within_20:10.1%} "
-              f"{rep.median_abs_rel_error:12.1%}")
-    if fitted.correction is None:
-        print(f"  no correction learned: it needs at least 30 fitted rows, got {len(train)}")
-    effs = ", ".join(f"{op.value} {v:.3g}" for op, v in fitted.efficiency.items())
-    print(f"  efficiency: {effs}; bandwidth {fitted.memory_bandwidth_gbps:.3g} GB/s; "
-          f"per layer {fitted.layer_overhead_us:.3g} us; per call {fitted.call_overhead_us or 0:.3g} us")
-    return 0
 
 
 def entry() -> None:

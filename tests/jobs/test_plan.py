@@ -1,0 +1,98 @@
+"""``slimsearch plan JOB`` (jobs/plan.py): a causal-LM job's plan within its perplexity budget, from the
+sensitivity table and the integer program, built and scored; bad input in one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+pytest.importorskip("highspy")
+
+from slimsearch.exceptions import ConfigError  # noqa: E402
+from slimsearch.jobs.load import load_job  # noqa: E402
+from slimsearch.jobs.plan import JobPlan, plan_job  # noqa: E402
+from tests import _tiny_llm  # noqa: E402
+from tests._cli import cli, write_job  # noqa: E402
+from tests._tiny_llm import one_thread  # noqa: E402, F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan-job")
+    _tiny_llm.folder(root / "tiny")
+    _tiny_llm.text(root / "notes.txt")
+    job = write_job(root, {"name": "tiny-plan", "task": "causal-lm:tiny", "text": ["notes.txt"],
+                           "constraints": ["ppl_increase <= 0.02"], "profiles": ["raspberry-pi-4"]})
+    return root, job
+
+
+def test_the_plan_meets_its_predicted_budget_is_measured_and_round_trips(made, tmp_path):
+    _, job = made
+    result = plan_job(load_job(job), folder=tmp_path, windows=2)
+    assert result.minimised == "latency_ms@raspberry-pi-4" and result.max_ppl_increase == 0.02
+    assert result.predicted["ppl_increase"] <= 0.02 + 1e-12
+    assert set(result.measured) >= {"ppl", "ppl_increase", "kl", "top1", "size_bytes"}
+    assert result.measured["ppl"] > 1 and math.isfinite(result.measured["ppl_increase"])
+    # the predicted bytes are exact (sizes add up), so the built model's must equal them
+    assert result.measured["size_bytes"] == pytest.approx(result.predicted["size_bytes"])
+    assert JobPlan.from_dict(json.loads(result.to_json())) == result
+    assert list(tmp_path.glob("sensitivity-*.json"))  # cached in the job folder
+
+
+def test_a_looser_budget_gives_a_plan_no_slower(made, tmp_path):
+    _, job = made
+    spec = load_job(job)
+    tight = plan_job(spec, folder=tmp_path, windows=2, max_ppl_increase=0.01, verify=False)
+    loose = plan_job(spec, folder=tmp_path, windows=2, max_ppl_increase=10.0, verify=False)
+    measure = tight.minimised
+    assert loose.predicted[measure] <= tight.predicted[measure] + 1e-12
+    assert loose.measured == {} and "verify" not in loose.seconds
+
+
+def test_the_command_writes_plan_json_and_reuses_the_sensitivities(made, tmp_path):
+    _, job = made
+    out = tmp_path / "folder"
+    first = cli("plan", str(job), "--out", str(out), "--windows", "2", "--choices", "rtn-w4-g32,rtn-w8-g32",
+                "--kv-bits", "8")
+    assert first.code == 0, first.stderr
+    assert "predicted" in first.stdout and "measured on validation" in first.stdout
+    written = json.loads((out / "plan.json").read_text())
+    assert written["max_ppl_increase"] == 0.02
+    cached = sorted(out.glob("sensitivity-*.json"))
+    stamp = cached[0].stat().st_mtime_ns
+    again = cli("plan", str(job), "--out", str(out), "--windows", "2", "--choices", "rtn-w4-g32,rtn-w8-g32",
+                "--kv-bits", "8", "--json", "--no-verify")
+    assert again.code == 0, again.stderr
+    assert json.loads(again.stdout)["measured"] == {}
+    assert sorted(out.glob("sensitivity-*.json")) == cached and cached[0].stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--minimise", "latency_ms@nvidia-h100"], "cannot minimise 'latency_ms@nvidia-h100'; allowed: ['size_bytes'"),
+    (["--max-ppl-increase", "-1"], "the perplexity budget must be a number > 0"),
+    (["--choices", "rtn-w5-g128"], "bits"),
+    (["--kv-bits", "eight"], "--kv-bits 'eight'"),
+    (["--windows", "0"], "windows must be an integer >= 1"),
+])
+def test_bad_flags_are_one_line_exit_2_and_nothing_written(made, tmp_path, extra, fragment):
+    _, job = made
+    result = cli("plan", str(job), "--out", str(tmp_path / "out"), *extra)
+    assert result.code == 2 and fragment in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "out" / "plan.json").exists()
+
+
+def test_a_job_without_a_budget_or_of_another_family_is_refused_in_one_line(made, tmp_path):
+    root, _ = made
+    no_budget = write_job(root, {"name": "no-budget", "task": "causal-lm:tiny", "text": ["notes.txt"]}, "nb.yaml")
+    with pytest.raises(ConfigError, match="has no 'ppl_increase <= X' constraint"):
+        plan_job(load_job(no_budget), folder=tmp_path)
+    digits = write_job(root, {"name": "digits", "task": "digits"}, "digits.yaml")
+    result = cli("plan", str(digits), "--out", str(tmp_path / "d"), "--max-ppl-increase", "0.05")
+    assert result.code == 2 and "allowed: a causal-lm task" in result.stderr
