@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from slimsearch._package import callable_package
 from slimsearch.search.api import search
+from slimsearch.search._online import CalibrationFit, OnlineCalibration
 from slimsearch.search._types import EVALUATE_ATTR, Constraint, Range, SearchResult, TrialRecord, TrialState
 from slimsearch.search.pareto import dominates, hypervolume, hypervolume_2d, pareto_front
 
 callable_package(__name__, search)
 
-__all__ = ["EVALUATE_ATTR", "Constraint", "Range", "SearchResult", "TrialRecord", "TrialState", "dominates", "hypervolume",
-           "hypervolume_2d", "pareto_front", "search"]
+__all__ = ["EVALUATE_ATTR", "CalibrationFit", "Constraint", "OnlineCalibration", "Range", "SearchResult", "TrialRecord",
+           "TrialState", "dominates", "hypervolume", "hypervolume_2d", "pareto_front", "search"]

@@ -10,9 +10,10 @@ import traceback
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from slimsearch.search._limits import within_time_limit
+from slimsearch.search._online import CalibrationFit, OnlineCalibration
 from slimsearch.search._study import _set_constraints, records
-from slimsearch.search._types import (DRIVER_ATTR, DURATION_ATTR, ERROR_ATTR, ESTIMATE_ATTR, EVALUATE_ATTR,
-                                      FEASIBLE_ATTR, METRICS_ATTR, OWNER_ATTR, PROVENANCE_ATTR, SCREENED_ATTR,
+from slimsearch.search._types import (CORRECTED_ATTR, DRIVER_ATTR, DURATION_ATTR, ERROR_ATTR, ESTIMATE_ATTR,
+                                      EVALUATE_ATTR, FEASIBLE_ATTR, METRICS_ATTR, OWNER_ATTR, PROVENANCE_ATTR, SCREENED_ATTR,
                                       Constraint, Range, Space, TrialRecord, TrialState)
 
 
@@ -66,12 +67,20 @@ class _Teller:
 
     With ``study_budget`` several drivers may share the study: :meth:`ask` returns None
     once complete and running trials fill the budget (see :func:`_places_taken`).
+
+    With ``calibration`` the screen judges the corrected estimate, and each trial that
+    completes gives the calibration its (estimated, measured) pairs, the trials already in
+    the study first; ``on_calibration`` is called with each refit. A trial keeps the raw
+    estimate (``estimate``) and the values ``evaluate`` returned; the corrected estimate it
+    was screened on is recorded apart (``estimate_corrected``).
     """
 
     def __init__(self, study, space: Space, objectives: Mapping[str, str], listener, *,
                  constraints: Sequence[Constraint] = (), estimate: Optional[Callable[[dict], dict]] = None,
                  screen_duplicates: bool = False, max_screened: Optional[int] = None,
-                 study_budget: Optional[int] = None, owner: Optional[str] = None):
+                 study_budget: Optional[int] = None, owner: Optional[str] = None,
+                 calibration: Optional[OnlineCalibration] = None,
+                 on_calibration: Optional[Callable[[CalibrationFit], None]] = None):
         self.study, self.space, self.objectives, self.listener = study, space, objectives, listener
         self.constraints, self.estimate = tuple(constraints), estimate
         self.screen_duplicates, self.max_screened = screen_duplicates, max_screened
@@ -83,12 +92,15 @@ class _Teller:
         self.n_screened = 0
         self.seen: dict[str, int] = {}
         self.complete: list[TrialRecord] = []
-        if screen_duplicates or estimate is not None:
+        self.calibration, self.on_calibration = calibration, on_calibration
+        if screen_duplicates or estimate is not None or calibration is not None:
             for r in records(study):
                 if r.state is not TrialState.FAILED:
                     self.seen.setdefault(_key(r.params), r.number)
                 if r.state is TrialState.COMPLETE and r.feasible:
                     self.complete.append(r)
+                if r.state is TrialState.COMPLETE and calibration is not None:
+                    self._calibrate(r.estimate or self._raw_estimate(r.params), r.values, r.provenance)
 
     def count(self, state: TrialState) -> int:
         """Trials of this run that ended in ``state``."""
@@ -119,7 +131,10 @@ class _Teller:
             elif self.estimate is not None:
                 estimate = call_evaluate(self.estimate, params).get("values") or {}
                 estimate = {k: v for k, v in estimate.items() if v is not None}
-                reason = self._screen(estimate)
+                corrected = self.calibration.correct(estimate) if self.calibration is not None else estimate
+                reason = self._screen(corrected, estimate)
+                if corrected != estimate:
+                    trial.set_user_attr(CORRECTED_ATTR, {k: v for k, v in corrected.items() if v != estimate[k]})
             if estimate:
                 trial.set_user_attr(ESTIMATE_ATTR, estimate)
             self.seen.setdefault(key, trial.number)
@@ -130,11 +145,12 @@ class _Teller:
             if self.max_screened is not None and self.n_screened >= self.max_screened:
                 return None
 
-    def _screen(self, estimate: Mapping[str, float]) -> Optional[str]:
+    def _screen(self, estimate: Mapping[str, float], raw: Mapping[str, float]) -> Optional[str]:
         for c in self.constraints:
             v = c.violation(estimate)
             if v:
-                return f"estimated infeasible: {c.metric} = {estimate[c.metric]:.4g} breaks {c}"
+                was = "" if estimate[c.metric] == raw[c.metric] else f" (corrected from {raw[c.metric]:.4g})"
+                return f"estimated infeasible: {c.metric} = {estimate[c.metric]:.4g}{was} breaks {c}"
         if all(m in estimate for m in self.objectives):
             from slimsearch.search.pareto import dominates
 
@@ -148,7 +164,8 @@ class _Teller:
     def _record_screened(self, trial, params: dict, estimate: dict, reason: str) -> None:
         import optuna
 
-        feasible = _set_constraints(trial, [c for c in self.constraints if c.metric in estimate], estimate)
+        judged = {**estimate, **trial.user_attrs.get(CORRECTED_ATTR, {})}  # what the screen saw
+        feasible = _set_constraints(trial, [c for c in self.constraints if c.metric in judged], judged)
         trial.set_user_attr(SCREENED_ATTR, reason)
         trial.set_user_attr(FEASIBLE_ATTR, feasible)
         self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -188,6 +205,12 @@ class _Teller:
         if self.constraints:
             trial.set_user_attr(FEASIBLE_ATTR, feasible)
         estimate = dict(trial.user_attrs.get(ESTIMATE_ATTR, {}))
+        if error is None and self.calibration is not None:
+            if not estimate:  # not estimated when asked (a job that does not screen): now, once
+                estimate = self._raw_estimate(params)
+                if estimate:
+                    trial.set_user_attr(ESTIMATE_ATTR, estimate)
+            self._calibrate(estimate, values, provenance)
         if error is None:
             self.study.tell(trial, [float(values[m]) for m in self.objectives])
             state = TrialState.COMPLETE
@@ -200,6 +223,18 @@ class _Teller:
         if state is TrialState.COMPLETE and feasible:
             self.complete.append(record)
         return self._emit(record)
+
+
+    def _raw_estimate(self, params: dict) -> dict:
+        fn = self.estimate or self.calibration.estimate
+        if fn is None:
+            return {}
+        return {k: v for k, v in (call_evaluate(fn, params).get("values") or {}).items() if v is not None}
+
+    def _calibrate(self, estimate: Mapping[str, float], values: Mapping[str, float], provenance) -> None:
+        for fit in self.calibration.add(estimate, values, provenance):
+            if self.on_calibration is not None:
+                self.on_calibration(fit)
 
 
 def _places_taken(study, trial=None) -> list:

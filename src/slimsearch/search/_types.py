@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from slimsearch.exceptions import ConfigError
+from slimsearch.search._online import CalibrationFit
 
 
 @dataclass(frozen=True)
@@ -124,12 +125,14 @@ class TrialRecord:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """What a search found: every trial in order, and the feasible non-dominated evaluated ones."""
+    """What a search found: every trial in order, the feasible non-dominated evaluated ones, and
+    the refits of the estimate's online calibration (:class:`CalibrationFit`, in order)."""
 
     trials: list[TrialRecord]
     objectives: dict[str, str]
     front: list[TrialRecord] = field(default_factory=list)
     constraints: tuple[Constraint, ...] = ()
+    calibration: tuple[CalibrationFit, ...] = ()  # each refit of the estimate's online calibration
 
     @property
     def evaluated(self) -> list[TrialRecord]:
@@ -144,7 +147,8 @@ METRICS_ATTR = "metrics"
 ERROR_ATTR = "error"
 DURATION_ATTR = "duration_s"  # asked to told, as the driver sees it
 EVALUATE_ATTR = "evaluate_s"  # inside evaluate, as the worker timed it
-ESTIMATE_ATTR = "estimate"
+ESTIMATE_ATTR = "estimate"  # what estimate returned
+CORRECTED_ATTR = "estimate_corrected"  # the metrics online calibration corrected, as the screen saw them
 SCREENED_ATTR = "screened"
 FEASIBLE_ATTR = "feasible"
 PROVENANCE_ATTR = "provenance"

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from slimsearch.exceptions import ConfigError
 from slimsearch.ray_runtime import start_ray
+from slimsearch.search._online import OnlineCalibration
 from slimsearch.search._study import _check_objectives, front_of, open_study, records
 from slimsearch.search._types import Constraint, Executor, Range, SearchResult, TrialState
 from slimsearch.search.driver import default_threads, run_trials
@@ -55,6 +56,7 @@ def search(
     workers: int = 1,
     storage: Optional[str] = None,
     time_limit_s: Optional[float] = None,
+    calibrate_estimate: bool = True,
 ) -> SearchResult:
     """Search ``space`` for the front of ``objectives`` in ``budget`` evaluations.
 
@@ -83,10 +85,15 @@ def search(
         time_limit_s: wall-clock seconds one ``evaluate`` call may take; past them it is
             stopped where it runs (a training loop within one step; one native call only when
             it returns) and the trial fails with a TimeoutError; None: no limit.
+        calibrate_estimate: correct ``estimate`` online: for each metric both ``estimate``
+            and ``evaluate`` return, the estimate is corrected from the measured values as
+            trials complete (refitted every 5; :class:`~slimsearch.search.OnlineCalibration`),
+            and screening and ``auto`` use the corrected one. Recorded values never change.
 
     Returns:
         SearchResult with ``trials`` (params, values, state "complete" | "failed" |
-        "screened", estimate, feasible) and ``front`` (evaluated feasible non-dominated).
+        "screened", estimate as ``estimate`` returned it, feasible), ``front`` (evaluated
+        feasible non-dominated) and ``calibration`` (each refit, with its held-out error).
     """
     space = _check_space(space)
     _check_objectives(objectives)
@@ -109,10 +116,13 @@ def search(
         raise ConfigError(f"time_limit_s: must be a number of seconds > 0 or None, got {time_limit_s!r}")
     if estimate is not None and not callable(estimate):
         raise ConfigError(f"estimate: must be a callable params -> dict or None, got {estimate!r}")
+    if not isinstance(calibrate_estimate, bool):
+        raise ConfigError(f"calibrate_estimate: must be True or False, got {calibrate_estimate!r}")
+    calibration = OnlineCalibration(estimate) if calibrate_estimate and estimate is not None else None
 
     def new_sampler(offset: int):
         return make_sampler(sampler, seed=seed + offset, budget=budget, estimate=estimate, constraints=parsed,
-                            space=space)
+                            space=space, calibration=calibration)
 
     study = open_study(storage, STUDY_NAME, objectives, new_sampler(0))
     if study.trials:  # continuing: a sampler seeded as at the start would propose the same params again
@@ -129,7 +139,8 @@ def search(
             ray_dir = tempfile.mkdtemp(prefix="slimsearch-ray-")
         run_trials(study, space, evaluate, objectives, n_trials=remaining, executor=kind.value, workers=workers,
                    threads_per_worker=threads, ray_storage=ray_dir, constraints=parsed, estimate=estimate,
-                   screen_duplicates=True, max_screened=max(100, 10 * budget), time_limit_s=time_limit_s)
+                   screen_duplicates=True, max_screened=max(100, 10 * budget), time_limit_s=time_limit_s,
+                   calibration=calibration)
     finally:
         if started_ray:
             import ray
@@ -139,7 +150,7 @@ def search(
             shutil.rmtree(ray_dir, ignore_errors=True)
     trials = records(study)
     return SearchResult(trials=trials, objectives=objectives, front=front_of(trials, objectives),
-                        constraints=parsed)
+                        constraints=parsed, calibration=tuple(calibration.fits) if calibration else ())
 
 
 __all__ = ["Constraint", "Range", "SearchResult", "search"]

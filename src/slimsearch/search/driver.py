@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from slimsearch.exceptions import ConfigError
+from slimsearch.search._online import CalibrationFit, OnlineCalibration
 from slimsearch.search._study import _check_objectives
 from slimsearch.search._teller import _Teller, call_evaluate
 from slimsearch.search._types import Constraint, Executor, Space, TrialRecord, TrialState
@@ -41,6 +42,8 @@ def run_trials(
     max_retries: int = 1,
     max_failed: Optional[int] = None,
     time_limit_s: Optional[float] = None,
+    calibration: Optional[OnlineCalibration] = None,
+    on_calibration: Optional[Callable[[CalibrationFit], None]] = None,
 ) -> list[TrialRecord]:
     """Evaluate new trials of ``study`` until ``n_trials`` complete; their records, screened and failed ones included.
 
@@ -51,7 +54,10 @@ def run_trials(
     ``estimate``, ``constraints`` and ``screen_duplicates`` turn on screening (see
     :class:`_Teller`); screened trials do not count towards ``n_trials`` and at most
     ``max_screened`` (default ``max(100, 10 * n_trials)``) are screened. ``listener`` is
-    called with every record, screened ones too, as it is made.
+    called with every record, screened ones too, as it is made. ``calibration`` corrects the
+    estimate from the measured values of completed trials (the screen judges the corrected
+    one; pass the same object to the ``auto`` sampler so it aims with it too), and
+    ``on_calibration`` is called with each of its refits.
 
     With ``executor="ray"``, a trial whose worker process dies (killed, crashed) is run again
     up to ``max_retries`` times, then recorded as failed with the reason; with ``"local"`` the
@@ -77,7 +83,8 @@ def run_trials(
     if max_failed is None:
         max_failed = failure_cap(n_trials)
     teller = _Teller(study, space, objectives, listener, constraints=constraints, estimate=estimate,
-                     screen_duplicates=screen_duplicates, max_screened=max_screened, study_budget=study_budget, owner=owner)
+                     screen_duplicates=screen_duplicates, max_screened=max_screened, study_budget=study_budget, owner=owner,
+                     calibration=calibration, on_calibration=on_calibration)
     if kind is Executor.LOCAL:
         while teller.count(TrialState.COMPLETE) < n_trials and teller.count(TrialState.FAILED) < max_failed:
             asked = teller.ask()

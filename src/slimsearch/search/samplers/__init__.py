@@ -17,15 +17,16 @@ class Sampler(str, Enum):
 
 
 def make_sampler(name: str, *, seed: int, budget: int, estimate: Optional[Callable[[dict], dict]] = None,
-                 constraints: Sequence = (), space: Optional[Mapping[str, Any]] = None):
+                 constraints: Sequence = (), space: Optional[Mapping[str, Any]] = None, calibration=None):
     """The sampler a name stands for, seeded; unknown names list the choices.
 
     NSGA-II's default population of 50 would leave a 24-trial budget as pure random
     search, so the population is sized to give at least three generations. Constraints
     reach Optuna's samplers through each trial's ``Trial.set_constraint`` (the driver sets
     them; Optuna 5 deprecated the samplers' ``constraints_func``). Only ``auto`` uses
-    ``estimate``; ``space`` (the search's dimensions) lets it plan its first trials before
-    any has run.
+    ``estimate`` (corrected by ``calibration``, an
+    :class:`~slimsearch.search.OnlineCalibration`, as it learns); ``space`` (the
+    search's dimensions) lets it plan its first trials before any has run.
     """
     import optuna
 
@@ -48,7 +49,7 @@ def make_sampler(name: str, *, seed: int, budget: int, estimate: Optional[Callab
 
         # a fifth of the budget (5 to 20 trials) samples the space before the surrogates steer
         return FrontSampler(seed=seed, estimate=estimate, constraints=constraints, space=space,
-                            n_startup=min(20, max(5, budget // 5)))
+                            n_startup=min(20, max(5, budget // 5)), calibration=calibration)
     return optuna.samplers.RandomSampler(seed=seed)
 
 

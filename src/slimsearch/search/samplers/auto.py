@@ -62,6 +62,9 @@ class FrontSampler(BaseSampler):
       startup draws made the surrogate write off a whole level, and the run spent its budget
       on one cost band (often a plateau at the corner's edge), leaving the front's other steps empty.
 
+    With ``calibration`` every estimate above is the corrected one, as it stands at the proposal
+    (:class:`~slimsearch.search.OnlineCalibration`).
+
     Deterministic for a seed: each proposal is seeded by the seed and the trial number.
     Per proposal: a line and two forest fits on the evaluated trials and a prediction per candidate.
     """
@@ -70,11 +73,12 @@ class FrontSampler(BaseSampler):
                  constraints: Sequence = (), space: Optional[Mapping[str, Any]] = None, n_startup: int = 20,
                  n_trees: int = 60, kappa: tuple[float, float] = (0.5, 2.0), measured_share: float = 0.75, estimated_share: float = 0.5,
                  n_random: int = 1000, n_near: int = 2, enumerate_limit: int = 20_000,
-                 estimate_seconds: float = 1.0, n_strata: int = 5, stratum_min: int = 5):
+                 estimate_seconds: float = 1.0, n_strata: int = 5, stratum_min: int = 5, calibration=None):
         import optuna
 
         self._seed = seed
         self._estimate_fn = estimate
+        self._calibration = calibration
         self._constraints = tuple(constraints)
         self._fixed = distributions(space) if space is not None else None
         self.n_startup, self.n_trees = n_startup, n_trees
@@ -256,6 +260,8 @@ class FrontSampler(BaseSampler):
                                                  for k in self._estimate_names], dtype=float)
             rows.append(self._estimates[key])
         out = np.array(rows, dtype=float).reshape(len(rows), len(self._estimate_names or []))
+        if self._calibration is not None and len(out):  # the memo keeps raw estimates; corrected as of now
+            out = self._calibration.correct_columns(self._estimate_names, out)
         return (out, kept) if limit else out
 
     # -- the choice -------------------------------------------------------------------------

@@ -1,0 +1,128 @@
+"""search/_online.py: the estimate corrected from measured values during a search."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from slimsearch.exceptions import ConfigError
+from slimsearch.search import search
+from slimsearch.search._online import OnlineCalibration
+
+SPACE = {"width": [1, 2, 3, 4, 5, 6], "depth": [1, 2, 3, 4], "bits": [4, 8, 16]}
+OBJECTIVES = {"accuracy": "max", "latency_ms": "min"}
+
+
+def true_latency(p: dict) -> float:
+    return p["width"] * p["depth"] * p["bits"] / 8.0
+
+
+def evaluate(p: dict) -> dict:
+    accuracy = 1.0 - 1.0 / (p["width"] * p["depth"] + 1) - (0.05 if p["bits"] == 4 else 0.0)
+    return {"accuracy": accuracy, "latency_ms": true_latency(p)}
+
+
+def estimate_quarter(p: dict) -> dict:
+    """Ranks candidates exactly, but four times too fast (a faster device's profile)."""
+    return {"latency_ms": true_latency(p) / 4.0, "macs": float(p["width"] * p["depth"])}
+
+
+def test_the_correction_is_the_identity_when_estimates_equal_measurements():
+    calibration = OnlineCalibration(refit_every=3)
+    for x in (1.0, 2.0, 5.0, 7.0, 11.0, 13.0, 20.0, 31.0, 40.0, 55.0, 70.0, 90.0):
+        calibration.add({"latency_ms": x}, {"latency_ms": x})
+    assert calibration.fits and all(f.factor == 1.0 and f.slope == 0.0 for f in calibration.fits)
+    for x in (0.5, 3.0, 500.0):
+        assert calibration.correct({"latency_ms": x, "macs": 7.0}) == {"latency_ms": x, "macs": 7.0}
+
+
+def test_a_systematic_factor_is_learned_from_five_pairs():
+    calibration = OnlineCalibration()
+    for x in (1.0, 3.0, 4.0, 9.0):
+        assert calibration.add({"latency_ms": x}, {"latency_ms": 4.5 * x}) == []
+    assert calibration.correct({"latency_ms": 2.0}) == {"latency_ms": 2.0}  # too few pairs: as it is
+    (fit,) = calibration.add({"latency_ms": 6.0}, {"latency_ms": 4.5 * 6.0})
+    assert fit.metric == "latency_ms" and fit.pairs == 5 and fit.model == "ratio"
+    assert fit.factor == pytest.approx(4.5)
+    assert fit.held_out == 5 and fit.held_out_mdape == pytest.approx(1 - 1 / 4.5)  # the raw estimate was in force
+    assert fit.held_out_tau == pytest.approx(1.0) and fit.raw_tau == pytest.approx(1.0)
+    assert calibration.correct({"latency_ms": 2.0})["latency_ms"] == pytest.approx(9.0)
+    for x in (2.0, 5.0, 7.0, 8.0, 10.0):  # the next batch is scored with the correction made from the first
+        calibration.add({"latency_ms": x}, {"latency_ms": 4.5 * x})
+    assert calibration.fits[-1].held_out_mdape == pytest.approx(0.0, abs=1e-12)
+    assert calibration.fits[-1].raw_mdape == pytest.approx(1 - 1 / 4.5)
+
+
+def test_a_power_law_is_kept_only_when_it_predicts_held_out_pairs_better():
+    calibration = OnlineCalibration(refit_every=20, min_pairs=20)
+    xs = [1.0 + i for i in range(20)]
+    for x in xs:
+        calibration.add({"t": x}, {"t": 2.0 * x ** 1.5})
+    assert calibration.fits[-1].model == "line" and calibration.fits[-1].slope == pytest.approx(0.5)
+    assert calibration.correct({"t": 10.0})["t"] == pytest.approx(2.0 * 10.0 ** 1.5)
+    # outside the pairs' range the correction does not extrapolate: the ratio is clipped
+    assert calibration.correct({"t": 1000.0})["t"] == pytest.approx(1000.0 * 2.0 * 20.0 ** 0.5)
+    noisy = OnlineCalibration(refit_every=20, min_pairs=20)
+    rng = random.Random(0)
+    for x in xs:  # a factor with noise: no slope to find
+        noisy.add({"t": x}, {"t": 3.0 * x * math.exp(rng.gauss(0.0, 0.1))})
+    assert noisy.fits[-1].model == "ratio"
+
+
+def test_modelled_values_and_non_positive_ones_teach_nothing():
+    calibration = OnlineCalibration(min_pairs=1)
+    assert calibration.add({"a": 1.0, "b": 1.0, "c": 0.0}, {"a": 3.0, "b": 3.0, "c": 2.0},
+                           provenance={"a": "modelled", "b": "measured"}) != []
+    assert set(calibration.lines) == {"b"}
+
+
+def test_columns_are_corrected_as_single_estimates_are():
+    np = pytest.importorskip("numpy")
+    calibration = OnlineCalibration(min_pairs=5)
+    for x in (1.0, 2.0, 3.0, 4.0, 5.0):
+        calibration.add({"t": x}, {"t": 2.0 * x})
+    rows = np.array([[1.5, 7.0], [np.nan, 1.0]])
+    out = calibration.correct_columns(["t", "macs"], rows)
+    assert out[0].tolist() == [pytest.approx(3.0), 7.0] and math.isnan(out[1, 0]) and out[1, 1] == 1.0
+    assert rows[0, 0] == 1.5  # a copy
+
+
+def test_a_refit_during_a_search_never_changes_a_recorded_metric():
+    # the result's trials are read back from the study: compare them with what the calls returned
+    result = search(SPACE, evaluate, OBJECTIVES, constraints=["latency_ms <= 6"], budget=25, sampler="auto",
+                    seed=0, estimate=estimate_quarter)
+    assert len(result.calibration) >= 3 and result.calibration[-1].factor == pytest.approx(4.0)
+    for t in result.trials:
+        assert t.estimate == estimate_quarter(t.params)  # the raw estimate, as estimate returned it
+        if t.values:
+            assert t.values == evaluate(t.params)
+
+
+def test_calibration_screens_on_the_corrected_estimate_and_can_be_turned_off():
+    kwargs = dict(constraints=["latency_ms <= 6"], budget=25, sampler="random", seed=3, estimate=estimate_quarter)
+    on = search(SPACE, evaluate, OBJECTIVES, **kwargs)
+    off = search(SPACE, evaluate, OBJECTIVES, calibrate_estimate=False, **kwargs)
+    assert off.calibration == () and not any("corrected" in (t.screened or "") for t in off.trials)
+    breaking = lambda r: sum(1 for t in r.evaluated if t.values["latency_ms"] > 6)  # noqa: E731
+    assert breaking(on) < breaking(off)
+    assert any("(corrected from" in (t.screened or "") for t in on.trials)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"refit_every": 0}, "refit_every must be an int >= 1, got 0"),
+    ({"min_pairs": 2.5}, "min_pairs must be an int >= 1, got 2.5"),
+    ({"line_pairs": True}, "line_pairs must be an int >= 3, got True"),
+    ({"estimate": 3}, "estimate must be a callable"),
+])
+def test_bad_calibration_arguments_are_refused_in_one_line(kwargs, needle):
+    with pytest.raises(ConfigError) as info:
+        OnlineCalibration(**kwargs)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_search_refuses_a_calibrate_estimate_that_is_not_a_bool():
+    with pytest.raises(ConfigError) as info:
+        search(SPACE, evaluate, OBJECTIVES, budget=2, estimate=estimate_quarter, calibrate_estimate="yes")
+    assert str(info.value) == "calibrate_estimate: must be True or False, got 'yes'"
