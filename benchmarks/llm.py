@@ -162,6 +162,29 @@ def time_all(b: Bench) -> None:
         if row.get("runtime") == "onnxruntime-genai":
             row["decode_speedup"] = row["decode_tok_s"] / teacher["decode_tok_s"]
             row["prefill_speedup"] = teacher["prefill_ms"] / row["prefill_ms"]
+    if b.args.paired_rounds:
+        time_paired(b, teacher, measure)
+
+
+def time_paired(b: Bench, teacher: dict, measure) -> None:
+    """Each graph again, in ``--paired-rounds`` rounds that time the teacher and then it, back to back:
+    the median of the per-round decode ratios does not drift with the machine's load, which the
+    one-after-the-other timing above does (its teacher timings, first and last, show by how much)."""
+    import statistics
+
+    for row in b.rows:
+        graph = row.get("graph")
+        if not graph or row is teacher or row.get("runtime") != "onnxruntime-genai":
+            continue
+        _log(f"paired timing {row['name']}")
+        rounds = []
+        for _ in range(b.args.paired_rounds):
+            ref, cand = measure(teacher["graph"]), measure(graph)
+            rounds.append({"decode": cand["decode_tok_s"] / ref["decode_tok_s"],
+                           "prefill": ref["prefill_ms"] / cand["prefill_ms"]})
+        row["paired_rounds"] = rounds
+        row["decode_speedup_paired"] = statistics.median(r["decode"] for r in rounds)
+        row["prefill_speedup_paired"] = statistics.median(r["prefill"] for r in rounds)
 
 
 def _pct(x) -> str:
@@ -196,8 +219,9 @@ def run_weight_only(b: Bench, name: str) -> None:
 
 
 def run_int4_ort(b: Bench) -> None:
-    """The deployed 4-bit graph: GPTQ w4g128 linears as MatMulNBits (int8 compute), the output
-    projection 4-bit too; its perplexity is the graph's own, in onnxruntime. The Hugging Face
+    """The deployed 4-bit graph: ``--int4-method`` w4g128 linears as MatMulNBits (int8 compute), the
+    output projection at ``--lm-head-bits`` in blocks of ``--lm-head-group`` (8 and 64 by default, read
+    by the tied embedding too); its perplexity is the graph's own, in onnxruntime. The Hugging Face
     folder (compressed-tensors) is reloaded and re-measured against the gptq-w4g128 row."""
     from slimsearch.deploy.hf_folder import reload, save_hf_folder
     from slimsearch.deploy.onnx_nbits import quantize_output_projection
@@ -389,14 +413,14 @@ def _torch_generation(model, args) -> dict:
 
 def _table(rows: list[dict]) -> str:
     head = (f"{'row':<20} {'ppl test':>9} {'vs teacher':>10} {'KL':>7} {'top-1':>6} {'MB':>7} {'decode tok/s':>12} "
-            f"{'speedup':>7} {'prefill ms':>10} {'peak MB':>8}  runtime")
+            f"{'speedup':>7} {'paired':>6} {'prefill ms':>10} {'peak MB':>8}  runtime")
     lines = [head, "-" * len(head)]
     for r in rows:
         def f(key, fmt):
             return "" if r.get(key) is None else format(r[key], fmt)
         lines.append(f"{r['name']:<20} {f('ppl_test', '.3f'):>9} {_pct(r['ppl_increase']):>10} {f('kl', '.4f'):>7} "
                      f"{f('top1', '.3f'):>6} {r['bytes'] / 1e6:>7.1f} {f('decode_tok_s', '.1f'):>12} "
-                     f"{f('decode_speedup', '.2f'):>7} {f('prefill_ms', '.0f'):>10} {f('peak_rss_mb', '.0f'):>8}  "
+                     f"{f('decode_speedup', '.2f'):>7} {f('decode_speedup_paired', '.2f'):>6} {f('prefill_ms', '.0f'):>10} {f('peak_rss_mb', '.0f'):>8}  "
                      f"{r.get('runtime') or ''}")
     return "\n".join(lines)
 
@@ -412,6 +436,9 @@ def main() -> None:
     parser.add_argument("--eval-threads", type=int, default=os.cpu_count() or 1, help="threads for the rest")
     parser.add_argument("--new-tokens", type=int, default=64, help="decoded tokens per timing")
     parser.add_argument("--repeats", type=int, default=3, help="timings per graph (median)")
+    parser.add_argument("--paired-rounds", type=int, default=0,
+                        help="also time each graph in this many rounds back to back with the teacher (median "
+                             "of per-round ratios; 0: not)")
     parser.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's alpha")
     parser.add_argument("--ffn-cut", type=float, default=0.25, help="share of FFN channels cut")
     parser.add_argument("--drop-layers", type=int, default=2, help="layers cut")
@@ -473,7 +500,8 @@ def main() -> None:
         cut_row = next(r for r in b.rows if r["name"] == "cut")
         b.rows[-1].update({k: cut_row.get(k) for k in ("decode_tok_s", "decode_ms_per_token", "prefill_ms",
                                                        "peak_rss_mb", "runtime", "decode_speedup",
-                                                       "prefill_speedup")})
+                                                       "prefill_speedup", "decode_speedup_paired",
+                                                       "prefill_speedup_paired", "paired_rounds")})
         save()
     print(_table(b.rows))
     print("decode, prefill and peak memory: measured on this CPU at batch 1 with "
