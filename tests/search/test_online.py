@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 
@@ -76,6 +77,11 @@ def test_modelled_values_and_non_positive_ones_teach_nothing():
     assert calibration.add({"a": 1.0, "b": 1.0, "c": 0.0}, {"a": 3.0, "b": 3.0, "c": 2.0},
                            provenance={"a": "modelled", "b": "measured"}) != []
     assert set(calibration.lines) == {"b"}
+    job = OnlineCalibration(min_pairs=1, measured_only=True)
+    job.add({"size": 1.0, "t": 1.0}, {"size": 1.0, "t": 2.0}, provenance={"t": "measured"})
+    assert set(job.lines) == {"t"}
+    assert not job.could_learn({"t": 3.0, "accuracy": 0.9}, {"t": "modelled"})
+    assert job.could_learn({"t": 3.0}, {"t": "measured"}) and not job.could_learn({"x": 1.0}, {"x": "measured"})
 
 
 def test_columns_are_corrected_as_single_estimates_are():
@@ -126,3 +132,33 @@ def test_search_refuses_a_calibrate_estimate_that_is_not_a_bool():
     with pytest.raises(ConfigError) as info:
         search(SPACE, evaluate, OBJECTIVES, budget=2, estimate=estimate_quarter, calibrate_estimate="yes")
     assert str(info.value) == "calibrate_estimate: must be True or False, got 'yes'"
+
+
+def test_a_job_without_screening_estimates_each_measured_trial_once_and_reports_each_refit():
+    """The job's way: no estimate for the screen, only the calibration's; evaluate's provenance says
+    which values were measured (a device node's latency) and which modelled (equal to the estimate)."""
+    from slimsearch.search._study import open_study, records
+    from slimsearch.search.driver import run_trials
+    from slimsearch.search.samplers import make_sampler
+
+    calls = []
+
+    def estimate(p):
+        calls.append(dict(p))
+        return {"latency_ms@pi": true_latency(p) / 4.0, "energy_mj@pi": true_latency(p)}
+
+    def job_evaluate(p):
+        values = {**evaluate(p), "energy_mj@pi": true_latency(p)}
+        values["latency_ms@pi"] = values.pop("latency_ms")
+        return SimpleNamespace(values=values, provenance={"latency_ms@pi": "measured", "energy_mj@pi": "modelled"})
+
+    objectives = {"accuracy": "max", "latency_ms@pi": "min"}
+    calibration = OnlineCalibration(estimate, measured_only=True)
+    fits = []
+    study = open_study(None, "job", objectives, make_sampler("random", seed=0, budget=12))
+    run_trials(study, SPACE, job_evaluate, objectives, n_trials=12, calibration=calibration, on_calibration=fits.append)
+    assert len(calls) == 12 and [f.pairs for f in fits] == [5, 10] and fits == calibration.fits
+    assert {f.metric for f in fits} == {"latency_ms@pi"} and fits[-1].factor == pytest.approx(4.0)
+    for r in records(study):
+        assert r.estimate == estimate(r.params) and r.values == job_evaluate(r.params).values
+

@@ -153,3 +153,13 @@ def progress_bar(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc="candidates", unit="cand", file=sys.stderr, dynamic_ncols=True)
+
+
+def log_calibration(tracker, fit, log) -> None:
+    """One refit of the estimate's online calibration as points of the parent run's
+    ``calibration.<metric>.*`` series (step = the pairs it was fitted on)."""
+    try:
+        for name, value in fit.metrics().items():
+            tracker.log_parent_series(name, value, step=fit.pairs)
+    except Exception as exc:  # noqa: BLE001 - a missing chart point must not stop the search
+        log(f"[slimsearch] calibration refit not logged ({type(exc).__name__}: {exc})")

@@ -20,7 +20,7 @@ from slimsearch.jobs.spec import JobSpec
 from slimsearch.metric_names import BASE_METRICS, LOCAL_ENERGY_METRIC, PROFILE_METRICS, local_latency_metrics
 from slimsearch.jobs.early_stop import CONSTRAINT as STOP_CONSTRAINT
 from slimsearch.jobs.folder import FRONT_FILE, FRONT_HTML, MODELS_DIR, STATE_FILE, job_state, make_folder, write_json, model_file
-from slimsearch.jobs.log import TrackingUnavailable, CandidateLog, front_numbers, log_hypervolume, log_record, power_modes_used, progress_bar, register_job, register_end, release_locks, short_error, was_stopped
+from slimsearch.jobs.log import TrackingUnavailable, CandidateLog, front_numbers, log_calibration, log_hypervolume, log_record, power_modes_used, progress_bar, register_job, register_end, release_locks, short_error, was_stopped
 from slimsearch.jobs.worker import cached_task, build_space, estimate_params, evaluate_params
 
 
@@ -57,6 +57,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     from slimsearch.ray_runtime import RayStart
     from slimsearch.search._study import open_study, recover_interrupted, records
     from slimsearch.search._types import Constraint
+    from slimsearch.search import OnlineCalibration
     from slimsearch.search.driver import default_threads, failure_cap, run_trials
     from slimsearch.search.samplers import make_sampler, seeded_at_first_trial
     from slimsearch.storage import default_storage_url, default_tracking_uri, redact
@@ -121,8 +122,13 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
         constraint_texts = [*spec.constraints, *([STOP_CONSTRAINT] if spec.search.early_stopping else [])]
         constraints = [Constraint.parse(c) for c in constraint_texts]
         estimate_fn = functools.partial(estimate_params, task=task, space=space, profiles=spec.profile_refs)
+        # where the screen or auto uses the estimate, it is corrected from the device figures measured
+        # as candidates finish (device:<profile> nodes); exact sizes and modelled figures teach nothing
+        can_screen = _estimate_can_screen(constraints, objectives, costs)
+        calibration = (OnlineCalibration(estimate_fn, measured_only=True)
+                       if can_screen or spec.search.sampler.value == "auto" else None)
         sampler_args = {"budget": spec.search.budget, "estimate": estimate_fn, "constraints": constraint_texts,
-                        "space": dict(space.choices)}
+                        "space": dict(space.choices), "calibration": calibration}
         locks.append(claim_sqlite(storage_url, f"{source}: storage" if spec.storage else f"--out {out}"))
         locks.append(claim_folder(out))
         # Seeded at this driver's first trial: a resumed driver, or one sharing the study with
@@ -218,7 +224,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
         ran = run_trials(study, dict(space.choices), job_fn, objectives, n_trials=remaining, executor=executor,
                          workers=workers, threads_per_worker=threads, listener=on_trial,
                          ray_storage=str(out / "ray"), constraints=constraints,
-                         estimate=estimate_fn if _estimate_can_screen(constraints, objectives, costs) else None,
+                         estimate=estimate_fn if can_screen else None, calibration=calibration,
+                         on_calibration=functools.partial(log_calibration, tracker, log=log),
                          screen_duplicates=True, study_budget=spec.search.budget, owner=str(out),
                          max_retries=spec.search.max_retries, time_limit_s=spec.search.time_limit_s)
         evaluated = sum(1 for r in ran if r.state.value == "complete")

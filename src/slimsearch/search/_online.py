@@ -95,18 +95,24 @@ class OnlineCalibration:
             ``min_pairs`` have arrived).
         min_pairs: fewest pairs a correction is made from; until then the estimate is used as it is.
         line_pairs: fewest pairs a power-law line is tried from (else the median ratio alone).
+        measured_only: a pair counts only when ``evaluate``'s provenance says ``measured`` (a
+            job: its exact sizes and its modelled device figures equal their estimates and
+            would teach nothing); else any value not marked ``modelled`` counts.
     """
 
     def __init__(self, estimate: Optional[Callable[[dict], Any]] = None, *, refit_every: int = 5,
-                 min_pairs: int = 5, line_pairs: int = 10):
+                 min_pairs: int = 5, line_pairs: int = 10, measured_only: bool = False):
         if estimate is not None and not callable(estimate):
             raise ConfigError(f"OnlineCalibration: estimate must be a callable params -> dict or None, got {estimate!r}")
         for name, value, low in (("refit_every", refit_every, 1), ("min_pairs", min_pairs, 1),
                                  ("line_pairs", line_pairs, 3)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"OnlineCalibration: {name} must be an int >= {low}, got {value!r}")
-        self.estimate = estimate
+        if not isinstance(measured_only, bool):
+            raise ConfigError(f"OnlineCalibration: measured_only must be True or False, got {measured_only!r}")
+        self.estimate, self.measured_only = estimate, measured_only
         self.refit_every, self.min_pairs, self.line_pairs = refit_every, min_pairs, line_pairs
+        self.names: Optional[set[str]] = None  # the metrics estimates have returned
         self.pairs: dict[str, list[tuple[float, float]]] = {}  # metric -> (log estimated, log measured)
         self.fitted_at: dict[str, int] = {}  # metric -> pairs at its last refit
         self.lines: dict[str, _Line] = {}
@@ -116,9 +122,10 @@ class OnlineCalibration:
             provenance: Optional[Mapping[str, str]] = None) -> list[CalibrationFit]:
         """Take one evaluated trial's estimate and measured values; the refits this made (often none)."""
         provenance = provenance or {}
+        self.names = set(estimate) | (self.names or set())
         made = []
         for name in sorted(set(estimate) & set(values)):
-            if str(getattr(provenance.get(name), "value", provenance.get(name))) == "modelled":
+            if not self._counts(name, provenance):
                 continue
             e, m = _log(estimate[name]), _log(values[name])
             if e is None or m is None:
@@ -130,6 +137,16 @@ class OnlineCalibration:
                                                                      len(pairs) - last >= self.refit_every):
                 made.append(self._refit(name))
         return made
+
+    def could_learn(self, values: Mapping[str, Any], provenance: Optional[Mapping[str, str]] = None) -> bool:
+        """Whether a trial's values could give a pair, before its estimate is known (so that a
+        trial that cannot teach anything is not estimated for nothing)."""
+        names = set(values) if self.names is None else set(values) & self.names
+        return any(self._counts(n, provenance or {}) for n in names)
+
+    def _counts(self, name: str, provenance: Mapping[str, str]) -> bool:
+        label = str(getattr(provenance.get(name), "value", provenance.get(name)))
+        return label != "modelled" and (label == "measured" or not self.measured_only)
 
     def correct(self, estimate: Mapping[str, Any]) -> dict[str, Any]:
         """``estimate`` with each corrected metric corrected (a new dict; the others as given)."""

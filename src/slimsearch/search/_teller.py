@@ -100,7 +100,8 @@ class _Teller:
                 if r.state is TrialState.COMPLETE and r.feasible:
                     self.complete.append(r)
                 if r.state is TrialState.COMPLETE and calibration is not None:
-                    self._calibrate(r.estimate or self._raw_estimate(r.params), r.values, r.provenance)
+                    self._calibrate(r.estimate or self._raw_estimate(r.params, r.values, r.provenance), r.values,
+                                    r.provenance)
 
     def count(self, state: TrialState) -> int:
         """Trials of this run that ended in ``state``."""
@@ -207,7 +208,7 @@ class _Teller:
         estimate = dict(trial.user_attrs.get(ESTIMATE_ATTR, {}))
         if error is None and self.calibration is not None:
             if not estimate:  # not estimated when asked (a job that does not screen): now, once
-                estimate = self._raw_estimate(params)
+                estimate = self._raw_estimate(params, values, provenance)
                 if estimate:
                     trial.set_user_attr(ESTIMATE_ATTR, estimate)
             self._calibrate(estimate, values, provenance)
@@ -225,9 +226,9 @@ class _Teller:
         return self._emit(record)
 
 
-    def _raw_estimate(self, params: dict) -> dict:
+    def _raw_estimate(self, params: dict, values: Mapping[str, float], provenance) -> dict:
         fn = self.estimate or self.calibration.estimate
-        if fn is None:
+        if fn is None or not self.calibration.could_learn(values, provenance):
             return {}
         return {k: v for k, v in (call_evaluate(fn, params).get("values") or {}).items() if v is not None}
 
