@@ -1,4 +1,4 @@
-"""A decoder LLM deployed: the builder's float graph, our codes as MatMulNBits, W8A8, the
+"""A decoder LLM deployed: the builder's float graph, our codes as MatMulNBits, the
 compressed-tensors folder, and the timing of generation, each checked against PyTorch."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from slimsearch.compress.quant.grid import quantize_weight  # noqa: E402
 from slimsearch.deploy.hf_folder import reload, save_hf_folder  # noqa: E402
 from slimsearch.deploy.llm_timing import onnx_logits, onnx_perplexity, time_generation  # noqa: E402
 from slimsearch.deploy.onnx_nbits import (block_size_for, build_onnx, export_genai,  # noqa: E402
-                                          quantize_output_projection, to_matmul_nbits, to_w8a8)
+                                          quantize_output_projection, to_matmul_nbits)
 from slimsearch.exceptions import ConfigError  # noqa: E402
 from slimsearch.structures.llm import decoder_linears, set_weight, tied, weight_of  # noqa: E402
 
@@ -139,16 +139,6 @@ def test_block_size_holds_the_group_exactly(k, group, bits, block):
 def test_block_size_refuses_groups_without_a_kernel_block():
     with pytest.raises(ConfigError, match="power-of-two divisor >= 16"):
         block_size_for(576, 40, 4)
-
-
-def test_w8a8_graph_uses_integer_kernels(quantized_graph, tmp_path):
-    model, _, root = quantized_graph
-    report = to_w8a8(root / "float", tmp_path / "w8a8")
-    assert report.integer_matmuls == 2 * 5 and report.dynamic_quantizers > 0
-    assert report.left_float == ("/lm_head/MatMul",)
-    reference = _logits(model, IDS)
-    gap = np.abs(onnx_logits(report.path, IDS) - reference).max()
-    assert gap < 0.05 * np.abs(reference).max()
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))

@@ -21,12 +21,22 @@ import contextlib
 import io
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Mapping, Optional
 
+from slimsearch.deploy.genai_folder import (
+    GENAI_CONFIG,
+    LM_HEAD_WEIGHT,
+    MODEL_FILE,
+    WEIGHT_SUFFIX,
+    PathLike,
+    check_graph_weight,
+    linear_codes,
+    new_folder,
+    save_folder,
+)
 from slimsearch.exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -35,10 +45,6 @@ if TYPE_CHECKING:
 
     from slimsearch.compress.quant.grid import QuantizedWeight
 
-PathLike = Union[str, "os.PathLike[str]"]
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-GENAI_CONFIG = "genai_config.json"
 KERNEL_BITS = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}  # code width -> MatMulNBits kernel width
 PER_CHANNEL_BLOCK = 128  # block of a per-channel weight; its one scale repeats in every block
 MAX_BLOCK = 256  # the 2-bit kernel's limit, kept for every width so that one rule holds
@@ -87,7 +93,7 @@ def build_onnx(hf_folder: PathLike, out_dir: PathLike, *, threads: int = 1) -> P
     architecture = (json.loads((hf_folder / "config.json").read_text()).get("architectures") or ["?"])[0]
     from onnxruntime_genai.models import builder
 
-    with _new_folder(hf_folder, out_dir, replace=False, copy=False) as tmp:
+    with new_folder(hf_folder, out_dir, replace=False, copy=False) as tmp:
         cache = tmp / ".builder_cache"
         try:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -227,29 +233,6 @@ def _pack_low_first(values: "np.ndarray", bits: int) -> "np.ndarray":
     return out
 
 
-def concat_out(parts: list) -> "QuantizedWeight":
-    """q, k and v weights as one, stacked along their outputs (the builder's fused qkv_proj)."""
-    import torch
-
-    first = parts[0]
-    for p in parts[1:]:
-        if (p.bits, p.group_size, p.symmetric) != (first.bits, first.group_size, first.symmetric):
-            raise ConfigError("fused q/k/v weights must share bits, group size and symmetry; got "
-                              f"{[(q.bits, q.group_size, q.symmetric) for q in parts]}")
-    return first._replace(codes=torch.cat([p.codes for p in parts]), scale=torch.cat([p.scale for p in parts]),
-                          zero_point=torch.cat([p.zero_point for p in parts]), scale_step=None)
-
-
-def _torch_paths(onnx_prefix: str) -> list[tuple[str, ...]]:
-    """Candidate torch module paths for a builder weight name (without ``.MatMul.weight``)."""
-    base = onnx_prefix.replace(".attn.", ".self_attn.")
-    out: list[tuple[str, ...]] = [(base,)]
-    if base.endswith(".qkv_proj"):
-        stem = base[: -len("qkv_proj")]
-        out.append((stem + "q_proj", stem + "k_proj", stem + "v_proj"))
-    return out
-
-
 def to_matmul_nbits(onnx_dir: PathLike, quantized: Mapping[str, "QuantizedWeight"], *,
                     out_dir: Optional[PathLike] = None, accuracy_level: int = 4,
                     lm_head: Optional["QuantizedWeight"] = None, check_weights: bool = True) -> NBitsReport:
@@ -265,7 +248,6 @@ def to_matmul_nbits(onnx_dir: PathLike, quantized: Mapping[str, "QuantizedWeight
     0 computes in float32 (exact, for checks: on SmolLM2-135M it decoded 2x slower with
     4-bit weights and 15x slower with an 8-bit lm_head, whose level-0 kernel de-quantizes). The result goes to ``out_dir``, or replaces ``onnx_dir``.
     """
-    import numpy as np
     import onnx
     from onnx import helper, numpy_helper
 
@@ -285,33 +267,20 @@ def to_matmul_nbits(onnx_dir: PathLike, quantized: Mapping[str, "QuantizedWeight
     packed_by_weight = {}
     for node in graph.node:
         weight = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else ""
-        if weight not in inits or not weight.endswith(".MatMul.weight"):
+        if weight not in inits or not weight.endswith(WEIGHT_SUFFIX):
             new_nodes.append(node)
             continue
-        qw = None
-        if weight == "lm_head.MatMul.weight":
+        if weight == LM_HEAD_WEIGHT:
             qw = lm_head
         else:
-            for paths in _torch_paths(weight[: -len(".MatMul.weight")]):
-                if all(p in quantized for p in paths):
-                    qw = quantized[paths[0]] if len(paths) == 1 else concat_out([quantized[p] for p in paths])
-                    unused.difference_update(paths)
-                    break
+            qw, paths = linear_codes(weight, quantized)
+            unused.difference_update(paths)
         if qw is None:
             new_nodes.append(node)
             left_float.append(node.name)
             continue
         graph_weight = numpy_helper.to_array(inits[weight])
-        if graph_weight.shape != (qw.codes.shape[1], qw.codes.shape[0]):
-            raise ConfigError(f"{weight}: graph weight (in, out) {graph_weight.shape} does not match codes (out, in) "
-                              f"{tuple(qw.codes.shape)}")
-        if check_weights:
-            expected = qw.dequantize().numpy().T
-            tol = 1e-5 * float(np.abs(expected).max()) + 1e-7
-            gap = float(np.abs(graph_weight - expected).max())
-            if gap > tol:
-                raise ConfigError(f"{weight}: the graph's float weight differs from the de-quantized codes by up to "
-                                  f"{gap:.3g}; build the graph from the model holding the de-quantized weights")
+        check_graph_weight(weight, graph_weight, qw, values=check_weights)
         packed = pack_matmul_nbits(qw)
         stem = weight[: -len(".weight")]
         names = [node.input[0], f"{stem}.weight_Q{packed['bits']}", f"{stem}.weight_scales"]
@@ -330,10 +299,10 @@ def to_matmul_nbits(onnx_dir: PathLike, quantized: Mapping[str, "QuantizedWeight
     if unused:
         raise ConfigError(f"quantized linears not found in {src / MODEL_FILE}: {sorted(unused)[:4]} "
                           f"({len(unused)} in all); the graph names linears as model.layers.N.attn.qkv_proj, ...")
-    if lm_head is not None and "lm_head.MatMul.weight" not in packed_by_weight:
+    if lm_head is not None and LM_HEAD_WEIGHT not in packed_by_weight:
         raise ConfigError(f"lm_head given but {src / MODEL_FILE} has no lm_head.MatMul with a float weight")
-    if "lm_head.MatMul.weight" in packed_by_weight:
-        embedding = _requantize_tied_embedding(graph, new_nodes, users, packed_by_weight["lm_head.MatMul.weight"])
+    if LM_HEAD_WEIGHT in packed_by_weight:
+        embedding = _requantize_tied_embedding(graph, new_nodes, users, packed_by_weight[LM_HEAD_WEIGHT])
     del graph.node[:]
     graph.node.extend(new_nodes)
     still_read = {name for node in graph.node for name in node.input}
@@ -342,7 +311,7 @@ def to_matmul_nbits(onnx_dir: PathLike, quantized: Mapping[str, "QuantizedWeight
     graph.initializer.extend(kept)
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    path = _save_folder(model, src, out_dir)
+    path = save_folder(model, src, out_dir)
     return NBitsReport(path, tuple(replaced), tuple(left_float), kbits, blocks, embedding)
 
 
@@ -353,7 +322,7 @@ def _requantize_tied_embedding(graph, nodes: list, users: dict, head) -> Optiona
     from onnx import helper, numpy_helper
 
     (names, packed, qw) = head
-    transposes = [n for n in users.get("lm_head.MatMul.weight", []) if n.op_type == "Transpose"]
+    transposes = [n for n in users.get(LM_HEAD_WEIGHT, []) if n.op_type == "Transpose"]
     if not transposes:
         return None
     transpose = transposes[0]
@@ -382,86 +351,14 @@ def _requantize_tied_embedding(graph, nodes: list, users: dict, head) -> Optiona
     return "float"
 
 
-def _save_folder(model, src: Path, out_dir: Optional[PathLike]) -> Path:
-    """``model`` with external data plus ``src``'s other files, in ``out_dir`` (or over ``src``)."""
-    import onnx
+def __getattr__(name: str):
+    """``to_w8a8`` and ``W8A8Report`` moved to :mod:`.onnx_w8a8`; they forward from here for one release."""
+    if name in ("to_w8a8", "W8A8Report"):
+        import warnings
 
-    dest = Path(out_dir) if out_dir is not None else src
-    with _new_folder(src, dest, replace=out_dir is None) as tmp:
-        onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
-    return dest
+        from slimsearch.deploy import onnx_w8a8
 
-
-@contextlib.contextmanager
-def _new_folder(src: Path, dest: Path, *, replace: bool, copy: bool = True):
-    """A temporary sibling of ``dest`` (holding ``src``'s files but the graph when ``copy``) to
-    write into; it becomes ``dest`` when the block ends without an error (whole or absent)."""
-    if not replace and dest.exists() and any(dest.iterdir()):
-        raise ConfigError(f"{dest} exists and is not empty; give a new folder")
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        for item in src.iterdir() if copy else ():
-            if item.name not in (MODEL_FILE, DATA_FILE) and item.is_file():
-                shutil.copy2(item, tmp / item.name)
-        yield tmp
-        mode = tmp.stat().st_mode & 0o666  # what the umask allows (the folder was made 0o777 & ~umask)
-        for item in tmp.iterdir():  # onnx writes its data file owner-only; a server may run as another user
-            item.chmod(mode)
-        old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@dataclass(frozen=True)
-class W8A8Report:
-    """What :func:`to_w8a8` did: integer MatMuls, activation quantizers, MatMuls left float."""
-
-    path: Path
-    integer_matmuls: int
-    dynamic_quantizers: int
-    left_float: tuple[str, ...]
-
-
-def to_w8a8(onnx_dir: PathLike, out_dir: PathLike, *, lm_head: bool = False) -> W8A8Report:
-    """Int8 weights and int8 activations for every MatMul with a constant weight.
-
-    onnxruntime's ``quantize_dynamic``: weights int8 per output channel, activations
-    uint8 per tensor with their range taken at run time (DynamicQuantizeLinear), run as
-    MatMulInteger; that per-tensor activation grid is why the model should be
-    SmoothQuant-smoothed first. GroupQueryAttention and the norms stay float. The output
-    projection stays float unless ``lm_head`` (its logits are the most range-sensitive).
-    """
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    src, dest = Path(onnx_dir), Path(out_dir)
-    graph = onnx.load(str(src / MODEL_FILE), load_external_data=False).graph
-    exclude = [] if lm_head else [n.name for n in graph.node if n.op_type == "MatMul" and n.output[0] == "logits"]
-    with _new_folder(src, dest, replace=False) as tmp, _quiet_logging():
-        quantize_dynamic(src / MODEL_FILE, tmp / MODEL_FILE, op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=True,
-                         extra_options={"MatMulConstBOnly": True})
-        nodes = onnx.load(str(tmp / MODEL_FILE), load_external_data=False).graph.node
-    return W8A8Report(dest, sum(n.op_type == "MatMulInteger" for n in nodes),
-                      sum(n.op_type == "DynamicQuantizeLinear" for n in nodes),
-                      tuple(n.name for n in nodes if n.op_type == "MatMul"))
-
-
-@contextlib.contextmanager
-def _quiet_logging():
-    """onnxruntime's quantizer logs a line per tensor (and a pre-processing hint) at INFO/WARNING."""
-    import logging
-
-    before = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(before)
+        warnings.warn(f"slimsearch.deploy.onnx_nbits.{name} moved to slimsearch.deploy.onnx_w8a8.{name}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(onnx_w8a8, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
