@@ -99,8 +99,8 @@ class _Teller:
                     self.seen.setdefault(_key(r.params), r.number)
                 if r.state is TrialState.COMPLETE and r.feasible:
                     self.complete.append(r)
-                if r.state is TrialState.COMPLETE and calibration is not None:
-                    self._calibrate(r.estimate or self._raw_estimate(r.params, r.values, r.provenance), r.values,
+                if r.state is TrialState.COMPLETE and calibration is not None:  # refits reported when made
+                    calibration.add(r.estimate or self._raw_estimate(r.params, r.values, r.provenance), r.values,
                                     r.provenance)
 
     def count(self, state: TrialState) -> int:
