@@ -159,3 +159,14 @@ def test_a_job_without_screening_estimates_each_measured_trial_once_and_reports_
     for r in records(study):
         assert r.estimate == estimate(r.params) and r.values == job_evaluate(r.params).values
 
+
+
+def test_a_continued_search_starts_from_the_calibration_its_stored_trials_give(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    kwargs = dict(sampler="random", seed=0, estimate=estimate_quarter, storage=storage)
+    first = search(SPACE, evaluate, OBJECTIVES, budget=10, **kwargs)
+    assert [f.pairs for f in first.calibration] == [5, 10]
+    seen = []
+    more = search(SPACE, lambda p: seen.append(p) or evaluate(p), OBJECTIVES, budget=15, **kwargs)
+    assert len(seen) == 5 and [f.pairs for f in more.calibration] == [5, 10, 15]  # read back, then one refit
+    assert more.calibration[0].factor == pytest.approx(4.0)
