@@ -80,7 +80,7 @@ def test_one_integer_matmul_per_linear_and_one_quantizer_per_input(smoothed, tmp
     assert report.left_float == ("/lm_head/MatMul",)
     nodes = onnx.load(str(report.path / "model.onnx"), load_external_data=False).graph.node
     ops = [n.op_type for n in nodes]
-    assert ops.count("MatMulInteger") == LINEARS and ops.count("ReduceMax") == QUANTIZERS
+    assert ops.count("MatMulIntegerToFloat") == LINEARS and ops.count("ReduceMax") == QUANTIZERS
     assert ops.count("MatMul") == 1 and "DynamicQuantizeLinear" not in ops
     head = to_w8a8(root / "float", tmp_path / "b", lm_head=True)
     assert (head.integer_matmuls, head.dynamic_quantizers, head.left_float) == (LINEARS + 1, QUANTIZERS + 1, ())

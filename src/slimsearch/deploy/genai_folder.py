@@ -22,6 +22,7 @@ DATA_FILE = "model.onnx.data"
 GENAI_CONFIG = "genai_config.json"
 WEIGHT_SUFFIX = ".MatMul.weight"  # the builder's name of a linear's (in, out) float weight
 LM_HEAD_WEIGHT = "lm_head" + WEIGHT_SUFFIX
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib operators
 
 
 def concat_out(parts: list) -> "QuantizedWeight":

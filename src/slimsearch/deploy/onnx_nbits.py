@@ -30,6 +30,7 @@ from slimsearch.deploy.genai_folder import (
     GENAI_CONFIG,
     LM_HEAD_WEIGHT,
     MODEL_FILE,
+    MS_DOMAIN,
     WEIGHT_SUFFIX,
     PathLike,
     check_graph_weight,
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 KERNEL_BITS = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}  # code width -> MatMulNBits kernel width
 PER_CHANNEL_BLOCK = 128  # block of a per-channel weight; its one scale repeats in every block
 MAX_BLOCK = 256  # the 2-bit kernel's limit, kept for every width so that one rule holds
-MS_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)

@@ -10,17 +10,20 @@ SmolLM2-135M cost +19.5% test perplexity where the scored model lost +1.0%. So b
 
 Each linear's MatMul becomes::
 
-    s = max(ReduceMax(|x|, last axis), 1e-8) / 127            per row, as fake_quant_per_token
-    q = Cast<uint8>(Clip(Round(x / s), -127, 127) + 128)
-    y = Cast<float>(MatMulInteger(q, codes_int8 [K, N], a_zero_point=128)) * s * scale[N]
+    s = max(ReduceMax(|x|, last axis), 1e-8) / 127       per row, as fake_quant_per_token
+    q = QuantizeLinear(x / s, 1, zero point uint8 128)    round half to even, + 128
+    y = MatMulIntegerToFloat(q, codes_int8 [K, N], 1, scale[N], a_zero_point=128) * s
 
-MatMulInteger allows int8 and uint8 for both inputs (ONNX spec), and onnxruntime 1.32
-runs int8 x int8 on CPU, but through a slow path: a 1 x 576 @ 576 x 1536 product took
-1.23 ms as int8 x int8 and 34 us as uint8 x int8 (AVX512-VNNI, one thread). So the int8
-codes ride as uint8 with the one zero point 128, which is exact: a per-row scale needs no
-per-row zero point. On AVX2 CPUs without VNNI, onnxruntime's uint8 x int8 kernel sums
-products in int16 and can saturate (its docs suggest 7-bit weights, ``reduce_range``,
-there); the ``quantize_dynamic`` graph has the same kernel and the same caveat.
+MatMulIntegerToFloat (onnxruntime's contrib op) is MatMulInteger with the cast and the
+per-column scale fused; its activation scale is per tensor or per column of A, never per
+row, so the row scale is one Mul after it. MatMulInteger allows int8 and uint8 for both
+inputs (ONNX spec) and onnxruntime 1.32 runs int8 x int8 on CPU, but through a slow path:
+a 1 x 576 @ 576 x 1536 product took 1.23 ms as int8 x int8 and 34 us as uint8 x int8
+(AVX512-VNNI, one thread). So the int8 activation codes ride as uint8 with the one zero
+point 128, which is exact: a per-row scale needs no per-row zero point. On AVX2 CPUs
+without VNNI, onnxruntime's uint8 x int8 kernel sums pairs of products in int16 and can
+saturate (its docs suggest 7-bit weights, ``reduce_range``, there); the ``quantize_dynamic``
+graph has the same kernel and the same caveat. On this VNNI CPU it does not saturate.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING, Mapping, Optional
 from slimsearch.deploy.genai_folder import (
     LM_HEAD_WEIGHT,
     MODEL_FILE,
+    MS_DOMAIN,
     WEIGHT_SUFFIX,
     PathLike,
     check_graph_weight,
@@ -48,7 +52,7 @@ if TYPE_CHECKING:
 __all__ = ["W8A8Report", "to_w8a8"]
 
 QMAX = 127  # symmetric int8, as compress.smoothquant's weights and activations
-SHIFT = 128  # int8 code + 128 = the uint8 code MatMulInteger reads, with zero point 128
+SHIFT = 128  # int8 code + 128 = the uint8 code the integer MatMul reads, with zero point 128
 EPS = 1e-8  # the smallest row maximum, as fake_quant_per_token
 MIN_OPSET = 18  # ReduceMax takes its axes as an input from opset 18
 
@@ -59,7 +63,7 @@ class W8A8Report:
 
     Attributes:
         path: the folder holding the rewritten graph.
-        integer_matmuls: MatMulInteger nodes.
+        integer_matmuls: integer MatMuls (MatMulIntegerToFloat per token, MatMulInteger per tensor).
         dynamic_quantizers: activation quantizers (per token: one per distinct linear input,
             shared by the linears reading it; per tensor: DynamicQuantizeLinear nodes).
         left_float: MatMul nodes with a constant weight that stay float32.
@@ -150,6 +154,10 @@ def _per_token(src: Path, dest: Path, weights: Optional[Mapping[str, "QuantizedW
                           f"({len(unused)} in all); the graph names linears as model.layers.N.attn.qkv_proj, ...")
     del graph.node[:]
     graph.node.extend(new_nodes)
+    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
+        from onnx import helper
+
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     still_read = {name for node in graph.node for name in node.input}
     kept = [t for t in graph.initializer if t.name in still_read]
     del graph.initializer[:]
@@ -172,14 +180,14 @@ def _constants() -> list:
     from onnx import numpy_helper
 
     values = {"w8a8.eps": np.array(EPS, np.float32), "w8a8.qmax": np.array(QMAX, np.float32),
-              "w8a8.neg_qmax": np.array(-QMAX, np.float32), "w8a8.shift": np.array(SHIFT, np.float32),
-              "w8a8.zero_point": np.array(SHIFT, np.uint8), "w8a8.last_axis": np.array([-1], np.int64)}
+              "w8a8.one": np.array(1.0, np.float32), "w8a8.zero_point": np.array(SHIFT, np.uint8),
+              "w8a8.last_axis": np.array([-1], np.int64)}
     return [numpy_helper.from_array(v, k) for k, v in values.items()]
 
 
 def _quantize_rows(x: str, stem: str, nodes: list) -> tuple[str, str]:
     """Nodes appended to ``nodes`` that quantize ``x`` per row (last axis); their (uint8 codes, scale)."""
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     p = f"{stem}/ActQuant"
     nodes.extend([
@@ -189,18 +197,17 @@ def _quantize_rows(x: str, stem: str, nodes: list) -> tuple[str, str]:
         helper.make_node("Max", [f"{p}/max", "w8a8.eps"], [f"{p}/max_eps"], name=f"{p}/Max"),
         helper.make_node("Div", [f"{p}/max_eps", "w8a8.qmax"], [f"{p}/scale"], name=f"{p}/Scale"),
         helper.make_node("Div", [x, f"{p}/scale"], [f"{p}/scaled"], name=f"{p}/Div"),
-        helper.make_node("Round", [f"{p}/scaled"], [f"{p}/rounded"], name=f"{p}/Round"),
-        helper.make_node("Clip", [f"{p}/rounded", "w8a8.neg_qmax", "w8a8.qmax"], [f"{p}/clipped"], name=f"{p}/Clip"),
-        helper.make_node("Add", [f"{p}/clipped", "w8a8.shift"], [f"{p}/shifted"], name=f"{p}/Shift"),
-        helper.make_node("Cast", [f"{p}/shifted"], [f"{p}/codes"], name=f"{p}/Cast", to=TensorProto.UINT8),
+        # round half to even (as torch.round), + 128, to uint8 in one op; |x / scale| <= 127 already
+        helper.make_node("QuantizeLinear", [f"{p}/scaled", "w8a8.one", "w8a8.zero_point"], [f"{p}/codes"],
+                         name=f"{p}/Round"),
     ])
     return f"{p}/codes", f"{p}/scale"
 
 
 def _integer_matmul(graph, node, weight: str, qw: "QuantizedWeight", quantized: tuple[str, str], stem: str) -> list:
-    """MatMulInteger of the row codes and ``qw``'s codes, then both scales, writing ``node``'s output."""
+    """The integer product of the row codes and ``qw``'s codes, then both scales, writing ``node``'s output."""
     import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     codes, row_scale = quantized
     base = weight[: -len(".weight")]
@@ -208,12 +215,11 @@ def _integer_matmul(graph, node, weight: str, qw: "QuantizedWeight", quantized: 
     graph.initializer.extend([
         numpy_helper.from_array(np.ascontiguousarray(qw.codes.numpy().T.astype(np.int8)), b),
         numpy_helper.from_array(qw.scale[:, 0].numpy().astype(np.float32), scale)])
-    p = f"{stem}/MatMulInteger"
-    return [
-        helper.make_node("MatMulInteger", [codes, b, "w8a8.zero_point"], [f"{p}/int32"], name=p),
-        helper.make_node("Cast", [f"{p}/int32"], [f"{p}/float"], name=f"{p}/Cast", to=TensorProto.FLOAT),
-        helper.make_node("Mul", [f"{p}/float", row_scale], [f"{p}/rows"], name=f"{p}/RowScale"),
-        helper.make_node("Mul", [f"{p}/rows", scale], list(node.output), name=f"{p}/ChannelScale"),
+    p = f"{stem}/MatMulIntegerToFloat"
+    return [  # the product times the channel scales, in one onnxruntime kernel; then the row scales
+        helper.make_node("MatMulIntegerToFloat", [codes, b, "w8a8.one", scale, "w8a8.zero_point"], [f"{p}/out"],
+                         name=p, domain=MS_DOMAIN),
+        helper.make_node("Mul", [f"{p}/out", row_scale], list(node.output), name=f"{p}/RowScale"),
     ]
 
 
