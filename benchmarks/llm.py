@@ -61,6 +61,9 @@ class Bench:
         # over-fit GPTQ (measured on SmolLM2-135M)
         pick = torch.linspace(0, len(every) - 1, min(args.calib_windows, len(every))).round().long()
         self.calib = every[pick]
+        # healing trains: by default on the calibration windows (cycled), else on its own share of the split
+        heal = args.heal_windows or args.calib_windows
+        self.heal = every[torch.linspace(0, len(every) - 1, min(heal, len(every))).round().long()]
         self.work = Path(tempfile.mkdtemp(prefix="slimsearch-llm-", dir=args.work))
         self.rows: list[dict] = []
         self.teacher_ppl = None
@@ -266,10 +269,10 @@ def run_smoothquant(b: Bench) -> None:
     w8a8.hooks.remove()
     measured = None
     try:
-        from slimsearch.deploy.onnx_nbits import to_w8a8
+        from slimsearch.deploy.onnx_w8a8 import to_w8a8
 
         graph = b.graph(model, "w8a8-float")  # the smoothed float graph, then integer kernels
-        report = to_w8a8(graph, b.work / "w8a8")
+        report = to_w8a8(graph, b.work / "w8a8", weights=w8a8.weights)  # per token, SmoothQuant's own codes
         shutil.rmtree(graph)
         measured = b.measure_onnx(report.path)
         measured["onnx_ppl"] = b.onnx_ppl(report.path)
@@ -320,12 +323,13 @@ def run_cut(b: Bench, heal_steps: int) -> None:
         model, measured = b.models["cut"]
         model = copy.deepcopy(model)
         start = time.perf_counter()
-        heal(model, b.teacher, b.calib, steps=heal_steps, lr=b.args.heal_lr, seq_len=b.args.heal_seq_len,
+        heal(model, b.teacher, b.heal, steps=heal_steps, lr=b.args.heal_lr, seq_len=b.args.heal_seq_len,
              progress=lambda step, loss: step % 20 == 0 and _log(f"heal step {step}: loss {loss:.4f}"))
         took = time.perf_counter() - start
         b.add("cut-healed", model, measured=measured,
               note=f"cut, then {heal_steps} healing steps (KL to the teacher, chunked; seq {b.args.heal_seq_len}, "
-                   f"lr {b.args.heal_lr}) in {took:.0f} s; same shapes as cut, so its speed is cut's")
+                   f"lr {b.args.heal_lr}, {len(b.heal)} calibration-split windows of {b.args.seq_len}) in "
+                   f"{took:.0f} s; same shapes as cut, so its speed is cut's")
 
 
 def run_torch_dynamic(b: Bench) -> None:
@@ -444,6 +448,9 @@ def main() -> None:
     parser.add_argument("--drop-layers", type=int, default=2, help="layers cut")
     parser.add_argument("--heal-steps", type=int, default=200, help="healing steps after the cut")
     parser.add_argument("--heal-lr", type=float, default=3e-4, help="healing learning rate")
+    parser.add_argument("--heal-windows", type=int, default=0,
+                        help="calibration-split windows healing trains on, spread evenly (default: the calibration "
+                             "windows, cycled)")
     parser.add_argument("--heal-seq-len", type=int, default=256, help="tokens per healing step")
     parser.add_argument("--int4-method", default="gptq", choices=("rtn", "gptq", "awq"),
                         help="int4-ort: whose 4-bit group-128 codes the deployed graph holds")
