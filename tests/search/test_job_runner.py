@@ -128,6 +128,27 @@ def test_mlflow_has_one_parent_and_one_child_run_per_candidate(finished_job):
     assert {n for n, r in by_trial.items() if r.data.tags["pareto"] == "true"} == {c["trial"] for c in data["front"]}
 
 
+def test_local_latency_is_paired_with_the_teachers_from_the_jobs_start_and_the_raw_one_kept(finished_job):
+    # the front uses the paired figure; front.json and MLflow keep the raw one, its CV and noisy flag beside it
+    data = json.loads((finished_job.out / "front.json").read_text())
+    state = json.loads((finished_job.out / "job.json").read_text())
+    parents, children = _runs(finished_job.out)
+    (parent,) = parents
+    for name in ("latency_ms@local", "latency_ms_b64@local"):
+        assert f"{state['teacher'][name]:.4g}" in parent.data.params["local_latency"]
+    by_run = {r.info.run_id: r for r in children}
+    for c in data["candidates"]:
+        m, run = c["metrics"], by_run[c["run_id"]]
+        for paired, raw, cv, noisy in (("latency_ms_b64@local", "latency_ms_raw_b64@local", "latency_cv_b64@local",
+                                        "latency_noisy_b64@local"),
+                                       ("latency_ms@local", "latency_ms_raw@local", "latency_cv@local",
+                                        "latency_noisy@local")):
+            assert m[paired] > 0 and m[raw] > 0 and m[cv] >= 0 and m[noisy] in (0.0, 1.0)
+            assert c["provenance"][raw] == "measured"
+            assert run.data.metrics[raw.replace("@", "/")] == pytest.approx(m[raw])
+            assert run.data.metrics[paired.replace("@", "/")] == pytest.approx(m[paired])
+
+
 def test_running_the_job_again_without_resume_is_refused(finished_job):
     before = (finished_job.out / "front.json").read_bytes()
     result = _run(str(finished_job.job), "--out", str(finished_job.out), "--executor", "local")
