@@ -13,8 +13,8 @@ from slimsearch.search._limits import within_time_limit
 from slimsearch.search._online import CalibrationFit, OnlineCalibration
 from slimsearch.search._study import _set_constraints, records
 from slimsearch.search._types import (CORRECTED_ATTR, DRIVER_ATTR, DURATION_ATTR, ERROR_ATTR, ESTIMATE_ATTR,
-                                      EVALUATE_ATTR, FEASIBLE_ATTR, METRICS_ATTR, OWNER_ATTR, PROVENANCE_ATTR, SCREENED_ATTR,
-                                      Constraint, Range, Space, TrialRecord, TrialState)
+                                      EVALUATE_ATTR, FEASIBLE_ATTR, METRICS_ATTR, OWNER_ATTR, PROVENANCE_ATTR,
+                                      SCREENED_ATTR, Constraint, Range, Space, TrialRecord, TrialState)
 
 
 def suggest(trial, space: Space) -> dict:
@@ -224,7 +224,6 @@ class _Teller:
         if state is TrialState.COMPLETE and feasible:
             self.complete.append(record)
         return self._emit(record)
-
 
     def _raw_estimate(self, params: dict, values: Mapping[str, float], provenance) -> dict:
         fn = self.estimate or self.calibration.estimate
