@@ -83,7 +83,8 @@ class OnlineCalibration:
     def __init__(self, estimate: Optional[Callable[[dict], Any]] = None, *, refit_every: int = 5,
                  min_pairs: int = 5, measured_only: bool = False):
         if estimate is not None and not callable(estimate):
-            raise ConfigError(f"OnlineCalibration: estimate must be a callable params -> dict or None, got {estimate!r}")
+            raise ConfigError(f"OnlineCalibration: estimate must be a callable params -> dict or None, "
+                              f"got {estimate!r}")
         for name, value in (("refit_every", refit_every), ("min_pairs", min_pairs)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"OnlineCalibration: {name} must be an int >= 1, got {value!r}")
