@@ -170,3 +170,26 @@ def test_a_continued_search_starts_from_the_calibration_its_stored_trials_give(t
     more = search(SPACE, lambda p: seen.append(p) or evaluate(p), OBJECTIVES, budget=15, **kwargs)
     assert len(seen) == 5 and [f.pairs for f in more.calibration] == [5, 10, 15]  # read back, then one refit
     assert more.calibration[0].factor == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_auto_keeps_off_candidates_the_corrected_estimate_puts_past_a_constraint(seed):
+    """Latency is no objective here, only a constraint: auto sees it through the estimate alone. Once
+    the calibration has learned the factor of 4, auto proposes nothing the screen would refuse (uncorrected,
+    it proposed 14 to 35 such candidates in 20 evaluations), and only trials asked before the first
+    refit can break the constraint."""
+
+    def sized(p):
+        return {**evaluate(p), "size": float(p["width"] * p["bits"])}
+
+    result = search(SPACE, sized, {"accuracy": "max", "size": "min"}, constraints=["latency_ms <= 6"], budget=20,
+                    sampler="auto", seed=seed, estimate=estimate_quarter)
+    assert result.calibration and result.calibration[0].factor == pytest.approx(4.0)
+    assert not result.screened
+    assert all(t.number < 5 for t in result.evaluated if t.values["latency_ms"] > 6)
+
+
+def test_auto_on_an_unconstrained_search_proposes_exactly_what_it_proposes_uncalibrated():
+    kwargs = dict(budget=25, sampler="auto", seed=2, estimate=estimate_quarter)
+    on, off = (search(SPACE, evaluate, OBJECTIVES, calibrate_estimate=c, **kwargs) for c in (True, False))
+    assert on.calibration and [t.params for t in on.trials] == [t.params for t in off.trials]

@@ -62,8 +62,11 @@ class FrontSampler(BaseSampler):
       startup draws made the surrogate write off a whole level, and the run spent its budget
       on one cost band (often a plateau at the corner's edge), leaving the front's other steps empty.
 
-    With ``calibration`` every estimate above is the corrected one, as it stands at the proposal
-    (:class:`~slimsearch.search.OnlineCalibration`).
+    With ``calibration`` (:class:`~slimsearch.search.OnlineCalibration`) a constraint on an
+    estimated metric is judged on the corrected estimate. Everything else uses the raw one:
+    the trend above already calibrates it against the measured values at each proposal, and a
+    factor on top changes only floating-point rounding (which, with NAS-Bench-201's near-tied
+    estimates, sent runs down other paths).
 
     Deterministic for a seed: each proposal is seeded by the seed and the trial number.
     Per proposal: a line and two forest fits on the evaluated trials and a prediction per candidate.
@@ -260,8 +263,6 @@ class FrontSampler(BaseSampler):
                                                  for k in self._estimate_names], dtype=float)
             rows.append(self._estimates[key])
         out = np.array(rows, dtype=float).reshape(len(rows), len(self._estimate_names or []))
-        if self._calibration is not None and len(out):  # the memo keeps raw estimates; corrected as of now
-            out = self._calibration.correct_columns(self._estimate_names, out)
         return (out, kept) if limit else out
 
     # -- the choice -------------------------------------------------------------------------
@@ -439,6 +440,8 @@ class FrontSampler(BaseSampler):
     def _estimated_feasible(self, est):
         import numpy as np
 
+        if self._calibration is not None and len(est):
+            est = self._calibration.correct_columns(self._estimate_names, est)
         ok = np.ones(len(est), dtype=bool)
         for c in self._constraints:
             if self._estimate_names and c.metric in self._estimate_names:
