@@ -4,7 +4,8 @@ A search evaluates candidates one by one; each evaluation measures what the ``es
 predicted before it (latency on a device, energy, ...). For every metric that both return,
 :class:`OnlineCalibration` keeps the (estimated, measured) pairs of the evaluated trials and,
 every ``refit_every`` of them, refits a correction of that metric's estimate. The driver
-screens, and ``auto`` aims, with the corrected estimate. What is recorded never changes: a
+screens with the corrected estimate, and ``auto`` judges constraints with it. What is
+recorded never changes: a
 trial keeps the values ``evaluate`` returned and the estimate ``estimate`` returned.
 
 Why this correction. From ``min_pairs`` (5) pairs on, the estimate is multiplied by the
@@ -17,10 +18,10 @@ reorders candidates: what an estimate ranks well stays ranked as it was. A power
 of the log ratio on the log estimate, kept when its leave-one-out error was lower) was tried
 and left out: fitted on 10 to 100 random NAS-Bench-201 cells it was further off than the
 median ratio on the other cells; within a search, whose evaluated trials bunch where the
-sampler aims, it was often worse than the ratio on the next trials; and under ``auto``, whose
-surrogate already fits a line through (estimate, measured), it cut the benchmark's mean
-hypervolume at 100 evaluations from 0.89 to 0.79 (NAS-Bench-201, Pi 4 estimated from the
-Pixel 3 profile, 10 seeds). Corrections that change the order (per layer type) need the
+sampler aims, it was often worse than the ratio on the next trials; and fed to ``auto``'s
+surrogate (which already fits a line through (estimate, measured)) it cut the benchmark's
+mean hypervolume at 100 evaluations from 0.89 to 0.79 (NAS-Bench-201, Pi 4 estimated from
+the Pixel 3 profile, 10 seeds). Corrections that change the order (per layer type) need the
 model's structure, which only a device profile sees: that is
 :func:`slimsearch.hardware_profiles.calibrate`.
 

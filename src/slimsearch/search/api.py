@@ -88,7 +88,8 @@ def search(
         calibrate_estimate: correct ``estimate`` online: for each metric both ``estimate``
             and ``evaluate`` return, the estimate is corrected from the measured values as
             trials complete (refitted every 5; :class:`~slimsearch.search.OnlineCalibration`),
-            and screening and ``auto`` use the corrected one. Recorded values never change.
+            and screening (and ``auto``, on constraints) uses the corrected one. Recorded
+            values never change.
 
     Returns:
         SearchResult with ``trials`` (params, values, state "complete" | "failed" |

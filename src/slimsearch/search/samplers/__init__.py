@@ -24,8 +24,8 @@ def make_sampler(name: str, *, seed: int, budget: int, estimate: Optional[Callab
     search, so the population is sized to give at least three generations. Constraints
     reach Optuna's samplers through each trial's ``Trial.set_constraint`` (the driver sets
     them; Optuna 5 deprecated the samplers' ``constraints_func``). Only ``auto`` uses
-    ``estimate`` (corrected by ``calibration``, an
-    :class:`~slimsearch.search.OnlineCalibration`, as it learns); ``space`` (the
+    ``estimate`` (``calibration``, an :class:`~slimsearch.search.OnlineCalibration`, corrects
+    it where it is judged against constraints); ``space`` (the
     search's dimensions) lets it plan its first trials before any has run.
     """
     import optuna
