@@ -10,7 +10,6 @@ beside the planner's prediction (which assumes the groups' effects add up).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -169,7 +168,3 @@ def _verify(task, plan: CompressionPlan) -> dict[str, float]:
     values["size_bytes"] = float(weight_bytes(model, quantized=record_of(model).quantized))
     return {k: float(v) for k, v in values.items()}
 
-
-def replace_budget(result: JobPlan, **changes: Any) -> JobPlan:
-    """``result`` with fields changed (a frozen value)."""
-    return dataclasses.replace(result, **changes)
