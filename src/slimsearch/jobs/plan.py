@@ -167,4 +167,3 @@ def _verify(task, plan: CompressionPlan) -> dict[str, float]:
     values[PPL_INCREASE] = task.family.gap(values[task.metric_name], teacher)
     values["size_bytes"] = float(weight_bytes(model, quantized=record_of(model).quantized))
     return {k: float(v) for k, v in values.items()}
-
