@@ -127,11 +127,15 @@ def plan_job(spec, *, folder: Union[str, Path, None], max_ppl_increase: Optional
     if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
         raise ConfigError(f"plan: windows must be an integer >= 1, got {windows!r}")
     parsed = [WeightChoice.parse(c) for c in choices]
+    from slimsearch.tasks._registry import task_family
+
+    known = task_family(spec.task)  # a built-in's family is known before its teacher loads (or trains)
+    if known is not None and known is not TaskFamily.CAUSAL_LM:
+        _refuse_family(spec.task, known)
     if task is None:
         task = load_task(spec.task, seed=spec.search.seed, path=spec.task_path, text=spec.task_text)
     if task.family is not TaskFamily.CAUSAL_LM:
-        raise ConfigError(f"plan: task {spec.task!r} is a {task.family.value} task; allowed: a causal-lm task "
-                          "(smollm2 or 'causal-lm:<path>'); other tasks are searched with `slimsearch run`")
+        _refuse_family(spec.task, task.family)
     calib = task.train.x[:windows]
     seconds = {}
     start = time.perf_counter()
@@ -152,6 +156,11 @@ def plan_job(spec, *, folder: Union[str, Path, None], max_ppl_increase: Optional
         measured = _verify(task, plan)
         seconds["verify"] = time.perf_counter() - start
     return JobPlan(plan, measure, budget, predicted, measured, selection.chosen, seconds)
+
+
+def _refuse_family(task: str, family: TaskFamily) -> None:
+    raise ConfigError(f"plan: task {task!r} is a {family.value} task; allowed: a causal-lm task "
+                      "(smollm2 or 'causal-lm:<path>'); other tasks are searched with `slimsearch run`")
 
 
 def _verify(task, plan: CompressionPlan) -> dict[str, float]:
