@@ -217,21 +217,28 @@ def test_model_metrics_finds_the_machines_cpu_meter_by_itself(digits_task, monke
 QUIET = {"latency_ms@local": 2.0, "latency_ms_b64@local": 8.0}
 
 
+class CallList(list):
+    """The reference functions measure_paired was called with; ``baselines``: the quiet reference
+    latency each call was given."""
+
+
 @pytest.fixture
 def paired_calls(monkeypatch):
     """A FAKE measure_paired (no timing): ratio 0.5, raw 7 ms, CV 0.03 (0.3 and noisy for a reference
     function marked ``noisy``); records the reference function of each call."""
     from slimsearch.hardware_profiles import _measure
 
-    calls = []
+    calls, baselines = CallList(), []
 
     def fake(candidate, reference, **kwargs):
         calls.append(reference)
+        baselines.append(kwargs.get("quiet_reference_ms"))
         noisy = getattr(reference, "noisy", False)
         return _measure.PairedTiming(ratio=0.5, ratios=(0.5,), cv=0.3 if noisy else 0.03, candidate_ms=7.0,
                                      reference_ms=14.0, attempts=3 if noisy else 1, noisy=noisy)
 
     monkeypatch.setattr(_measure, "measure_paired", fake)
+    calls.baselines = baselines
     return calls
 
 
@@ -260,6 +267,20 @@ def test_evaluate_pairs_a_candidates_latency_when_given_the_teacher(digits_task,
     assert len(paired_calls) == 2 and metrics["latency_ms_b64@local"] == pytest.approx(4.0)
     unpaired = evaluate(digits_task, plan, [PROFILE])  # no teacher: a plain median, no pairing figures
     assert len(paired_calls) == 2 and "latency_ms_raw@local" not in unpaired.values
+
+
+def test_a_loaded_moment_is_judged_against_the_fastest_the_teacher_ran_in_this_process(digits_task, paired_calls):
+    # QUIET is 2 and 8 ms; the fake's rounds time the teacher at 14 ms: slower than quiet, so the
+    # baseline stays the quiet figure; a process that had run it at 1.5 ms judges against that
+    from slimsearch.evaluators.candidate import local_reference
+
+    reference = local_reference(digits_task, QUIET)
+    model_metrics(digits_task.teacher, digits_task, [PROFILE], reference=reference, energy=None)
+    model_metrics(digits_task.teacher, digits_task, [PROFILE], reference=reference, energy=None)
+    assert paired_calls.baselines == [2.0, 8.0, 2.0, 8.0]
+    reference.fastest_ms["latency_ms@local"] = 1.5
+    model_metrics(digits_task.teacher, digits_task, [PROFILE], reference=reference, energy=None)
+    assert paired_calls.baselines[-2:] == [1.5, 8.0]
 
 
 def test_a_reference_needs_every_quiet_teacher_figure(digits_task):

@@ -24,6 +24,9 @@ class FakeClock:
     def perf_counter(self) -> float:
         return self.now
 
+    def sleep(self, seconds: float) -> None:
+        self.slept = getattr(self, "slept", 0.0) + seconds
+
     def work(self) -> None:
         self.calls += 1
         self.now += next(self.durations) / 1e3
@@ -34,7 +37,7 @@ def clock(monkeypatch):
     """Install a FakeClock in the harness: ``clock(durations_ms)`` returns it."""
     def install(durations_ms) -> FakeClock:
         fake = FakeClock(durations_ms)
-        monkeypatch.setattr(_measure, "time", types.SimpleNamespace(perf_counter=fake.perf_counter))
+        monkeypatch.setattr(_measure, "time", types.SimpleNamespace(perf_counter=fake.perf_counter, sleep=fake.sleep))
         return fake
     return install
 
@@ -104,6 +107,9 @@ class LoadedMachine:
     def perf_counter(self) -> float:
         return self.now
 
+    def sleep(self, seconds: float) -> None:
+        self.slept = getattr(self, "slept", 0.0) + seconds
+
     def fn(self, ms_by_round):
         def call() -> None:
             r = self.calls // self.per_round
@@ -118,7 +124,7 @@ def machine(monkeypatch):
     """Install a LoadedMachine in the harness: ``machine(loads, warmup, repeats)`` returns it."""
     def install(loads, *, warmup=1, repeats=3) -> LoadedMachine:
         fake = LoadedMachine(2 * (warmup + repeats), loads)
-        monkeypatch.setattr(_measure, "time", types.SimpleNamespace(perf_counter=fake.perf_counter))
+        monkeypatch.setattr(_measure, "time", types.SimpleNamespace(perf_counter=fake.perf_counter, sleep=fake.sleep))
         return fake
     return install
 
@@ -127,7 +133,7 @@ def test_paired_ratio_is_the_median_of_per_round_ratios(machine):
     fake = machine([1.0])
     ratios = [0.5, 0.4, 0.6, 0.5, 0.9, 0.5, 0.45]
     paired = _measure.measure_paired(fake.fn([10 * r for r in ratios]), fake.fn(10.0), rounds=7, repeats=3,
-                                     tolerance=1.0)
+                                     tolerance=1.0, min_round_s=0)
     assert paired.ratios == pytest.approx(tuple(ratios))
     assert paired.ratio == pytest.approx(0.5) and paired.scaled(8.0) == pytest.approx(4.0)
     assert paired.candidate_ms == pytest.approx(5.0) and paired.reference_ms == pytest.approx(10.0)
@@ -139,7 +145,7 @@ def test_paired_ratio_is_the_median_of_per_round_ratios(machine):
 def test_a_candidate_identical_to_the_reference_has_ratio_one_however_the_load_moves(machine):
     # the load triples between rounds: the raw figures follow it, the ratio does not
     fake = machine([1.0, 3.0, 1.5, 2.0, 1.0])
-    paired = _measure.measure_paired(fake.fn(4.0), fake.fn(4.0), rounds=5, repeats=3)
+    paired = _measure.measure_paired(fake.fn(4.0), fake.fn(4.0), rounds=5, repeats=3, min_round_s=0)
     assert paired.ratio == pytest.approx(1.0) and paired.cv == pytest.approx(0.0, abs=1e-12)
     assert paired.candidate_ms == pytest.approx(6.0)  # median of 4, 12, 6, 8, 4 ms
     assert (paired.attempts, paired.noisy) == (1, False)
@@ -148,7 +154,8 @@ def test_a_candidate_identical_to_the_reference_has_ratio_one_however_the_load_m
 def test_rounds_that_disagree_are_measured_again_and_flagged_if_they_stay_noisy(machine):
     fake = machine([1.0])
     jumpy = [2.0, 6.0, 2.0, 6.0, 2.0]  # ratios 0.2 and 0.6 alternate: far beyond a 10% tolerance
-    paired = _measure.measure_paired(fake.fn(jumpy), fake.fn(10.0), rounds=5, repeats=3, tolerance=0.1, attempts=3)
+    paired = _measure.measure_paired(fake.fn(jumpy), fake.fn(10.0), rounds=5, repeats=3, tolerance=0.1, attempts=3,
+                                     min_round_s=0)
     assert paired.noisy and paired.attempts == 3 and paired.cv > 0.1
     assert fake.calls == 3 * 5 * 2 * (1 + 3)
 
@@ -157,20 +164,75 @@ def test_a_noisy_attempt_followed_by_a_calm_one_keeps_the_calm_one(machine):
     fake = machine([1.0])
     # first attempt (rounds 0-4) jumps, the second (rounds 5-9) is steady at 0.5
     ms = [2.0, 6.0, 2.0, 6.0, 2.0, 5.0, 5.0, 5.0, 5.0, 5.0]
-    paired = _measure.measure_paired(fake.fn(ms), fake.fn(10.0), rounds=5, repeats=3, tolerance=0.1, attempts=3)
+    paired = _measure.measure_paired(fake.fn(ms), fake.fn(10.0), rounds=5, repeats=3, tolerance=0.1, attempts=3,
+                                     min_round_s=0)
     assert (paired.attempts, paired.noisy) == (2, False)
     assert paired.ratio == pytest.approx(0.5) and paired.cv == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [({"rounds": 0}, "rounds"), ({"attempts": 0}, "attempts"),
                                                ({"tolerance": 0}, "tolerance"), ({"repeats": 0}, "repeats"),
-                                               ({"warmup": -1}, "warmup")])
+                                               ({"warmup": -1}, "warmup"), ({"min_round_s": -1}, "min_round_s"),
+                                               ({"pause_s": -1}, "pause_s"),
+                                               ({"quiet_reference_ms": 0}, "quiet_reference_ms")])
 def test_bad_paired_arguments_are_config_errors(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         _measure.measure_paired(lambda: None, lambda: None, **kwargs)
 
 
+def test_a_fast_function_is_called_until_its_round_has_lasted_min_round_s(machine):
+    # 1 ms calls, 3 timed a round would span 3 ms; with min_round_s 10 ms each function is called
+    # (after its untimed call) until 10 ms of timing have passed: 10 calls a round
+    fake = machine([1.0])
+    paired = _measure.measure_paired(fake.fn(1.0), fake.fn(2.0), rounds=3, repeats=3, min_round_s=0.01)
+    assert paired.ratio == pytest.approx(0.5)
+    assert fake.calls == 3 * ((1 + 10) + (1 + 5))
+
+
+def test_a_reference_slower_than_when_quiet_means_another_attempt_after_a_pause(machine):
+    # attempt 1 (rounds 0-4): the machine is loaded 1.3x and the candidate slows more than the
+    # reference, every round alike (ratio 0.45, no spread); attempt 2 (rounds 5-9): quiet, 0.3
+    fake = machine([1.3] * 5 + [1.0] * 5)
+    paired = _measure.measure_paired(fake.fn([4.5] * 5 + [3.0] * 5), fake.fn(10.0), rounds=5,
+                                     repeats=3, min_round_s=0, quiet_reference_ms=10.0, pause_s=0.5)
+    assert (paired.attempts, paired.noisy) == (2, False)
+    assert paired.ratio == pytest.approx(0.3) and fake.slept == pytest.approx(0.5)
+
+
+def test_a_reference_that_stays_slow_is_flagged_noisy_and_the_least_strayed_attempt_kept(machine):
+    fake = machine([1.5] * 5 + [1.2] * 5 + [1.4] * 5)
+    paired = _measure.measure_paired(fake.fn(5.0), fake.fn(10.0), rounds=5, repeats=3, min_round_s=0,
+                                     quiet_reference_ms=10.0, pause_s=1.0, attempts=3)
+    assert paired.noisy and paired.attempts == 3 and fake.slept == pytest.approx(1.0 + 2.0)  # pauses double
+    assert paired.reference_ms == pytest.approx(12.0) and paired.ratio == pytest.approx(0.5)
+
+
+def test_without_a_quiet_reference_a_slow_reference_is_not_a_reason_to_measure_again(machine):
+    fake = machine([1.5])
+    paired = _measure.measure_paired(fake.fn(5.0), fake.fn(10.0), rounds=5, repeats=3, min_round_s=0)
+    assert (paired.attempts, paired.noisy) == (1, False)
+
+
 def test_paired_timing_round_trips(machine):
     fake = machine([1.0, 2.0])
-    paired = _measure.measure_paired(fake.fn(3.0), fake.fn(4.0), rounds=3, repeats=3)
+    paired = _measure.measure_paired(fake.fn(3.0), fake.fn(4.0), rounds=3, repeats=3, min_round_s=0)
     assert _measure.PairedTiming.from_dict(json.loads(json.dumps(paired.to_dict()))) == paired
+
+
+# -- measure_quiet: the fastest of timings spread over a few seconds -----------------------------
+
+
+def test_quiet_latency_is_the_fastest_of_spread_timings(machine):
+    # every call of a function in sample s takes its ms times the load of sample s (one sample is
+    # one measure_latency per function: 3 untimed + 15 timed calls, as per_round counts for two)
+    fake = machine([1.3, 1.0, 1.2], warmup=3, repeats=15)
+    quiet = _measure.measure_quiet({"a": fake.fn(2.0), "b": fake.fn(4.0)}, samples=3, pause_s=0.25, min_time_s=0)
+    assert quiet["a"].median_ms == pytest.approx(2.0) and quiet["b"].median_ms == pytest.approx(4.0)
+    assert fake.slept == pytest.approx(0.5) and fake.calls == 3 * 2 * (3 + 15)
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [({"samples": 0}, "samples"), ({"pause_s": -1}, "pause_s"),
+                                               ({"repeats": 0}, "repeats")])
+def test_bad_quiet_arguments_are_config_errors(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        _measure.measure_quiet({"a": lambda: None}, **kwargs)

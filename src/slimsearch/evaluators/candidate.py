@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
@@ -50,11 +51,21 @@ class LocalReference:
     ``latency_ms_b<N>@local``), taken once in a quiet moment (a job's start, before its workers
     train): the plain-value part, recorded with the job. ``runs`` holds, by the same names,
     functions that run the teacher's deployable ONNX graph on the input that metric times.
-    Build one with :func:`local_reference`.
+    ``fastest_ms`` holds, by the same names, the fastest the teacher has run in this process's
+    paired rounds so far (filled in by :func:`measure_local`): a process can run a graph a few
+    percent faster or slower than another, so a reference slower than both it and ``quiet_ms``
+    means a loaded moment (``measure_paired``'s ``quiet_reference_ms``). Build one with
+    :func:`local_reference`.
     """
 
     quiet_ms: Mapping[str, float]
     runs: Mapping[str, Callable[[], object]]
+    fastest_ms: dict[str, float] = field(default_factory=dict)
+
+    def baseline_ms(self, name: str) -> float:
+        """The teacher's latency ``name`` on a quiet machine, for this process: the lower of its
+        quiet figure and the fastest it has run here."""
+        return min(self.quiet_ms[name], self.fastest_ms.get(name, math.inf))
 
 
 def _timed_inputs(task: Task) -> dict[str, Any]:
@@ -99,6 +110,17 @@ def paired_figures(name: str, timing: PairedTiming, quiet_ms: float) -> dict[str
     return {name: timing.scaled(quiet_ms), raw: timing.candidate_ms, cv: timing.cv, noisy: float(timing.noisy)}
 
 
+def quiet_local_latencies(task: Task) -> dict[str, float]:
+    """The teacher's local latencies by metric name, each the fastest of timings spread over a few
+    seconds (:func:`~slimsearch.hardware_profiles._measure.measure_quiet`): the reference a job's
+    paired measurements are scaled to, taken at its start. Empty for a causal LM (not paired)."""
+    from slimsearch.hardware_profiles._measure import measure_quiet
+
+    if task.family is TaskFamily.CAUSAL_LM:
+        return {}
+    return {name: timing.median_ms for name, timing in measure_quiet(_onnx_runs(task.teacher, task)).items()}
+
+
 def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=None,
                   reference: LocalReference | None = None) -> dict[str, float]:
     """Latency of the deployable ONNX graph on this CPU at batch 1 and ``task.latency_batch``, in ms
@@ -133,7 +155,9 @@ def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=Non
         if reference is None:
             out[name] = measure_latency(run, warmup=3, repeats=repeats).median_ms
         else:
-            out.update(paired_figures(name, measure_paired(run, reference.runs[name]), reference.quiet_ms[name]))
+            timing = measure_paired(run, reference.runs[name], quiet_reference_ms=reference.baseline_ms(name))
+            reference.fastest_ms[name] = min(timing.reference_ms, reference.fastest_ms.get(name, math.inf))
+            out.update(paired_figures(name, timing, reference.quiet_ms[name]))
         if name == f"latency_ms@{LOCAL}" and meter is not None:
             reading = meter.measure(run, warmup=1, repeats=repeats, min_time_s=ENERGY_MIN_TIME_S)
             out[f"energy_mj@{LOCAL}"] = reading.mj_per_call

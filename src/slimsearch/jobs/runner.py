@@ -52,6 +52,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     in one process is not safe, ray-project/ray#31145).
     """
     from slimsearch.evaluators import model_metrics, score
+    from slimsearch.evaluators.candidate import quiet_local_latencies
     from slimsearch.evaluators.metrics import absent_reasons, provenance_map
     from slimsearch.hardware_profiles._energy import EnergyDomain, energy_meter
     from slimsearch.ray_runtime import RayStart
@@ -105,6 +106,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                                  devices=devices)
         teacher, state["teacher_provenance"] = dict(measured.values), provenance_map(measured.values,
                                                                                       measured.provenance)
+        teacher.update(quiet_local_latencies(task))  # the reference paired figures scale to: as quiet as it gets
         teacher[f"{task.metric_name}_test"] = score(task.teacher, task.test, task)
     teacher_score = teacher[task.metric_name]
     reference = local_reference_figures(task, teacher)
@@ -161,7 +163,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                  "storage": storage_url, "tracking_uri": tracking_uri, "teacher": teacher,
                  # torch's thread count changes float rounding in training: export rebuilds a trial with
                  # the count its worker had (an entry per start: [first trial number it ran, threads])
-                 "threads": [*state.get("threads", []), [len(study.trials), threads]],
+                 "threads": [*state.get("threads", []), [first_unrun(study), threads]],
                  "teacher_sha256": task.teacher_sha256, "created": state.get("created", time.time()),
                  "teacher_provenance": provenance_map(teacher, state.get("teacher_provenance"))}
         write_json(out / STATE_FILE, state)
@@ -267,6 +269,15 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                 ray_start.stop()
             release_locks(locks)  # last: while a driver holds them, the registry's "running" is true (JobStatus.LOST)
     return dataclasses.replace(result, stopped=stopped)
+
+
+def first_unrun(study) -> int:
+    """The number of the first trial a start of the job runs: the lowest waiting or running one
+    (trials enqueued before the job started are numbered then), else the next to be created."""
+    from optuna.trial import TrialState
+
+    open_ = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))]
+    return min(open_, default=len(study.trials))
 
 
 def local_reference_figures(task, teacher: dict) -> Optional[dict[str, float]]:

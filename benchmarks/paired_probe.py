@@ -1,0 +1,99 @@
+"""How far a paired measurement moves on this machine with nothing, or one training process, beside it.
+
+    python benchmarks/paired_probe.py [--arch 2] [--n 40] [--neighbour none,train] [--json out.json]
+
+One of ``benchmarks/paired_latency.py``'s three fixed MNIST plans (``--arch``: 0 the teacher's graph,
+1 50% channels 8-bit weights, 2 75% channels 4-bit weights 8-bit activations) is built once, and its
+deployable ONNX graph is timed ``--n`` times against the teacher's with ``measure_paired`` (one
+attempt each: no retries, so every excursion shows), at batch 1 and 64, one thread, while a
+neighbour process does nothing (``none``) or trains a copy of the teacher (``train``). Printed per
+neighbour and batch: the median ratio, its range and largest deviation, and how many of the ``n``
+measurements had the teacher more than 10% slower than its fastest in the run (what the job's
+measurement calls unsettled), with the ratios of those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _neighbour(task, mode: str, stop) -> None:
+    import copy
+
+    import torch
+
+    torch.set_num_threads(1)
+    if mode != "train":
+        return
+    model = copy.deepcopy(task.teacher)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = task.val.x[:64]
+    while not stop.is_set():
+        loss = model(x).logsumexp(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=2, choices=(0, 1, 2))
+    parser.add_argument("--n", type=int, default=40)
+    parser.add_argument("--neighbour", default="none,train")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+
+    import torch
+
+    from paired_latency import ARCHITECTURES, fixed_params
+    from slimsearch.compress import apply_plan
+    from slimsearch.evaluators.candidate import _onnx_runs
+    from slimsearch.hardware_profiles._measure import measure_paired
+    from slimsearch.jobs.load import load_job
+    from slimsearch.jobs.worker import build_space
+    from slimsearch.tasks import load_task
+
+    torch.set_num_threads(1)
+    spec = load_job(str(Path(__file__).resolve().parents[1] / "examples" / "mnist.yaml"))
+    task = load_task(spec.task, seed=spec.search.seed)
+    space = build_space(spec, task)
+    model = apply_plan(task, space.plan_from_params(fixed_params(space, ARCHITECTURES[args.arch], 0)))
+    candidate, teacher = _onnx_runs(model, task), _onnx_runs(task.teacher, task)
+    rows = []
+    print(f"{ARCHITECTURES[args.arch][0]} against the teacher, {args.n} paired measurements each, one attempt")
+    print(f"{'neighbour':9} {'metric':22} {'median':>7} {'min':>7} {'max':>7} {'max dev':>8} {'slow ref':>8}  ratios then")
+    for mode in args.neighbour.split(","):
+        stop = mp.Event()
+        proc = mp.get_context("fork").Process(target=_neighbour, args=(task, mode, stop))
+        proc.start()
+        time.sleep(1)
+        for name in candidate:
+            timings = [measure_paired(candidate[name], teacher[name], attempts=1) for _ in range(args.n)]
+            ratios = [t.ratio for t in timings]
+            mid = statistics.median(ratios)
+            fastest = min(t.reference_ms for t in timings)
+            slow = [t.ratio for t in timings if t.reference_ms > 1.1 * fastest]
+            row = {"neighbour": mode, "metric": name, "ratios": ratios,
+                   "reference_ms": [t.reference_ms for t in timings], "median": mid,
+                   "max_dev": max(abs(r / mid - 1) for r in ratios), "slow_reference": len(slow)}
+            rows.append(row)
+            print(f"{mode:9} {name:22} {mid:7.4f} {min(ratios):7.4f} {max(ratios):7.4f} {row['max_dev']:8.1%} "
+                  f"{len(slow):8d}  {' '.join(f'{r:.3f}' for r in slow)}", flush=True)
+        stop.set()
+        proc.join()
+    if args.json:
+        Path(args.json).write_text(json.dumps({"arch": ARCHITECTURES[args.arch][0], "n": args.n, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
