@@ -57,8 +57,9 @@ def main() -> None:
 
     from paired_latency import ARCHITECTURES, fixed_params
     from slimsearch.compress import apply_plan
-    from slimsearch.evaluators.candidate import _onnx_runs
-    from slimsearch.hardware_profiles._measure import measure_paired
+    from slimsearch.deploy.onnx_graph import INPUT_NAME, ort_session
+    from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
+    from slimsearch.hardware_profiles import measure_paired
     from slimsearch.jobs.load import load_job
     from slimsearch.jobs.worker import build_space
     from slimsearch.tasks import load_task
@@ -68,7 +69,14 @@ def main() -> None:
     task = load_task(spec.task, seed=spec.search.seed)
     space = build_space(spec, task)
     model = apply_plan(task, space.plan_from_params(fixed_params(space, ARCHITECTURES[args.arch], 0)))
-    candidate, teacher = _onnx_runs(model, task), _onnx_runs(task.teacher, task)
+    x = task.val.x[:1]
+    inputs = {"latency_ms@local": x.numpy(), "latency_ms_b64@local": x.repeat(64, *[1] * (x.dim() - 1)).numpy()}
+
+    def runs(m):  # the deployable graph on each timed input, as a job times it
+        session = ort_session(deployable_onnx_bytes(m, task.example_input))
+        return {name: (lambda feed=feed: session.run(None, {INPUT_NAME: feed})) for name, feed in inputs.items()}
+
+    candidate, teacher = runs(model), runs(task.teacher)
     rows = []
     print(f"{ARCHITECTURES[args.arch][0]} against the teacher, {args.n} paired measurements each, one attempt")
     print(f"{'neighbour':9} {'metric':22} {'median':>7} {'min':>7} {'max':>7} {'max dev':>8} {'slow ref':>8}  ratios then")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["SlimSearchError", "ConfigError", "JobStateError", "UnsupportedOnDevice"]
+__all__ = ["SlimSearchError", "ConfigError", "JobStateError", "UnsupportedArchitecture", "UnsupportedOnDevice"]
 
 
 class SlimSearchError(Exception):
@@ -15,6 +15,10 @@ class ConfigError(SlimSearchError, ValueError):
     The message is one line naming where the value was, the field path, what was
     given and what is allowed.
     """
+
+
+class UnsupportedArchitecture(ConfigError):
+    """A runtime cannot build a model of this architecture (onnxruntime-genai's builder and GPT-2)."""
 
 
 class JobStateError(SlimSearchError):

@@ -42,6 +42,11 @@ def paired_latency_extras(name: str) -> tuple[str, str, str]:
 LOCAL_ENERGY_METRIC = "energy_mj@local"
 # Metrics each named (modelled) profile adds, as ``name@profile``.
 PROFILE_METRICS = ("latency_ms", "energy_mj", "cost_usd_per_1m")
+# What a causal LM adds (evaluators/decoder.py): memory at a 2,048-token context (counted), the
+# deployed graph's decode speed and prefill here (measured), and decode speed per profile (modelled).
+DECODE_TOK_S = "decode_tok_s"
+DECODER_METRICS = ("memory_bytes", f"{DECODE_TOK_S}@{LOCAL_PROFILE}", f"prefill_ms@{LOCAL_PROFILE}")
+DECODER_PROFILE_METRICS = (DECODE_TOK_S,)
 
 
 class TaskFamily(str, Enum):

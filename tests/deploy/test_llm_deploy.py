@@ -200,3 +200,72 @@ def test_export_genai_writes_the_quantized_folder_in_one_call(tmp_path):
     out = export_genai(model, _tokenizer(), tmp_path / "genai", quantized=codes, lm_head=lm_head, accuracy_level=0)
     np.testing.assert_allclose(onnx_logits(out, IDS), _logits(model, IDS), atol=1e-4, rtol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["genai"]
+
+
+# -- deployed_graph: a compressed model as the graph it deploys as, from its record ---------------
+
+
+def _graph_ops(folder) -> dict:
+    import onnx
+
+    ops: dict = {}
+    for node in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return ops
+
+
+def test_deployed_graph_runs_the_records_codes_as_matmul_nbits(tmp_path):
+    from slimsearch.compress.llm_methods import _update
+    from slimsearch.deploy.llm_graph import deployed_graph
+
+    model = _llama()
+    codes = _rtn(model, SCHEMES["4bit-g32-sym"])
+    del codes["model.layers.1.mlp.down_proj"]  # left in float: it stays a MatMul
+    _update(model, quantized=codes)
+    out = deployed_graph(model, tmp_path / "graph")
+    # per block: fused qkv, o, gate, up, down: 10 linears, block 1's down left float, the output projection float
+    assert _graph_ops(out)["MatMulNBits"] == 9
+    assert [w for w in _matmul_weights(out) if not w.endswith("_Q4")] == [
+        "model.layers.1.mlp.down_proj.MatMul.weight", "lm_head.MatMul.weight"]
+    np.testing.assert_allclose(onnx_logits(out, IDS), _logits(model, IDS), atol=0.05, rtol=0)
+
+
+def _matmul_weights(folder) -> list:
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    return [node.input[1] for node in graph.node if node.op_type in ("MatMul", "MatMulNBits") and len(node.input) > 1]
+
+
+def test_deployed_graph_of_smoothquant_inputs_uses_integer_matmuls(tmp_path):
+    from slimsearch.compress.llm_methods import _update
+    from slimsearch.deploy.llm_graph import deployed_graph
+
+    model = _llama()
+    codes = _rtn(model, lambda path: (8, 0, True))
+    _update(model, quantized=codes, act_paths=tuple(codes))
+    ops = _graph_ops(deployed_graph(model, tmp_path / "graph"))
+    assert ops.get("MatMulIntegerToFloat", 0) >= 2 * 3 and "MatMulNBits" not in ops
+
+
+def test_deployed_graph_refuses_int8_inputs_without_an_integer_kernel(tmp_path):
+    from slimsearch.compress.llm_methods import _update
+    from slimsearch.deploy.llm_graph import deployed_graph
+
+    model = _llama()
+    codes = _rtn(model, SCHEMES["4bit-g32-sym"])
+    _update(model, quantized=codes, act_paths=tuple(codes))
+    with pytest.raises(ConfigError, match="no integer kernel here; allowed: 8-bit per-channel"):
+        deployed_graph(model, tmp_path / "graph")
+    assert not (tmp_path / "graph").exists()
+
+
+def test_deployed_graph_of_an_unsupported_architecture_says_so(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from slimsearch.deploy.llm_graph import deployed_graph
+    from slimsearch.exceptions import UnsupportedArchitecture
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+    with pytest.raises(UnsupportedArchitecture, match="GPT2LMHeadModel is not supported"):
+        deployed_graph(model, tmp_path / "graph")

@@ -30,8 +30,9 @@ def test_costs_per_token_are_the_footprint_on_each_profile_all_modelled_but_the_
     assert v["params"] == sum(p.numel() for p in model.parameters())
     assert (v["latency_ms@nvidia-t4"], v["energy_mj@nvidia-t4"], v["cost_usd_per_1m@nvidia-t4"]) == (
         pred.decode_ms_per_token, pred.energy_mj_per_token, pred.usd_per_1m_tokens)
+    assert v["decode_tok_s@nvidia-t4"] == pytest.approx(1000 / pred.decode_ms_per_token)
     assert v["cost_usd_per_1m@raspberry-pi-4"] is None  # not rented
-    assert v["latency_ms@edge-tpu"] is None  # int8 only: a float LLM does not run there as it is
+    assert v["latency_ms@edge-tpu"] is None and v["decode_tok_s@edge-tpu"] is None  # int8 only: a float LLM does not run there
     assert costs.provenance["latency_ms@local"].value == "measured"
     assert {costs.provenance[k].value for k in v if "@" in k and not k.endswith("@local")} == {"modelled"}
 
@@ -46,6 +47,17 @@ def test_a_smaller_kv_cache_and_2_4_sparsity_lower_the_modelled_decode_only_wher
     assert sparse["size_bytes"] == dense["size_bytes"]  # zeros stored dense
     small_cache = decoder_costs(model, profiles, record=DecoderRecord(kv_bits=4)).values
     assert small_cache["latency_ms@raspberry-pi-4"] < dense["latency_ms@raspberry-pi-4"]
+
+
+def test_memory_is_the_weights_and_a_kv_cache_of_2048_tokens_at_the_models_kv_precision():
+    from slimsearch.compress.kv_cache import kv_cache_bytes
+
+    model = _tiny_llm.llama()  # 2 blocks, 2 key/value heads of 16: a float32 cache is 2 x 2 x 2 x 16 x 4 bytes a token
+    v = decoder_costs(model, []).values
+    assert v["memory_bytes"] == v["size_bytes"] + 2048 * 2 * 2 * 2 * 16 * 4
+    kv8 = decoder_costs(model, [], record=DecoderRecord(kv_bits=8)).values
+    assert kv8["memory_bytes"] == kv8["size_bytes"] + kv_cache_bytes(model, 2048, 8)
+    assert kv8["memory_bytes"] < v["memory_bytes"]
 
 
 @pytest.mark.slow

@@ -31,8 +31,8 @@ def test_a_causal_lm_job_names_its_model_and_text_relative_to_the_job_file(made)
                            "constraints": ["ppl_increase <= 0.05", "kl <= 0.5"]}, "paths.yaml")
     spec = load_job(job)
     assert spec.task == f"causal-lm:{made / 'models' / 'tiny'}" and spec.text == [str(made / "notes.txt")]
-    assert {k: v.value for k, v in spec.objectives.items()} == {"ppl": "min", "latency_ms@local": "min",
-                                                                "size_bytes": "min"}
+    assert {k: v.value for k, v in spec.objectives.items()} == {"ppl": "min", "decode_tok_s@local": "max",
+                                                                "memory_bytes": "min"}
     names = spec.metric_names()
     assert {"ppl", "kl", "top1", "ppl_increase", "latency_ms@local"} <= set(names)
     assert not any(n.startswith("latency_ms_b") or n.endswith("_drop") for n in names)
@@ -59,7 +59,7 @@ def test_a_tiny_search_on_a_users_causal_lm_records_perplexity_and_its_increase(
     run = local_job(made / "run", {
         "name": "tiny-lm", "task": f"causal-lm:{made / 'models' / 'tiny'}", "text": [str(made / "notes.txt")],
         "space": {"weight_bits": [4, 32], "kv_bits": [8, 32], "ffn_keep": [0.5, 1.0]},
-        "objectives": {"ppl": "min", "size_bytes": "min"},
+        "objectives": {"ppl": "min", "decode_tok_s@local": "max", "memory_bytes": "min"},
         "constraints": ["ppl_increase <= 0.5"],
         "profiles": ["raspberry-pi-4"],
         "search": {"budget": 2, "workers": 1, "sampler": "random"}})
@@ -73,9 +73,25 @@ def test_a_tiny_search_on_a_users_causal_lm_records_perplexity_and_its_increase(
         assert m["ppl_increase"] == pytest.approx(m["ppl"] / teacher["ppl"] - 1)
         assert m["ppl"] > 1 and m["ppl_test"] > 1 and 0 <= m["top1"] <= 1 and m["kl"] >= 0
         assert c["provenance"]["latency_ms@local"] == "measured"
+        assert c["provenance"]["decode_tok_s@local"] == "measured" and m["decode_tok_s@local"] > 0
+        assert m["memory_bytes"] > m["size_bytes"]  # and the KV cache at 2,048 tokens
         assert c["provenance"]["latency_ms@raspberry-pi-4"] == "modelled"
+        assert c["provenance"]["decode_tok_s@raspberry-pi-4"] == "modelled"
         assert not any(k.endswith("_drop") for k in m)
     assert (run.out / "front.html").is_file()
+    # the uniform recipes, once each, beside the front: not trials, tagged baseline in MLflow
+    names = ["rtn-w4g128", "gptq-w4g128", "awq-w4g128", "rtn-w8g128", "w8a8-smoothquant"]
+    assert [b["name"] for b in front["baselines"]] == names
+    for b in front["baselines"]:
+        assert b["metrics"]["ppl"] > 1 and b["metrics"]["decode_tok_s@local"] > 0 and b["run_id"]
+        assert b["provenance"]["decode_tok_s@local"] == "measured"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(json.loads((run.out / "job.json").read_text())["tracking_uri"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.`slimsearch.role` = 'baseline'")
+    assert sorted(r.data.tags["baseline"] for r in runs) == sorted(names)
+    assert sorted(r.info.run_id for r in runs) == sorted(b["run_id"] for b in front["baselines"])
 
 
 def test_a_folder_that_is_not_a_causal_lm_is_one_line_exit_2_and_nothing_written(tmp_path):
@@ -95,6 +111,7 @@ def test_a_choice_a_causal_lm_does_not_use_is_refused_once_the_task_is_known(mad
                                "text": [str(made / "notes.txt")], "space": {"prune_ratio": [0.0, 0.5]}})
     result = cli("run", str(job), "--out", str(tmp_path / "out"), "--executor", "local", "--no-progress")
     assert result.code == 2, result.stderr
-    (line,) = result.stderr.splitlines()
+    *progress, line = result.stderr.splitlines()  # the error is the last line; before it, what the job was doing
+    assert all(p.startswith("[slimsearch]") for p in progress) and line.startswith("slimsearch: error:")
     assert "space.prune_ratio: a causal-lm task does not use prune_ratio" in line and "allowed: [0.0]" in line
     assert not (tmp_path / "out").exists()

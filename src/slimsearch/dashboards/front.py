@@ -16,6 +16,7 @@ class FrontInfo(NamedTuple):
     points: list[tuple[float, float, int, bool, str]]  # (x, y, trial, on_front, hover text)
     teacher: Optional[tuple[float, float]]
     step: list[tuple[float, float]]  # the 2-D front of (x, y) as a step line
+    references: tuple = ()  # (x, y, name, hover text) of each reference run (a job's uniform baselines)
 
 
 def _label(name: str, provenance: Mapping[str, str]) -> str:
@@ -26,7 +27,8 @@ def _label(name: str, provenance: Mapping[str, str]) -> str:
 def front_info(candidates: Sequence[Mapping], objectives: Mapping[str, str], *, front: set[int],
                teacher: Optional[Mapping[str, float]] = None, provenance: Mapping[str, str] = (),
                x_name: Optional[str] = None, y_name: Optional[str] = None,
-               directions: Optional[Mapping[str, str]] = None) -> FrontInfo:
+               directions: Optional[Mapping[str, str]] = None,
+               references: Mapping[str, Mapping[str, float]] = {}) -> FrontInfo:
     """``y_name`` (default: the first objective) against ``x_name`` (default: the second), front members marked.
 
     ``candidates`` are dicts with ``trial``, ``metrics`` and ``describe``;
@@ -34,7 +36,8 @@ def front_info(candidates: Sequence[Mapping], objectives: Mapping[str, str], *, 
     hover text say which figures are measured and which modelled. A metric that is not
     an objective (e.g. the latency on another profile) may be an axis when
     ``directions`` says whether it is maximised or minimised; candidates without a value
-    for an axis are left out.
+    for an axis are left out. ``references`` (name -> metrics: a job's uniform baselines) are
+    drawn beside the candidates, named, and take no part in the front.
     """
     from slimsearch.search.pareto import pareto_front
 
@@ -63,7 +66,15 @@ def front_info(candidates: Sequence[Mapping], objectives: Mapping[str, str], *, 
     step = sorted((points[i][0], points[i][1]) for i in idx)
     t = (teacher[x_name], teacher[y_name]) if teacher and teacher.get(x_name) is not None \
         and teacher.get(y_name) is not None else None
-    return FrontInfo(x_name, y_name, _label(x_name, provenance), _label(y_name, provenance), points, t, step)
+    refs = tuple((m[x_name], m[y_name], name, f"baseline {html.escape(name)}<br>" + "<br>".join(
+        f"{_label(k, provenance)}: {m[k]:.4g}" for k in shown if m.get(k) is not None))
+        for name, m in references.items() if m.get(x_name) is not None and m.get(y_name) is not None)
+    return FrontInfo(x_name, y_name, _label(x_name, provenance), _label(y_name, provenance), points, t, step, refs)
+
+
+def references_of(baselines: Sequence[Mapping]) -> dict[str, Mapping[str, float]]:
+    """Name -> metrics of each entry of a job's ``baselines`` (front.json): the ``references`` of :func:`front_info`."""
+    return {b["name"]: b["metrics"] for b in baselines}
 
 
 def front_figure(info: FrontInfo):
@@ -80,6 +91,11 @@ def front_figure(info: FrontInfo):
     if info.step:
         fig.add_trace(go.Scatter(x=[s[0] for s in info.step], y=[s[1] for s in info.step], mode="lines",
                                  line={"shape": "hv", "dash": "dot"}, name=f"2-D front ({info.x_name}, {info.y_name})"))
+    if info.references:
+        fig.add_trace(go.Scatter(x=[r[0] for r in info.references], y=[r[1] for r in info.references],
+                                 mode="markers+text", name="uniform baselines", text=[r[2] for r in info.references],
+                                 textposition="top center", hovertext=[r[3] for r in info.references],
+                                 hoverinfo="text", marker={"symbol": "diamond", "size": 11}))
     if info.teacher:
         fig.add_trace(go.Scatter(x=[info.teacher[0]], y=[info.teacher[1]], mode="markers", name="teacher",
                                  marker={"symbol": "star", "size": 14}))
@@ -89,10 +105,11 @@ def front_figure(info: FrontInfo):
 
 
 def front_infos(candidates: Sequence[Mapping], objectives: Mapping[str, str], *, front: set[int],
-                teacher: Optional[Mapping[str, float]] = None, provenance: Mapping[str, str] = ()) -> list[FrontInfo]:
+                teacher: Optional[Mapping[str, float]] = None, provenance: Mapping[str, str] = (),
+                references: Mapping[str, Mapping[str, float]] = {}) -> list[FrontInfo]:
     """One :func:`front_info` per other objective: the first objective against each of the rest."""
-    return [front_info(candidates, objectives, front=front, teacher=teacher, provenance=provenance, x_name=x)
-            for x in list(objectives)[1:]]
+    return [front_info(candidates, objectives, front=front, teacher=teacher, provenance=provenance, x_name=x,
+                       references=references) for x in list(objectives)[1:]]
 
 
 def write_front_html(info: FrontInfo | Sequence[FrontInfo], path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Mapping, NamedTuple, Optional
 
 from slimsearch._io import atomic_write
-from slimsearch.dashboards.front import FrontInfo, front_figure, front_info
+from slimsearch.dashboards.front import FrontInfo, front_figure, front_info, references_of
 from slimsearch.search.pareto import MAX_SLICED_POINTS, Reference, hypervolume_reference, hypervolume_series
 
 REPORT_HTML = "report.html"
@@ -90,8 +90,9 @@ def pair_front_infos(data: Mapping) -> list[FrontInfo]:
     front = {c["trial"] for c in data["front"]}
     provenance = {k: v for c in candidates for k, v in c["provenance"].items()}
     names = _metric_first(data)
+    references = references_of(data.get("baselines", ()))  # a causal-LM job's uniform recipes
     infos = [front_info(candidates, objectives, front=front, teacher=teacher, provenance=provenance,
-                        x_name=x, y_name=y) for y, x in combinations(names, 2)]
+                        x_name=x, y_name=y, references=references) for y, x in combinations(names, 2)]
     metric = names[0]
     better = objectives[metric]  # its own direction: lower perplexity is better, higher accuracy
     extra = sorted({k for c in candidates for k in c["metrics"]
@@ -99,7 +100,8 @@ def pair_front_infos(data: Mapping) -> list[FrontInfo]:
     for x in extra:
         if any(c["metrics"].get(x) is not None for c in candidates):
             infos.append(front_info(candidates, objectives, front=front, teacher=teacher, provenance=provenance,
-                                    x_name=x, y_name=metric, directions={x: "min", metric: better}))
+                                    x_name=x, y_name=metric, directions={x: "min", metric: better},
+                                    references=references))
     return infos
 
 

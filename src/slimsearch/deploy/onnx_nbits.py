@@ -38,7 +38,7 @@ from slimsearch.deploy.genai_folder import (
     new_folder,
     save_folder,
 )
-from slimsearch.exceptions import ConfigError
+from slimsearch.exceptions import ConfigError, UnsupportedArchitecture
 
 if TYPE_CHECKING:
     import numpy as np
@@ -101,7 +101,7 @@ def build_onnx(hf_folder: PathLike, out_dir: PathLike, *, threads: int = 1) -> P
                                                       str(cache), [])
                 builder.create_model(hf_folder.name, str(hf_folder), str(tmp), "fp32", "cpu", str(cache), **options)
         except NotImplementedError:
-            raise ConfigError(f"build_onnx: architecture {architecture} is not supported by the onnxruntime-genai "
+            raise UnsupportedArchitecture(f"build_onnx: architecture {architecture} is not supported by the onnxruntime-genai "
                               "model builder (LlamaForCausalLM, MistralForCausalLM, Qwen2/3, Phi3 and others are; "
                               "GPT-2 is not)") from None
         finally:

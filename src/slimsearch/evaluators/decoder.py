@@ -9,14 +9,21 @@ A causal LM is costed per generated token, at batch 1, as it is used:
 - ``latency_ms@P``, ``energy_mj@P``, ``cost_usd_per_1m@P`` for each profile P, all modelled by
   :func:`~slimsearch.hardware_profiles.predict_decoder`: decode ms per token at
   ``CONTEXT_TOKENS`` = 128 tokens of context, energy per token, dollars per million tokens.
-- ``latency_ms@local``, measured: decode ms per token of the PyTorch model with its KV cache,
-  batch 1, ``DECODE_TOKENS`` = 16 greedy tokens after a ``PROMPT_TOKENS`` = 32-token prompt
-  (the median of ``REPEATS`` runs). The forward hooks that simulate quantized numerics
-  (activations, KV cache) are off while it is timed: they are not what a deployment runs,
-  and PyTorch runs every linear in float, so quantization does not speed this figure up
-  (cuts do); the deployed speed of quantized linears is the ONNX Runtime GenAI timing of
-  :mod:`slimsearch.deploy.llm_timing`. ``energy_mj@local`` (per token) where the machine
-  has energy counters.
+- ``memory_bytes``: what serving it holds at ``MEMORY_CONTEXT`` = 2,048 tokens of context:
+  ``size_bytes`` plus the KV cache at the model's KV precision (float32 when not quantized:
+  what the deployed graph keeps).
+- ``decode_tok_s@P``: modelled decode tokens per second on each profile (1000 / ``latency_ms@P``).
+- Measured here, on the graph the candidate deploys as
+  (:func:`~slimsearch.deploy.llm_graph.deployed_graph`: onnxruntime-genai's KV-cache graph,
+  quantized linears as MatMulNBits or integer MatMuls), in a fresh process, batch 1, the
+  worker's thread count (:func:`~slimsearch.deploy.llm_timing.time_generation`):
+  ``latency_ms@local`` decode ms per token and ``decode_tok_s@local`` tokens per second over
+  ``DECODE_TOKENS`` = 16 greedy tokens after a ``PROMPT_TOKENS`` = 32-token prompt, and
+  ``prefill_ms@local`` for that prompt (medians of ``REPEATS`` runs after one warm-up). A model
+  whose architecture the builder does not support (GPT-2) is timed in PyTorch instead, with its
+  KV cache and every linear in float (quantization does not show there; cuts do), and has no
+  ``prefill_ms@local``. ``energy_mj@local`` (per token, PyTorch decode) where the machine has
+  energy counters.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import copy
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 
 from slimsearch.evaluators.metrics import COST_METRICS, Metrics, Provenance
-from slimsearch.metric_names import LOCAL_PROFILE
+from slimsearch.metric_names import DECODE_TOK_S, LOCAL_PROFILE
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +42,7 @@ if TYPE_CHECKING:
     from slimsearch.compress.llm_methods import DecoderRecord
 
 CONTEXT_TOKENS = 128
+MEMORY_CONTEXT = 2048
 PROMPT_TOKENS = 32
 DECODE_TOKENS = 16
 REPEATS = 3
@@ -83,12 +91,38 @@ def _decode(model: "nn.Module", cache: Any, first: "torch.Tensor", tokens: int, 
 
 
 def measure_decoder(model: "nn.Module", task: Any, *, repeats: int = REPEATS, energy=None) -> dict[str, float]:
-    """``latency_ms@local``: decode ms per token with the KV cache, batch 1 (see the module's text), and
-    ``energy_mj@local`` per token when ``energy`` (an EnergyMeter) is given.
+    """``latency_ms@local``, ``decode_tok_s@local`` and ``prefill_ms@local`` of the deployed graph,
+    batch 1 (see the module's text), and ``energy_mj@local`` per token when ``energy`` (an
+    EnergyMeter) is given. Unpaired: a median of runs in a fresh process, as loaded as the machine was."""
+    import tempfile
+    from pathlib import Path
 
-    Unpaired for now: a plain median, as loaded as the machine was, not timed in rounds with the
-    teacher as the ONNX graphs of other tasks are in a job
-    (:func:`~slimsearch.hardware_profiles.measure_paired`, :func:`~slimsearch.evaluators.candidate.measure_local`)."""
+    import torch
+
+    from slimsearch.deploy.llm_graph import deployed_graph
+    from slimsearch.deploy.llm_timing import time_generation
+    from slimsearch.exceptions import UnsupportedArchitecture
+
+    threads = torch.get_num_threads()
+    try:
+        with tempfile.TemporaryDirectory(prefix="slimsearch-decode-") as tmp:
+            graph = deployed_graph(model, Path(tmp) / "graph", threads=threads)
+            timing = time_generation(graph, prompt_tokens=PROMPT_TOKENS, new_tokens=DECODE_TOKENS, threads=threads,
+                                     repeats=repeats)
+        values = {f"latency_ms@{LOCAL_PROFILE}": timing["decode_ms_per_token"],
+                  f"{DECODE_TOK_S}@{LOCAL_PROFILE}": timing["decode_tok_s"],
+                  f"prefill_ms@{LOCAL_PROFILE}": timing["prefill_ms"]}
+    except UnsupportedArchitecture:
+        ms = _torch_decode(model, task, repeats=repeats)
+        values = {f"latency_ms@{LOCAL_PROFILE}": ms, f"{DECODE_TOK_S}@{LOCAL_PROFILE}": 1000.0 / ms}
+    if energy is not None:
+        values[f"energy_mj@{LOCAL_PROFILE}"] = _torch_decode(model, task, repeats=repeats, energy=energy)
+    return values
+
+
+def _torch_decode(model: "nn.Module", task: Any, *, repeats: int, energy=None) -> float:
+    """Decode ms per token of the PyTorch model with its KV cache (hooks off: they simulate numerics
+    a deployment does not run), or with ``energy`` its energy in mJ per token."""
     import torch
 
     from slimsearch.hardware_profiles import measure_latency
@@ -105,12 +139,9 @@ def measure_decoder(model: "nn.Module", task: Any, *, repeats: int = REPEATS, en
         def run() -> None:  # the prompt's cache, copied: each run decodes the same tokens
             _decode(model, copy.deepcopy(cache), first, DECODE_TOKENS, keyword)
 
-        timing = measure_latency(run, warmup=1, repeats=repeats)
-        values = {f"latency_ms@{LOCAL_PROFILE}": timing.median_ms / DECODE_TOKENS}
         if energy is not None:
-            reading = energy.measure(run, warmup=0, repeats=repeats, min_time_s=0.5)
-            values[f"energy_mj@{LOCAL_PROFILE}"] = reading.mj_per_call / DECODE_TOKENS
-    return values
+            return energy.measure(run, warmup=1, repeats=repeats, min_time_s=0.5).mj_per_call / DECODE_TOKENS
+        return measure_latency(run, warmup=1, repeats=repeats).median_ms / DECODE_TOKENS
 
 
 def decoder_costs(model: "nn.Module", profiles: Sequence[Any], power_modes: Optional[Mapping[str, str]] = None, *,
@@ -119,6 +150,7 @@ def decoder_costs(model: "nn.Module", profiles: Sequence[Any], power_modes: Opti
     """The static costs of a decoder LLM and its modelled figures on each profile (see the module's
     text); ``measured`` figures (``@local``) are added as measured. ``record`` is what the LLM methods
     did to it (default: the model's own, :func:`~slimsearch.compress.llm_methods.record_of`)."""
+    from slimsearch.compress.kv_cache import kv_cache_bytes
     from slimsearch.compress.llm_methods import record_of
     from slimsearch.evaluators.llm_costs import decoder_footprint, weight_bytes
     from slimsearch.exceptions import ConfigError, UnsupportedOnDevice
@@ -141,6 +173,9 @@ def decoder_costs(model: "nn.Module", profiles: Sequence[Any], power_modes: Opti
         "macs": float(footprint.macs),
         "bitops": float(bitops),
     }
+    kv = (kv_cache_bytes(model, MEMORY_CONTEXT, record.kv_bits) if record.kv_bits < 16 else  # float32: twice 16 bits
+          kv_cache_bytes(model, MEMORY_CONTEXT, 16) * record.kv_bits // 16)
+    values["memory_bytes"] = values["size_bytes"] + float(kv)
     provenance: dict[str, Provenance] = {}
     for name, value in (measured or {}).items():
         values[name], provenance[name] = value, Provenance.MEASURED
@@ -156,7 +191,8 @@ def decoder_costs(model: "nn.Module", profiles: Sequence[Any], power_modes: Opti
             figures = (pred.decode_ms_per_token, pred.energy_mj_per_token, pred.usd_per_1m_tokens)
         except UnsupportedOnDevice:
             figures = (None, None, None)
-        for key, value in zip(COST_METRICS, figures):
+        tok_s = 1000.0 / figures[0] if figures[0] else None
+        for key, value in (*zip(COST_METRICS, figures), (DECODE_TOK_S, tok_s)):
             values[f"{key}@{profile.name}"] = value
             provenance[f"{key}@{profile.name}"] = Provenance.MODELLED
     return Metrics(values=values, provenance=provenance)

@@ -17,7 +17,8 @@ from typing import Optional
 
 from slimsearch.exceptions import ConfigError, JobStateError
 from slimsearch.jobs.spec import JobSpec
-from slimsearch.metric_names import BASE_METRICS, LOCAL_ENERGY_METRIC, PROFILE_METRICS, local_latency_metrics
+from slimsearch.metric_names import (BASE_METRICS, DECODER_METRICS, DECODER_PROFILE_METRICS, LOCAL_ENERGY_METRIC,
+                                     PROFILE_METRICS, TaskFamily, local_latency_metrics)
 from slimsearch.jobs.early_stop import CONSTRAINT as STOP_CONSTRAINT
 from slimsearch.jobs.folder import FRONT_FILE, FRONT_HTML, MODELS_DIR, STATE_FILE, job_state, make_folder, write_json, model_file
 from slimsearch.jobs.log import TrackingUnavailable, CandidateLog, front_numbers, log_calibration, log_hypervolume, log_record, power_modes_used, progress_bar, register_job, register_end, release_locks, short_error, was_stopped
@@ -81,6 +82,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
         reported = {task.metric_name, task.family.gap_name(task.metric_name), *task.extra_metrics}
         costs = {*BASE_METRICS, *local_latency_metrics(task.latency_batch)}
         costs |= {f"{m}@{p}" for p in spec.profile_names for m in PROFILE_METRICS}
+        if task.family is TaskFamily.CAUSAL_LM:
+            costs |= {*DECODER_METRICS, *(f"{m}@{p}" for p in spec.profile_names for m in DECODER_PROFILE_METRICS)}
         meter = energy_meter(EnergyDomain.CPU)
         if meter is not None:
             costs.add(LOCAL_ENERGY_METRIC)
@@ -240,6 +243,12 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                    "small for the budget)")
             stopped = f"stopped after {evaluated} of {remaining} candidates: {why}"
             log(f"[slimsearch] {stopped}")
+        if spec.search.baselines and task.family is TaskFamily.CAUSAL_LM:
+            from slimsearch._threads import torch_threads
+            from slimsearch.jobs.baselines import run_baselines
+
+            with torch_threads(min(workers * threads, cores)):  # the workers are done: every core is free
+                run_baselines(task, spec.profile_refs, out, teacher_score=teacher_score, log=log, tracker=tracker)
         status = "FINISHED"
     except BaseException as exc:
         if was_stopped(exc):
@@ -283,9 +292,7 @@ def first_unrun(study) -> int:
 def local_reference_figures(task, teacher: dict) -> Optional[dict[str, float]]:
     """The teacher's local latencies measured at the job's start (before Ray and its workers start:
     a quiet moment), by metric name: every candidate's are timed paired with the teacher and scaled
-    to these (``measure_local``). None for a causal LM, whose local latency is not paired yet."""
-    from slimsearch.metric_names import TaskFamily
-
+    to these (``measure_local``). None for a causal LM, whose local latency is not paired."""
     if task.family is TaskFamily.CAUSAL_LM:
         return None
     return {name: teacher[name] for name in local_latency_metrics(task.latency_batch)}
@@ -317,7 +324,8 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
     raised as :class:`TrackingUnavailable` (the study holds every result, and the next
     ``--resume`` logs what MLflow lacks).
     """
-    from slimsearch.dashboards.front import front_infos, write_front_html
+    from slimsearch.dashboards.front import front_infos, references_of, write_front_html
+    from slimsearch.jobs.baselines import load_baselines
     from slimsearch.evaluators.metrics import provenance_map
     from slimsearch.search._study import records
     from slimsearch.storage import redact
@@ -325,6 +333,7 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
     all_records = records(study)
     complete = [r for r in all_records if r.state.value == "complete"]
     front = front_numbers(complete, objectives)
+    baselines = load_baselines(out)
     children: dict[int, str] = {}
     unreachable = None
     try:
@@ -347,19 +356,18 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
                            "provenance": provenance, "on_front": r.number in front, "feasible": r.feasible})
     front_list = sorted((c for c in candidates if c["on_front"]), key=lambda c: c["trial"])
     teacher_provenance = provenance_map(teacher, state.get("teacher_provenance"))
-    from slimsearch.metric_names import TaskFamily
-
     family = TaskFamily(family or TaskFamily.CLASSIFICATION)
     data = {"job": state["spec"]["name"], "objectives": objectives, "metric": metric_name,
             "family": family.value, "direction": family.direction, "teacher": teacher,
             "teacher_provenance": teacher_provenance,
-            "front": front_list, "candidates": candidates,
+            "front": front_list, "candidates": candidates, "baselines": baselines,
             "failed": [{"trial": r.number, "error": r.error} for r in all_records if r.state.value == "failed"]}
     write_json(out / FRONT_FILE, data)
     artifacts = [out / FRONT_FILE]
     if len(objectives) >= 2 and candidates:
         provenance = {k: v for c in candidates for k, v in c["provenance"].items()}
-        infos = front_infos(candidates, objectives, front=front, teacher=teacher, provenance=provenance)
+        infos = front_infos(candidates, objectives, front=front, teacher=teacher, provenance=provenance,
+                            references=references_of(baselines))
         write_front_html(infos, out / FRONT_HTML)
         artifacts.append(out / FRONT_HTML)
     if candidates:

@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from slimsearch.exceptions import ConfigError
 from slimsearch.search.samplers import Sampler
 from slimsearch.spaces.schema import SpaceSpec  # noqa: F401 - LayerChoices: part of the schema
-from slimsearch.metric_names import (BASE_METRICS, LOCAL_ENERGY_METRIC, LOCAL_PROFILE, PROFILE_METRICS, TaskFamily,
-                                     local_latency_metrics)
+from slimsearch.metric_names import (BASE_METRICS, DECODER_METRICS, DECODER_PROFILE_METRICS, LOCAL_ENERGY_METRIC,
+                                     LOCAL_PROFILE, PROFILE_METRICS, TaskFamily, local_latency_metrics)
 
 
 class Direction(str, Enum):
@@ -139,6 +139,9 @@ class SearchSpec(_Frozen):
                                           "beyond it the candidate fails and its worker goes on")
     early_stopping: bool = Field(True, description="stop fine-tuning a candidate that cannot plausibly reach the "
                                  "front or meet the constraints (checked at 1/4, 1/2 and 3/4 of its steps)")
+    baselines: bool = Field(True, description="causal-lm jobs: evaluate the uniform recipes (RTN, GPTQ and AWQ "
+                            "at 4 bits, 8-bit weights, W8A8 SmoothQuant) once after the search, as reference runs "
+                            "tagged baseline; other tasks have none")
     # finite: the job reaches its workers as JSON, where inf and nan become null
     early_stopping_margin: float = Field(0.01, ge=0, allow_inf_nan=False, description="added to the best metric "
                                          "a candidate could plausibly still reach before it is judged hopeless "
@@ -157,7 +160,7 @@ class SearchSpec(_Frozen):
 # The objectives of a job file that names none, by the family of its task.
 DEFAULT_OBJECTIVES = {
     TaskFamily.CLASSIFICATION: {"accuracy": "max", "latency_ms_b64@local": "min", "size_bytes": "min"},
-    TaskFamily.CAUSAL_LM: {"ppl": "min", "latency_ms@local": "min", "size_bytes": "min"},
+    TaskFamily.CAUSAL_LM: {"ppl": "min", "decode_tok_s@local": "max", "memory_bytes": "min"},
 }
 CORPORA = ("wikipedia", "lee")  # the built-in text of causal-lm tasks (slimsearch.tasks.causal_lm.Corpus)
 
@@ -326,6 +329,8 @@ class JobSpec(_Frozen):
         names = [*own, family.gap_name(own[0]), *BASE_METRICS, *local_latency_metrics(batch)[1:]]
         names.append(LOCAL_ENERGY_METRIC)
         names += [f"{m}@{p}" for p in self.profile_names for m in PROFILE_METRICS]
+        if family is TaskFamily.CAUSAL_LM:
+            names += [*DECODER_METRICS, *(f"{m}@{p}" for p in self.profile_names for m in DECODER_PROFILE_METRICS)]
         return names
 
     def to_json(self) -> str:

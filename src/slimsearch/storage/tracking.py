@@ -20,6 +20,7 @@ PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "slimsearch.trial"
 JOB_TAG = "slimsearch.job"
 ROLE_TAG = "slimsearch.role"
+BASELINE_TAG = "baseline"  # on a reference run: the uniform recipe it evaluated (jobs/baselines.py)
 MODEL_TAG = "slimsearch.model"  # on a candidate run: the URI of its logged ONNX model
 
 
@@ -228,6 +229,21 @@ class Tracker:
         self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
         del self._partial[number]
         return run_id
+
+    def log_baseline(self, name: str, values: Mapping[str, Optional[float]], provenance: Mapping[str, str],
+                     plan_json: str) -> str:
+        """One nested child run holding a reference recipe's plan and metrics, tagged ``baseline``
+        (not a trial: :meth:`children` leaves it out); its run id."""
+        from mlflow.entities import Metric, Param
+
+        tags = {PARENT_TAG: self.parent_id, ROLE_TAG: "baseline", BASELINE_TAG: name}
+        tags.update({f"provenance.{mlflow_key(k)}": v for k, v in provenance.items()})
+        run = self.client.create_run(self._experiment_id(), run_name=f"baseline-{name}", tags=tags)
+        now = int(time.time() * 1000)
+        metrics = [Metric(mlflow_key(k), float(v), now, 0) for k, v in values.items() if v is not None]
+        self.client.log_batch(run.info.run_id, metrics=metrics, params=[Param("plan", plan_json[:6000])])
+        self.client.set_terminated(run.info.run_id, status="FINISHED")
+        return run.info.run_id
 
     def children(self) -> dict[int, str]:
         """Trial number -> child run id, for every candidate completely logged under the parent.
