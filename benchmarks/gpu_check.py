@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write every figure to this file")
     args = parser.parse_args(argv)
 
-    from slimsearch._device import resolve_device
+    from slimsearch.evaluators import resolve_device
     from slimsearch.exceptions import ConfigError
 
     try:

@@ -64,7 +64,6 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     from slimsearch.storage.locks import claim_folder, claim_sqlite
     from slimsearch.storage.tracking import Tracker, mlflow_key
     from slimsearch.tasks import task_on
-
     from slimsearch.jobs.resources import gpus_here, resolve_resources
 
     out = Path(out).resolve()
