@@ -16,7 +16,7 @@ MAX_LINES = 500
 # Lowest first. A module belongs to the first entry that is its name or a package above it.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("slimsearch.exceptions", "slimsearch._io", "slimsearch._threads", "slimsearch._compat", "slimsearch._package",
-     "slimsearch.metric_names"),
+     "slimsearch.metric_names", "slimsearch._device"),
     ("slimsearch.spaces",),
     ("slimsearch.hardware_profiles",),
     ("slimsearch.structures",),

@@ -35,11 +35,16 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run (or resume) a compression search job")
     run.add_argument("job", help="job file (YAML)")
     run.add_argument("--budget", type=int, help="number of candidates to train and measure")
-    run.add_argument("--workers", type=int, help="parallel Ray workers (default: one per core)")
+    run.add_argument("--workers", type=int, help="parallel Ray workers (default: one per core, or one per GPU "
+                                                 "share when candidates run on GPUs)")
     run.add_argument("--threads", type=int, help="torch threads per worker (default: the cores shared out among "
                                                  "the workers)")
     run.add_argument("--time-limit", dest="time_limit_s", type=float, help="wall-clock seconds one candidate may take; past them it "
                      "fails (default: no limit; may be set on --resume)")
+    run.add_argument("--device", help="where candidates are fine-tuned and scored: auto (CUDA when present, the "
+                                      "default), cpu, cuda or cuda:N; sizes and timings are the CPU's")
+    run.add_argument("--gpus-per-worker", dest="gpus_per_worker", type=float,
+                     help="GPUs one Ray trial asks for; a fraction shares one (default: 1 on a GPU, else 0)")
     run.add_argument("--out", help="job folder (default: runs/<job name>)")
     run.add_argument("--resume", action="store_true", help="continue the job in --out where it stopped")
     run.add_argument("--executor", choices=["ray", "local"], default="ray",

@@ -22,6 +22,8 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "workers": ("search.workers", "--workers"),
     "threads": ("search.threads_per_worker", "--threads"),
     "time_limit_s": ("search.time_limit_s", "--time-limit"),
+    "device": ("search.device", "--device"),
+    "gpus_per_worker": ("search.gpus_per_worker", "--gpus-per-worker"),
     "storage": ("storage", "--storage"),
     "tracking_uri": ("tracking_uri", "--tracking-uri"),
 }
@@ -62,6 +64,12 @@ def launch(job: JobLike, *, overrides: Optional[dict[str, Any]] = None, labels: 
         raise ConfigError(f"{(labels or {}).get('out', 'out=')} {str(folder)!r}: is a file; allowed: a new folder, "
                           "or the folder of this job with --resume")
     check_reachable(spec, source=source, flags=labels or {})
+    if ray_address is None:  # a cluster's GPUs are counted once it is joined (run_job)
+        from slimsearch.jobs.resources import gpus_here, resolve_resources
+
+        gpus, here = gpus_here()
+        resolve_resources(spec.search, cpus=os.cpu_count() or 1, gpus=gpus, executor=executor, driver_gpus=here,
+                          source=source, flags=labels)
     with joined(ray_address, spec.profile_refs, log=log) as devices:
         return run_job(spec, folder, resume=resume, executor=executor, progress=progress, log=log, source=source,
                        devices=devices, ray_in_background=ray_in_background)
@@ -74,7 +82,8 @@ def run(job: JobLike, *, out: Optional[Union[str, "os.PathLike[str]"]] = None, r
 
     ``job`` is a job file's path, a :class:`JobSpec`, or a job's data as a dict.
     ``overrides`` set the job's fields as the command's flags do: ``budget``, ``workers``,
-    ``threads``, ``time_limit_s``, ``storage``, ``tracking_uri``. ``out`` is the job folder
+    ``threads``, ``time_limit_s``, ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``),
+    ``gpus_per_worker``, ``storage``, ``tracking_uri``. ``out`` is the job folder
     (default ``runs/<job name>``); ``resume`` continues the job there. Bad input raises
     :class:`~slimsearch.ConfigError` before anything is written.
     """

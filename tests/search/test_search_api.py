@@ -81,6 +81,8 @@ def test_bad_constraints_are_refused_in_one_line_naming_them(text):
     ({"executor": "dask"}, "executor must be one of ['local', 'ray']"),
     ({"budget": 0}, "budget: must be an int >= 1"),
     ({"workers": 0}, "workers: must be an int >= 1"),
+    ({"gpus_per_worker": 1.5}, "gpus_per_worker: must be 0, a fraction of a GPU up to 1 or a whole number"),
+    ({"gpus_per_worker": -1}, "up to 64, got -1"),
     ({"time_limit_s": 0}, "time_limit_s: must be a number of seconds > 0 or None, got 0"),
     ({"time_limit_s": "10"}, "time_limit_s: must be a number of seconds > 0 or None, got '10'"),
 ])

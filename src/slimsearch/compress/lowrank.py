@@ -72,12 +72,14 @@ def low_rank(module, ratio: float):
     first_w = (root[:, None] * vh[:rank]).float()
     second_w = (u[:, :rank] * root[None, :]).float()
     bias = module.bias is not None
+    where = {"device": weight.device}  # the factors live where the layer did
     if isinstance(module, nn.Linear):
-        first, second = nn.Linear(weight.shape[1], rank, bias=False), nn.Linear(rank, out_features, bias=bias)
+        first = nn.Linear(weight.shape[1], rank, bias=False, **where)
+        second = nn.Linear(rank, out_features, bias=bias, **where)
     else:
         first = nn.Conv2d(weight.shape[1], rank, 1, stride=module.stride, padding=module.padding,
-                          dilation=module.dilation, bias=False)
-        second = nn.Conv2d(rank, out_features, 1, bias=bias)
+                          dilation=module.dilation, bias=False, **where)
+        second = nn.Conv2d(rank, out_features, 1, bias=bias, **where)
         first_w, second_w = first_w[:, :, None, None], second_w[:, :, None, None]
     with torch.no_grad():
         first.weight.copy_(first_w)

@@ -69,7 +69,7 @@ def check_graph_weight(weight: str, graph_weight: "np.ndarray", qw: "QuantizedWe
                           f"{tuple(qw.codes.shape)}")
     if not values:
         return
-    expected = qw.dequantize().numpy().T
+    expected = qw.dequantize().detach().cpu().numpy().T
     tol = 1e-5 * float(np.abs(expected).max()) + 1e-7
     gap = float(np.abs(graph_weight - expected).max())
     if gap > tol:

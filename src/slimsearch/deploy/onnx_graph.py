@@ -105,7 +105,8 @@ def ort_session(model_bytes: bytes | str, *, threads: int | None = None):
 
 def ort_predict(session, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Outputs of an onnxruntime session on ``x``, in batches, as a tensor."""
-    outs = [session.run(None, {INPUT_NAME: x[i : i + batch_size].numpy()})[0] for i in range(0, len(x), batch_size)]
+    outs = [session.run(None, {INPUT_NAME: x[i : i + batch_size].detach().cpu().numpy()})[0]
+            for i in range(0, len(x), batch_size)]
     return torch.cat([torch.from_numpy(o) for o in outs])
 
 

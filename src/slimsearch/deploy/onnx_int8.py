@@ -88,7 +88,7 @@ def _match_layer(weight: "np.ndarray", layers: list) -> tuple[Any, bool] | None:
     import numpy as np
 
     for layer in layers:
-        w = layer.weight.detach().numpy()
+        w = layer.weight.detach().cpu().numpy()
         if w.shape == weight.shape and np.array_equal(w, weight):
             return layer, False
         if w.ndim == 2 and w.T.shape == weight.shape and np.array_equal(w.T, weight):
@@ -120,8 +120,8 @@ def _quantize_weights(g: _Graph, layers: list) -> None:
             continue
         matched.add(id(layer))
         qw = layer.quantized_weight()
-        codes = qw.codes.numpy()
-        scale = qw.scale[:, 0].numpy().astype(np.float32)
+        codes = qw.codes.detach().cpu().numpy()
+        scale = qw.scale[:, 0].detach().cpu().numpy().astype(np.float32)
         # an all-zero channel may take any scale; 1 keeps its int32 bias representable
         scale = np.where(np.abs(codes.reshape(len(codes), -1)).max(1) == 0, np.float32(1.0), scale)
         axis = 1 if transposed else 0

@@ -193,19 +193,19 @@ def pack_matmul_nbits(qw: "QuantizedWeight") -> dict:
     if qw.bits not in KERNEL_BITS:
         raise ConfigError(f"weight bits {qw.bits} have no MatMulNBits kernel; allowed: {sorted(KERNEL_BITS)}")
     kbits = KERNEL_BITS[qw.bits]
-    codes = qw.codes.reshape(qw.codes.shape[0], -1).numpy().astype(np.int64)
+    codes = qw.codes.reshape(qw.codes.shape[0], -1).detach().cpu().numpy().astype(np.int64)
     n, k = codes.shape
     group = qw.group_size if 0 < qw.group_size < k else k
     block = block_size_for(k, qw.group_size, kbits)
     blocks = math.ceil(k / block)
     group_of_block = np.minimum(np.arange(blocks) * block // group, qw.scale.shape[1] - 1)
-    scales = qw.scale.numpy().astype(np.float32)[:, group_of_block]
+    scales = qw.scale.detach().cpu().numpy().astype(np.float32)[:, group_of_block]
     if qw.symmetric:
         unsigned = codes + (1 << (kbits - 1))
         zero = None
     else:
         unsigned = codes
-        zero = qw.zero_point.numpy().astype(np.int64)[:, group_of_block]
+        zero = qw.zero_point.detach().cpu().numpy().astype(np.int64)[:, group_of_block]
     if unsigned.min() < 0 or unsigned.max() >= (1 << kbits):
         raise ConfigError(f"codes span [{int(codes.min())}, {int(codes.max())}], outside a {qw.bits}-bit grid")
     padded = np.zeros((n, blocks * block), np.int64)
@@ -345,7 +345,7 @@ def _requantize_tied_embedding(graph, nodes: list, users: dict, head) -> Optiona
             zp.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(zp).reshape(n, -1), names[3]))
         return "GatherBlockQuantized"
     table = "model.embed_tokens.weight_dequantized"
-    graph.initializer.append(numpy_helper.from_array(qw.dequantize().numpy().astype(np.float32), table))
+    graph.initializer.append(numpy_helper.from_array(qw.dequantize().detach().cpu().numpy().astype(np.float32), table))
     for gather in gathers:
         gather.input[0] = table
     return "float"

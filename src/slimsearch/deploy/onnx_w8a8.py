@@ -213,8 +213,8 @@ def _integer_matmul(graph, node, weight: str, qw: "QuantizedWeight", quantized: 
     base = weight[: -len(".weight")]
     b, scale = f"{base}.weight_int8", f"{base}.weight_scale"
     graph.initializer.extend([
-        numpy_helper.from_array(np.ascontiguousarray(qw.codes.numpy().T.astype(np.int8)), b),
-        numpy_helper.from_array(qw.scale[:, 0].numpy().astype(np.float32), scale)])
+        numpy_helper.from_array(np.ascontiguousarray(qw.codes.detach().cpu().numpy().T.astype(np.int8)), b),
+        numpy_helper.from_array(qw.scale[:, 0].detach().cpu().numpy().astype(np.float32), scale)])
     p = f"{stem}/MatMulIntegerToFloat"
     return [  # the product times the channel scales, in one onnxruntime kernel; then the row scales
         helper.make_node("MatMulIntegerToFloat", [codes, b, "w8a8.one", scale, "w8a8.zero_point"], [f"{p}/out"],

@@ -209,18 +209,18 @@ def layer_state(name: str, module: "nn.Module") -> dict[str, bytes]:
     if module.weight_bits < FLOAT_BITS:
         qw = module.quantized_weight()
         shape = tuple(weight.shape)
-        zero = expand_groups(qw.zero_point.numpy(), shape, qw.group_size)
-        parts = encode_weight(qw.codes.numpy(), zero, qw.bits, signed=qw.symmetric, nm=nm)
+        zero = expand_groups(qw.zero_point.detach().cpu().numpy(), shape, qw.group_size)
+        parts = encode_weight(qw.codes.detach().cpu().numpy(), zero, qw.bits, signed=qw.symmetric, nm=nm)
         out.update({f"{prefix}weight.{k}": v for k, v in parts.items()})
         if qw.scale_step is None:
-            out[f"{prefix}weight.scale"] = qw.scale[:, 0].numpy().astype("<f4").tobytes()
+            out[f"{prefix}weight.scale"] = qw.scale[:, 0].detach().cpu().numpy().astype("<f4").tobytes()
         else:
-            out[f"{prefix}weight.scale_codes"] = qw.scale_codes().numpy().astype(np.uint8).tobytes()
-            out[f"{prefix}weight.scale"] = qw.scale_step.reshape(1).numpy().astype("<f4").tobytes()
+            out[f"{prefix}weight.scale_codes"] = qw.scale_codes().detach().cpu().numpy().astype(np.uint8).tobytes()
+            out[f"{prefix}weight.scale"] = qw.scale_step.reshape(1).detach().cpu().numpy().astype("<f4").tobytes()
         if not qw.symmetric:
-            out[f"{prefix}weight.zero_point"] = pack_codes(qw.zero_point.numpy(), qw.bits, signed=False)
+            out[f"{prefix}weight.zero_point"] = pack_codes(qw.zero_point.detach().cpu().numpy(), qw.bits, signed=False)
     elif getattr(module, "weight_mask", None) is not None:
-        values = (weight * module.weight_mask).numpy().astype(np.float32)
+        values = (weight * module.weight_mask).detach().cpu().numpy().astype(np.float32)
         parts = encode_weight(values, np.zeros((), dtype=np.float32), FLOAT_BITS, nm=nm)
         if "codes" in parts:
             out[f"{prefix}weight"] = parts["codes"]

@@ -148,7 +148,7 @@ def _tensor(data: bytes, spec: dict[str, Any]) -> torch.Tensor:
     import torch
 
     dtype = getattr(torch, spec["dtype"])
-    np_dtype = torch.empty((), dtype=dtype).numpy().dtype.newbyteorder("<")
+    np_dtype = torch.empty((), dtype=dtype).cpu().numpy().dtype.newbyteorder("<")
     return torch.from_numpy(np.frombuffer(data, dtype=np_dtype).astype(np_dtype.newbyteorder("="))
                             .reshape(spec["shape"]))
 

@@ -15,7 +15,7 @@ from slimsearch.evaluators.costs import task_costs
 from slimsearch.evaluators.metrics import Metrics
 from slimsearch.metric_names import LOCAL_PROFILE, TaskFamily, local_latency_metrics, paired_latency_extras
 from slimsearch.spaces.plan import CompressionPlan
-from slimsearch.tasks import Split, Task
+from slimsearch.tasks import Split, Task, task_on
 
 if TYPE_CHECKING:
     from slimsearch.hardware_profiles._measure import PairedTiming
@@ -71,7 +71,7 @@ class LocalReference:
 def _timed_inputs(task: Task) -> dict[str, Any]:
     """The input each local latency metric times: the first validation example, repeated to its batch."""
     x = task.val.x
-    return {name: x[:1].repeat(batch, *[1] * (x.dim() - 1)).numpy()
+    return {name: x[:1].repeat(batch, *[1] * (x.dim() - 1)).cpu().numpy()
             for name, batch in zip(local_latency_metrics(task.latency_batch), (1, task.latency_batch))}
 
 
@@ -167,9 +167,13 @@ def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=Non
 def model_metrics(model: nn.Module, task: Task, profiles: Sequence[Any], *, repeats: int = 15,
                   power_modes: Mapping[str, str] | None = None, energy=ENERGY_AUTO,
                   devices: Mapping[str, Callable[[bytes, Any], float]] | None = None,
-                  reference: LocalReference | None = None) -> Metrics:
+                  reference: LocalReference | None = None, device: Any = None) -> Metrics:
     """Accuracy on validation, size, MACs and BitOps, measured local latency (and energy where this
     machine can count it), modelled device costs.
+
+    The task metric is computed on ``device`` (default: where ``model`` is; ``task``'s teacher is
+    scored as the task's teacher on that device, :func:`~slimsearch.tasks.task_on`), everything
+    else on the CPU, on a CPU copy of ``model`` if it is elsewhere (``model`` is not moved).
 
     ``profiles`` are what :func:`~slimsearch.hardware_profiles.load_profile` takes (names,
     profile files, profiles); each one's metrics carry its profile's name.
@@ -182,27 +186,46 @@ def model_metrics(model: nn.Module, task: Task, profiles: Sequence[Any], *, repe
     ``device:<profile>``, :class:`slimsearch.cluster.DeviceMeter`): that profile's
     ``latency_ms`` is then measured, its energy and cost stay modelled.
     """
-    values: dict[str, float | None] = dict(task_scores(model, task.val, task))
+    from slimsearch._device import device_of, moved, resolve_device
+
+    work = task_on(task, device_of(model) if device is None else resolve_device(device))
+    host = task_on(task, "cpu")
+    teacher = model is task.teacher or model is work.teacher or model is host.teacher
+    scored = work.teacher if teacher else moved(model, device_of(work.teacher))
+    values: dict[str, float | None] = dict(task_scores(scored, work.val, work))
+    costs = _costs(host.teacher if teacher else moved(model, "cpu"), host, profiles, repeats=repeats,
+                   power_modes=power_modes, energy=energy, devices=devices, reference=reference)
+    values.update(costs.values)
+    return Metrics(values=values, provenance=costs.provenance)
+
+
+def _costs(model: nn.Module, task: Task, profiles: Sequence[Any], *, repeats: int = 15,
+           power_modes: Mapping[str, str] | None = None, energy=ENERGY_AUTO,
+           devices: Mapping[str, Callable[[bytes, Any], float]] | None = None,
+           reference: LocalReference | None = None) -> Metrics:
+    """:func:`model_metrics` but the task metric, of a model and a task on the CPU."""
     timers = None
     if devices and task.family is TaskFamily.CAUSAL_LM:
         timers = dict(devices)  # refused by task_costs: a causal LM has no single ONNX graph to time there
     elif devices:
         from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
 
-        graph, x = deployable_onnx_bytes(model, task.example_input), task.val.x[:1].numpy()
+        graph, x = deployable_onnx_bytes(model, task.example_input), task.val.x[:1].cpu().numpy()
         timers = {name: functools.partial(measure, graph, x) for name, measure in devices.items()}
-    costs = task_costs(model, task, profiles, power_modes, timers=timers,
-                       measured=measure_local(model, task, repeats=repeats, energy=energy, reference=reference))
-    values.update(costs.values)
-    return Metrics(values=values, provenance=costs.provenance)
+    return task_costs(model, task, profiles, power_modes, timers=timers,
+                      measured=measure_local(model, task, repeats=repeats, energy=energy, reference=reference))
 
 
 def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teacher_score: float | None = None,
              onnx_out: str | None = None, devices: Mapping[str, Callable[[bytes, Any], float]] | None = None,
              on_chunk: Callable[[int, nn.Module], bool] | None = None, chunk_every: int | None = None,
-             reference: LocalReference | None = None) -> Metrics:
+             reference: LocalReference | None = None, device: Any = None) -> Metrics:
     """Compress the teacher as ``plan`` says and score the result (validation chooses, test reports).
 
+    The candidate is compressed, fine-tuned and scored on ``device`` (``"cpu"``, ``"cuda"``,
+    ``"cuda:N"``, ``"auto"``; default: where ``task`` is), with the task's teacher and data there
+    (:func:`~slimsearch.tasks.task_on`); then it moves to the CPU, where its deployable graph is
+    written, costed and timed.
     With ``onnx_out``, the model's deployable ONNX graph is also written to that path
     (atomically), so a job can keep the models of its front without rebuilding them (not for a
     causal LM, whose deployable form is a folder: :mod:`slimsearch.deploy.hf_folder`).
@@ -211,17 +234,23 @@ def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teac
     ``devices`` and ``reference`` are passed to :func:`model_metrics`; ``on_chunk`` and ``chunk_every``
     to :func:`apply_plan`.
     """
-    model = apply_plan(task, plan, on_chunk=on_chunk, chunk_every=chunk_every)
+    from slimsearch._device import resolve_device
+
+    work = task if device is None else task_on(task, resolve_device(device))
+    host = task_on(task, "cpu")
+    model = apply_plan(work, plan, on_chunk=on_chunk, chunk_every=chunk_every)
+    values: dict[str, float | None] = dict(task_scores(model, work.val, work))
+    # Recorded for every candidate, used by nothing that chooses: validation chooses
+    # the front, test reports it (and export checks the exported file against it).
+    values[f"{task.metric_name}_test"] = score(model, work.test, work)
+    model = model.to("cpu")  # the candidate is this call's own: moved, not copied
     if onnx_out is not None and task.family is not TaskFamily.CAUSAL_LM:
         from slimsearch._io import atomic_write
         from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
 
-        atomic_write(onnx_out, deployable_onnx_bytes(model, task.example_input))
-    metrics = model_metrics(model, task, profiles, power_modes=plan.power_modes, devices=devices, reference=reference)
-    values = dict(metrics.values)
-    # Recorded for every candidate, used by nothing that chooses: validation chooses
-    # the front, test reports it (and export checks the exported file against it).
-    values[f"{task.metric_name}_test"] = score(model, task.test, task)
+        atomic_write(onnx_out, deployable_onnx_bytes(model, host.example_input))
+    costs = _costs(model, host, profiles, power_modes=plan.power_modes, devices=devices, reference=reference)
+    values.update(costs.values)
     if teacher_score is not None:
         values[task.family.gap_name(task.metric_name)] = task.family.gap(values[task.metric_name], teacher_score)
-    return Metrics(values=values, provenance=metrics.provenance)
+    return Metrics(values=values, provenance=costs.provenance)

@@ -170,7 +170,7 @@ def cache_key(model: "nn.Module", windows: "torch.Tensor", calib: Optional["torc
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.view(torch.uint8).detach().cpu().numpy().tobytes() if t.numel() else b"")
     for data in (windows, calib):
         if data is not None:
             digest.update(str(tuple(data.shape)).encode() + data.to(torch.int64).cpu().contiguous().numpy().tobytes())

@@ -53,13 +53,13 @@ def load_baselines(folder: Path) -> list[dict]:
 
 
 def run_baselines(task: "Task", profiles: Sequence[Any], folder: Path, *, teacher_score: float,
-                  log: Callable[[str], None] = print, tracker=None,
+                  log: Callable[[str], None] = print, tracker=None, device: Any = None,
                   evaluate: Optional[Callable[..., Any]] = None) -> list[dict]:
     """Evaluate every recipe of :func:`baseline_plans` that ``folder``'s ``baselines.json`` lacks
     (an entry whose plan changed counts as lacking), log each to ``tracker`` (an MLflow
     :class:`~slimsearch.storage.tracking.Tracker`, when given) and write the file after each;
     return every entry, in recipe order. ``evaluate`` defaults to
-    :func:`slimsearch.evaluators.evaluate`. An entry: ``name``, ``plan``, ``metrics``,
+    :func:`slimsearch.evaluators.evaluate`, which runs them on ``device`` (as the job's candidates). An entry: ``name``, ``plan``, ``metrics``,
     ``provenance``, ``seconds``, ``run_id``.
     """
     from slimsearch._io import atomic_write
@@ -76,7 +76,7 @@ def run_baselines(task: "Task", profiles: Sequence[Any], folder: Path, *, teache
             log(f"[slimsearch] baseline {name}: evaluating (a uniform recipe, for reference)")
             started = time.perf_counter()
             try:
-                metrics = evaluate(task, plan, profiles, teacher_score=teacher_score)
+                metrics = evaluate(task, plan, profiles, teacher_score=teacher_score, device=device)
             except Exception as exc:  # noqa: BLE001 - a reference that cannot be built does not end the job
                 log(f"[slimsearch] baseline {name} failed: {type(exc).__name__}: {exc}")
                 continue

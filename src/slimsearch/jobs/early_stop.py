@@ -155,8 +155,9 @@ class EarlyStop:
     why the candidate was stopped.
     """
 
-    def __init__(self, out: Path, task, plan, profiles: Sequence[Any], reference=None):
+    def __init__(self, out: Path, task, plan, profiles: Sequence[Any], reference=None, device=None):
         self.out, self.task, self.plan, self.profiles = Path(out), task, plan, profiles
+        self.device = device  # where the student trains and is scored; its costs and timings are the CPU's
         self.reference = reference  # the teacher to pair local latencies with, as the full evaluation does
         self.steps = plan.distill.steps
         self.every = self.steps // 4  # 0 (under 4 steps): never checked
@@ -173,7 +174,10 @@ class EarlyStop:
         if not 1 <= check <= len(CHECKS):
             return True
         share = CHECKS[check - 1]
-        value = score(student, self.task.val, self.task)
+        from slimsearch.tasks import task_on
+
+        work = self.task if self.device is None else task_on(self.task, self.device)
+        value = score(student, work.val, work)
         self.points.append([share, value])
         snapshot = _read(self.out / SNAPSHOT_FILE)
         seen = (snapshot or {}).get("gains", {}).get(f"{share:g}")
@@ -251,8 +255,9 @@ class EarlyStop:
 
     def _finalized(self, student):
         from slimsearch.compress import finalize
+        from slimsearch.tasks import task_on
 
-        return finalize(copy.deepcopy(student), self.task)
+        return finalize(copy.deepcopy(student).to("cpu"), task_on(self.task, "cpu"))
 
 
 def _covers(member: Mapping[str, float], known: Mapping[str, float], objectives: Mapping[str, str],

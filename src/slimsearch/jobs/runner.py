@@ -60,17 +60,21 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     from slimsearch.search._study import open_study, recover_interrupted, records
     from slimsearch.search._types import Constraint
     from slimsearch.search import OnlineCalibration
-    from slimsearch.search.driver import default_threads, failure_cap, run_trials
+    from slimsearch.search.driver import failure_cap, run_trials
     from slimsearch.search.samplers import make_sampler, seeded_at_first_trial
     from slimsearch.storage import default_storage_url, default_tracking_uri, redact
     from slimsearch.storage.locks import claim_folder, claim_sqlite
     from slimsearch.storage.tracking import Tracker, mlflow_key
+    from slimsearch.tasks import task_on
+    from slimsearch.jobs.resources import gpus_here, resolve_resources
 
     out = Path(out).resolve()
     objectives = {k: v.value for k, v in spec.objectives.items()}
     cores = os.cpu_count() or 1
-    workers = spec.search.workers
-    threads = spec.search.threads_per_worker or default_threads(workers)
+    gpus, local_gpus = gpus_here()  # a job that names a GPU this machine (or cluster) lacks stops here
+    resources = resolve_resources(spec.search, cpus=cores, gpus=gpus, executor=executor, driver_gpus=local_gpus,
+                                  source=source)
+    workers, threads = resources.workers, resources.threads
 
     import torch
 
@@ -106,11 +110,12 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     teacher = state.get("teacher")  # a resumed job keeps the teacher figures it started with
     if teacher is None:
         measured = model_metrics(task.teacher, task, spec.profile_refs, power_modes=spec.teacher_power_modes(),
-                                 devices=devices)
+                                 devices=devices, device=resources.device)
         teacher, state["teacher_provenance"] = dict(measured.values), provenance_map(measured.values,
                                                                                       measured.provenance)
         teacher.update(quiet_local_latencies(task))  # the reference paired figures scale to: as quiet as it gets
-        teacher[f"{task.metric_name}_test"] = score(task.teacher, task.test, task)
+        work = task_on(task, resources.device)  # the teacher is scored where the candidates are
+        teacher[f"{task.metric_name}_test"] = score(work.teacher, work.test, work)
     teacher_score = teacher[task.metric_name]
     reference = local_reference_figures(task, teacher)
 
@@ -153,6 +158,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                   "local_energy_meter": meter.source if meter is not None else
                   "none (no readable RAPL counters: energy_mj@local not recorded)",
                   "measured_on_device_nodes": ", ".join(sorted(devices or {})) or "none",
+                  "device": resources.device, "gpus_per_worker": resources.gpus_per_worker,
                   "local_latency": describe_reference(reference)}
         parent = tracker.start_parent(spec.name, params, parent_id=state.get("parent_run_id"))
         default_modes = power_modes_used(spec, {})
@@ -167,6 +173,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                  # torch's thread count changes float rounding in training: export rebuilds a trial with
                  # the count its worker had (an entry per start: [first trial number it ran, threads])
                  "threads": [*state.get("threads", []), [first_unrun(study), threads]],
+                 # where candidates were fine-tuned and scored (a GPU's float rounding differs too), as threads
+                 "devices": [*state.get("devices", []), [first_unrun(study), resources.worker_device]],
                  "teacher_sha256": task.teacher_sha256, "created": state.get("created", time.time()),
                  "teacher_provenance": provenance_map(teacher, state.get("teacher_provenance"))}
         write_json(out / STATE_FILE, state)
@@ -178,7 +186,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
         raise
 
     log(f"[slimsearch] {done} of {spec.search.budget} candidates done; running {remaining} "
-        f"on {workers} worker(s) x {threads} thread(s)")
+        f"on {resources.describe()}")
     if meter is not None and workers > 1:
         log(f"[slimsearch] {LOCAL_ENERGY_METRIC} counts the whole CPU package ({meter.source}); with {workers} "
             "workers it includes the other trials running meanwhile")
@@ -218,7 +226,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
 
     (out / MODELS_DIR).mkdir(exist_ok=True)
     job_fn = functools.partial(evaluate_params, job_json=redact(spec.to_json()), space=space, teacher_score=teacher_score,
-                               out=str(out), devices=devices or None, reference=reference)
+                               out=str(out), devices=devices or None, reference=reference,
+                               device=resources.worker_device)
     status, stopped = "FAILED", ""
     try:
         if remaining and executor == "ray":
@@ -227,7 +236,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                 log(f"[slimsearch] {workers} worker(s) x {threads} threads on {cores} cores: candidates share "
                     "cores, so each runs slower and its measured latencies vary more")
         ran = run_trials(study, dict(space.choices), job_fn, objectives, n_trials=remaining, executor=executor,
-                         workers=workers, threads_per_worker=threads, listener=on_trial,
+                         workers=workers, threads_per_worker=threads, gpus_per_worker=resources.gpus_per_worker,
+                         listener=on_trial,
                          ray_storage=str(out / "ray"), constraints=constraints,
                          estimate=estimate_fn if can_screen else None, calibration=calibration,
                          on_calibration=functools.partial(log_calibration, tracker, log=log),
@@ -248,7 +258,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
             from slimsearch.jobs.baselines import run_baselines
 
             with torch_threads(min(workers * threads, cores)):  # the workers are done: every core is free
-                run_baselines(task, spec.profile_refs, out, teacher_score=teacher_score, log=log, tracker=tracker)
+                run_baselines(task, spec.profile_refs, out, teacher_score=teacher_score, log=log, tracker=tracker,
+                              device=resources.device)
         status = "FINISHED"
     except BaseException as exc:
         if was_stopped(exc):

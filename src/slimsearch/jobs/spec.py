@@ -120,11 +120,13 @@ MAX_THREADS = 8192  # torch threads: the most CPUs one Linux machine can have (N
 MAX_RAY_CPUS = 10**14  # workers x threads_per_worker CPUs are asked of Ray, whose largest resource quantity is this
 MAX_MEMORY_MB = 2**42  # RLIMIT_AS is set to the worker's size plus this, which must fit in a C long
 MAX_TIME_LIMIT_S = threading.TIMEOUT_MAX  # the longest wait a timer thread takes
+MAX_GPUS_PER_WORKER = 64  # Ray's GPU request of one trial; beyond one machine's GPUs no trial would ever start
 
 
 class SearchSpec(_Frozen):
     budget: int = Field(24, ge=1, le=MAX_INT32, description="trained candidates")
-    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=MAX_RAY_CPUS)
+    workers: Optional[int] = Field(None, ge=1, le=MAX_RAY_CPUS, description="concurrent candidates (default: one "
+                                   "per core, or one per GPU share where candidates run on GPUs)")
     threads_per_worker: Optional[int] = Field(None, ge=1, le=MAX_THREADS, description="torch threads of each worker "
                                               "(default: the machine's cores shared out among the workers, at least 1)")
     sampler: Sampler = Sampler.NSGA2
@@ -146,6 +148,38 @@ class SearchSpec(_Frozen):
     early_stopping_margin: float = Field(0.01, ge=0, allow_inf_nan=False, description="added to the best metric "
                                          "a candidate could plausibly still reach before it is judged hopeless "
                                          "(metric units)")
+
+    device: str = Field("auto", description="where candidates are fine-tuned, calibrated and scored: 'auto' (CUDA "
+                        "when present), 'cpu', 'cuda' or 'cuda:N'; sizes, costs and timings are taken on the CPU")
+    gpus_per_worker: Optional[float] = Field(None, ge=0, le=MAX_GPUS_PER_WORKER, allow_inf_nan=False,
+                                             description="GPUs one Ray trial asks for; a fraction lets several "
+                                             "candidates share one (default: 1 where candidates run on a GPU, else 0)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        from slimsearch._device import parse_device
+
+        try:
+            parse_device(v)
+        except ConfigError:
+            from slimsearch._device import DEVICE_ALLOWED
+
+            raise ValueError(f"not a device; allowed: {DEVICE_ALLOWED}") from None
+        return v
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _gpu_share(cls, v: Optional[float], info) -> Optional[float]:
+        if v is None:
+            return v
+        if v > 1 and v != int(v):  # Ray: a share of one GPU, or whole GPUs
+            raise ValueError("a share above 1 GPU must be a whole number of GPUs; allowed: a fraction in (0, 1] "
+                             "or a whole number")
+        if v > 0 and info.data.get("device") == "cpu":
+            raise ValueError("device 'cpu' uses no GPU; allowed: 0, or leave it out (or set search.device to "
+                             "'auto' or 'cuda')")
+        return v
 
     @field_validator("threads_per_worker")
     @classmethod

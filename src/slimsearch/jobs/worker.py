@@ -57,8 +57,12 @@ def cached_reference(name: str, seed: int, path: Optional[str], text, quiet: tup
 
 
 def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
-                    out: Optional[str] = None, devices=None, reference: Optional[dict] = None):
+                    out: Optional[str] = None, devices=None, reference: Optional[dict] = None,
+                    device: str = "cpu"):
     """Worker side: params -> plan -> compressed model -> Metrics (values and their provenance).
+
+    The candidate is compressed, fine-tuned and scored on ``device`` (a torch device string the
+    driver resolved: :class:`~slimsearch.jobs.resources.Resources`), then costed and timed on the CPU.
 
     With the job folder ``out``, the model's ONNX graph is left at :func:`model_file`;
     ``devices`` (profile -> meter on a device node) is passed to ``evaluate``. ``reference`` holds the
@@ -81,11 +85,11 @@ def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
     if spec.search.early_stopping and out is not None:
         from slimsearch.jobs.early_stop import EarlyStop
 
-        stopper = EarlyStop(Path(out), task, plan, spec.profile_refs, reference=paired)
+        stopper = EarlyStop(Path(out), task, plan, spec.profile_refs, reference=paired, device=device)
     with memory_limit(spec.search.memory_limit_mb):  # after the task loads: its data and teacher are not counted
         metrics = evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score, onnx_out=onnx_out,
                            devices=devices, on_chunk=stopper, chunk_every=None if stopper is None else stopper.every,
-                           reference=paired)
+                           reference=paired, device=device)
     if stopper is None:
         return metrics
     from slimsearch.evaluators.metrics import Metrics

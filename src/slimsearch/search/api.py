@@ -54,6 +54,7 @@ def search(
     estimate: Optional[Callable[[dict], Mapping[str, float]]] = None,
     executor: str = "local",
     workers: int = 1,
+    gpus_per_worker: float = 0.0,
     storage: Optional[str] = None,
     time_limit_s: Optional[float] = None,
     calibrate_estimate: bool = True,
@@ -80,6 +81,8 @@ def search(
         executor: "local" (in this process) or "ray" (Ray Tune trials; Ray is started for
             the call unless it runs already, and shut down after if this call started it).
         workers: concurrent trials with ``executor="ray"``.
+        gpus_per_worker: GPUs each Ray trial asks for (a fraction shares one; ``evaluate`` then
+            finds its GPU as ``cuda``); 0: none. Where ``evaluate`` runs its work is its own choice.
         storage: database URL keeping the study (SQLite, PostgreSQL); None keeps it in
             memory. A search on a storage that already holds one continues it.
         time_limit_s: wall-clock seconds one ``evaluate`` call may take; past them it is
@@ -104,6 +107,10 @@ def search(
         raise ConfigError(f"budget: must be an int >= 1, got {budget!r}")
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers: must be an int >= 1, got {workers!r}")
+    if (isinstance(gpus_per_worker, bool) or not isinstance(gpus_per_worker, (int, float))
+            or not 0 <= gpus_per_worker <= 64 or (gpus_per_worker > 1 and gpus_per_worker != int(gpus_per_worker))):
+        raise ConfigError(f"gpus_per_worker: must be 0, a fraction of a GPU up to 1 or a whole number of GPUs up "
+                          f"to 64, got {gpus_per_worker!r}")
     try:
         kind = Executor(executor)
     except ValueError:
@@ -139,7 +146,8 @@ def search(
             started_ray = start_ray(workers * threads)
             ray_dir = tempfile.mkdtemp(prefix="slimsearch-ray-")
         run_trials(study, space, evaluate, objectives, n_trials=remaining, executor=kind.value, workers=workers,
-                   threads_per_worker=threads, ray_storage=ray_dir, constraints=parsed, estimate=estimate,
+                   threads_per_worker=threads, gpus_per_worker=float(gpus_per_worker), ray_storage=ray_dir,
+                   constraints=parsed, estimate=estimate,
                    screen_duplicates=True, max_screened=max(100, 10 * budget), time_limit_s=time_limit_s,
                    calibration=calibration)
     finally:

@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from slimsearch._device import trial_resources
 from slimsearch.exceptions import ConfigError
 from slimsearch.search._online import CalibrationFit, OnlineCalibration
 from slimsearch.search._study import _check_objectives
@@ -31,6 +32,7 @@ def run_trials(
     executor: str = "local",
     workers: int = 1,
     threads_per_worker: int = 1,
+    gpus_per_worker: float = 0.0,
     listener: Optional[Callable[[TrialRecord], None]] = None,
     ray_storage: Optional[str] = None,
     constraints: Sequence[Constraint] = (),
@@ -59,8 +61,10 @@ def run_trials(
     one; pass the same object to the ``auto`` sampler so it aims with it too), and
     ``on_calibration`` is called with each of its refits.
 
-    With ``executor="ray"``, a trial whose worker process dies (killed, crashed) is run again
-    up to ``max_retries`` times, then recorded as failed with the reason; with ``"local"`` the
+    With ``executor="ray"``, each trial asks Ray for ``threads_per_worker`` CPUs and ``gpus_per_worker``
+    GPUs (a fraction shares one; :func:`~slimsearch._device.trial_resources`). A trial whose worker
+    process dies (killed, crashed) is run again up to ``max_retries`` times, then recorded as failed
+    with the reason; with ``"local"`` the
     worker is this process, and a trial it was running when it died is run again by ``--resume``
     (:func:`recover_interrupted`). An evaluation still running after ``time_limit_s`` seconds is
     stopped where it runs and recorded as failed, not retried (:func:`within_time_limit`).
@@ -94,7 +98,7 @@ def run_trials(
             teller.tell(number, params, call_evaluate(evaluate, params, time_limit_s))
         return teller.records
     _run_ray(teller, evaluate, n_trials=n_trials, workers=workers, threads=threads_per_worker, storage=ray_storage,
-             max_retries=max_retries, max_failed=max_failed, time_limit_s=time_limit_s)
+             max_retries=max_retries, max_failed=max_failed, time_limit_s=time_limit_s, gpus=gpus_per_worker)
     return teller.records
 
 
@@ -142,7 +146,7 @@ def _worker_failure(trial, max_retries: int) -> str:
 
 
 def _run_ray(teller: _Teller, evaluate, *, n_trials: int, workers: int, threads: int, storage: Optional[str],
-             max_retries: int = 1, max_failed: int = 10, time_limit_s: Optional[float] = None):
+             max_retries: int = 1, max_failed: int = 10, time_limit_s: Optional[float] = None, gpus: float = 0.0):
     import ray
     from ray import tune
     from ray.tune.search import Searcher
@@ -191,7 +195,8 @@ def _run_ray(teller: _Teller, evaluate, *, n_trials: int, workers: int, threads:
     if not ray.is_initialized():
         raise ConfigError("executor 'ray' needs Ray started first (slimsearch starts it for jobs)")
     trainable = tune.with_resources(tune.with_parameters(_ray_trainable, evaluate=evaluate, threads=threads,
-                                                         time_limit_s=time_limit_s), {"cpu": threads})
+                                                         time_limit_s=time_limit_s),
+                                     trial_resources(threads, gpus))
     tuner = tune.Tuner(
         trainable,
         # num_samples=-1: Tune asks until the searcher says FINISHED (when n_trials are complete)

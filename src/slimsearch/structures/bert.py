@@ -188,7 +188,7 @@ def _prune_heads(layer: nn.Module, ratio: float, importance: str, block: str) ->
     per_head = [lin.weight.reshape(heads, size, -1) for lin in qkv]
     per_head.append(out.weight.reshape(out.out_features, heads, size).transpose(0, 1))
     kept = torch.sort(torch.topk(_norm(per_head, importance), keep_n).indices).values
-    idx = (kept[:, None] * size + torch.arange(size)).flatten()
+    idx = (kept[:, None] * size + torch.arange(size, device=kept.device)).flatten()
     for lin in qkv:
         _keep_rows(lin, idx)
     _keep_columns(out, idx)
@@ -257,7 +257,7 @@ def hidden_state_loss(student: Mapping[int, torch.Tensor], teacher: Mapping[int,
     keys = sorted(set(student) & set(teacher))
     if not keys:
         raise ConfigError("hidden-state matching: student and teacher share no layer")
-    total = torch.zeros(())
+    total = torch.zeros((), device=mask.device)
     for key in keys:
         s, t = student[key], teacher[key]
         width = min(s.shape[1], t.shape[1], mask.shape[1])

@@ -16,6 +16,7 @@ import copy
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Union
 
+from slimsearch._device import device_of
 from slimsearch.exceptions import ConfigError, SlimSearchError
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ def _prune_channels(model, example_input, ratio, *, importance, batch):
             raise ConfigError(f"prune ratio of layer {name!r} must be in [0, 1), got {r}")
 
     grads = _taylor_grads(model, batch) if importance == "taylor" else {}
+    at = device_of(model)  # scores and kept indices live beside the weights
     keep: dict[int, torch.Tensor] = {}  # root space -> kept channel indices
     for name, producers in groups.items():
         r = ratios.get(name, 0.0)
@@ -103,7 +105,7 @@ def _prune_channels(model, example_input, ratio, *, importance, batch):
         keep_n = max(1, int(round(n * (1.0 - r))))
         if r <= 0.0 or keep_n == n:
             continue
-        scores = torch.zeros(n)
+        scores = torch.zeros(n, device=at)
         for producer in producers:
             rows = model.get_submodule(producer).weight.detach().flatten(1)
             if importance == "taylor":
@@ -120,8 +122,8 @@ def _prune_channels(model, example_input, ratio, *, importance, batch):
             return None
         parts = []
         for seg in segments:
-            idx = keep.get(graph.find(seg.space), torch.arange(seg.size))
-            parts.append(seg.offset + (idx[:, None] * seg.per + torch.arange(seg.per)).flatten())
+            idx = keep.get(graph.find(seg.space), torch.arange(seg.size, device=at))
+            parts.append(seg.offset + (idx[:, None] * seg.per + torch.arange(seg.per, device=at)).flatten())
         return torch.cat(parts)
 
     pruned = copy.deepcopy(model)
@@ -415,7 +417,7 @@ def fold_batchnorm(model: "nn.Module", example_input: "torch.Tensor") -> "nn.Mod
             gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
             beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
             scale = gamma / torch.sqrt(bn.running_var + bn.eps)
-            bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
+            bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
             conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
             conv.bias = nn.Parameter((bias - bn.running_mean) * scale + beta)
             _replace(folded, node.target, nn.Identity())

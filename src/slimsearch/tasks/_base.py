@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping, Optional, Protocol, Sequence, Union
 
 from slimsearch.metric_names import TaskFamily
 
@@ -126,6 +128,57 @@ class Task:
     family: TaskFamily = TaskFamily.CLASSIFICATION
     scorer: Optional[Callable[["torch.nn.Module", Split, bool], Mapping[str, float]]] = None
     layers: Optional[tuple[str, ...]] = None
+
+
+# CPU task's teacher -> (that task, {device: the task on it}): one copy of the teacher and data per device and
+# process, so that what is cached per teacher (its logits: compress.distill.teacher_logits) outlives a candidate
+_ON_DEVICE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def task_on(task: Task, device: Union[str, "torch.device", None]) -> Task:
+    """``task`` with its teacher, its data splits (tensors of ``extra`` too) and its example input on
+    ``device``: ``task`` itself when they are there already, else a copy there (the task is not changed).
+
+    The copy is made once per device and kept while ``task``'s teacher lives. A ``scorer`` or extra
+    metric that compares with the teacher follows it there when it has ``on_teacher(teacher)``
+    (returning its copy for that teacher). ``None`` is the CPU.
+    """
+    import torch
+
+    from slimsearch._device import device_of, moved
+
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device_of(task.teacher) == device and task.example_input.device == device:
+        return task
+    entry = _ON_DEVICE.get(task.teacher)
+    if entry is None or entry[0] is not task:
+        entry = (task, {})
+        _ON_DEVICE[task.teacher] = entry
+    cached = entry[1].get(str(device))
+    if cached is not None:
+        return cached
+    teacher = moved(task.teacher, device).eval()
+
+    def follow(fn):
+        return fn.on_teacher(teacher) if hasattr(fn, "on_teacher") else fn
+
+    placed = dataclasses.replace(
+        task, teacher=teacher, train=_split_on(task.train, device), val=_split_on(task.val, device),
+        test=_split_on(task.test, device), example_input=task.example_input.to(device),
+        scorer=follow(task.scorer) if task.scorer is not None else None,
+        extra_metrics={name: follow(fn) for name, fn in task.extra_metrics.items()})
+    entry[1][str(device)] = placed
+    _ON_DEVICE[teacher] = (placed, {str(device_of(task.teacher)): task})  # and back: the task itself
+    return placed
+
+
+def _split_on(split: Split, device: "torch.device") -> Split:
+    import torch
+
+    extra = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in split.extra.items()}
+    return Split(x=split.x.to(device), y=split.y.to(device), extra=extra)
 
 
 def accuracy(logits: "torch.Tensor", labels: "torch.Tensor") -> float:

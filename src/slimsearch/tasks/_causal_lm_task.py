@@ -105,9 +105,23 @@ def lm_perplexity(logits: "torch.Tensor", windows: "torch.Tensor") -> float:
     return math.exp(float(nll.detach()))
 
 
-def _extra(scorer: "LMScorer", name: str):
+def _extra(scorer: "LMScorer", name: str) -> "_ExtraMetric":
     """An extra metric alone (the evaluator asks the scorer for all of them in one pass instead)."""
-    return lambda model, split: scorer(model, split, True)[name]
+    return _ExtraMetric(scorer, name)
+
+
+class _ExtraMetric:
+    """One of :class:`LMScorer`'s extra metrics, ``f(model, split) -> float``."""
+
+    def __init__(self, scorer: "LMScorer", name: str):
+        self.scorer, self.name = scorer, name
+
+    def __call__(self, model: "nn.Module", split: Split) -> float:
+        return self.scorer(model, split, True)[self.name]
+
+    def on_teacher(self, teacher: "nn.Module") -> "_ExtraMetric":
+        """The same metric against ``teacher`` (the task's teacher on another device: ``task_on``)."""
+        return _ExtraMetric(self.scorer.on_teacher(teacher), self.name)
 
 
 class LMScorer:
@@ -116,6 +130,10 @@ class LMScorer:
 
     def __init__(self, teacher: "nn.Module"):
         self.teacher = teacher
+
+    def on_teacher(self, teacher: "nn.Module") -> "LMScorer":
+        """The scorer comparing with ``teacher`` (the task's teacher on another device: ``task_on``)."""
+        return LMScorer(teacher)
 
     def __call__(self, model: "nn.Module", split: Split, extras: bool = True) -> Mapping[str, float]:
         model.eval()

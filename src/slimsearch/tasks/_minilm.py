@@ -142,7 +142,7 @@ def retrieval_at_1(model: nn.Module, split: Split) -> float:
     """Share of first sentences whose nearest paragraph (cosine) is their own paragraph."""
     queries = F.normalize(embed(model, split.extra["sentences"]), dim=1)
     docs = F.normalize(embed(model, split.extra["paragraphs"]), dim=1)
-    hits = (queries @ docs.T).argmax(1) == torch.arange(len(queries))
+    hits = (queries @ docs.T).argmax(1) == torch.arange(len(queries), device=queries.device)
     return float(hits.float().mean())
 
 

@@ -131,5 +131,5 @@ def _weights_sha256(model) -> str:
     for key, tensor in model.state_dict().items():
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
-        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.view(-1).view(torch.uint8).detach().cpu().numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()

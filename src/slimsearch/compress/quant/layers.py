@@ -103,16 +103,17 @@ class _QuantMixin:
         self.frozen = False
         self.calibrating = False
         self._histogram: Optional[torch.Tensor] = None
-        self.register_buffer("act_min", torch.tensor(float("inf")), persistent=False)
-        self.register_buffer("act_max", torch.tensor(float("-inf")), persistent=False)
-        self.register_buffer("act_scale", torch.tensor(1.0))
-        self.register_buffer("act_zero_point", torch.tensor(0, dtype=torch.int32))
+        at = self.weight.device  # the buffers live beside the weight
+        self.register_buffer("act_min", torch.tensor(float("inf"), device=at), persistent=False)
+        self.register_buffer("act_max", torch.tensor(float("-inf"), device=at), persistent=False)
+        self.register_buffer("act_scale", torch.tensor(1.0, device=at))
+        self.register_buffer("act_zero_point", torch.tensor(0, dtype=torch.int32, device=at))
         if self.weight_bits < FULL_PRECISION:
             shape = (self.weight.shape[0], num_groups(row, self.group_size))
-            self.register_buffer("weight_scale", torch.ones(shape))
-            self.register_buffer("weight_zero_point", torch.zeros(shape, dtype=torch.int32))
+            self.register_buffer("weight_scale", torch.ones(shape, device=at))
+            self.register_buffer("weight_zero_point", torch.zeros(shape, dtype=torch.int32, device=at))
             if self.group_size:
-                self.register_buffer("weight_scale_step", torch.tensor(1.0))
+                self.register_buffer("weight_scale_step", torch.tensor(1.0, device=at))
         if sparsity > 0:
             self.set_sparsity(sparsity, sparsity_pattern)
 
@@ -153,6 +154,7 @@ class _QuantMixin:
         histogram, self._histogram = self._histogram, None
         if self.act_bits >= FULL_PRECISION:
             return
+        histogram = histogram.cpu() if histogram is not None else None  # 2048 bins, read on the CPU
         qmax = _act_qmax(self.act_bits)
         lo, hi = min(float(self.act_min), 0.0), max(float(self.act_max), 0.0)
         if method is not CalibrationMethod.MINMAX and histogram is not None and histogram.sum() > 0:
@@ -164,8 +166,9 @@ class _QuantMixin:
                 lo, hi = _mse_range(histogram, edges, lo, hi, qmax)
         hi = max(hi, lo + 1e-8)
         scale = (hi - lo) / qmax
-        self.act_scale = torch.tensor(scale)
-        self.act_zero_point = torch.tensor(int(round(-lo / scale)), dtype=torch.int32).clamp(0, qmax)
+        at = self.act_scale.device
+        self.act_scale = torch.tensor(scale, device=at)
+        self.act_zero_point = torch.tensor(int(round(-lo / scale)), dtype=torch.int32, device=at).clamp(0, qmax)
 
     def _weight(self) -> torch.Tensor:
         weight = self.weight
@@ -252,12 +255,13 @@ class QLinear(_QuantMixin, nn.Linear):
 
 
 def build_layer(module: nn.Module) -> "QConv2d | QLinear":
-    """An un-set-up quantized twin of a Conv2d/Linear with the same shape (weights not copied)."""
+    """An un-set-up quantized twin of a Conv2d/Linear with the same shape, device and dtype (weights not copied)."""
+    where = {"device": module.weight.device, "dtype": module.weight.dtype}
     if isinstance(module, nn.Conv2d):
         return QConv2d(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
                        padding=module.padding, dilation=module.dilation, groups=module.groups,
-                       bias=module.bias is not None, padding_mode=module.padding_mode)
-    return QLinear(module.in_features, module.out_features, bias=module.bias is not None)
+                       bias=module.bias is not None, padding_mode=module.padding_mode, **where)
+    return QLinear(module.in_features, module.out_features, bias=module.bias is not None, **where)
 
 
 def quantized_twin(module: nn.Module, weight_bits: int = FULL_PRECISION, act_bits: int = FULL_PRECISION, *,
@@ -308,7 +312,7 @@ def calibrate_activations(
             model(batch)
         if method is not CalibrationMethod.MINMAX:
             for layer in layers:
-                layer._histogram = torch.zeros(HISTOGRAM_BINS)
+                layer._histogram = torch.zeros(HISTOGRAM_BINS, device=layer.weight.device)
             for batch in batches:
                 model(batch)
     for layer in layers:
