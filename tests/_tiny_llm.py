@@ -22,13 +22,17 @@ def tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
 
 
-def llama(seed: int = 0):
-    """Llama with grouped-query attention: 2 blocks, hidden 64, 4 heads sharing 2 key/value heads, FFN 96, tied."""
+def llama(seed: int = 0, vocab: int = VOCAB):
+    """Llama with grouped-query attention: 2 blocks, hidden 64, 4 heads sharing 2 key/value heads, FFN 96, tied.
+
+    onnxruntime-genai's builder writes a graph that computes other logits for a vocabulary this
+    small (64, and 96; 128 and more were right): a model whose ONNX graph must compute its logits
+    takes a larger ``vocab`` (the tokenizer's 64 ids are still all it sees)."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                                       max_position_embeddings=128)
     return transformers.LlamaForCausalLM(config).eval()
@@ -44,9 +48,9 @@ def gpt2(seed: int = 0):
     return transformers.GPT2LMHeadModel(config).eval()
 
 
-def folder(path: Path, kind: str = "llama") -> Path:
-    """A tiny ``kind`` (``llama`` or ``gpt2``) model and its tokenizer saved in ``path``."""
-    model = {"llama": llama, "gpt2": gpt2}[kind]()
+def folder(path: Path, kind: str = "llama", **kwargs) -> Path:
+    """A tiny ``kind`` (``llama`` or ``gpt2``) model (``kwargs`` to its function) and its tokenizer saved in ``path``."""
+    model = {"llama": llama, "gpt2": gpt2}[kind](**kwargs)
     model.save_pretrained(path)
     tokenizer().save_pretrained(path)
     return path

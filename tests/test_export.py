@@ -36,15 +36,15 @@ def test_a_causal_lm_job_exports_the_fastest_member_within_5_percent_of_the_teac
     assert best["trial"] == 2 and "no front member with ppl_increase <= 0.05" in rule  # the lowest perplexity
 
 
-def test_export_of_a_causal_lm_candidate_is_refused_saying_how_to_get_it(tmp_path):
+def test_a_causal_lm_job_takes_its_own_formats_and_names_them_when_refusing_another(tmp_path):
     import json
 
     members = [_member(0, "ppl", 21.5, 3.0)]
     (tmp_path / "job.json").write_text(json.dumps({"spec": {}}))
     (tmp_path / "front.json").write_text(json.dumps({**_front("ppl", 20.0, members, family="causal-lm"),
                                                      "job": "lm"}))
-    with pytest.raises(ConfigError, match="a causal LM's candidate is not exported by it yet.*save_hf_folder"):
-        export_job(tmp_path, tmp_path / "export")
+    with pytest.raises(ConfigError, match=r"--format: 'onnx' is not a causal-LM job's; allowed: \['genai', 'hf'\]"):
+        export_job(tmp_path, tmp_path / "export", formats=("onnx",))
     assert not (tmp_path / "export").exists()
 
 

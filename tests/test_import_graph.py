@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("slimsearch.ray_runtime", "slimsearch.search"),
     ("slimsearch.storage", "slimsearch.dashboards"),
     ("slimsearch.jobs",),
-    ("slimsearch.cluster", "slimsearch.export", "slimsearch.launch"),
+    ("slimsearch.cluster", "slimsearch.export", "slimsearch.export_llm", "slimsearch.launch"),
     ("slimsearch.cli", "slimsearch"),
 )
 

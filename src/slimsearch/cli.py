@@ -80,8 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                              "(default: the job's latency objective)")
     export.add_argument("--no-register", action="store_true",
                         help="do not register the ONNX model in the job's MLflow Model Registry")
-    export.add_argument("--format", default="onnx,torchscript",
-                        help="comma-separated: onnx, torchscript, packed (default: onnx,torchscript)")
+    export.add_argument("--format", default=None,
+                        help="comma-separated: onnx, torchscript, packed (default: onnx,torchscript); "
+                             "for a causal-lm job: genai, hf (default: both)")
 
     jobs = sub.add_parser("jobs", help="the jobs in the job registry, as a table")
     jobs.add_argument("--json", action="store_true", help="JSON instead of a table")
@@ -255,7 +256,7 @@ def _export(args) -> int:
 
     from slimsearch.jobs.query import resolve_job
 
-    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    formats = None if args.format is None else tuple(f.strip() for f in args.format.split(",") if f.strip())
     manifest = export_job(resolve_job(args.job_dir).folder, Path(args.out), run_id=args.run_id, formats=formats,
                           where=args.where, minimize=args.minimize, register=not args.no_register)
     metric = manifest["metric"]

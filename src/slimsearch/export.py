@@ -11,6 +11,7 @@ import hashlib
 import json
 import platform
 import re
+import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -155,6 +156,12 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _digests(path: Path, root: Path) -> dict[str, str]:
+    """SHA-256 of ``path``, or of every file in folder ``path``, by name relative to ``root``."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {str(p.relative_to(root)): _sha256(p) for p in files}
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -195,31 +202,38 @@ def _write_format(fmt: str, model, task, out: Path) -> tuple[Path, float]:
 
 
 def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
-               formats: tuple[str, ...] = ("onnx", "torchscript"), where: Optional[str] = None,
+               formats: Optional[tuple[str, ...]] = None, where: Optional[str] = None,
                minimize: Optional[str] = None, register: bool = True) -> dict:
     """Rebuild a front member, verify each file written, and write them with ``manifest.json``.
 
     The candidate is ``run_id``, else the one meeting ``where`` with the lowest
     ``minimize`` (when either is given), else the default choice of :func:`choose`.
-    Every file is loaded back and scored on the test split; export refuses (and
-    removes what it wrote) when a score differs from the record by more than
-    ``REBUILD_TOLERANCE``. With ``register`` and an ONNX file, the model is
-    registered in the job's MLflow Model Registry under an alias (``manifest["registry"]``).
+    ``formats`` default to ONNX and TorchScript files, for a causal LM to a GenAI folder and a
+    Hugging Face folder (:mod:`slimsearch.export_llm`). Every file is loaded back and scored on
+    the test split; export refuses (and removes what it wrote) when a score differs from the
+    record by more than ``REBUILD_TOLERANCE`` (a perplexity: ``LM_TOLERANCE`` of it). With
+    ``register`` and an ONNX file, the model is registered in the job's MLflow Model Registry
+    under an alias (``manifest["registry"]``).
     """
-    bad = [f for f in formats if f not in FORMATS]
+    from slimsearch.export_llm import LLM_FILE_NAMES, LLM_FORMATS
+
+    job_dir = Path(job_dir).resolve()
+    state, front = _read_job(job_dir)
+    causal = _family(front) is TaskFamily.CAUSAL_LM
+    allowed, names = (LLM_FORMATS, LLM_FILE_NAMES) if causal else (FORMATS, FILE_NAMES)
+    formats = formats if formats is not None else (LLM_FORMATS if causal else ("onnx", "torchscript"))
+    bad = [f for f in formats if f not in allowed]
     if bad or not formats:
-        raise ConfigError(f"--format: {bad[0] if bad else 'nothing'!r} is not a format; allowed: {list(FORMATS)}")
+        kind = "a causal-LM job's" if causal else "a format"
+        raise ConfigError(f"--format: {bad[0] if bad else 'nothing'!r} is not {kind}; allowed: {list(allowed)}")
     if run_id and (where or minimize):
         raise ConfigError("--run names the candidate itself; it cannot be combined with --where or --minimize")
-    out = safe_out(out, [FILE_NAMES[f] for f in formats] + ["manifest.json"])
+    out = safe_out(out, [names[f] for f in formats] + ["manifest.json"])
     from slimsearch.evaluators import score
-    from slimsearch.deploy.pack import packed_size
     from slimsearch.jobs.spec import JobSpec
     from slimsearch.spaces import CompressionPlan
     from slimsearch.tasks import load_task
 
-    job_dir = Path(job_dir).resolve()
-    state, front = _read_job(job_dir)
     target = None
     if where or minimize:
         candidate, rule, target = select(front, where=where, minimize=minimize)
@@ -227,12 +241,6 @@ def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
         candidate, rule = choose(front, run_id)
         if not run_id:
             target = latency_objective(front["objectives"], candidate["metrics"])
-    if _family(front) is TaskFamily.CAUSAL_LM:
-        raise ConfigError(f"{job_dir}: `slimsearch export` writes ONNX, TorchScript and packed files of image and "
-                          "encoder models; a causal LM's candidate is not exported by it yet. Rebuild it with "
-                          "slimsearch.compress.apply_plan(task, plan) (the plan is in front.json) and write it with "
-                          "slimsearch.deploy.hf_folder.save_hf_folder(model, tokenizer, out, "
-                          "quantized=slimsearch.compress.llm_methods.record_of(model).quantized)")
     spec = JobSpec.from_json(json.dumps(state["spec"]))
     task = load_task(spec.task, seed=spec.search.seed, path=spec.task_path, text=spec.task_text)
     if state.get("teacher_sha256") and task.teacher_sha256 != state["teacher_sha256"]:
@@ -248,18 +256,38 @@ def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
     recorded = candidate["metrics"].get(f"{metric}_test")
     written: list[Path] = []
     scores: dict[str, float] = {}
+    extra: dict = {}
     try:
+        if causal:
+            from slimsearch.export_llm import check_llm_score, codes_sha256, write_llm_format
+            from slimsearch.tasks._registry import causal_lm_source
+            from slimsearch.tasks.causal_lm import load_tokenizer
+
+            tokenizer = load_tokenizer(causal_lm_source(spec.task))
+            extra = {"codes_sha256": codes_sha256(model), "packed_bytes": candidate["metrics"].get("size_bytes")}
         for fmt in formats:
-            path, test_score = _write_format(fmt, model, task, out)
-            written.append(path)
+            if causal:
+                path, test_score = write_llm_format(fmt, model, task, tokenizer, out)
+                written.append(path)
+                check_llm_score(fmt, candidate["trial"], test_score, recorded)
+            else:
+                path, test_score = _write_format(fmt, model, task, out)
+                written.append(path)
+                if recorded is not None and abs(test_score - recorded) > REBUILD_TOLERANCE:
+                    raise JobStateError(f"the exported {fmt} file of trial {candidate['trial']} scores test "
+                                        f"{metric}={test_score:.4f}, the record says {recorded:.4f} "
+                                        f"(tolerance {REBUILD_TOLERANCE}); nothing exported")
             scores[fmt] = test_score
-            if recorded is not None and abs(test_score - recorded) > REBUILD_TOLERANCE:
-                raise JobStateError(f"the exported {fmt} file of trial {candidate['trial']} scores test "
-                                    f"{metric}={test_score:.4f}, the record says {recorded:.4f} "
-                                    f"(tolerance {REBUILD_TOLERANCE}); nothing exported")
+        if not causal:
+            from slimsearch.deploy.pack import packed_size
+
+            extra = {"packed_bytes": packed_size(model)}
     except BaseException:
         for path in written:  # all or nothing: no half-exported folder
-            path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         raise
     manifest_path = out / "manifest.json"
     latency = export_latency(model, task, state["teacher"], candidate["metrics"], threads)
@@ -285,8 +313,8 @@ def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
         "versions": _versions(),
         "formats": list(formats),
         f"test_{metric}_by_format": scores,
-        "packed_bytes": packed_size(model),
-        "files": {p.name: _sha256(p) for p in written},
+        **extra,
+        "files": {name: digest for p in written for name, digest in _digests(p, out).items()},
     }
     if register and "onnx" in formats and candidate.get("run_id"):
         alias = alias_for(target) if target else f"run-{candidate['run_id'][:8]}"
@@ -308,12 +336,16 @@ def export_latency(model, task, teacher: dict, recorded: dict, threads: Optional
     from slimsearch.metric_names import local_latency_metrics
 
     quiet = {name: teacher.get(name) for name in local_latency_metrics(task.latency_batch)}
+    causal = task.family is TaskFamily.CAUSAL_LM
     with torch_threads(threads):  # onnxruntime sessions take torch's thread count, as in the worker
-        model_ms = measure_local(model, task, reference=local_reference(task, quiet))
+        model_ms = measure_local(model, task, reference=None if causal else local_reference(task, quiet))
         teacher_ms = measure_local(task.teacher, task)
-    return {"note": "onnxruntime on this machine's CPU at export time, timed in alternating rounds with the "
-                    "teacher (median of per-round ratios) times the teacher's latency recorded at the job's start, "
-                    "as the search measured its candidates; raw: latency_ms_raw*@local",
+    note = ("the deployed graph's decode on this machine's CPU at export time (onnxruntime-genai, a fresh process, "
+            "unpaired), as the search measured its candidates" if causal else
+            "onnxruntime on this machine's CPU at export time, timed in alternating rounds with the "
+            "teacher (median of per-round ratios) times the teacher's latency recorded at the job's start, "
+            "as the search measured its candidates; raw: latency_ms_raw*@local")
+    return {"note": note,
             "model": model_ms, "teacher": teacher_ms, "teacher_at_job_start": quiet,
             "search_over_export": {name: recorded[name] / model_ms[name] for name in quiet
                                    if recorded.get(name) and model_ms.get(name)}}
@@ -384,7 +416,7 @@ def _record_export(job_dir: Path, out: Path, manifest: dict) -> None:
 
 
 def export(job: str | Path, out: str | Path, *, run_id: Optional[str] = None, where: Optional[str] = None,
-           minimize: Optional[str] = None, formats: tuple[str, ...] = ("onnx", "torchscript"),
+           minimize: Optional[str] = None, formats: Optional[tuple[str, ...]] = None,
            register: bool = True) -> dict:
     """Export a candidate of ``job`` (a registry id, a job name or a job folder) into folder ``out``
     (as ``slimsearch export``); returns the manifest. This module called is this function:

@@ -12,8 +12,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from slimsearch.compress import apply_plan, config_from_json, config_to_json, methods, plan_configs  # noqa: E402
-from slimsearch.compress.llm_methods import LLMWeightsConfig, record_of  # noqa: E402
-from slimsearch.evaluators.decoder import hooks_off, measure_decoder  # noqa: E402
+from slimsearch.compress.llm_methods import LLMWeightsConfig, hooks_off, record_of  # noqa: E402
+from slimsearch.evaluators.decoder import measure_decoder  # noqa: E402
 from slimsearch.evaluators.estimate import estimate  # noqa: E402
 from slimsearch.metric_names import TaskFamily  # noqa: E402
 from slimsearch.spaces.plan import CompressionPlan, DistillPlan, LayerPlan  # noqa: E402

@@ -115,3 +115,45 @@ def test_a_choice_a_causal_lm_does_not_use_is_refused_once_the_task_is_known(mad
     assert all(p.startswith("[slimsearch]") for p in progress) and line.startswith("slimsearch: error:")
     assert "space.prune_ratio: a causal-lm task does not use prune_ratio" in line and "allowed: [0.0]" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_front_member_exports_as_verified_genai_and_hugging_face_folders(tmp_path):
+    """The chosen member is rebuilt from its plan (the same codes, the same validation perplexity),
+    written as an ONNX Runtime GenAI folder and a compressed-tensors folder, each loaded back and
+    scored on the test text. A vocabulary of 256: the builder's graph of the usual tiny model (64)
+    computes other logits (see test_export_refuses_a_graph_that_does_not_compute_the_model)."""
+    from slimsearch.compress import apply_plan
+    from slimsearch.export_llm import codes_sha256
+    from slimsearch.spaces import CompressionPlan
+    from slimsearch.tasks import load_task
+
+    model_dir = _tiny_llm.folder(tmp_path / "wide", vocab=256)
+    notes = str(_tiny_llm.text(tmp_path / "notes.txt"))
+    run = local_job(tmp_path, {
+        "name": "lm-export", "task": f"causal-lm:{model_dir}", "text": [notes],
+        "space": {"weight_bits": [4, 8], "kv_bits": [32]},
+        "objectives": {"ppl": "min", "size_bytes": "min"}, "profiles": [],
+        "search": {"budget": 2, "workers": 1, "sampler": "random", "baselines": False}})
+    result = cli("export", str(run.out), "--out", str(tmp_path / "export"), "--no-register")
+    assert result.code == 0, result.stderr
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    member = next(c for c in json.loads((run.out / "front.json").read_text())["candidates"]
+                  if c["trial"] == manifest["trial"])
+    assert manifest["formats"] == ["genai", "hf"]
+    assert manifest["validation_ppl_rebuilt"] == member["metrics"]["ppl"]  # rebuilt exactly
+    task = load_task(f"causal-lm:{model_dir}", text=[notes])
+    assert manifest["codes_sha256"] == codes_sha256(apply_plan(task, CompressionPlan.from_dict(member["plan"])))
+    recorded = member["metrics"]["ppl_test"]
+    for fmt, ppl in manifest["test_ppl_by_format"].items():
+        assert ppl == pytest.approx(recorded, rel=0.02), fmt
+    assert "genai/genai_config.json" in manifest["files"] and "hf/config.json" in manifest["files"]
+    assert json.loads((tmp_path / "export" / "genai" / "tokenizer_config.json").read_text())  # the model's own
+    assert manifest["latency_at_export_measured_ms"]["model"]["decode_tok_s@local"] > 0
+
+
+def test_export_refuses_a_graph_that_does_not_compute_the_model(tmp_path):
+    from slimsearch.deploy.llm_graph import deployed_graph
+
+    with pytest.raises(ConfigError, match="gives other logits than the model.*a vocabulary of 64"):
+        deployed_graph(_tiny_llm.llama(), tmp_path / "graph", verify=True)
+    assert not (tmp_path / "graph").exists()

@@ -30,11 +30,12 @@ linears, the KV-cache and activation precision, the 2:4 pattern) is kept on the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
 from slimsearch.compress.kv_cache import KVCacheConfig
 from slimsearch.compress.registry import Context, register
@@ -74,6 +75,27 @@ class DecoderRecord:
     act_paths: tuple[str, ...] = ()
     act_bits: int = FULL_PRECISION
     sparsity: Optional[str] = None
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def hooks_off(model: "nn.Module") -> Iterator[None]:
+    """Every module's forward hooks taken out while inside, put back after."""
+    saved = []
+    for module in model.modules():
+        for name in _HOOK_DICTS:
+            hooks = getattr(module, name, None)
+            if hooks:
+                saved.append((hooks, dict(hooks)))
+                hooks.clear()
+    try:
+        yield
+    finally:
+        for hooks, items in saved:
+            hooks.update(items)
 
 
 def record_of(model: "nn.Module") -> DecoderRecord:

@@ -14,8 +14,8 @@ GroupQueryAttention keeps a float cache on a CPU) and 2:4 sparsity (no sparse CP
 output projection stays float, as the compressed model computes it.
 
 The builder copies a tokenizer into the folder; the graph does not use it. The model's own
-tokenizer is not at hand where a candidate is evaluated, so a one-token placeholder is written
-instead: the folder is for timing and for running token ids, not for serving text.
+tokenizer is not at hand where a candidate is evaluated, so there a one-token placeholder is
+written instead (a folder for timing and for running token ids); ``export`` passes the real one.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import contextlib
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from slimsearch.deploy.genai_folder import PathLike
 from slimsearch.exceptions import ConfigError
@@ -46,6 +46,29 @@ def placeholder_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
 
 
+VERIFY_TOKENS = 8
+VERIFY_TOLERANCE = 1e-3  # of the largest logit: float32 graphs of one model differ by rounding only
+
+
+def _check_float_graph(model: "nn.Module", graph: Path) -> None:
+    """Refuse a float graph whose logits on a few tokens are not the model's (hooks off: the float model)."""
+    import numpy as np
+    import torch
+
+    from slimsearch.deploy.llm_timing import onnx_logits
+    from slimsearch.compress.llm_methods import hooks_off
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = (np.arange(VERIFY_TOKENS, dtype=np.int64) * 7919 % vocab)[None]
+    with hooks_off(model), torch.no_grad():
+        want = model(torch.from_numpy(ids)).logits.float().numpy()
+    gap = float(np.abs(onnx_logits(graph, ids) - want).max())
+    if gap > VERIFY_TOLERANCE * max(1.0, float(np.abs(want).max())):
+        raise ConfigError(f"the onnxruntime-genai builder's graph of this {type(model).__name__} gives other logits "
+                          f"than the model (up to {gap:.3g} apart), so it is not exported; seen with test models of "
+                          f"vocabularies under 128 tokens (this one: a vocabulary of {vocab})")
+
+
 @contextlib.contextmanager
 def _no_progress_bars() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
@@ -59,12 +82,20 @@ def _no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def deployed_graph(model: "nn.Module", out_dir: PathLike, *, threads: int = 1) -> Path:
-    """``model`` (an LLM method's result, or any Hugging Face causal LM) as a GenAI folder in ``out_dir``.
+def deployed_graph(model: "nn.Module", out_dir: PathLike, *, threads: int = 1, tokenizer: Any = None,
+                   verify: bool = False) -> Path:
+    """``model`` (an LLM method's result, or any Hugging Face causal LM) as a GenAI folder in ``out_dir``,
+    with ``tokenizer`` (a placeholder when None: a folder for timing, not for serving text).
+
+    With ``verify``, the builder's float graph must give the model's logits on a few tokens before
+    any linear is replaced (its graphs of tiny test models, vocabularies of 64 and 96 tokens,
+    computed other logits; 128 and more were right); timing needs no such check, the graph's
+    speed not depending on its values.
 
     Raises:
-        ConfigError: the builder does not support the model's architecture (GPT-2), ``out_dir``
-            exists and is not empty, or a SmoothQuant linear's weights are not 8-bit per channel.
+        ConfigError: the builder does not support the model's architecture (GPT-2), its graph
+            fails ``verify``, ``out_dir`` exists and is not empty, or a SmoothQuant linear's
+            weights are not 8-bit per channel.
     """
     from slimsearch.compress.llm_methods import record_of
     from slimsearch.deploy.onnx_nbits import build_onnx, to_matmul_nbits
@@ -87,9 +118,11 @@ def deployed_graph(model: "nn.Module", out_dir: PathLike, *, threads: int = 1) -
         hf = Path(tmp) / "hf"
         with _no_progress_bars():  # transformers draws one per save; a job's log is no place for it
             model.save_pretrained(hf)
-        placeholder_tokenizer().save_pretrained(hf)
+        (tokenizer if tokenizer is not None else placeholder_tokenizer()).save_pretrained(hf)
         graph = build_onnx(hf, Path(tmp) / "float", threads=threads)
         shutil.rmtree(hf)
+        if verify:
+            _check_float_graph(model, graph)
         if nbits:
             graph = to_matmul_nbits(graph, nbits, out_dir=Path(tmp) / "nbits", accuracy_level=4).path
         if w8a8:

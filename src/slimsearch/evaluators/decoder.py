@@ -28,9 +28,8 @@ A causal LM is costed per generated token, at batch 1, as it is used:
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from slimsearch.evaluators.metrics import COST_METRICS, Metrics, Provenance
 from slimsearch.metric_names import DECODE_TOK_S, LOCAL_PROFILE
@@ -46,25 +45,6 @@ MEMORY_CONTEXT = 2048
 PROMPT_TOKENS = 32
 DECODE_TOKENS = 16
 REPEATS = 3
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
-
-
-@contextlib.contextmanager
-def hooks_off(model: "nn.Module") -> Iterator[None]:
-    """Every module's forward hooks taken out while inside, put back after."""
-    saved = []
-    for module in model.modules():
-        for name in _HOOK_DICTS:
-            hooks = getattr(module, name, None)
-            if hooks:
-                saved.append((hooks, dict(hooks)))
-                hooks.clear()
-    try:
-        yield
-    finally:
-        for hooks, items in saved:
-            hooks.update(items)
 
 
 def _cache_keyword(model: "nn.Module") -> str:
@@ -125,6 +105,7 @@ def _torch_decode(model: "nn.Module", task: Any, *, repeats: int, energy=None) -
     a deployment does not run), or with ``energy`` its energy in mJ per token."""
     import torch
 
+    from slimsearch.compress.llm_methods import hooks_off
     from slimsearch.hardware_profiles import measure_latency
 
     prompt = task.val.x[:1, :PROMPT_TOKENS]

@@ -62,6 +62,21 @@ def task_latency_batch(name: str) -> int:
     return 1 if is_causal_lm(name) else BUILTIN_LATENCY_BATCH.get(name, DEFAULT_LATENCY_BATCH)
 
 
+def causal_lm_source(name: str) -> str:
+    """Where the model of causal-lm task ``name`` comes from: its folder or GGUF file.
+
+    Raises:
+        ConfigError: ``name`` is not a causal-lm task.
+    """
+    if is_causal_lm(name):
+        return name[len(CAUSAL_LM_PREFIX):]
+    if name == "smollm2":
+        from slimsearch.tasks.causal_lm import smollm2_folder
+
+        return str(smollm2_folder())
+    raise ConfigError(f"task {name!r} is not a causal LM; allowed: smollm2 or '{CAUSAL_LM_PREFIX}<path>'")
+
+
 def load_task(name: str, *, seed: int = 0, path: Optional[str] = None,
               text: Union[str, Sequence[str], None] = None) -> Task:
     """Build the task a job names: a built-in name, ``causal-lm:<path>`` or ``package.module:function``.

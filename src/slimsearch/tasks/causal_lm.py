@@ -121,6 +121,24 @@ def load_causal_lm(path: Union[str, "os.PathLike[str]"], *, gguf_file: Optional[
     return model.to("cpu", torch.float32).eval(), tokenizer
 
 
+def load_tokenizer(path: Union[str, "os.PathLike[str]"], *, gguf_file: Optional[str] = None):
+    """The tokenizer of the causal LM at ``path`` (as :func:`load_causal_lm` finds it), without its weights.
+
+    Raises:
+        ConfigError: the path is missing or holds no tokenizer that loads.
+    """
+    folder, gguf_name = _resolve(Path(path), gguf_file)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    kwargs = {"local_files_only": True, "trust_remote_code": False, **({"gguf_file": gguf_name} if gguf_name else {})}
+    try:
+        return AutoTokenizer.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise ConfigError(f"{path}: no tokenizer could be loaded ({type(exc).__name__}: {reason})") from None
+
+
 def _resolve(path: Path, gguf_file: Optional[str]) -> tuple[Path, Optional[str]]:
     """``(folder, gguf file name or None)`` for :func:`load_causal_lm`, checked before loading."""
     allowed = list(SUPPORTED_MODEL_TYPES)
