@@ -11,8 +11,9 @@ front member that matches or beats it on all three of test perplexity (no more),
 timing noise allowed), and says whether one beats it outright (better by more than the noise on at
 least one: lower perplexity, fewer bytes, or faster by more than ``NOISE``). Prints one table and
 writes ``--json``: ``{"baselines": [...], "front": [...], "job_wall_s", "full_fidelity_share",
-"hv_ratio_vs_best_optuna", ...}``; the last two are null until the job screens candidates on a
-small token budget and a sampler comparison is run (not built yet).
+"hv_ratio_vs_best_optuna", ...}``: ``full_fidelity_share`` is the share of the job's evaluated
+candidates its multi-fidelity screen promoted to the full text; ``hv_ratio_vs_best_optuna`` is null
+(the sampler comparison is not built yet).
 """
 
 from __future__ import annotations
@@ -89,11 +90,13 @@ def main() -> None:
             shutil.move(str(aside), cache)
     data = json.loads((out / "front.json").read_text())
     front = [row(f"trial {c['trial']}: {c['describe']}", c["metrics"]) for c in data["front"]]
+    cheap = [s for s in data.get("screened", []) if s["metrics"].get("fidelity", 1.0) < 1.0]  # not promoted
     baselines = compare(front, [{**row(b["name"], b["metrics"]), "seconds": b.get("seconds")}
                                 for b in data.get("baselines", [])])
     result = {"job": args.job, "job_wall_s": wall, "cold": args.cold, "teacher": row("teacher", data["teacher"]),
               "front": front, "baselines": baselines, "candidates": len(data["candidates"]),
-              "full_fidelity_share": None, "hv_ratio_vs_best_optuna": None, "job_dir": str(out),
+              "full_fidelity_share": len(data["candidates"]) / max(1, len(data["candidates"]) + len(cheap)),
+              "screened_cheaply": len(cheap), "hv_ratio_vs_best_optuna": None, "job_dir": str(out),
               "noise": NOISE}
 
     def fmt(r: dict) -> str:
@@ -102,7 +105,9 @@ def main() -> None:
         size = f"{r['bytes'] / 1e6:.1f}" if r["bytes"] else "-"
         return f"{ppl:>9} {size:>9} {tok:>8}"
 
-    print(f"\njob {args.job}: {wall:.0f} s, {len(data['candidates'])} candidates, {len(front)} on the front")
+    print(f"\njob {args.job}: {wall:.0f} s, {len(data['candidates'])} candidates evaluated in full and {len(cheap)} "
+          f"only on the screen's share of the text (full: {result['full_fidelity_share']:.0%}), "
+          f"{len(front)} on the front")
     print(f"{'':60} {'test ppl':>9} {'MB':>9} {'tok/s':>8}  matched or beaten by")
     print(f"{'teacher':60} {fmt(result['teacher'])}")
     for b in baselines:

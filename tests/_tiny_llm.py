@@ -77,3 +77,39 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def patterned_text(path: Path, paragraphs: int = 60, seed: int = 0) -> Path:
+    """A text file whose paragraphs walk the tiny vocabulary in steps of 1 to 3 words (a few words
+    at random): a model can learn to predict it, so compressing one shows (random words cannot)."""
+    rng = random.Random(seed)
+    paras = []
+    for _ in range(paragraphs):
+        word, step, words = rng.randint(2, VOCAB - 1), rng.randint(1, 3), []
+        for _ in range(rng.randint(40, 120)):
+            words.append(f"w{rng.randint(2, VOCAB - 1) if rng.random() < 0.05 else word}")
+            word = 2 + (word - 2 + step) % (VOCAB - 2)
+        paras.append(" ".join(words))
+    path.write_text("\n\n".join(paras))
+    return path
+
+
+def trained_folder(path: Path, text_path: Path, steps: int = 150, seed: int = 0) -> Path:
+    """:func:`folder`'s tiny Llama, first trained ``steps`` steps on ``text_path`` (a few seconds)."""
+    import torch
+
+    model, tok = llama(seed), tokenizer()
+    ids = torch.tensor(tok.encode(text_path.read_text().replace("\n\n", " "), add_special_tokens=False))
+    windows = ids[: len(ids) // 32 * 32].view(-1, 32)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        batch = windows[torch.randint(len(windows), (16,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

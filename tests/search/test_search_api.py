@@ -122,6 +122,22 @@ def test_screened_candidates_are_recorded_and_not_counted():
     assert all(evaluate(p)["latency_ms"] <= 6 for p in calls)  # the estimate is exact here
 
 
+def test_a_candidate_evaluate_scored_only_cheaply_is_recorded_with_its_figures_and_not_counted():
+    # multi-fidelity: evaluate says it did not promote a candidate (Metrics.screened); the study
+    # prunes it, keeps its cheap figures, and asks for another: the budget counts full evaluations
+    from slimsearch.evaluators.metrics import Metrics
+
+    def cheap_or_full(p):
+        if p["bits"] == 4:
+            return Metrics(values={"accuracy_screen": 0.5}, screened="not promoted: 4 bits")
+        return Metrics(values=evaluate(p))
+
+    result = search(SPACE, cheap_or_full, OBJECTIVES, budget=6, sampler="random", seed=5)
+    assert len(result.evaluated) == 6 and all(t.params["bits"] != 4 for t in result.evaluated)
+    cheap = [t for t in result.screened if t.screened == "not promoted: 4 bits"]
+    assert cheap and all(t.values == {"accuracy_screen": 0.5} and t.params["bits"] == 4 for t in cheap)
+
+
 def test_an_estimate_of_every_objective_screens_candidates_that_cannot_improve_the_front():
     def full(p):
         v = evaluate(p)

@@ -219,7 +219,7 @@ def _costs(model: nn.Module, task: Task, profiles: Sequence[Any], *, repeats: in
 def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teacher_score: float | None = None,
              onnx_out: str | None = None, devices: Mapping[str, Callable[[bytes, Any], float]] | None = None,
              on_chunk: Callable[[int, nn.Module], bool] | None = None, chunk_every: int | None = None,
-             reference: LocalReference | None = None, device: Any = None) -> Metrics:
+             reference: LocalReference | None = None, device: Any = None, screen: Any = None) -> Metrics:
     """Compress the teacher as ``plan`` says and score the result (validation chooses, test reports).
 
     The candidate is compressed, fine-tuned and scored on ``device`` (``"cpu"``, ``"cuda"``,
@@ -232,14 +232,25 @@ def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teac
     The gap to ``teacher_score`` is named and measured as the task's family says
     (``accuracy_drop``, ``ppl_increase``: :class:`~slimsearch.metric_names.TaskFamily`).
     ``devices`` and ``reference`` are passed to :func:`model_metrics`; ``on_chunk`` and ``chunk_every``
-    to :func:`apply_plan`.
+    to :func:`apply_plan`. ``screen`` (a causal LM's :class:`~slimsearch.evaluators.fidelity.Screen`)
+    first scores the candidate on a share of the validation text: one it does not promote comes
+    back with those cheap figures and its untimed costs, marked ``screened``.
     """
     from slimsearch._device import resolve_device
 
     work = task if device is None else task_on(task, resolve_device(device))
     host = task_on(task, "cpu")
     model = apply_plan(work, plan, on_chunk=on_chunk, chunk_every=chunk_every)
-    values: dict[str, float | None] = dict(task_scores(model, work.val, work))
+    cheap: dict[str, float] = {}
+    if screen is not None and task.family is TaskFamily.CAUSAL_LM:
+        from slimsearch.evaluators.fidelity import FIDELITY
+
+        cheap, reason = screen.judge(model, work)
+        if reason is not None:
+            costs = task_costs(model.to("cpu"), host, profiles, plan.power_modes)  # exact or modelled: nothing timed
+            return Metrics(values={**cheap, **costs.values}, provenance=costs.provenance, screened=reason)
+        cheap[FIDELITY] = 1.0
+    values: dict[str, float | None] = {**cheap, **task_scores(model, work.val, work)}
     # Recorded for every candidate, used by nothing that chooses: validation chooses
     # the front, test reports it (and export checks the exported file against it).
     values[f"{task.metric_name}_test"] = score(model, work.test, work)

@@ -28,16 +28,22 @@ class Metrics:
     say: ``latency_ms@raspberry-pi-4`` is measured when a Ray node carrying
     ``device:raspberry-pi-4`` timed it, modelled otherwise.
     A value of ``None`` means the metric does not exist for that device (no price).
+    ``screened``, when set, says why the candidate was scored only cheaply and not promoted to
+    the full evaluation (its ``values`` are the cheap ones): a multi-fidelity screen.
     """
 
     values: Mapping[str, Optional[float]]
     provenance: Mapping[str, Provenance] = field(default_factory=dict)
+    screened: Optional[str] = None
 
     def __getitem__(self, name: str) -> Optional[float]:
         return self.values[name]
 
     def to_dict(self) -> dict:
-        return {"values": dict(self.values), "provenance": {k: v.value for k, v in self.provenance.items()}}
+        out = {"values": dict(self.values), "provenance": {k: v.value for k, v in self.provenance.items()}}
+        if self.screened is not None:
+            out["screened"] = self.screened
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -47,6 +53,7 @@ class Metrics:
         return cls(
             values=dict(data["values"]),
             provenance={k: Provenance(v) for k, v in data.get("provenance", {}).items()},
+            screened=data.get("screened"),
         )
 
     @classmethod

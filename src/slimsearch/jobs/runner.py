@@ -22,7 +22,7 @@ from slimsearch.metric_names import (BASE_METRICS, DECODER_METRICS, DECODER_PROF
 from slimsearch.jobs.early_stop import CONSTRAINT as STOP_CONSTRAINT
 from slimsearch.jobs.folder import FRONT_FILE, FRONT_HTML, MODELS_DIR, STATE_FILE, job_state, make_folder, write_json, model_file
 from slimsearch.jobs.log import TrackingUnavailable, CandidateLog, front_numbers, log_calibration, log_hypervolume, log_record, power_modes_used, progress_bar, register_job, register_end, release_locks, short_error, was_stopped
-from slimsearch.jobs.worker import cached_task, build_space, estimate_params, evaluate_params
+from slimsearch.jobs.worker import build_space, cached_task, estimate_params, evaluate_params, job_screen
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,9 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                   "measured_on_device_nodes": ", ".join(sorted(devices or {})) or "none",
                   "device": resources.device, "gpus_per_worker": resources.gpus_per_worker,
                   "local_latency": describe_reference(reference)}
+        screen = job_screen(spec, task)
+        if screen is not None:
+            params["promotion_rule"] = screen.rule()
         parent = tracker.start_parent(spec.name, params, parent_id=state.get("parent_run_id"))
         default_modes = power_modes_used(spec, {})
         if not resume:
@@ -372,7 +375,10 @@ def _finish(study, space, tracker, out: Path, objectives, teacher, metric_name, 
             "family": family.value, "direction": family.direction, "teacher": teacher,
             "teacher_provenance": teacher_provenance,
             "front": front_list, "candidates": candidates, "baselines": baselines,
-            "failed": [{"trial": r.number, "error": r.error} for r in all_records if r.state.value == "failed"]}
+            "failed": [{"trial": r.number, "error": r.error} for r in all_records if r.state.value == "failed"],
+            # evaluated only cheaply (multi-fidelity): their cheap figures; screened on the estimate: none
+            "screened": [{"trial": r.number, "reason": r.screened, "metrics": r.values}
+                         for r in all_records if r.state.value == "screened" and r.values]}
     write_json(out / FRONT_FILE, data)
     artifacts = [out / FRONT_FILE]
     if len(objectives) >= 2 and candidates:

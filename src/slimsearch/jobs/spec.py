@@ -141,6 +141,10 @@ class SearchSpec(_Frozen):
                                           "beyond it the candidate fails and its worker goes on")
     early_stopping: bool = Field(True, description="stop fine-tuning a candidate that cannot plausibly reach the "
                                  "front or meet the constraints (checked at 1/4, 1/2 and 3/4 of its steps)")
+    multi_fidelity: bool = Field(True, description="causal-lm jobs with a ppl_increase <= bound: score each "
+                                 "candidate first on a quarter of the validation text and evaluate in full only "
+                                 "those within twice the bound (evaluators/fidelity.py); the others are recorded "
+                                 "as screened and take no place of the budget")
     baselines: bool = Field(True, description="causal-lm jobs: evaluate the uniform recipes (RTN, GPTQ and AWQ "
                             "at 4 bits, 8-bit weights, W8A8 SmoothQuant) once after the search, as reference runs "
                             "tagged baseline; other tasks have none")

@@ -56,6 +56,21 @@ def cached_reference(name: str, seed: int, path: Optional[str], text, quiet: tup
     return local_reference(cached_task(name, seed, path, text), dict(quiet))
 
 
+def job_screen(spec: JobSpec, task):
+    """The multi-fidelity screen of a causal-LM job (:class:`~slimsearch.evaluators.fidelity.Screen`)
+    at its tightest ``ppl_increase <=`` bound, when ``search.multi_fidelity`` is on; None otherwise
+    (another family, or no such bound to judge a cheap score against)."""
+    from slimsearch.evaluators.fidelity import Screen
+    from slimsearch.metric_names import TaskFamily
+    from slimsearch.search._types import Constraint
+
+    if not spec.search.multi_fidelity or task.family is not TaskFamily.CAUSAL_LM:
+        return None
+    gap = task.family.gap_name(task.metric_name)
+    bounds = [c.limit for c in map(Constraint.parse, spec.constraints) if c.metric == gap and c.op in ("<=", "<")]
+    return Screen(min(bounds)) if bounds else None
+
+
 def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
                     out: Optional[str] = None, devices=None, reference: Optional[dict] = None,
                     device: str = "cpu"):
@@ -89,12 +104,13 @@ def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
     with memory_limit(spec.search.memory_limit_mb):  # after the task loads: its data and teacher are not counted
         metrics = evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score, onnx_out=onnx_out,
                            devices=devices, on_chunk=stopper, chunk_every=None if stopper is None else stopper.every,
-                           reference=paired, device=device)
+                           reference=paired, device=device, screen=job_screen(spec, task))
     if stopper is None:
         return metrics
     from slimsearch.evaluators.metrics import Metrics
 
-    return Metrics(values={**metrics.values, **stopper.finish()}, provenance=metrics.provenance)
+    return Metrics(values={**metrics.values, **stopper.finish()}, provenance=metrics.provenance,
+                   screened=metrics.screened)
 
 
 def estimate_params(params: dict, *, task, space, profiles) -> dict[str, Optional[float]]:

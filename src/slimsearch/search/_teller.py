@@ -174,6 +174,24 @@ class _Teller:
         self._emit(TrialRecord(trial.number, params, {}, TrialState.SCREENED, estimate=dict(estimate),
                                feasible=feasible, screened=reason))
 
+    def _record_cheap(self, trial, params: dict, values: dict, outcome: dict, duration: float) -> TrialRecord:
+        """A candidate evaluate scored only cheaply and did not promote (``outcome["screened"]`` says
+        why): pruned, with its cheap values; like a screened trial, it takes no place of the budget."""
+        import optuna
+
+        reason = outcome["screened"]
+        provenance = dict(outcome.get("provenance") or {})
+        trial.set_user_attr(METRICS_ATTR, values)
+        if provenance:
+            trial.set_user_attr(PROVENANCE_ATTR, provenance)
+        feasible = _set_constraints(trial, [c for c in self.constraints if c.metric in values], values)
+        trial.set_user_attr(SCREENED_ATTR, reason)
+        trial.set_user_attr(FEASIBLE_ATTR, feasible)
+        self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        self.n_screened += 1
+        return self._emit(TrialRecord(trial.number, params, dict(values), TrialState.SCREENED, duration_s=duration,
+                                      feasible=feasible, screened=reason, provenance=provenance))
+
     def _emit(self, record: TrialRecord) -> TrialRecord:
         self.records.append(record)
         if self.listener is not None:
@@ -190,6 +208,8 @@ class _Teller:
             trial.set_user_attr(EVALUATE_ATTR, outcome["seconds"])
         error = outcome.get("error")
         values = outcome.get("values") or {}
+        if error is None and outcome.get("screened"):
+            return self._record_cheap(trial, params, values, outcome, duration)
         if error is None:
             missing = [m for m in self.objectives if values.get(m) is None]
             if missing:
@@ -271,6 +291,8 @@ def call_evaluate(evaluate: Callable[[dict], dict], params: dict, time_limit_s: 
         out = {"values": {k: (None if v is None else float(v)) for k, v in values.items()}}
         if provenance:
             out["provenance"] = {k: getattr(v, "value", v) for k, v in provenance.items()}
+        if getattr(result, "screened", None):
+            out["screened"] = result.screened
     except Exception as exc:  # any failure of one candidate costs that candidate only
         last = traceback.extract_tb(exc.__traceback__)[-1]
         out = {"error": f"{type(exc).__name__}: {exc} (at {os.path.basename(last.filename)}:{last.lineno})"}
