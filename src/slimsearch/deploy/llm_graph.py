@@ -61,7 +61,7 @@ def _check_float_graph(model: "nn.Module", graph: Path) -> None:
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = (np.arange(VERIFY_TOKENS, dtype=np.int64) * 7919 % vocab)[None]
     with hooks_off(model), torch.no_grad():
-        want = model(torch.from_numpy(ids)).logits.float().numpy()
+        want = model(torch.from_numpy(ids)).logits.float().cpu().numpy()
     gap = float(np.abs(onnx_logits(graph, ids) - want).max())
     if gap > VERIFY_TOLERANCE * max(1.0, float(np.abs(want).max())):
         raise ConfigError(f"the onnxruntime-genai builder's graph of this {type(model).__name__} gives other logits "

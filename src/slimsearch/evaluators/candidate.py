@@ -52,20 +52,16 @@ class LocalReference:
     train): the plain-value part, recorded with the job. ``runs`` holds, by the same names,
     functions that run the teacher's deployable ONNX graph on the input that metric times.
     ``fastest_ms`` holds, by the same names, the fastest the teacher has run in this process's
-    paired rounds so far (filled in by :func:`measure_local`): a process can run a graph a few
-    percent faster or slower than another, so a reference slower than both it and ``quiet_ms``
-    means a loaded moment (``measure_paired``'s ``quiet_reference_ms``). Build one with
-    :func:`local_reference`.
+    paired rounds so far (filled in by :func:`measure_local`): the quiet figure a later
+    measurement in this process is judged against (``measure_paired``'s ``quiet_reference_ms``).
+    Not ``quiet_ms``: one process can run the same graph 10% faster or slower than another (the
+    driver's figure against a worker's, seen here), which would read as load in every round.
+    Build one with :func:`local_reference`.
     """
 
     quiet_ms: Mapping[str, float]
     runs: Mapping[str, Callable[[], object]]
     fastest_ms: dict[str, float] = field(default_factory=dict)
-
-    def baseline_ms(self, name: str) -> float:
-        """The teacher's latency ``name`` on a quiet machine, for this process: the lower of its
-        quiet figure and the fastest it has run here."""
-        return min(self.quiet_ms[name], self.fastest_ms.get(name, math.inf))
 
 
 def _timed_inputs(task: Task) -> dict[str, Any]:
@@ -155,7 +151,7 @@ def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=Non
         if reference is None:
             out[name] = measure_latency(run, warmup=3, repeats=repeats).median_ms
         else:
-            timing = measure_paired(run, reference.runs[name], quiet_reference_ms=reference.baseline_ms(name))
+            timing = measure_paired(run, reference.runs[name], quiet_reference_ms=reference.fastest_ms.get(name))
             reference.fastest_ms[name] = min(timing.reference_ms, reference.fastest_ms.get(name, math.inf))
             out.update(paired_figures(name, timing, reference.quiet_ms[name]))
         if name == f"latency_ms@{LOCAL}" and meter is not None:
