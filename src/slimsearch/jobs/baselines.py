@@ -59,8 +59,8 @@ def run_baselines(task: "Task", profiles: Sequence[Any], folder: Path, *, teache
     (an entry whose plan changed counts as lacking), log each to ``tracker`` (an MLflow
     :class:`~slimsearch.storage.tracking.Tracker`, when given) and write the file after each;
     return every entry, in recipe order. ``evaluate`` defaults to
-    :func:`slimsearch.evaluators.evaluate`, which runs them on ``device`` (as the job's candidates). An entry: ``name``, ``plan``, ``metrics``,
-    ``provenance``, ``seconds``, ``run_id``.
+    :func:`slimsearch.evaluators.evaluate`, which runs them on ``device`` (as the job's candidates).
+    An entry: ``name``, ``plan``, ``metrics``, ``provenance``, ``seconds``, ``run_id``.
     """
     from slimsearch._io import atomic_write
     from slimsearch.evaluators.metrics import provenance_map
