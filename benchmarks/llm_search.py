@@ -111,7 +111,9 @@ def main() -> None:
     print(f"{'':60} {'test ppl':>9} {'MB':>9} {'tok/s':>8}  matched or beaten by")
     print(f"{'teacher':60} {fmt(result['teacher'])}")
     for b in baselines:
-        verdict = ("beaten by " if b["beaten"] else "matched by ") + b["matched_by"] if b["matched_by"] else "NOT MATCHED"
+        verdict = "NOT MATCHED"
+        if b["matched_by"]:
+            verdict = ("beaten by " if b["beaten"] else "matched by ") + b["matched_by"]
         print(f"{'baseline ' + b['name']:60} {fmt(b)}  {verdict}")
     for m in front:
         print(f"{m['name'][:60]:60} {fmt(m)}")

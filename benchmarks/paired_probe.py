@@ -79,7 +79,8 @@ def main() -> None:
     candidate, teacher = runs(model), runs(task.teacher)
     rows = []
     print(f"{ARCHITECTURES[args.arch][0]} against the teacher, {args.n} paired measurements each, one attempt")
-    print(f"{'neighbour':9} {'metric':22} {'median':>7} {'min':>7} {'max':>7} {'max dev':>8} {'slow ref':>8}  ratios then")
+    print(f"{'neighbour':9} {'metric':22} {'median':>7} {'min':>7} {'max':>7} {'max dev':>8} {'slow ref':>8}  "
+          "ratios then")
     for mode in args.neighbour.split(","):
         stop = mp.Event()
         proc = mp.get_context("fork").Process(target=_neighbour, args=(task, mode, stop))
@@ -100,7 +101,8 @@ def main() -> None:
         stop.set()
         proc.join()
     if args.json:
-        Path(args.json).write_text(json.dumps({"arch": ARCHITECTURES[args.arch][0], "n": args.n, "rows": rows}, indent=1))
+        data = {"arch": ARCHITECTURES[args.arch][0], "n": args.n, "rows": rows}
+        Path(args.json).write_text(json.dumps(data, indent=1))
 
 
 if __name__ == "__main__":
