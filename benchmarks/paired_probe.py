@@ -8,8 +8,8 @@ deployable ONNX graph is timed ``--n`` times against the teacher's with ``measur
 attempt each: no retries, so every excursion shows), at batch 1 and 64, one thread, while a
 neighbour process does nothing (``none``) or trains a copy of the teacher (``train``). Printed per
 neighbour and batch: the median ratio, its range and largest deviation, and how many of the ``n``
-measurements had the teacher more than 10% slower than its fastest in the run (what the job's
-measurement calls unsettled), with the ratios of those.
+measurements had the teacher more than 10% slower than its fastest in the run, with the ratios of
+those (a job's measurement retries when the teacher is over 20% slower than its fastest in the worker).
 """
 
 from __future__ import annotations
