@@ -69,6 +69,18 @@ def _llm_pick(name: str, values, i: int):
     return values[0]
 
 
+def _on_device(task, plans, where: str):
+    """The teacher's validation score on ``where``, then ``plans`` evaluated there: (score, wall s, results)."""
+    from slimsearch.evaluators import score
+    from slimsearch.tasks import task_on
+
+    work = task_on(task, where)
+    teacher_score = score(work.teacher, work.val, work)
+    start = time.perf_counter()
+    results = _evaluate_all(task, plans, where, teacher_score)
+    return teacher_score, time.perf_counter() - start, results
+
+
 def _evaluate_all(task, plans, device: str, teacher_score: float):
     """Each plan evaluated on ``device``: (metrics, seconds) per plan."""
     from slimsearch.evaluators import evaluate
@@ -173,8 +185,7 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    from slimsearch.evaluators import score
-    from slimsearch.tasks import load_task, task_on
+    from slimsearch.tasks import load_task
 
     devices = [str(device)] + (["cpu"] if device.type != "cpu" else [])
     report: dict = {"device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
@@ -189,13 +200,9 @@ def main(argv=None) -> int:
     rows = []
     mnist: dict = {}
     for where in devices:
-        work = task_on(task, where)
-        teacher_score = score(work.teacher, work.val, work)
-        start = time.perf_counter()
-        results = _evaluate_all(task, plans, where, teacher_score)
-        wall = time.perf_counter() - start
-        mnist[where] = {"task": task.name, "teacher_accuracy": teacher_score, "seconds": [s for _, s in results], "wall_s": wall,
-                        "candidates_per_hour": len(plans) * 3600 / wall,
+        teacher_score, wall, results = _on_device(task, plans, where)
+        mnist[where] = {"task": task.name, "teacher_accuracy": teacher_score, "seconds": [s for _, s in results],
+                        "wall_s": wall, "candidates_per_hour": len(plans) * 3600 / wall,
                         "accuracy": [m["accuracy"] for m, _ in results]}
         rows.append((f"{task.name} x{len(plans)}", where, f"{mnist[where]['candidates_per_hour']:.0f}", f"{wall:.1f}",
                      " ".join(f"{a:.4f}" for a in mnist[where]["accuracy"]) + f" (teacher {teacher_score:.4f})"))
@@ -216,11 +223,7 @@ def main(argv=None) -> int:
         else:
             lm_plans = _plans(ROOT / "examples" / "smollm2.yaml", lm, n_llm, args.seed, pick=_llm_pick)
             for where in devices:
-                work = task_on(lm, where)
-                teacher_ppl = score(work.teacher, work.val, work)
-                start = time.perf_counter()
-                results = _evaluate_all(lm, lm_plans, where, teacher_ppl)
-                wall = time.perf_counter() - start
+                teacher_ppl, wall, results = _on_device(lm, lm_plans, where)
                 llm[where] = {"teacher_ppl": teacher_ppl, "wall_s": wall, "candidates_per_hour": n_llm * 3600 / wall,
                               "ppl": [m["ppl"] for m, _ in results], "plans": [p.describe() for p in lm_plans]}
                 rows.append((f"smollm2 x{n_llm}", where, f"{llm[where]['candidates_per_hour']:.0f}", f"{wall:.1f}",

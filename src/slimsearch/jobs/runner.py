@@ -171,13 +171,14 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
             teacher_tags.update({f"teacher.provenance.{mlflow_key(k)}": v
                                  for k, v in provenance_map(teacher, state.get("teacher_provenance")).items()})
             tracker.log_parent_metrics({f"teacher.{k}": v for k, v in teacher.items()}, tags=teacher_tags)
+        first = first_unrun(study)  # the first trial this start runs: its threads and device are recorded
         state = {"spec": json.loads(spec.to_json()), "parent_run_id": parent, "study_name": spec.name,
                  "storage": storage_url, "tracking_uri": tracking_uri, "teacher": teacher,
                  # torch's thread count changes float rounding in training: export rebuilds a trial with
                  # the count its worker had (an entry per start: [first trial number it ran, threads])
-                 "threads": [*state.get("threads", []), [first_unrun(study), threads]],
+                 "threads": [*state.get("threads", []), [first, threads]],
                  # where candidates were fine-tuned and scored (a GPU's float rounding differs too), as threads
-                 "devices": [*state.get("devices", []), [first_unrun(study), resources.worker_device]],
+                 "devices": [*state.get("devices", []), [first, resources.worker_device]],
                  "teacher_sha256": task.teacher_sha256, "created": state.get("created", time.time()),
                  "teacher_provenance": provenance_map(teacher, state.get("teacher_provenance"))}
         write_json(out / STATE_FILE, state)
