@@ -7,8 +7,9 @@ import json
 import pytest
 
 from slimsearch.dashboards.report import (hypervolume_info, hypervolume_reference, hypervolume_series,
-                                          layer_heatmap_info, pair_front_infos, parallel_info, report_html,
-                                          write_report)
+                                          layer_heatmap_info, llm_heatmap_info, pair_front_infos, parallel_info,
+                                          report_html, report_sections, write_report)
+from slimsearch.spaces.plan import CompressionPlan, LayerPlan
 
 
 def test_one_front_per_pair_of_objectives_then_metric_against_each_profile_latency(job_data):
@@ -103,6 +104,67 @@ def test_layer_heatmap_has_one_row_per_front_member(job_data):
     assert info.members == ["trial 0", "trial 1", "trial 3"]
     assert info.weight_bits == [[4, 8], [8, 8], [8, 8]]
     assert info.prune_ratio == [[0.5, 0.0], [0.0, 0.0], [0.25, 0.0]]
+
+
+def _llm_job() -> dict:
+    """A causal-LM front.json: two front members, one dominated candidate, two baselines."""
+    def plan(**kw) -> dict:
+        return CompressionPlan(**kw).to_dict()
+
+    w4 = LayerPlan(weight_bits=4, group_size=64)
+    trial0 = plan(layers={"qkv": w4, "o": LayerPlan(), "gate_up": w4, "down": LayerPlan(weight_bits=8, group_size=64),
+                          "3.down": LayerPlan(weight_bits=32)}, weight_method="gptq", kv_bits=8)
+    trial2 = plan(layers={"qkv": LayerPlan(weight_bits=8, act_bits=8), "down": LayerPlan(act_bits=8)})
+    members = [{"trial": t, "plan": p, "describe": "", "params": {}, "provenance": {"size_bytes": "measured"},
+                "metrics": {"ppl": ppl, "size_bytes": size}, "on_front": t != 1}
+               for t, p, ppl, size in ((0, trial0, 24.0, 300), (1, trial2, 30.0, 900), (2, trial2, 21.0, 800))]
+    g128 = LayerPlan(weight_bits=4, group_size=128)
+    w8a8 = LayerPlan(weight_bits=8, group_size=0, act_bits=8)
+    baselines = [{"name": name, "plan": plan(layers={g: lp for g in ("qkv", "o", "gate_up", "down")},
+                                             weight_method=method),
+                  "metrics": {"ppl": 23.0, "size_bytes": 500}, "provenance": {}, "seconds": 1.0, "run_id": None}
+                 for name, lp, method in (("awq-w4g128", g128, "awq"), ("w8a8-smoothquant", w8a8, "rtn"))]
+    return {"job": "llm", "metric": "ppl", "family": "causal-lm", "direction": "min",
+            "objectives": {"ppl": "min", "size_bytes": "min"}, "teacher": {"ppl": 20.0, "size_bytes": 1000},
+            "candidates": members, "front": [c for c in members if c["on_front"]], "baselines": baselines,
+            "failed": []}
+
+
+def test_a_causal_lm_heatmap_shows_bits_group_size_and_method_of_front_members_then_baselines():
+    info = llm_heatmap_info(_llm_job())
+    assert info.members == ["trial 0", "trial 2", "baseline awq-w4g128", "baseline w8a8-smoothquant"]
+    assert info.layers == ["qkv", "o", "gate_up", "down", "3.down"]  # a per-block key after the groups
+    # a per-block key overrides its group's bits in that block; a plan without one falls back to the group
+    assert info.weight_bits == [[4, 32, 4, 8, 32], [8, 32, 32, 32, 32], [4, 4, 4, 4, 4], [8, 8, 8, 8, 8]]
+    assert info.kv_bits == [8, 32, 32, 32]
+    # model-wide group size, shown where the weights are quantized; 0 is per channel
+    assert info.group_size == [[64, None, 64, 64, None], [0, None, None, None, None],
+                               [128] * 5, [0] * 5]
+    assert info.method == [["gptq", "float", "gptq", "gptq", "float"],
+                           ["rtn+smoothquant", "float", "float", "smoothquant", "smoothquant"],
+                           ["awq"] * 5, ["rtn+smoothquant"] * 5]
+
+
+def test_the_report_of_a_causal_lm_job_draws_its_heatmap_with_the_kv_cache_column():
+    (section,) = [s for s in report_sections(_llm_job()) if s.title == "Per-layer plans"]
+    assert "baselines" in section.note
+    bits, size, method = section.figure.data
+    assert list(bits.x) == ["qkv", "o", "gate_up", "down", "3.down", "kv"]
+    assert list(bits.y) == ["trial 0", "trial 2", "baseline awq-w4g128", "baseline w8a8-smoothquant"]
+    assert [list(r) for r in bits.text][0] == ["4", "32", "4", "8", "32", "8"]
+    assert [list(r) for r in size.text][3] == ["per channel"] * 5
+    assert [list(r) for r in method.text][2] == ["awq"] * 5
+    codes = [list(r) for r in method.z]  # one colour per method; the SmoothQuant cells share one
+    assert codes[0] == [2, 0, 2, 2, 0] and codes[1] == [4, 0, 0, 4, 4]
+    assert "group size" in section.figure.layout.title.text
+
+
+def test_a_classification_job_keeps_the_bits_and_prune_ratio_heatmap(job_data):
+    (section,) = [s for s in report_sections(job_data) if s.title == "Per-layer plans"]
+    titles = [a.text for a in section.figure.layout.annotations]
+    assert titles == ["weight bits", "activation bits", "prune ratio"]
+    assert list(section.figure.data[0].x) == ["conv1", "fc"]
+    assert [list(r) for r in section.figure.data[1].z] == [[8, 32], [8, 32], [8, 32]]
 
 
 def test_report_is_one_offline_page(job_data, tmp_path):

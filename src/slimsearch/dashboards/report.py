@@ -17,7 +17,9 @@ from typing import Mapping, NamedTuple, Optional
 
 from slimsearch._io import atomic_write
 from slimsearch.dashboards.front import FrontInfo, front_figure, front_info, references_of
+from slimsearch.metric_names import TaskFamily
 from slimsearch.search.pareto import MAX_SLICED_POINTS, Reference, hypervolume_reference, hypervolume_series
+from slimsearch.spaces.choices import FULL_PRECISION, WEIGHT_METHODS, choice
 
 REPORT_HTML = "report.html"
 STATUS_ID = "report-status"
@@ -236,6 +238,95 @@ def layer_heatmap_figure(info: LayerHeatmapInfo):
     return fig
 
 
+# A causal LM's linear groups: how each is rounded (colour codes of the method panel, in this order).
+FLOAT, SMOOTHQUANT = "float", "smoothquant"
+LLM_METHODS = (FLOAT, *WEIGHT_METHODS, SMOOTHQUANT)
+SMOOTHQUANT_ACT_BITS = 8  # int8 inputs per token
+
+
+class LLMHeatmapInfo(NamedTuple):
+    layers: list[str]  # linear groups (``qkv``, ...), then per-block keys (``"3.down"``)
+    members: list[str]  # "trial N" per front member, then "baseline <name>" per uniform recipe
+    weight_bits: list[list[int]]  # per member and layer; 32: left in float
+    kv_bits: list[int]  # per member: the KV cache's bits (32: the teacher's float cache)
+    group_size: list[list[Optional[int]]]  # per member and layer; 0: per channel; None: float weights
+    method: list[list[str]]  # per member and layer, one of LLM_METHODS or "<method>+smoothquant"
+
+
+def _block_order(name: str) -> int:
+    """-1 for a group key (``"down"``), else the block of a per-block key (``"3.down"``)."""
+    block = name.partition(".")[0]
+    return int(block) if block.isdigit() else -1
+
+
+def llm_heatmap_info(data: Mapping) -> Optional[LLMHeatmapInfo]:
+    """Per-layer weight bits, group size and method of a causal-LM job's front members and of its
+    baselines (the uniform recipes), with each one's KV-cache bits; None when no plan names a layer.
+
+    As the decoder methods apply a plan: a per-block key (``"3.down"``) sets its block's weight bits
+    over its group's key; group size and rounding method are model-wide (the group size is the first
+    quantized layer's); SmoothQuant's int8 inputs (``act_bits`` 8) are chosen per group.
+    """
+    rows = [(f"trial {c['trial']}", c["plan"]) for c in sorted(data["front"], key=lambda c: c["trial"])]
+    rows += [(f"baseline {b['name']}", b["plan"]) for b in data.get("baselines", ())]
+    layers = sorted(dict.fromkeys(name for _, plan in rows for name in plan.get("layers", {})), key=_block_order)
+    if not layers:
+        return None
+    default_method = choice("weight_method").default  # an older plan may lack the field
+    bits, sizes, methods = [], [], []
+    for _, plan in rows:
+        named = plan.get("layers", {})
+        quantized = [lp for lp in named.values() if lp.get("weight_bits", FULL_PRECISION) < FULL_PRECISION]
+        size = quantized[0].get("group_size", 0) if quantized else None
+        row_bits, row_sizes, row_methods = [], [], []
+        for name in layers:
+            group = name.partition(".")[2] if _block_order(name) >= 0 else name
+            own = named.get(name) or named.get(group) or {}
+            b = int(own.get("weight_bits", FULL_PRECISION))
+            method = plan.get("weight_method", default_method) if b < FULL_PRECISION else FLOAT
+            if named.get(group, {}).get("act_bits", FULL_PRECISION) == SMOOTHQUANT_ACT_BITS:
+                method = SMOOTHQUANT if method == FLOAT else f"{method}+{SMOOTHQUANT}"
+            row_bits.append(b)
+            row_sizes.append(size if b < FULL_PRECISION else None)
+            row_methods.append(method)
+        bits.append(row_bits)
+        sizes.append(row_sizes)
+        methods.append(row_methods)
+    kv = [int(plan.get("kv_bits", FULL_PRECISION)) for _, plan in rows]
+    return LLMHeatmapInfo(layers, [name for name, _ in rows], bits, kv, sizes, methods)
+
+
+def llm_heatmap_figure(info: LLMHeatmapInfo):
+    """Three panels sharing the rows: weight bits (and the KV cache's, column ``kv``), group size, method."""
+    import math
+
+    import plotly.graph_objects as go
+    from plotly.colors import qualitative
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=3, shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=("weight bits (kv: KV cache; 32: float)", "group size", "method"))
+    bits = [row + [kv] for row, kv in zip(info.weight_bits, info.kv_bits)]
+    # colour by log2(bits), so 2, 3, 4 and 8 bits differ as much as 8 and 32 do
+    traces = [(info.layers + ["kv"], [[math.log2(b) for b in row] for row in bits],
+               [[str(b) for b in row] for row in bits], {"colorscale": "Blues_r", "zmin": 1, "zmax": 6})]
+    sizes = sorted({s for row in info.group_size for s in row if s is not None}, key=lambda s: (s == 0, s))
+    traces.append((info.layers, [[math.nan if s is None else sizes.index(s) for s in row] for row in info.group_size],
+                   [["" if s is None else "per channel" if s == 0 else str(s) for s in row] for row in info.group_size],
+                   {"colorscale": "Purples", "zmin": -1, "zmax": max(len(sizes), 2)}))  # light: text stays readable
+    colours = ["#f2f2f2", *qualitative.Pastel[:len(LLM_METHODS) - 1]]
+    steps = [[edge, c] for i, c in enumerate(colours) for edge in (i / len(colours), (i + 1) / len(colours))]
+    code = [[LLM_METHODS.index(m.rpartition("+")[2]) for m in row] for row in info.method]  # "+smoothquant" wins
+    traces.append((info.layers, code, info.method, {"colorscale": steps, "zmin": -0.5, "zmax": len(colours) - 0.5}))
+    for col, (x, z, text, colour) in enumerate(traces, start=1):
+        fig.add_trace(go.Heatmap(z=z, x=x, y=info.members, showscale=False, text=text, texttemplate="%{text}",
+                                 hovertemplate="%{y}, %{x}: %{text}<extra></extra>", **colour), row=1, col=col)
+    fig.update_yaxes(autorange="reversed")  # front members from the top, the baselines below them
+    fig.update_layout(title="Per-layer weight bits, group size and method of each front member and baseline",
+                      template="plotly_white", height=max(300, 80 + 40 * len(info.members)))
+    return fig
+
+
 class PredictedInfo(NamedTuple):
     profile: str
     predicted: list[float]  # latency_ms@<profile>, modelled
@@ -304,13 +395,20 @@ def report_sections(data: Mapping, baseline: Optional[Mapping] = None) -> list[S
     sections = [fronts[0], hv_section, *fronts[1:]]  # the headline front and the hypervolume first
     info3 = front3d_info(data)
     if info3 is not None:
-        sections.append(Section("3-D front", front3d_figure(info3), f"first three objectives: {', '.join(info3.names)}"))
+        sections.append(Section("3-D front", front3d_figure(info3),
+                                f"first three objectives: {', '.join(info3.names)}"))
     par = parallel_info(data)
     sections.append(Section("Choices", parallel_figure(par) if par else None, "colour: " + (par.color_name if par
                                                                                           else "no candidates")))
-    heat = layer_heatmap_info(data)
-    sections.append(Section("Per-layer plans", layer_heatmap_figure(heat) if heat else None,
-                            "rows: front members" if heat else "no front member names a layer"))
+    if TaskFamily(data.get("family", TaskFamily.CLASSIFICATION)) is TaskFamily.CAUSAL_LM:
+        llm = llm_heatmap_info(data)
+        sections.append(Section("Per-layer plans", llm_heatmap_figure(llm) if llm else None,
+                                "rows: front members, then the baselines (uniform recipes)" if llm
+                                else "no front member or baseline names a layer"))
+    else:
+        heat = layer_heatmap_info(data)
+        sections.append(Section("Per-layer plans", layer_heatmap_figure(heat) if heat else None,
+                                "rows: front members" if heat else "no front member names a layer"))
     predicted = predicted_infos(data)
     for info in predicted:
         sections.append(Section(f"Predicted against measured latency ({info.profile})", predicted_figure(info),
