@@ -86,7 +86,7 @@ def test_losses_are_cached_in_the_folder_and_read_back(tasks, tmp_path, monkeypa
     monkeypatch.setattr(sens, "_losses", counted)
     first = llm_sensitivity(task.teacher, _windows(task), RTN, folder=tmp_path, profiles=[PROFILE])
     second = llm_sensitivity(task.teacher, _windows(task), RTN, folder=tmp_path, profiles=[PROFILE])
-    assert len(calls) == 1 and second == first
+    assert len(calls) == 1 and second == first and second.cached and not first.cached
     assert len(list(tmp_path.glob("sensitivity-*.json"))) == 1
     llm_sensitivity(task.teacher, _windows(task, 2), RTN, folder=tmp_path)  # other windows: measured anew
     llm_sensitivity(task.teacher, _windows(task), RTN[:2], folder=tmp_path)  # other choices: likewise

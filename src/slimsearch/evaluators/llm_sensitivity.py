@@ -110,6 +110,7 @@ class Sensitivity:
             outside the groups (embedding, norms, biases), the teacher's modelled figures. A total over
             one option per group is the prediction; ``size_bytes`` is exact.
         modes: weight option -> its mode (every quantized group of a plan shares one).
+        cached: the losses were read from the folder's cache, not measured by this call.
 
     The fields are those of :class:`slimsearch.search.planner.Problem`:
     ``Problem(s.options, s.base, s.modes)``.
@@ -119,6 +120,7 @@ class Sensitivity:
     options: Mapping[str, Mapping[str, Mapping[str, float]]]
     base: Mapping[str, float]
     modes: Mapping[str, str] = field(default_factory=dict)
+    cached: bool = field(default=False, compare=False)  # how it was obtained, not what it holds
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -126,7 +128,7 @@ class Sensitivity:
     @classmethod
     def from_json(cls, text: str) -> "Sensitivity":
         data = json.loads(text)
-        return cls(data["key"], data["options"], data["base"], data.get("modes", {}))
+        return cls(data["key"], data["options"], data["base"], data.get("modes", {}), data.get("cached", False))
 
 
 def _check_inputs(choices: Sequence[WeightChoice], kv_bits: Sequence[int]) -> tuple[tuple, tuple]:
@@ -336,6 +338,7 @@ def llm_sensitivity(model: "nn.Module", windows: "torch.Tensor", choices: Sequen
     if path is not None and path.is_file():
         data = json.loads(path.read_text(encoding="utf-8"))
         measured = data if data.get("version") == VERSION and data.get("key") == key else None
+    cached = measured is not None
     if measured is None:
         measured = {**_losses(model, windows, calib, groups, choices, kv_bits, batch_size), "key": key}
         if path is not None:
@@ -346,7 +349,7 @@ def llm_sensitivity(model: "nn.Module", windows: "torch.Tensor", choices: Sequen
     options = {g: {o: {**(measured["losses"][g].get(o) or zero_loss), **values} for o, values in opts.items()}
                for g, opts in costs.items()}
     base = {KL: 0.0, NLL: float(measured["teacher_nll"]), **base}
-    return Sensitivity(key, options, base, {c.name: c.mode for c in choices})
+    return Sensitivity(key, options, base, {c.name: c.mode for c in choices}, cached)
 
 
 def plan_from_choice(chosen: Mapping[str, str], *, base: CompressionPlan = CompressionPlan()) -> CompressionPlan:

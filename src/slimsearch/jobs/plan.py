@@ -21,7 +21,7 @@ from slimsearch.exceptions import ConfigError
 from slimsearch.metric_names import TaskFamily
 from slimsearch.spaces.plan import CompressionPlan
 
-__all__ = ["DEFAULT_CHOICES", "DEFAULT_KV_BITS", "JobPlan", "plan_job"]
+__all__ = ["DEFAULT_CHOICES", "DEFAULT_KV_BITS", "JobPlan", "minimised_measure", "plan_job", "ppl_increase_bound"]
 
 DEFAULT_CHOICES = ("rtn-w3-g128", "rtn-w4-g128", "rtn-w8-g128")  # instant to score: minutes for SmolLM2
 DEFAULT_KV_BITS = (8, 4)
@@ -68,23 +68,30 @@ class JobPlan:
                    data["predicted"], data.get("measured", {}), data.get("chosen", {}), data.get("seconds", {}))
 
 
-def _budget(spec, max_ppl_increase: Optional[float]) -> float:
-    """The flag's budget, else the job's ``ppl_increase <=`` constraint."""
+def ppl_increase_bound(spec) -> Optional[float]:
+    """The tightest ``ppl_increase <=`` (or ``<``) bound among the job's constraints; None without one."""
     from slimsearch.search._types import Constraint
 
+    limits = [c.limit for c in map(Constraint.parse, spec.constraints) if c.metric == PPL_INCREASE
+              and c.op in ("<=", "<")]
+    return min(limits) if limits else None
+
+
+def _budget(spec, max_ppl_increase: Optional[float]) -> float:
+    """The flag's budget, else the job's ``ppl_increase <=`` constraint."""
     if max_ppl_increase is None:
-        limits = [c.limit for c in map(Constraint.parse, spec.constraints)
-                  if c.metric == PPL_INCREASE and c.op in ("<=", "<")]
-        if not limits:
+        max_ppl_increase = ppl_increase_bound(spec)
+        if max_ppl_increase is None:
             raise ConfigError(f"plan: job {spec.name!r} has no 'ppl_increase <= X' constraint; allowed: add one to "
                               "its constraints, or give --max-ppl-increase X")
-        max_ppl_increase = min(limits)
     if not (isinstance(max_ppl_increase, (int, float)) and math.isfinite(max_ppl_increase) and max_ppl_increase > 0):
         raise ConfigError(f"plan: the perplexity budget must be a number > 0 (0.05 = 5%), got {max_ppl_increase!r}")
     return float(max_ppl_increase)
 
 
-def _minimised(spec, minimise: Optional[str]) -> str:
+def minimised_measure(spec, minimise: Optional[str] = None) -> str:
+    """``minimise`` checked against what the job's profiles allow, else the first profile's modelled
+    ``latency_ms`` (``size_bytes`` for a job without profiles)."""
     from slimsearch.evaluators.llm_sensitivity import SIZE
 
     profiles = [p.name for p in spec.profiles]
@@ -123,7 +130,7 @@ def plan_job(spec, *, folder: Union[str, Path, None], max_ppl_increase: Optional
 
     say = progress or (lambda line: None)
     budget = _budget(spec, max_ppl_increase)
-    measure = _minimised(spec, minimise)
+    measure = minimised_measure(spec, minimise)
     if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
         raise ConfigError(f"plan: windows must be an integer >= 1, got {windows!r}")
     parsed = [WeightChoice.parse(c) for c in choices]

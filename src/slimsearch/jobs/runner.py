@@ -67,6 +67,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     from slimsearch.storage.tracking import Tracker, mlflow_key
     from slimsearch.tasks import task_on
     from slimsearch.jobs.resources import gpus_here, resolve_resources
+    from slimsearch.jobs.warm_start import enqueue_front, job_planner
 
     out = Path(out).resolve()
     objectives = {k: v.value for k, v in spec.objectives.items()}
@@ -128,10 +129,15 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     try:
         storage_url = spec.storage or default_storage_url(out)
         tracking_uri = spec.tracking_uri or default_tracking_uri(out)
+        locks.append(claim_sqlite(storage_url, f"{source}: storage" if spec.storage else f"--out {out}"))
+        locks.append(claim_folder(out))
+        planned = job_planner(spec, task, space, out, teacher_score=teacher_score, log=log)
         # A candidate stopped early was not fine-tuned to the end: a constraint keeps it off the front.
         constraint_texts = [*spec.constraints, *([STOP_CONSTRAINT] if spec.search.early_stopping else [])]
         constraints = [Constraint.parse(c) for c in constraint_texts]
-        estimate_fn = functools.partial(estimate_params, task=task, space=space, profiles=spec.profile_refs)
+        estimate_fn = functools.partial(estimate_params, task=task, space=space, profiles=spec.profile_refs,
+                                        predicted=None if planned is None else
+                                        functools.partial(planned.estimate, metric=task.metric_name))
         # where the screen or auto uses the estimate, it is corrected from the device figures measured
         # as candidates finish (device:<profile> nodes); exact sizes and modelled figures teach nothing
         can_screen = _estimate_can_screen(constraints, objectives, costs)
@@ -139,8 +145,6 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                        if can_screen or spec.search.sampler.value == "auto" else None)
         sampler_args = {"budget": spec.search.budget, "estimate": estimate_fn, "constraints": constraint_texts,
                         "space": dict(space.choices), "calibration": calibration}
-        locks.append(claim_sqlite(storage_url, f"{source}: storage" if spec.storage else f"--out {out}"))
-        locks.append(claim_folder(out))
         # Seeded at this driver's first trial: a resumed driver, or one sharing the study with
         # others, does not propose the plans already asked again.
         study = open_study(storage_url, spec.name, objectives, seeded_at_first_trial(
@@ -151,6 +155,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                 log(f"[slimsearch] {requeued} trial(s) interrupted by the last stop will run again")
         done = sum(1 for r in records(study) if r.state.value == "complete")
         remaining = max(0, spec.search.budget - done)
+        if planned is not None:
+            enqueue_front(planned, spec, study, most=remaining, log=log)
 
         tracker = Tracker(tracking_uri, spec.name, artifact_root=out / "mlartifacts")
         params = {"job": redact(spec.to_json()), "task": spec.task, "budget": spec.search.budget, "sampler": spec.search.sampler.value,
@@ -160,6 +166,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                   "measured_on_device_nodes": ", ".join(sorted(devices or {})) or "none",
                   "device": resources.device, "gpus_per_worker": resources.gpus_per_worker,
                   "local_latency": describe_reference(reference)}
+        if planned is not None:
+            params["planner"] = planned.describe()
         screen = job_screen(spec, task)
         if screen is not None:
             params["promotion_rule"] = screen.rule()

@@ -145,6 +145,10 @@ class SearchSpec(_Frozen):
                                  "candidate first on a quarter of the validation text and evaluate in full only "
                                  "those within twice the bound (evaluators/fidelity.py); the others are recorded "
                                  "as screened and take no place of the budget")
+    planner: bool = Field(True, description="causal-lm jobs with the auto sampler: measure what each choice costs "
+                          "each linear group on a few calibration windows (cached in the job folder), run first the "
+                          "plans an integer program predicts on the front within the ppl_increase bound, and let "
+                          "auto rank unseen plans by the perplexity it predicts (jobs/warm_start.py)")
     baselines: bool = Field(True, description="causal-lm jobs: evaluate the uniform recipes (RTN, GPTQ and AWQ "
                             "at 4 bits, 8-bit weights, W8A8 SmoothQuant) once after the search, as reference runs "
                             "tagged baseline; other tasks have none")

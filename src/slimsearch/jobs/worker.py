@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from slimsearch.exceptions import ConfigError
 from slimsearch.jobs.spec import JobSpec
@@ -61,14 +61,13 @@ def job_screen(spec: JobSpec, task):
     at its tightest ``ppl_increase <=`` bound, when ``search.multi_fidelity`` is on; None otherwise
     (another family, or no such bound to judge a cheap score against)."""
     from slimsearch.evaluators.fidelity import Screen
+    from slimsearch.jobs.plan import ppl_increase_bound
     from slimsearch.metric_names import TaskFamily
-    from slimsearch.search._types import Constraint
 
     if not spec.search.multi_fidelity or task.family is not TaskFamily.CAUSAL_LM:
         return None
-    gap = task.family.gap_name(task.metric_name)
-    bounds = [c.limit for c in map(Constraint.parse, spec.constraints) if c.metric == gap and c.op in ("<=", "<")]
-    return Screen(min(bounds)) if bounds else None
+    bound = ppl_increase_bound(spec)
+    return None if bound is None else Screen(bound)
 
 
 def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
@@ -113,9 +112,12 @@ def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
                    screened=metrics.screened)
 
 
-def estimate_params(params: dict, *, task, space, profiles) -> dict[str, Optional[float]]:
+def estimate_params(params: dict, *, task, space, profiles,
+                    predicted: Optional[Callable[[dict], dict]] = None) -> dict[str, Optional[float]]:
     """Driver side, before training: the plan's exact size and modelled device costs (see
-    :func:`slimsearch.evaluators.estimate.estimate`), for screening and the ``auto`` sampler."""
+    :func:`slimsearch.evaluators.estimate.estimate`), for screening and the ``auto`` sampler, and
+    what ``predicted`` (params -> metric -> value, e.g. the planner's perplexity) adds."""
     from slimsearch.evaluators.estimate import estimate
 
-    return dict(estimate(task, space.plan_from_params(params), profiles).values)
+    values = dict(estimate(task, space.plan_from_params(params), profiles).values)
+    return {**values, **predicted(params)} if predicted is not None else values

@@ -164,6 +164,36 @@ def _check_budgets(problem: Problem, minimise: str, budgets: Mapping[str, float]
     return out
 
 
+_quiet = {"banner_printed": False}
+
+
+def _highs():
+    """A silent HiGHS solver. The first one of a process prints HiGHS's banner to the process's standard
+    output (from C++, before any option can be set): that one is made with file descriptor 1 on
+    /dev/null for the moment (a line another thread writes to it then is lost)."""
+    import highspy
+
+    if _quiet["banner_printed"]:
+        return highspy.Highs()
+    import os
+    import sys
+
+    try:
+        sys.stdout.flush()
+        saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError, AttributeError):  # no descriptor 1 to redirect: let it print
+        return highspy.Highs()
+    try:
+        os.dup2(null, 1)
+        h = highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+    _quiet["banner_printed"] = True
+    return h
+
+
 def _solve_once(problem: Problem, minimise: str, budgets: Mapping[str, float]) -> Optional[dict[str, str]]:
     """The optimal choice, or None when the budgets admit no plan."""
     import highspy
@@ -173,7 +203,7 @@ def _solve_once(problem: Problem, minimise: str, budgets: Mapping[str, float]) -
     columns = [(g, o) for g in groups for o in problem.options[g]]
     modes = sorted(set(problem.modes[o] for _, o in columns if o in problem.modes))
     n = len(columns) + len(modes)
-    h = highspy.Highs()
+    h = _highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("mip_rel_gap", 0.0)
     h.setOptionValue("mip_abs_gap", 0.0)

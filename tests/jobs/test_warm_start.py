@@ -1,0 +1,116 @@
+"""The planner's start of a causal-LM job searched by ``auto`` (jobs/warm_start.py): the plans it
+enqueues lie in the job's space and within its predicted bound, its perplexity prediction, and its
+sensitivity table read back from the job folder, by a second start and by ``--resume``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+pytest.importorskip("highspy")
+
+from slimsearch.jobs.load import load_job  # noqa: E402
+from tests import _tiny_llm  # noqa: E402
+from tests._cli import cli, local_job, write_job  # noqa: E402
+from tests._tiny_llm import one_thread  # noqa: E402, F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SPACE = {"weight_bits": [2, 4, 8, 32], "kv_bits": [8, 32], "ffn_keep": [0.5, 1.0]}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("warm-start")
+    _tiny_llm.patterned_text(root / "notes.txt")
+    _tiny_llm.trained_folder(root / "tiny", root / "notes.txt")  # learned: rounding its weights costs perplexity
+    return root
+
+
+def job_data(root, budget: int, name: str = "warm") -> dict:
+    return {"name": name, "task": f"causal-lm:{root / 'tiny'}", "text": [str(root / "notes.txt")], "space": SPACE,
+            "objectives": {"ppl": "min", "memory_bytes": "min"}, "constraints": ["ppl_increase <= 0.3"],
+            "profiles": ["raspberry-pi-4"], "search": {"budget": budget, "workers": 1, "sampler": "auto",
+                                                       "baselines": False}}
+
+
+def test_the_enqueued_plans_lie_in_the_space_within_the_bound_and_the_table_is_read_back(made, tmp_path,
+                                                                                           monkeypatch):
+    import optuna
+
+    from slimsearch.evaluators import llm_sensitivity
+    from slimsearch.evaluators.candidate import task_scores
+    from slimsearch.jobs.warm_start import enqueue_front, planner_start
+    from slimsearch.jobs.worker import build_space
+    from slimsearch.tasks import load_task
+
+    spec = load_job(write_job(made, job_data(made, 6), "warm.yaml"))
+    task = load_task(spec.task, seed=0, path=spec.task_path, text=spec.task_text)
+    space = build_space(spec, task)
+    teacher = task_scores(task.teacher, task.val, task)["ppl"]
+    lines: list[str] = []
+    start = planner_start(spec, task, space, tmp_path, teacher_score=teacher, log=lines.append)
+    assert not start.table.cached and "measured" in lines[-1]
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    enqueued = enqueue_front(start, spec, study, most=5, log=lines.append)
+    assert 1 <= len(enqueued) <= 2  # ceil(6 / 3)
+    choices = dict(space.choices)
+    for params in enqueued:
+        assert set(params) == set(choices) and all(v in choices[k] for k, v in params.items())
+        assert params["ffn_keep"] == 1.0  # a cut is not in the table: left at no cut
+        predicted = start.estimate(params, "ppl")["ppl"]
+        assert 0 < predicted <= teacher * 1.3 + 1e-9  # within the bound, as predicted (rounding may even help)
+    assert any(v != 32 for p in enqueued for k, v in p.items() if k.startswith("weight_bits."))
+    untouched = {"weight_bits": 32, "act_bits": 32, "kv_bits": 32, "ffn_keep": 1.0, "distill_steps": 0}
+    float_plan = {k: untouched[k.partition(".")[0]] for k in choices}
+    assert start.estimate(float_plan, "ppl") == {"ppl": teacher}  # nothing rounded: the teacher's own
+    assert start.estimate({**float_plan, "ffn_keep": 0.5}, "ppl") == {"ppl": None}
+    hard = {**float_plan, **{k: 2 for k in choices if k.startswith("weight_bits.")}}
+    assert start.estimate(hard, "ppl")["ppl"] > teacher  # 2-bit weights cost this model perplexity
+    # the same plans are not enqueued twice
+    assert enqueue_front(start, spec, study, most=5, log=lines.append) == ()
+    assert len(study.get_trials()) == len(enqueued)
+
+    def measure_again(*args, **kwargs):
+        raise AssertionError("the losses were measured again instead of read from the job folder")
+
+    monkeypatch.setattr(llm_sensitivity, "_losses", measure_again)
+    again = planner_start(spec, task, space, tmp_path, teacher_score=teacher, log=lines.append)
+    assert again.table.cached and "read from the job folder" in lines[-1]
+    assert again.table.options == start.table.options
+
+
+@pytest.mark.slow
+def test_a_job_runs_the_planned_plans_first_and_resume_reads_its_sensitivities_back(made):
+    from mlflow import MlflowClient
+
+    folder = made / "job"
+    folder.mkdir()
+    run = local_job(folder, job_data(made, 2, "warm-job"))
+    assert "planner: sensitivity measured" in run.result.stdout
+    (first,) = [line for line in run.result.stdout.splitlines() if "enqueued first" in line]
+    front = json.loads((run.out / "front.json").read_text())
+    assert len(front["candidates"]) == 2
+    import optuna
+
+    state = json.loads((run.out / "job.json").read_text())
+    trials = optuna.load_study(study_name=state["study_name"], storage=state["storage"]).get_trials()
+    planned = [t.number for t in trials if t.user_attrs.get("planner")]
+    assert planned and planned == list(range(len(planned)))  # the planner's plans ran first
+    assert f"planner: {len(planned)} of the" in first
+    sensitivity = list(run.out.glob("sensitivity-*.json"))
+    assert len(sensitivity) == 1
+    stamp = sensitivity[0].stat().st_mtime_ns
+    client = MlflowClient(state["tracking_uri"])
+    assert "sensitivity per linear group" in client.get_run(state["parent_run_id"]).data.params["planner"]
+
+    result = cli("run", str(run.job), "--out", str(run.out), "--executor", "local", "--no-progress", "--resume",
+                 "--budget", "3")
+    assert result.code == 0, result.stderr
+    assert "planner: sensitivity read from the job folder" in result.stdout
+    assert sensitivity[0].stat().st_mtime_ns == stamp  # read, not written again
+    assert len(json.loads((run.out / "front.json").read_text())["candidates"]) == 3
