@@ -62,15 +62,18 @@ def test_the_enqueued_plans_lie_in_the_space_within_the_bound_and_the_table_is_r
     for params in enqueued:
         assert set(params) == set(choices) and all(v in choices[k] for k, v in params.items())
         assert params["ffn_keep"] == 1.0  # a cut is not in the table: left at no cut
-        predicted = start.estimate(params, "ppl")["ppl"]
-        assert 0 < predicted <= teacher * 1.3 + 1e-9  # within the bound, as predicted (rounding may even help)
+        predicted = start.estimate(params, "ppl", "ppl_increase")
+        assert 0 < predicted["ppl"] <= teacher * 1.3 + 1e-9  # within the bound, as predicted (rounding may help)
+        assert predicted["ppl_increase"] == pytest.approx(predicted["ppl"] / teacher - 1)
     assert any(v != 32 for p in enqueued for k, v in p.items() if k.startswith("weight_bits."))
     untouched = {"weight_bits": 32, "act_bits": 32, "kv_bits": 32, "ffn_keep": 1.0, "distill_steps": 0}
     float_plan = {k: untouched[k.partition(".")[0]] for k in choices}
-    assert start.estimate(float_plan, "ppl") == {"ppl": teacher}  # nothing rounded: the teacher's own
-    assert start.estimate({**float_plan, "ffn_keep": 0.5}, "ppl") == {"ppl": None}
+    # nothing rounded: the teacher's own
+    assert start.estimate(float_plan, "ppl", "ppl_increase") == {"ppl": teacher, "ppl_increase": 0.0}
+    assert start.estimate({**float_plan, "ffn_keep": 0.5}, "ppl", "ppl_increase") == {"ppl": None,
+                                                                                     "ppl_increase": None}
     hard = {**float_plan, **{k: 2 for k in choices if k.startswith("weight_bits.")}}
-    assert start.estimate(hard, "ppl")["ppl"] > teacher  # 2-bit weights cost this model perplexity
+    assert start.estimate(hard, "ppl", "ppl_increase")["ppl"] > teacher  # 2-bit weights cost this model perplexity
     # the same plans are not enqueued twice
     assert enqueue_front(start, spec, study, most=5, log=lines.append) == ()
     assert len(study.get_trials()) == len(enqueued)

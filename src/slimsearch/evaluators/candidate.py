@@ -135,8 +135,9 @@ def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=Non
     The counters cover the whole CPU package, so ``energy_mj@local`` includes whatever
     else ran on it meanwhile (other trials, other programs).
 
-    A causal LM is timed per generated token in PyTorch with its KV cache instead
-    (:func:`~slimsearch.evaluators.decoder.measure_decoder`), unpaired: ``reference`` is not used for it.
+    A causal LM is timed per generated token instead, its deployed graph with its KV cache in a fresh
+    process (:func:`~slimsearch.evaluators.decoder.measure_decoder`; PyTorch where the graph builder
+    does not take the architecture), unpaired: ``reference`` is not used for it.
     """
     from slimsearch.hardware_profiles._energy import EnergyDomain, energy_meter
     from slimsearch.hardware_profiles._measure import measure_latency, measure_paired

@@ -137,7 +137,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
         constraints = [Constraint.parse(c) for c in constraint_texts]
         estimate_fn = functools.partial(estimate_params, task=task, space=space, profiles=spec.profile_refs,
                                         predicted=None if planned is None else
-                                        functools.partial(planned.estimate, metric=task.metric_name))
+                                        functools.partial(planned.estimate, metric=task.metric_name,
+                                                          gap=task.family.gap_name(task.metric_name)))
         # where the screen or auto uses the estimate, it is corrected from the device figures measured
         # as candidates finish (device:<profile> nodes); exact sizes and modelled figures teach nothing
         can_screen = _estimate_can_screen(constraints, objectives, costs)

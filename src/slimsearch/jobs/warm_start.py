@@ -10,9 +10,13 @@ precisions), cached in the job folder so that a resumed job reads it back. Two u
   the job's ``ppl_increase`` bound, spread over it, are enqueued as the first candidates
   (``ceil(budget / 3)`` of them at most; none already in the study is enqueued again).
 - **Guide.** :meth:`PlannerStart.estimate` predicts a plan's validation perplexity from the table
-  (the teacher's, times ``exp`` of the summed NLL changes), an estimate ``auto`` fits its
-  perplexity surrogate's trend on, so it ranks unseen plans by what their groups cost. Plans the
-  table does not cover (cut ones: ``ffn_keep`` below 1, ...) get no prediction.
+  (the teacher's, times ``exp`` of the summed NLL changes) and its ``ppl_increase``. ``auto`` fits
+  its perplexity surrogate's trend on the first, so it ranks unseen plans by what their groups
+  cost, and does not propose a plan whose predicted increase breaks the job's bound (the sum
+  underestimates the loss of plans that round many groups hard, so such a plan would break it
+  too; the estimate is corrected by the factor fitted on the evaluated plans as they finish,
+  :class:`~slimsearch.search.OnlineCalibration`). Plans the table does not cover (cut ones:
+  ``ffn_keep`` below 1, ...) get no prediction.
 
 The prediction assumes the groups' effects add up; they add up less well as more groups are
 rounded hard (the measured loss exceeds the sum), which is why the search measures what it runs
@@ -95,15 +99,16 @@ class PlannerStart:
             return None
         return chosen
 
-    def estimate(self, params: Mapping[str, Any], metric: str) -> dict[str, Optional[float]]:
-        """``{metric: the predicted validation perplexity}`` of the plan ``params`` (None outside the table)."""
+    def estimate(self, params: Mapping[str, Any], metric: str, gap: str) -> dict[str, Optional[float]]:
+        """``{metric: the predicted validation perplexity, gap: its predicted increase over the teacher's}``
+        of the plan ``params`` (None outside the table)."""
         from slimsearch.evaluators.llm_sensitivity import NLL
 
         chosen = self.options_of(params)
         if chosen is None:
-            return {metric: None}
+            return {metric: None, gap: None}
         change = math.fsum(self.table.options[g][o][NLL] for g, o in chosen.items())
-        return {metric: self.teacher_score * math.exp(change)}
+        return {metric: self.teacher_score * math.exp(change), gap: math.expm1(change)}
 
 
 def _neutral(name: str, values: Sequence) -> Any:
