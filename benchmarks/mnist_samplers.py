@@ -38,7 +38,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(job: dict, sampler: str, seed: int, tmp: Path) -> dict:
+def run(job: dict, sampler: str, seed: int, tmp: Path, score=None) -> dict:
+    """``job`` under ``sampler`` and ``seed`` in a subprocess; ``score(front.json) -> dict`` (default: the
+    MNIST box below) and the run's wall time, screened plans and folder."""
     data = {**job, "search": {**job["search"], "sampler": sampler, "seed": seed}}
     path = tmp / f"{sampler}-{seed}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -56,10 +58,13 @@ def run(job: dict, sampler: str, seed: int, tmp: Path) -> dict:
     state = json.loads((out / "job.json").read_text())
     trials = optuna.load_study(study_name=state["study_name"], storage=state["storage"]).get_trials(deepcopy=False)
     screened = sum(1 for t in trials if t.state == optuna.trial.TrialState.PRUNED)  # the driver's screen
-    return {"sampler": sampler, "seed": seed, "wall_s": wall, **score(front), "screened": screened, "out": str(out)}
+    scored = (score or mnist_score)(front)
+    planned = sum(1 for t in trials if t.user_attrs.get("planner"))  # enqueued by a causal-LM job's planner
+    return {"sampler": sampler, "seed": seed, "wall_s": wall, **scored, "screened": screened, "planned": planned,
+            "out": str(out)}
 
 
-def score(front: dict, slack: float = 0.01) -> dict:
+def mnist_score(front: dict, slack: float = 0.01) -> dict:
     import moocore
     import numpy as np
 

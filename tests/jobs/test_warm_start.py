@@ -5,6 +5,7 @@ sensitivity table read back from the job folder, by a second start and by ``--re
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -42,6 +43,7 @@ def test_the_enqueued_plans_lie_in_the_space_within_the_bound_and_the_table_is_r
                                                                                            monkeypatch):
     import optuna
 
+    from slimsearch import compress
     from slimsearch.evaluators import llm_sensitivity
     from slimsearch.evaluators.candidate import task_scores
     from slimsearch.jobs.warm_start import enqueue_front, planner_start
@@ -54,7 +56,8 @@ def test_the_enqueued_plans_lie_in_the_space_within_the_bound_and_the_table_is_r
     teacher = task_scores(task.teacher, task.val, task)["ppl"]
     lines: list[str] = []
     start = planner_start(spec, task, space, tmp_path, teacher_score=teacher, log=lines.append)
-    assert not start.table.cached and "measured" in lines[-1]
+    assert not start.table.cached and any(line.endswith(" s)") and "measured" in line for line in lines)
+    assert set(start.cuts) == {"ffn_keep"} and set(start.cuts["ffn_keep"]) == {0.5}
     study = optuna.create_study(directions=["minimize", "minimize"])
     enqueued = enqueue_front(start, spec, study, most=5, log=lines.append)
     assert 1 <= len(enqueued) <= 2  # ceil(6 / 3)
@@ -70,8 +73,10 @@ def test_the_enqueued_plans_lie_in_the_space_within_the_bound_and_the_table_is_r
     float_plan = {k: untouched[k.partition(".")[0]] for k in choices}
     # nothing rounded: the teacher's own
     assert start.estimate(float_plan, "ppl", "ppl_increase") == {"ppl": teacher, "ppl_increase": 0.0}
-    assert start.estimate({**float_plan, "ffn_keep": 0.5}, "ppl", "ppl_increase") == {"ppl": None,
-                                                                                     "ppl_increase": None}
+    halved = start.estimate({**float_plan, "ffn_keep": 0.5}, "ppl", "ppl_increase")  # the cut measured alone
+    assert halved["ppl"] == pytest.approx(teacher * math.exp(start.cuts["ffn_keep"][0.5])) and halved["ppl"] > teacher
+    unmeasured = {**float_plan, "act_bits.qkv": 8}  # SmoothQuant inputs: not in the table
+    assert start.estimate(unmeasured, "ppl", "ppl_increase") == {"ppl": None, "ppl_increase": None}
     hard = {**float_plan, **{k: 2 for k in choices if k.startswith("weight_bits.")}}
     assert start.estimate(hard, "ppl", "ppl_increase")["ppl"] > teacher  # 2-bit weights cost this model perplexity
     # the same plans are not enqueued twice
@@ -82,9 +87,10 @@ def test_the_enqueued_plans_lie_in_the_space_within_the_bound_and_the_table_is_r
         raise AssertionError("the losses were measured again instead of read from the job folder")
 
     monkeypatch.setattr(llm_sensitivity, "_losses", measure_again)
+    monkeypatch.setattr(compress, "apply_plan", measure_again)
     again = planner_start(spec, task, space, tmp_path, teacher_score=teacher, log=lines.append)
-    assert again.table.cached and "read from the job folder" in lines[-1]
-    assert again.table.options == start.table.options
+    assert again.table.cached and any("read from the job folder" in line for line in lines)
+    assert again.table.options == start.table.options and again.cuts == start.cuts
 
 
 @pytest.mark.slow

@@ -10,13 +10,17 @@ precisions), cached in the job folder so that a resumed job reads it back. Two u
   the job's ``ppl_increase`` bound, spread over it, are enqueued as the first candidates
   (``ceil(budget / 3)`` of them at most; none already in the study is enqueued again).
 - **Guide.** :meth:`PlannerStart.estimate` predicts a plan's validation perplexity from the table
-  (the teacher's, times ``exp`` of the summed NLL changes) and its ``ppl_increase``. ``auto`` fits
+  (the teacher's, times ``exp`` of the summed NLL changes, the uniform cuts' among them) and its
+  ``ppl_increase``. ``auto`` fits
   its perplexity surrogate's trend on the first, so it ranks unseen plans by what their groups
   cost, and does not propose a plan whose predicted increase breaks the job's bound (the sum
   underestimates the loss of plans that round many groups hard, so such a plan would break it
   too; the estimate is corrected by the factor fitted on the evaluated plans as they finish,
-  :class:`~slimsearch.search.OnlineCalibration`). Plans the table does not cover (cut ones:
-  ``ffn_keep`` below 1, ...) get no prediction.
+  :class:`~slimsearch.search.OnlineCalibration`). Each uniform cut value the space lists
+  (``ffn_keep``, ``kv_groups_keep``, ``hidden_keep``, ``drop_layers``) is measured alone too, on the
+  same windows (the cut built as a candidate's is, its NLL change against the teacher's), and
+  cached beside the table; cuts are not planned (they change every group's bytes), only predicted.
+  Plans with a choice outside both (sparsity, SmoothQuant inputs, healing) get no prediction.
 
 The prediction assumes the groups' effects add up; they add up less well as more groups are
 rounded hard (the measured loss exceeds the sum), which is why the search measures what it runs
@@ -43,6 +47,8 @@ __all__ = ["PlannerStart", "enqueue_front", "job_planner", "planner_start"]
 WINDOWS = 4  # calibration windows the sensitivity is measured on
 SWEEP_POINTS = 16
 PLANNED_ATTR = "planner"  # the user attribute of an enqueued trial: proposed by the planner
+CUTS = ("ffn_keep", "kv_groups_keep", "hidden_keep", "drop_layers")  # uniform cuts: measured alone, not planned
+CUTS_FILE = "planner-cuts.json"
 WEIGHT_BITS, KV_BITS, METHOD, GROUP_SIZE = "weight_bits", "kv_bits", "weight_method", "group_size"
 
 
@@ -56,6 +62,8 @@ class PlannerStart:
         groups: the space's linear groups (the task's ``layers``).
         choices: the space's dimensions (param name -> values) and its fixed values.
         searched: the names of the dimensions Optuna records (a trial's params).
+        cuts: cut dimension -> value -> the NLL change of that cut alone (the listed values but the
+            neutral one).
         teacher_score: the teacher's validation perplexity the predictions scale.
         seconds: wall time of the sensitivity pass (near 0 when ``table.cached``).
     """
@@ -66,14 +74,16 @@ class PlannerStart:
     searched: tuple[str, ...]
     teacher_score: float
     seconds: float = 0.0
+    cuts: Mapping[str, Mapping[Any, float]] = dataclasses.field(default_factory=dict)
 
     def describe(self) -> str:
         """One line for the job's MLflow params: what the table holds and how it was obtained."""
         options = sorted({o for opts in self.table.options.values() for o in opts})
         return (f"sensitivity per linear group across blocks ({', '.join(self.groups)}) of {options} on {WINDOWS} "
-                f"calibration windows, {'read from the job folder' if self.table.cached else 'measured'}; plans "
-                "predicted on the front within the ppl_increase bound run first; perplexity predicted as the "
-                "teacher's times exp(sum of per-group NLL changes)")
+                f"calibration windows, {'read from the job folder' if self.table.cached else 'measured'}"
+                + (f"; cuts alone: {', '.join(f'{n} {list(v)}' for n, v in self.cuts.items())}" if self.cuts else "")
+                + "; plans predicted on the front within the ppl_increase bound run first; perplexity predicted as "
+                "the teacher's times exp(sum of the NLL changes)")
 
     def options_of(self, params: Mapping[str, Any]) -> Optional[dict[str, str]]:
         """Group -> the table's option the params choose; None where a choice lies outside the table."""
@@ -83,8 +93,8 @@ class PlannerStart:
         values.update(params)
         for name, value in values.items():
             if not name.startswith((WEIGHT_BITS + ".", KV_BITS, METHOD, GROUP_SIZE, "act_bits.", "power_mode.")) \
-                    and value != _neutral(name, self.choices[name]):
-                return None  # a cut, a sparsity, ...: not in the table
+                    and value != _neutral(name, self.choices[name]) and value not in self.cuts.get(name, {}):
+                return None  # a sparsity, healing, ...: not measured
             if name.startswith("act_bits.") and value != FULL_PRECISION:
                 return None
         chosen: dict[str, str] = {}
@@ -107,7 +117,10 @@ class PlannerStart:
         chosen = self.options_of(params)
         if chosen is None:
             return {metric: None, gap: None}
-        change = math.fsum(self.table.options[g][o][NLL] for g, o in chosen.items())
+        values = {k: v[0] for k, v in self.choices.items() if len(v) == 1}
+        values.update(params)
+        cuts = [self.cuts[name][values[name]] for name in self.cuts if values.get(name) in self.cuts[name]]
+        change = math.fsum([*(self.table.options[g][o][NLL] for g, o in chosen.items()), *cuts])
         return {metric: self.teacher_score * math.exp(change), gap: math.expm1(change)}
 
 
@@ -162,8 +175,57 @@ def planner_start(spec, task, space, folder: Path, *, teacher_score: float,
         return (FULL_PRECISION in own) if option == FLOAT else WeightChoice.parse(option).bits in own
 
     options = {g: {o: m for o, m in opts.items() if allowed(g, o)} for g, opts in table.options.items()}
+    cuts = {name: [v for v in dims[name] if v != _neutral(name, dims[name])] for name in CUTS if name in dims}
+    cuts = {name: values for name, values in cuts.items() if values}
+    if cuts:
+        cuts = _cut_losses(task, cuts, task.train.x[:WINDOWS], Path(folder), table.key, log)
+    seconds = time.perf_counter() - started
     return PlannerStart(dataclasses.replace(table, options=options), groups, dims, tuple(n for n, _ in space.choices),
-                        teacher_score, seconds=seconds)
+                        teacher_score, seconds=seconds, cuts=cuts)
+
+
+def _mean_nll(model, windows) -> float:
+    """Mean next-token negative log-likelihood per predicted token over ``windows``, one at a time."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for window in windows:
+            ids = window[None].to(torch.long)
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            total += float(F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
+            count += ids.shape[1] - 1
+    return total / count
+
+
+def _cut_losses(task, cuts: Mapping[str, Sequence], windows, folder: Path, key: str,
+                log: Callable[[str], None]) -> dict[str, dict[Any, float]]:
+    """Per cut dimension and listed value, the NLL change of that cut alone (built by ``apply_plan``,
+    as a candidate's is) on ``windows``; read from ``folder`` when measured before for this table."""
+    import json
+
+    from slimsearch._io import atomic_write
+    from slimsearch.compress import apply_plan
+    from slimsearch.spaces.plan import CompressionPlan
+
+    path = folder / CUTS_FILE
+    wanted = {name: [repr(v) for v in values] for name, values in cuts.items()}
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("key") == key and data.get("wanted") == wanted:
+            return {name: {v: data["nll"][name][repr(v)] for v in values} for name, values in cuts.items()}
+    log(f"[slimsearch] planner: the NLL change of each cut alone: {dict(cuts)}")
+    teacher = _mean_nll(task.teacher, windows)
+    out: dict[str, dict[Any, float]] = {}
+    for name, values in cuts.items():
+        out[name] = {}
+        for value in values:
+            model = apply_plan(task, CompressionPlan(**{name: value}))
+            out[name][value] = _mean_nll(model, windows) - teacher
+    atomic_write(path, json.dumps({"key": key, "wanted": wanted,
+                                   "nll": {n: {repr(v): x for v, x in d.items()} for n, d in out.items()}}))
+    return out
 
 
 def enqueue_front(start: PlannerStart, spec, study, *, most: int,
