@@ -56,6 +56,19 @@ def test_a_looser_budget_gives_a_plan_no_slower(made, tmp_path):
     assert loose.measured == {} and "verify" not in loose.seconds
 
 
+def test_within_a_bytes_budget_the_plan_of_least_predicted_perplexity_fits_it_exactly(made, tmp_path):
+    _, job = made
+    spec = load_job(job)
+    loose = plan_job(spec, folder=tmp_path, windows=2, verify=False, max_bytes=10**12)
+    budget = 0.8 * loose.predicted["size_bytes"]  # the float plan's bytes, less a fifth (3 bits everywhere: 0.64)
+    tight = plan_job(spec, folder=tmp_path, windows=2, max_bytes=budget)
+    assert tight.minimised == "nll" and tight.predicted["size_bytes"] <= budget
+    assert tight.measured["size_bytes"] == pytest.approx(tight.predicted["size_bytes"])  # bytes add up exactly
+    assert tight.predicted["nll"] >= loose.predicted["nll"] - 1e-12  # fewer bytes cannot predict less loss
+    with pytest.raises(ConfigError, match="max_bytes must be a number > 0"):
+        plan_job(spec, folder=tmp_path, windows=2, verify=False, max_bytes=0)
+
+
 def test_the_command_writes_plan_json_and_reuses_the_sensitivities(made, tmp_path):
     _, job = made
     out = tmp_path / "folder"

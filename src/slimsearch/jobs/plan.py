@@ -36,8 +36,9 @@ class JobPlan:
     Attributes:
         plan: the plan (``apply_plan`` builds it; a job or ``search`` can evaluate it).
         minimised: the measure the integer program minimised (``latency_ms@<profile>``, ``energy_mj@...``
-            or ``size_bytes``; modelled, except bytes, which are exact).
-        max_ppl_increase: the perplexity budget, relative to the teacher.
+            or ``size_bytes``; modelled, except bytes, which are exact; ``nll``, predicted, within a bytes budget).
+        max_ppl_increase: the perplexity budget, relative to the teacher (with a bytes budget: the job's
+            bound, or 0 without one; not a limit of the plan).
         predicted: the planner's totals (``nll``, ``kl``, ``size_bytes``, the modelled figures) and
             ``ppl_increase`` from its NLL, all predictions from the per-group table.
         measured: the built plan scored on the validation windows (``ppl``, ``ppl_increase``, ``kl``,
@@ -105,10 +106,12 @@ def minimised_measure(spec, minimise: Optional[str] = None) -> str:
 def plan_job(spec, *, folder: Union[str, Path, None], max_ppl_increase: Optional[float] = None,
              minimise: Optional[str] = None, choices: Sequence[str] = DEFAULT_CHOICES,
              kv_bits: Sequence[int] = DEFAULT_KV_BITS, windows: int = DEFAULT_WINDOWS, per_block: bool = True,
-             verify: bool = True, task: Any = None,
+             verify: bool = True, task: Any = None, max_bytes: Optional[float] = None,
              progress: Optional[Callable[[str], None]] = None) -> JobPlan:
     """The plan of the causal-LM job ``spec`` (a :class:`~slimsearch.jobs.spec.JobSpec`) that minimises
-    ``minimise`` within the perplexity budget.
+    ``minimise`` within the perplexity budget; with ``max_bytes``, the plan of least predicted
+    perplexity within that many packed weight bytes instead (``minimised`` is then ``nll``, and
+    ``max_ppl_increase`` the job's bound, which the plan is not held to).
 
     Args:
         folder: where the per-group losses are cached (the job folder; a second call reads them).
@@ -129,8 +132,12 @@ def plan_job(spec, *, folder: Union[str, Path, None], max_ppl_increase: Optional
     from slimsearch.tasks import load_task
 
     say = progress or (lambda line: None)
-    budget = _budget(spec, max_ppl_increase)
-    measure = minimised_measure(spec, minimise)
+    if max_bytes is None:
+        budget, measure = _budget(spec, max_ppl_increase), minimised_measure(spec, minimise)
+    elif isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, float)) or not max_bytes > 0:
+        raise ConfigError(f"plan: max_bytes must be a number > 0, got {max_bytes!r}")
+    else:
+        budget, measure = ppl_increase_bound(spec) or 0.0, NLL
     if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
         raise ConfigError(f"plan: windows must be an integer >= 1, got {windows!r}")
     parsed = [WeightChoice.parse(c) for c in choices]
@@ -151,8 +158,10 @@ def plan_job(spec, *, folder: Union[str, Path, None], max_ppl_increase: Optional
                             profiles=spec.profile_refs, folder=folder)
     seconds["sensitivity"] = time.perf_counter() - start
     start = time.perf_counter()
-    nll_budget = table.base[NLL] + math.log1p(budget)
-    selection = solve(Problem(table.options, table.base, table.modes), {NLL: nll_budget}, minimise=measure)
+    from slimsearch.evaluators.llm_sensitivity import SIZE
+
+    limits = {SIZE: float(max_bytes)} if max_bytes is not None else {NLL: table.base[NLL] + math.log1p(budget)}
+    selection = solve(Problem(table.options, table.base, table.modes), limits, minimise=measure)
     seconds["solve"] = time.perf_counter() - start
     plan = plan_from_choice(selection.chosen)
     predicted = {**selection.totals, PPL_INCREASE: math.expm1(selection.totals[NLL] - table.base[NLL])}
