@@ -257,7 +257,8 @@ def _front_params(start: PlannerStart, spec, measure: str) -> list[dict]:
     table = start.table
     front = sweep(Problem(table.options, table.base, table.modes), NLL, minimise=measure, points=SWEEP_POINTS)
     bound = ppl_increase_bound(spec)
-    within = [s for s in front if bound is None or math.expm1(s.totals[NLL] - table.base[NLL]) <= bound]
+    within = [s for s in front if (bound is None or math.expm1(s.totals[NLL] - table.base[NLL]) <= bound)
+              and any(o != FLOAT for o in s.chosen.values())]  # the teacher itself is no candidate
     if not within:
         return []
     n = min(len(within), max(1, math.ceil(spec.search.budget / 3)))
