@@ -165,6 +165,17 @@ def test_time_generation_measures(quantized_graph):
         assert result[key] > 0, key
 
 
+def test_time_generation_paired_with_a_reference_times_both_round_by_round(quantized_graph):
+    _, _, root = quantized_graph
+    result = time_generation(root / "float", prompt_tokens=8, new_tokens=4, repeats=3, reference=root / "float")
+    ref = result["reference"]
+    assert len(result["decode_runs_ms_per_token"]) == len(ref["decode_runs_ms_per_token"]) == 3
+    assert len(result["prefill_runs_ms"]) == len(ref["prefill_runs_ms"]) == 3
+    assert ref["tokens_decoded"] == 4 and ref["decode_tok_s"] > 0
+    with pytest.raises(ConfigError, match="has no genai_config.json"):
+        time_generation(root / "float", reference=root)
+
+
 def test_onnx_perplexity_matches_torch(quantized_graph):
     model, _, root = quantized_graph
     windows = [IDS[0, :12], IDS[0, 12:]]

@@ -60,6 +60,24 @@ def test_memory_is_the_weights_and_a_kv_cache_of_2048_tokens_at_the_models_kv_pr
     assert kv8["memory_bytes"] < v["memory_bytes"]
 
 
+def test_a_paired_timing_is_the_median_per_round_ratio_times_the_teachers_quiet_figure():
+    from slimsearch.evaluators.decoder import paired_decoder_figures
+
+    # the machine slowed both graphs alike in round 2; the candidate ran twice as fast as the teacher throughout
+    timing = {"decode_runs_ms_per_token": [5.0, 10.0, 5.5], "prefill_runs_ms": [20.0, 40.0, 21.0],
+              "reference": {"decode_runs_ms_per_token": [10.0, 20.0, 11.0], "prefill_runs_ms": [40.0, 80.0, 42.0]}}
+    tok_s, prefill = paired_decoder_figures(timing, {"decode_tok_s@local": 50.0, "prefill_ms@local": 60.0})
+    assert tok_s == pytest.approx(100.0) and prefill == pytest.approx(30.0)
+
+
+def test_a_decoder_reference_needs_the_teachers_quiet_figures():
+    from slimsearch.evaluators.decoder import decoder_reference
+    from slimsearch.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="quiet prefill_ms@local must be a number > 0"):
+        decoder_reference(_tiny_llm.llama(), {"decode_tok_s@local": 50.0})
+
+
 @pytest.mark.slow
 def test_one_smollm2_candidate_end_to_end():
     """Round-to-nearest 4-bit weights (groups of 128) and an 8-bit KV cache on SmolLM2-135M: the candidate

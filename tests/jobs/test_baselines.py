@@ -17,7 +17,7 @@ class FakeTask:
 
 
 def fake_evaluate(calls):
-    def evaluate(task, plan, profiles, *, teacher_score, device):
+    def evaluate(task, plan, profiles, *, teacher_score, device, reference=None):
         calls.append(plan)
         if plan.weight_method == "awq":
             raise RuntimeError("no calibration text")

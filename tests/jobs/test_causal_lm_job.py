@@ -87,7 +87,10 @@ def test_a_tiny_search_on_a_users_causal_lm_records_perplexity_and_its_increase(
         assert b["provenance"]["decode_tok_s@local"] == "measured"
     from mlflow import MlflowClient
 
-    client = MlflowClient(json.loads((run.out / "job.json").read_text())["tracking_uri"])
+    state = json.loads((run.out / "job.json").read_text())
+    client = MlflowClient(state["tracking_uri"])
+    # candidates and baselines timed alike: in rounds alternating with the teacher's deployed graph
+    assert client.get_run(state["parent_run_id"]).data.params["local_latency"].startswith("paired: the deployed graph")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string="tags.`slimsearch.role` = 'baseline'")
     assert sorted(r.data.tags["baseline"] for r in runs) == sorted(names)

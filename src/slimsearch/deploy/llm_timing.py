@@ -38,17 +38,18 @@ def peak_mb():
 
 import onnxruntime_genai as og
 rss_import = peak_mb()
-config = og.Config(args["dir"])
-config.clear_providers()
-config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-    "intra_op_num_threads": args["threads"], "inter_op_num_threads": 1}}}}))
-t0 = time.perf_counter()
-model = og.Model(config)
-load_s = time.perf_counter() - t0
-vocab = json.load(open(args["dir"] + "/genai_config.json"))["model"]["vocab_size"]
-prompt = np.random.default_rng(args["seed"]).integers(0, vocab, args["prompt"]).astype(np.int32)
 
-def run(new):
+def load(folder):
+    config = og.Config(folder)
+    config.clear_providers()
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": args["threads"], "inter_op_num_threads": 1}}}}))
+    t0 = time.perf_counter()
+    model = og.Model(config)
+    vocab = json.load(open(folder + "/genai_config.json"))["model"]["vocab_size"]
+    return model, time.perf_counter() - t0, vocab
+
+def run(model, prompt, new):
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=args["prompt"] + new, min_length=args["prompt"] + new, do_sample=False)
     gen = og.Generator(model, params)
@@ -62,37 +63,55 @@ def run(new):
     t2 = time.perf_counter()
     return (t1 - t0) * 1e3, (t2 - t1) * 1e3 / max(n, 1), n
 
-run(min(4, args["new"]))  # warm-up: first-run allocations and kernel packing
-runs = [run(args["new"]) for _ in range(args["repeats"])]
-prefill = statistics.median(r[0] for r in runs)
-decode = statistics.median(r[1] for r in runs)
-print(json.dumps({"prefill_ms": prefill, "decode_ms_per_token": decode, "decode_tok_s": 1e3 / decode,
-                  "peak_rss_mb": peak_mb(),
-                  "rss_after_import_mb": rss_import, "load_s": load_s, "tokens_decoded": min(r[2] for r in runs),
-                  "prefill_runs_ms": [r[0] for r in runs], "decode_runs_ms_per_token": [r[1] for r in runs]}))
+# the model timed, then (optional) the reference it is paired with: rounds alternate between them,
+# first one then the other, so that a slow moment of the machine falls on both
+models = [load(folder) for folder in args["dirs"]]
+prompt = np.random.default_rng(args["seed"]).integers(0, min(v for _, _, v in models), args["prompt"]).astype(np.int32)
+for model, _, _ in models:
+    run(model, prompt, min(4, args["new"]))  # warm-up: first-run allocations and kernel packing
+runs = [[] for _ in models]
+for r in range(args["repeats"]):
+    order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
+    for i in order:
+        runs[i].append(run(models[i][0], prompt, args["new"]))
+out = []
+for (model, load_s, _), mine in zip(models, runs):
+    decode = statistics.median(r[1] for r in mine)
+    out.append({"prefill_ms": statistics.median(r[0] for r in mine), "decode_ms_per_token": decode,
+                "decode_tok_s": 1e3 / decode, "load_s": load_s, "tokens_decoded": min(r[2] for r in mine),
+                "prefill_runs_ms": [r[0] for r in mine], "decode_runs_ms_per_token": [r[1] for r in mine]})
+print(json.dumps({**out[0], "peak_rss_mb": peak_mb(), "rss_after_import_mb": rss_import,
+                  "reference": out[1] if len(out) > 1 else None}))
 """
 
 
 def time_generation(onnx_dir: PathLike, *, prompt_tokens: int = 128, new_tokens: int = 64, threads: int = 1,
-                    repeats: int = 3, seed: int = 0, timeout_s: float = 900.0) -> dict:
+                    repeats: int = 3, seed: int = 0, timeout_s: float = 900.0,
+                    reference: PathLike | None = None) -> dict:
     """Prefill and decode speed of a GenAI folder, measured at batch 1 in a fresh process.
 
     A fixed random prompt of ``prompt_tokens`` (seed ``seed``) is appended (prefill),
     then ``new_tokens`` are generated greedily one by one (decode, with the KV cache).
     After one warm-up run, the medians over ``repeats`` runs are returned:
-    ``prefill_ms``, ``decode_ms_per_token``, ``decode_tok_s``; ``peak_rss_mb`` is the
-    child process's peak resident memory (``ru_maxrss``: runtime, model and cache).
-    Every figure is tagged ``"source": "measured"``.
+    ``prefill_ms``, ``decode_ms_per_token``, ``decode_tok_s``, and each run's figures
+    (``prefill_runs_ms``, ``decode_runs_ms_per_token``); ``peak_rss_mb`` is the child
+    process's peak resident memory (``ru_maxrss``: runtime, model and cache).
+    With ``reference`` (another GenAI folder), the child loads both and runs them in
+    alternating rounds (one, then the other, the order swapped each round); the reference's
+    figures are under ``"reference"`` (round ``i`` of each ran side by side), and
+    ``peak_rss_mb`` then counts both models. Every figure is tagged ``"source": "measured"``.
     """
     for name, value, low in (("prompt_tokens", prompt_tokens, 1), ("new_tokens", new_tokens, 1),
                              ("threads", threads, 1), ("repeats", repeats, 1)):
         if not isinstance(value, int) or value < low:
             raise ConfigError(f"time_generation: {name} must be an int >= {low}, got {value!r}")
     folder = Path(onnx_dir)
-    if not (folder / "genai_config.json").is_file():
-        raise ConfigError(f"time_generation: {folder} has no genai_config.json; build it with build_onnx")
-    args = {"dir": str(folder.resolve()), "prompt": prompt_tokens, "new": new_tokens, "threads": threads,
-            "repeats": repeats, "seed": seed}
+    folders = [folder] + ([Path(reference)] if reference is not None else [])
+    for f in folders:
+        if not (f / "genai_config.json").is_file():
+            raise ConfigError(f"time_generation: {f} has no genai_config.json; build it with build_onnx")
+    args = {"dirs": [str(f.resolve()) for f in folders], "prompt": prompt_tokens, "new": new_tokens,
+            "threads": threads, "repeats": repeats, "seed": seed}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     done = subprocess.run([sys.executable, "-c", _TIMING_SCRIPT, json.dumps(args)], capture_output=True, text=True,
                           timeout=timeout_s, env=env)

@@ -80,14 +80,21 @@ def _onnx_runs(model: nn.Module, task: Task) -> dict[str, Callable[[], object]]:
     return {name: functools.partial(session.run, None, {INPUT_NAME: x}) for name, x in _timed_inputs(task).items()}
 
 
-def local_reference(task: Task, quiet_ms: Mapping[str, float]) -> LocalReference:
+def local_reference(task: Task, quiet_ms: Mapping[str, float]):
     """The :class:`LocalReference` of ``task``'s teacher, whose quiet local latencies are ``quiet_ms``
-    (the teacher's :func:`measure_local` figures, taken when nothing else ran).
+    (the teacher's :func:`measure_local` figures, taken when nothing else ran). For a causal LM, a
+    :class:`~slimsearch.evaluators.decoder.DecoderReference` (its graph and quiet decode figures), or
+    None where its architecture has no deployed graph.
 
     Raises:
         ConfigError: ``quiet_ms`` lacks one of the task's local latency metrics, or holds one that is not > 0.
     """
     from slimsearch.exceptions import ConfigError
+
+    if task.family is TaskFamily.CAUSAL_LM:
+        from slimsearch.evaluators.decoder import decoder_reference
+
+        return decoder_reference(task.teacher, quiet_ms)
 
     quiet = {}
     for name in local_latency_metrics(task.latency_batch):
@@ -137,7 +144,8 @@ def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=Non
 
     A causal LM is timed per generated token instead, its deployed graph with its KV cache in a fresh
     process (:func:`~slimsearch.evaluators.decoder.measure_decoder`; PyTorch where the graph builder
-    does not take the architecture), unpaired: ``reference`` is not used for it.
+    does not take the architecture); ``reference`` is then a
+    :class:`~slimsearch.evaluators.decoder.DecoderReference` (rounds alternate with the teacher's graph).
     """
     from slimsearch.hardware_profiles._energy import EnergyDomain, energy_meter
     from slimsearch.hardware_profiles._measure import measure_latency, measure_paired
@@ -146,7 +154,7 @@ def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=Non
     if task.family is TaskFamily.CAUSAL_LM:
         from slimsearch.evaluators.decoder import measure_decoder
 
-        return measure_decoder(model, task, energy=meter)
+        return measure_decoder(model, task, energy=meter, reference=reference)
     out: dict[str, float] = {}
     for name, run in _onnx_runs(model, task).items():
         if reference is None:

@@ -19,7 +19,11 @@ A causal LM is costed per generated token, at batch 1, as it is used:
   worker's thread count (:func:`~slimsearch.deploy.llm_timing.time_generation`):
   ``latency_ms@local`` decode ms per token and ``decode_tok_s@local`` tokens per second over
   ``DECODE_TOKENS`` = 16 greedy tokens after a ``PROMPT_TOKENS`` = 32-token prompt, and
-  ``prefill_ms@local`` for that prompt (medians of ``REPEATS`` runs after one warm-up). A model
+  ``prefill_ms@local`` for that prompt (medians of ``REPEATS`` runs after one warm-up). In a job
+  (:class:`DecoderReference`), the graph is timed in rounds alternating with the teacher's deployed
+  graph in the same process, and each figure is the median per-round ratio to the teacher's times
+  the teacher's figure taken at the job's start, before Ray and its workers ran: a machine busy
+  with the search's own processes slows both alike. A model
   whose architecture the builder does not support (GPT-2) is timed in PyTorch instead, with its
   KV cache and every linear in float (quantization does not show there; cuts do), and has no
   ``prefill_ms@local``. ``energy_mj@local`` (per token, PyTorch decode) where the machine has
@@ -29,6 +33,9 @@ A causal LM is costed per generated token, at batch 1, as it is used:
 from __future__ import annotations
 
 import copy
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from slimsearch.evaluators.metrics import COST_METRICS, Metrics, Provenance
@@ -70,12 +77,57 @@ def _decode(model: "nn.Module", cache: Any, first: "torch.Tensor", tokens: int, 
             token = out.logits[:, -1:].argmax(-1)
 
 
-def measure_decoder(model: "nn.Module", task: Any, *, repeats: int = REPEATS, energy=None) -> dict[str, float]:
+DECODE, PREFILL = f"{DECODE_TOK_S}@{LOCAL_PROFILE}", f"prefill_ms@{LOCAL_PROFILE}"
+PAIRED_REPEATS = 5  # rounds of a paired timing: the median of 5 ratios
+
+
+@dataclass(frozen=True)
+class DecoderReference:
+    """The teacher's deployed graph (a GenAI folder) and its figures taken in a quiet moment (a job's
+    start): ``quiet`` maps ``decode_tok_s@local`` and ``prefill_ms@local`` to them. Build one with
+    :func:`decoder_reference`."""
+
+    graph: Path
+    quiet: Mapping[str, float]
+
+
+def decoder_reference(teacher: "nn.Module", quiet: Mapping[str, float]) -> Optional[DecoderReference]:
+    """The teacher's graph, built once in a folder that lives as long as this process, and ``quiet``;
+    None where the graph builder does not take the architecture (its candidates are timed unpaired).
+
+    Raises:
+        ConfigError: ``quiet`` lacks ``decode_tok_s@local`` or ``prefill_ms@local``, or one is not > 0.
+    """
+    import atexit
+    import shutil
+    import tempfile
+
+    import torch
+
+    from slimsearch.deploy.llm_graph import deployed_graph
+    from slimsearch.exceptions import ConfigError, UnsupportedArchitecture
+
+    for name in (DECODE, PREFILL):
+        value = quiet.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"reference: the teacher's quiet {name} must be a number > 0, got {value!r}")
+    folder = Path(tempfile.mkdtemp(prefix="slimsearch-teacher-graph-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    try:
+        graph = deployed_graph(teacher, folder / "graph", threads=torch.get_num_threads())
+    except UnsupportedArchitecture:
+        return None
+    return DecoderReference(Path(graph), {name: float(quiet[name]) for name in (DECODE, PREFILL)})
+
+
+def measure_decoder(model: "nn.Module", task: Any, *, repeats: int = REPEATS, energy=None,
+                    reference: Optional[DecoderReference] = None) -> dict[str, float]:
     """``latency_ms@local``, ``decode_tok_s@local`` and ``prefill_ms@local`` of the deployed graph,
     batch 1 (see the module's text), and ``energy_mj@local`` per token when ``energy`` (an
-    EnergyMeter) is given. Unpaired: a median of runs in a fresh process, as loaded as the machine was."""
+    EnergyMeter) is given. Without ``reference``, unpaired: a median of ``repeats`` runs in a fresh
+    process, as loaded as the machine was; with it, paired with the teacher's graph over
+    ``PAIRED_REPEATS`` rounds and scaled to its quiet figures."""
     import tempfile
-    from pathlib import Path
 
     import torch
 
@@ -88,16 +140,30 @@ def measure_decoder(model: "nn.Module", task: Any, *, repeats: int = REPEATS, en
         with tempfile.TemporaryDirectory(prefix="slimsearch-decode-") as tmp:
             graph = deployed_graph(model, Path(tmp) / "graph", threads=threads)
             timing = time_generation(graph, prompt_tokens=PROMPT_TOKENS, new_tokens=DECODE_TOKENS, threads=threads,
-                                     repeats=repeats)
-        values = {f"latency_ms@{LOCAL_PROFILE}": timing["decode_ms_per_token"],
-                  f"{DECODE_TOK_S}@{LOCAL_PROFILE}": timing["decode_tok_s"],
-                  f"prefill_ms@{LOCAL_PROFILE}": timing["prefill_ms"]}
+                                     repeats=repeats if reference is None else PAIRED_REPEATS,
+                                     reference=None if reference is None else reference.graph)
+        if reference is None:
+            tok_s, prefill = timing["decode_tok_s"], timing["prefill_ms"]
+        else:
+            tok_s, prefill = paired_decoder_figures(timing, reference.quiet)
+        values = {f"latency_ms@{LOCAL_PROFILE}": 1000.0 / tok_s, DECODE: tok_s, PREFILL: prefill}
     except UnsupportedArchitecture:
         ms = _torch_decode(model, task, repeats=repeats)
         values = {f"latency_ms@{LOCAL_PROFILE}": ms, f"{DECODE_TOK_S}@{LOCAL_PROFILE}": 1000.0 / ms}
     if energy is not None:
         values[f"energy_mj@{LOCAL_PROFILE}"] = _torch_decode(model, task, repeats=repeats, energy=energy)
     return values
+
+
+def paired_decoder_figures(timing: Mapping[str, Any], quiet: Mapping[str, float]) -> tuple[float, float]:
+    """Decode tokens/s and prefill ms of a paired timing (``time_generation`` with a reference): the
+    median over rounds of the model's figure relative to the reference's in the same round, times the
+    reference's ``quiet`` figure."""
+    ref = timing["reference"]
+    speed = statistics.median(r / m for m, r in zip(timing["decode_runs_ms_per_token"],
+                                                    ref["decode_runs_ms_per_token"]))
+    prefill = statistics.median(m / r for m, r in zip(timing["prefill_runs_ms"], ref["prefill_runs_ms"]))
+    return quiet[DECODE] * speed, quiet[PREFILL] * prefill
 
 
 def _torch_decode(model: "nn.Module", task: Any, *, repeats: int, energy=None) -> float:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 from slimsearch.spaces.plan import CompressionPlan, LayerPlan
 
@@ -54,12 +54,15 @@ def load_baselines(folder: Path) -> list[dict]:
 
 def run_baselines(task: "Task", profiles: Sequence[Any], folder: Path, *, teacher_score: float,
                   log: Callable[[str], None] = print, tracker=None, device: Any = None,
-                  evaluate: Optional[Callable[..., Any]] = None) -> list[dict]:
+                  evaluate: Optional[Callable[..., Any]] = None,
+                  reference: Optional[Mapping[str, float]] = None) -> list[dict]:
     """Evaluate every recipe of :func:`baseline_plans` that ``folder``'s ``baselines.json`` lacks
     (an entry whose plan changed counts as lacking), log each to ``tracker`` (an MLflow
     :class:`~slimsearch.storage.tracking.Tracker`, when given) and write the file after each;
     return every entry, in recipe order. ``evaluate`` defaults to
     :func:`slimsearch.evaluators.evaluate`, which runs them on ``device`` (as the job's candidates).
+    ``reference``: the teacher's quiet local figures the job's candidates were timed against
+    (``local_reference_figures``); the baselines are then timed paired with the teacher the same way.
     An entry: ``name``, ``plan``, ``metrics``, ``provenance``, ``seconds``, ``run_id``.
     """
     from slimsearch._io import atomic_write
@@ -70,13 +73,19 @@ def run_baselines(task: "Task", profiles: Sequence[Any], folder: Path, *, teache
     path = Path(folder) / BASELINES_FILE
     done = {b["name"]: b for b in load_baselines(folder)}
     entries: list[dict] = []
+    paired = None
     for name, plan in baseline_plans(task.layers or ()).items():
         entry = done.get(name)
         if entry is None or entry["plan"] != plan.to_dict():
             log(f"[slimsearch] baseline {name}: evaluating (a uniform recipe, for reference)")
             started = time.perf_counter()
             try:
-                metrics = evaluate(task, plan, profiles, teacher_score=teacher_score, device=device)
+                if reference and paired is None:
+                    from slimsearch.evaluators.candidate import local_reference
+
+                    paired = local_reference(task, reference)
+                metrics = evaluate(task, plan, profiles, teacher_score=teacher_score, device=device,
+                                   reference=paired)
             except Exception as exc:  # noqa: BLE001 - a reference that cannot be built does not end the job
                 log(f"[slimsearch] baseline {name} failed: {type(exc).__name__}: {exc}")
                 continue

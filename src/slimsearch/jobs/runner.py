@@ -272,7 +272,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
 
             with torch_threads(min(workers * threads, cores)):  # the workers are done: every core is free
                 run_baselines(task, spec.profile_refs, out, teacher_score=teacher_score, log=log, tracker=tracker,
-                              device=resources.device)
+                              device=resources.device, reference=reference)
         status = "FINISHED"
     except BaseException as exc:
         if was_stopped(exc):
@@ -316,9 +316,12 @@ def first_unrun(study) -> int:
 def local_reference_figures(task, teacher: dict) -> Optional[dict[str, float]]:
     """The teacher's local latencies measured at the job's start (before Ray and its workers start:
     a quiet moment), by metric name: every candidate's are timed paired with the teacher and scaled
-    to these (``measure_local``). None for a causal LM, whose local latency is not paired."""
+    to these (``measure_local``). A causal LM's: its decode tokens/s and prefill ms (None when its
+    architecture has no deployed graph, so no prefill figure: timed unpaired in PyTorch)."""
     if task.family is TaskFamily.CAUSAL_LM:
-        return None
+        from slimsearch.evaluators.decoder import DECODE, PREFILL
+
+        return {name: teacher[name] for name in (DECODE, PREFILL)} if PREFILL in teacher else None
     return {name: teacher[name] for name in local_latency_metrics(task.latency_batch)}
 
 
@@ -327,6 +330,9 @@ def describe_reference(reference: Optional[dict[str, float]]) -> str:
     if reference is None:
         return "unpaired: median of repeated calls, as the worker found the machine"
     figures = ", ".join(f"{k}={v:.4g}" for k, v in sorted(reference.items()))
+    if any(k.startswith("decode_tok_s") for k in reference):
+        return ("paired: the deployed graph timed in rounds alternating with the teacher's in the same process; "
+                f"the median per-round ratio times the teacher's figure measured at the job's start ({figures})")
     return ("paired: median of per-round ratios to the teacher (alternating rounds in the same worker) times "
             f"the teacher's latency measured at the job's start ({figures}); raw figures: latency_ms_raw*@local")
 
