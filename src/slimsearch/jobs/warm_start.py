@@ -85,12 +85,15 @@ class PlannerStart:
                 + "; plans predicted on the front within the ppl_increase bound run first; perplexity predicted as "
                 "the teacher's times exp(sum of the NLL changes)")
 
+    def _values(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Every dimension's value in the plan ``params`` (the fixed ones included)."""
+        return {**{k: v[0] for k, v in self.choices.items() if len(v) == 1}, **params}
+
     def options_of(self, params: Mapping[str, Any]) -> Optional[dict[str, str]]:
         """Group -> the table's option the params choose; None where a choice lies outside the table."""
         from slimsearch.evaluators.llm_sensitivity import FLOAT, KV_GROUP, WeightChoice, kv_option
 
-        values = {k: v[0] for k, v in self.choices.items() if len(v) == 1}
-        values.update(params)
+        values = self._values(params)
         for name, value in values.items():
             if not name.startswith((WEIGHT_BITS + ".", KV_BITS, METHOD, GROUP_SIZE, "act_bits.", "power_mode.")) \
                     and value != _neutral(name, self.choices[name]) and value not in self.cuts.get(name, {}):
@@ -117,8 +120,7 @@ class PlannerStart:
         chosen = self.options_of(params)
         if chosen is None:
             return {metric: None, gap: None}
-        values = {k: v[0] for k, v in self.choices.items() if len(v) == 1}
-        values.update(params)
+        values = self._values(params)
         cuts = [self.cuts[name][values[name]] for name in self.cuts if values.get(name) in self.cuts[name]]
         change = math.fsum([*(self.table.options[g][o][NLL] for g, o in chosen.items()), *cuts])
         return {metric: self.teacher_score * math.exp(change), gap: math.expm1(change)}
