@@ -64,7 +64,7 @@ def test_the_enqueued_plans_lie_in_the_space_within_the_bound_and_the_table_is_r
     choices = dict(space.choices)
     for params in enqueued:
         assert set(params) == set(choices) and all(v in choices[k] for k, v in params.items())
-        assert params["ffn_keep"] == 1.0  # a cut is not in the table: left at no cut
+        assert params["ffn_keep"] == 1.0  # cuts are predicted, not planned: left at no cut
         predicted = start.estimate(params, "ppl", "ppl_increase")
         assert 0 < predicted["ppl"] <= teacher * 1.3 + 1e-9  # within the bound, as predicted (rounding may help)
         assert predicted["ppl_increase"] == pytest.approx(predicted["ppl"] / teacher - 1)
