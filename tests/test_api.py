@@ -20,6 +20,7 @@ JOB = {
 }
 
 
+@pytest.mark.slow  # a whole MNIST job (30-70 s): the full suite
 def test_run_from_python_gives_the_front_the_command_gives(tmp_path, teacher_cache, slimsearch_home):
     job = write_job(tmp_path, JOB)
     result = slimsearch.run(job, out=tmp_path / "py", executor="local", progress=False, budget=3, log=lambda _: None)
@@ -34,6 +35,7 @@ def test_run_from_python_gives_the_front_the_command_gives(tmp_path, teacher_cac
     assert [(r.name, r.status) for r in mine] == [("digits-api", "finished")] * 2
 
 
+@pytest.mark.slow  # a whole MNIST job (30-70 s): the full suite
 def test_run_takes_a_job_as_data_and_resumes_it(tmp_path, teacher_cache, slimsearch_home):
     first = slimsearch.run(dict(JOB), out=tmp_path / "out", executor="local", progress=False, log=lambda _: None)
     again = slimsearch.run(dict(JOB), out=tmp_path / "out", executor="local", progress=False, resume=True,

@@ -329,6 +329,7 @@ def test_report_command_draws_a_given_random_search_baseline_and_takes_a_screens
     assert bad.code == 2 and "JOB 'no-such-job'" in bad.stderr
 
 
+@pytest.mark.slow  # two jobs (17 s): the full suite
 @pytest.mark.parametrize("faults, failed", [("raise," * 12, 10), ("raise", 1)], ids=["every-candidate", "one"])
 def test_run_exits_1_only_when_every_candidate_failed(tmp_path, monkeypatch, teacher_cache, faults, failed):
     """A job none of whose candidates completed exits 1 with the runner's reason as its one stderr line, so a

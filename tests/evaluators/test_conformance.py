@@ -28,7 +28,9 @@ from slimsearch.tasks._registry import task_family
 TASKS = [name for name in BUILTIN_TASKS if name != "mnist" and task_family(name) is TaskFamily.CLASSIFICATION]
 
 
-@pytest.fixture(scope="module", params=TASKS)
+# the ResNet teacher trains for a minute and MiniLM loads in half of one: the full suite; digits stays in the fast tier
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.slow) if name in ("mnist-resnet", "minilm")
+                                        else name for name in TASKS])
 def task(request, teacher_cache):
     return load_task(request.param)
 

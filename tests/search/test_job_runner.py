@@ -203,6 +203,7 @@ def resumed_job(tmp_path_factory, teacher_cache):
     return SimpleNamespace(out=out, trials_before=trials_before, runs_before=runs_before, stdout=second.stdout)
 
 
+@pytest.mark.slow  # a job of 20-40 s: the full suite
 def test_resume_runs_only_the_missing_candidates(resumed_job):
     assert len(resumed_job.trials_before) == 3
     assert "3 of 5 candidates done; running 2" in resumed_job.stdout
@@ -270,6 +271,7 @@ def test_hidden_state_matching_on_a_task_without_hidden_states_is_refused(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a job of 20-40 s: the full suite
 def test_a_candidate_that_breaks_a_constraint_never_enters_the_front(tmp_path):
     # accuracy is not estimated before training, so these candidates are trained, then found infeasible
     job = write_job(tmp_path, dict(JOB, constraints=["accuracy >= 1.01"], search={"budget": 2, "workers": 1}))

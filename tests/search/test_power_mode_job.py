@@ -37,6 +37,7 @@ def power_job(tmp_path_factory, teacher_cache):
     return SimpleNamespace(out=out, result=result, children=children, parent=parent, data=data)
 
 
+@pytest.mark.slow  # their job takes 45 s: the full suite
 def test_mlflow_has_energy_and_cost_for_every_named_profile(power_job):
     assert sorted(power_job.children) == [0, 1, 2, 3]
     for run in power_job.children.values():
@@ -59,6 +60,7 @@ def test_mlflow_has_energy_and_cost_for_every_named_profile(power_job):
     assert parent.tags[f"teacher.power_mode.{JETSON}"] == "15W"  # the default mode, one of those listed
 
 
+@pytest.mark.slow  # their job takes 45 s: the full suite
 def test_the_searched_power_mode_is_a_param_a_tag_and_in_the_plan(power_job):
     modes = set()
     by_trial = {c["trial"]: c for c in power_job.data["candidates"]}
@@ -77,6 +79,7 @@ def test_the_searched_power_mode_is_a_param_a_tag_and_in_the_plan(power_job):
     assert modes <= {"7W", "15W"}
 
 
+@pytest.mark.slow  # their job takes 45 s: the full suite
 def test_the_front_shows_accuracy_against_modelled_energy(power_job):
     data = power_job.data
     assert data["objectives"] == {"accuracy": "max", f"energy_mj@{JETSON}": "min"}
