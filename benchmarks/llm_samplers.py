@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mnist_samplers import run  # noqa: E402  (one runner for both examples)
+from mnist_samplers import box_score, print_table, run, summarise  # noqa: E402  (shared with the MNIST one)
 
 
 def gap_bound(job: dict) -> float:
@@ -47,27 +46,14 @@ def gap_bound(job: dict) -> float:
 
 
 def llm_score(front: dict, bound: float) -> dict:
-    import moocore
-    import numpy as np
+    metric = front["metric"]
 
-    objectives, teacher, metric = front["objectives"], front["teacher"], front["metric"]
-    feasible = [c for c in front["candidates"] if c["feasible"]]
-    points = []
-    for c in feasible:
-        row = []
-        for name, mode in objectives.items():
-            value, base = c["metrics"][name], teacher[name]
-            if name == metric:
-                row.append(max(0.0, (value / base - 1) / bound))
-            elif mode == "max":
-                row.append(base / value)
-            else:
-                row.append(value / base)
-        points.append(row)
-    inside = [p for p in points if all(v < 1.0 for v in p)]
-    hv = float(moocore.hypervolume(np.array(inside), ref=np.ones(len(objectives)))) if inside else 0.0
-    return {"hypervolume": hv, "feasible": len(feasible), "front": len(front["front"]),
-            "candidates": len(front["candidates"])}
+    def coordinate(name, mode, value, base):
+        if name == metric:  # perplexity: 0 at the teacher's (better clipped), 1 at the bound
+            return max(0.0, (value / base - 1) / bound)
+        return base / value if mode == "max" else value / base
+
+    return box_score(front, coordinate)
 
 
 def main() -> None:
@@ -91,25 +77,11 @@ def main() -> None:
                 print(f"  {sampler} seed {seed}: hypervolume {r['hypervolume']:.4f}, feasible {r['feasible']} of "
                       f"{r['candidates']}, front {r['front']}, screened {r['screened']}, {r['wall_s']:.0f} s",
                       file=sys.stderr, flush=True)
-    summary = []
-    for sampler in samplers:
-        mine = [r for r in rows if r["sampler"] == sampler]
-        summary.append({"sampler": sampler, "seeds": len(mine),
-                        "hypervolume_mean": statistics.fmean(r["hypervolume"] for r in mine),
-                        "hypervolume_per_seed": [r["hypervolume"] for r in mine],
-                        "feasible_mean": statistics.fmean(r["feasible"] for r in mine),
-                        "front_mean": statistics.fmean(r["front"] for r in mine),
-                        "screened_mean": statistics.fmean(r["screened"] for r in mine),
-                        "wall_s_mean": statistics.fmean(r["wall_s"] for r in mine)})
+    summary = summarise(rows, samplers)
     others = [s["hypervolume_mean"] for s in summary if s["sampler"] != "auto"]
     auto = [s["hypervolume_mean"] for s in summary if s["sampler"] == "auto"]
     ratio = auto[0] / max(others) if auto and others and max(others) > 0 else None
-    print(f"| sampler | seeds | hypervolume (mean) | per seed | feasible of {args.budget} | front | screened | wall |")
-    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
-    for s in summary:
-        per = " ".join(f"{v:.4f}" for v in s["hypervolume_per_seed"])
-        print(f"| {s['sampler']} | {s['seeds']} | {s['hypervolume_mean']:.4f} | {per} | {s['feasible_mean']:.1f} | "
-              f"{s['front_mean']:.1f} | {s['screened_mean']:.1f} | {s['wall_s_mean']:.0f} s |")
+    print_table(summary, args.budget)
     print(f"hv_ratio_vs_best_optuna: {ratio if ratio is None else round(ratio, 3)} (budget {args.budget}, "
           f"{args.seeds} seeds, total {sum(r['wall_s'] for r in rows) / 60:.0f} min)")
     if args.json:

@@ -64,26 +64,52 @@ def run(job: dict, sampler: str, seed: int, tmp: Path, score=None) -> dict:
             "out": str(out)}
 
 
-def mnist_score(front: dict, slack: float = 0.01) -> dict:
+def box_score(front: dict, coordinate) -> dict:
+    """Hypervolume of the feasible candidates inside the unit box, each objective placed by
+    ``coordinate(name, mode, value, teacher_value)`` (0 ideal, 1 at the box's edge); the counts beside it."""
     import moocore
     import numpy as np
 
     objectives, teacher = front["objectives"], front["teacher"]
     feasible = [c for c in front["candidates"] if c["feasible"]]
-    points = []
-    for c in feasible:
-        row = []
-        for name, mode in objectives.items():
-            value, base = c["metrics"][name], teacher[name]
-            if mode == "max":  # 0 at the teacher's value, 1 at the constraint's edge
-                row.append((base - value) / slack)
-            else:
-                row.append(value / base)
-        points.append(row)
+    points = [[coordinate(name, mode, c["metrics"][name], teacher[name]) for name, mode in objectives.items()]
+              for c in feasible]
     inside = [p for p in points if all(v < 1.0 for v in p)]
     hv = float(moocore.hypervolume(np.array(inside), ref=np.ones(len(objectives)))) if inside else 0.0
     return {"hypervolume": hv, "feasible": len(feasible), "front": len(front["front"]),
             "candidates": len(front["candidates"])}
+
+
+def mnist_score(front: dict, slack: float = 0.01) -> dict:
+    def coordinate(name, mode, value, base):
+        # a score: 0 at the teacher's value, 1 at the constraint's edge; a cost: value / teacher's
+        return (base - value) / slack if mode == "max" else value / base
+
+    return box_score(front, coordinate)
+
+
+def summarise(rows: list[dict], samplers: list[str]) -> list[dict]:
+    """Per sampler, the means over its seeds' runs (and the per-seed hypervolumes)."""
+    summary = []
+    for sampler in samplers:
+        mine = [r for r in rows if r["sampler"] == sampler]
+        summary.append({"sampler": sampler, "seeds": len(mine),
+                        "hypervolume_mean": statistics.fmean(r["hypervolume"] for r in mine),
+                        "hypervolume_per_seed": [r["hypervolume"] for r in mine],
+                        "feasible_mean": statistics.fmean(r["feasible"] for r in mine),
+                        "front_mean": statistics.fmean(r["front"] for r in mine),
+                        "screened_mean": statistics.fmean(r["screened"] for r in mine),
+                        "wall_s_mean": statistics.fmean(r["wall_s"] for r in mine)})
+    return summary
+
+
+def print_table(summary: list[dict], evaluated: int) -> None:
+    print(f"| sampler | seeds | hypervolume (mean) | per seed | feasible of {evaluated} | front | screened | wall |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+    for s in summary:
+        per = " ".join(f"{v:.4f}" for v in s["hypervolume_per_seed"])
+        print(f"| {s['sampler']} | {s['seeds']} | {s['hypervolume_mean']:.4f} | {per} | {s['feasible_mean']:.1f} | "
+              f"{s['front_mean']:.1f} | {s['screened_mean']:.1f} | {s['wall_s_mean']:.0f} s |")
 
 
 def main() -> None:
@@ -109,23 +135,8 @@ def main() -> None:
                 r = rows[-1]
                 print(f"  {sampler} seed {seed}: hypervolume {r['hypervolume']:.4f}, feasible {r['feasible']}, "
                       f"front {r['front']}, {r['wall_s']:.0f} s", file=sys.stderr)
-    summary = []
-    for sampler in args.samplers.split(","):
-        mine = [r for r in rows if r["sampler"] == sampler]
-        summary.append({"sampler": sampler, "seeds": len(mine),
-                        "hypervolume_mean": statistics.fmean(r["hypervolume"] for r in mine),
-                        "hypervolume_per_seed": [r["hypervolume"] for r in mine],
-                        "feasible_mean": statistics.fmean(r["feasible"] for r in mine),
-                        "front_mean": statistics.fmean(r["front"] for r in mine),
-                        "screened_mean": statistics.fmean(r["screened"] for r in mine),
-                        "wall_s_mean": statistics.fmean(r["wall_s"] for r in mine)})
-    print(f"| sampler | seeds | hypervolume (mean) | per seed | feasible of {rows[0]['candidates']} | front | "
-          "screened | wall |")
-    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
-    for s in summary:
-        per = " ".join(f"{v:.4f}" for v in s["hypervolume_per_seed"])
-        print(f"| {s['sampler']} | {s['seeds']} | {s['hypervolume_mean']:.4f} | {per} | {s['feasible_mean']:.1f} | "
-              f"{s['front_mean']:.1f} | {s['screened_mean']:.1f} | {s['wall_s_mean']:.0f} s |")
+    summary = summarise(rows, args.samplers.split(","))
+    print_table(summary, rows[0]["candidates"])
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "runs": rows}, indent=2))
 
