@@ -130,9 +130,8 @@ def _neutral(name: str, values: Sequence) -> Any:
     """The value of a dimension the table does not plan: its default (no compression) where listed."""
     from slimsearch.spaces.choices import CHOICES
 
-    by_name = {c.name: c for c in CHOICES}
-    choice = by_name.get(name.partition(".")[0])
-    return choice.default if choice is not None and choice.default in values else values[0]
+    default = next((c.default for c in CHOICES if c.name == name.partition(".")[0]), None)
+    return default if default is not None and default in values else values[0]
 
 
 def _dimensions(space) -> dict[str, tuple]:
