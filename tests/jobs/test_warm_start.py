@@ -94,6 +94,57 @@ def test_the_enqueued_plans_lie_in_the_space_within_the_bound_and_the_table_is_r
     assert again.table.options == start.table.options and again.cuts == start.cuts
 
 
+def test_a_per_block_space_chooses_each_blocks_weights_and_the_planner_plans_them_per_block(made, tmp_path):
+    import optuna
+
+    from slimsearch.compress import apply_plan
+    from slimsearch.compress.llm_methods import record_of
+    from slimsearch.evaluators.candidate import task_scores
+    from slimsearch.exceptions import ConfigError
+    from slimsearch.jobs.warm_start import enqueue_front, planner_start
+    from slimsearch.jobs.worker import build_space
+    from slimsearch.tasks import load_task
+
+    data = job_data(made, 6)
+    data["space"] = {**SPACE, "per_block": True,
+                     "layers": {"down": {"weight_bits": [8, 32]}, "1.down": {"weight_bits": [4, 32]}}}
+    spec = load_job(write_job(made, data, "per-block.yaml"))
+    task = load_task(spec.task, seed=0, path=spec.task_path, text=spec.task_text)
+    space = build_space(spec, task)
+    blocks = [f"{i}.{g}" for i in range(2) for g in ("qkv", "o", "gate_up", "down")]
+    assert space.layers == tuple(blocks)
+    choices = dict(space.choices)
+    assert {k for k in choices if k.startswith("weight_bits.")} == {f"weight_bits.{b}" for b in blocks}
+    assert choices["weight_bits.0.down"] == (8, 32)  # the group's override, in every block ...
+    assert choices["weight_bits.1.down"] == (4, 32)  # ... but a block's own key wins
+    assert choices["weight_bits.1.qkv"] == (2, 4, 8, 32)
+
+    untouched = {"weight_bits": 32, "act_bits": 32, "kv_bits": 32, "ffn_keep": 1.0, "distill_steps": 0}
+    float_plan = {k: untouched[k.partition(".")[0]] for k in choices}
+    mixed = space.plan_from_params({**float_plan, "weight_bits.0.qkv": 4, "weight_bits.1.qkv": 8,
+                                    "weight_bits.1.down": 4})
+    quantized = record_of(apply_plan(task, mixed)).quantized
+    assert {path: q.bits for path, q in quantized.items()} == {
+        "model.layers.0.self_attn.q_proj": 4, "model.layers.0.self_attn.k_proj": 4, "model.layers.0.self_attn.v_proj": 4,
+        "model.layers.1.self_attn.q_proj": 8, "model.layers.1.self_attn.k_proj": 8, "model.layers.1.self_attn.v_proj": 8,
+        "model.layers.1.mlp.down_proj": 4}  # each block's groups as chosen, the rest float
+
+    teacher = task_scores(task.teacher, task.val, task)["ppl"]
+    start = planner_start(spec, task, space, tmp_path, teacher_score=teacher, log=lambda line: None)
+    assert start.per_block and start.groups == tuple(blocks) and "per block" in start.describe()
+    assert set(start.table.options["0.down"]) == {"float", "rtn-w8-g128"}  # restricted to what the space allows
+    enqueued = enqueue_front(start, spec, optuna.create_study(directions=["minimize"] * 2), most=5,
+                             log=lambda line: None)
+    assert enqueued
+    for params in enqueued:
+        assert set(params) == set(choices) and all(v in choices[k] for k, v in params.items())
+        assert start.estimate(params, "ppl", "ppl_increase")["ppl_increase"] <= 0.3
+    bad = {**data, "space": {**data["space"], "layers": {"2.down": {"weight_bits": [8]}}}}
+    with pytest.raises(ConfigError, match=r"space.layers: unknown layer '2.down'; allowed: a linear group "
+                                          r"\['qkv', 'o', 'gate_up', 'down'\] \(every block\) or one block's"):
+        build_space(load_job(write_job(made, bad, "per-block-bad.yaml")), task)
+
+
 @pytest.mark.slow
 def test_a_job_runs_the_planned_plans_first_and_resume_reads_its_sensitivities_back(made):
     from mlflow import MlflowClient

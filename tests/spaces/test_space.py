@@ -182,9 +182,16 @@ def test_a_causal_lm_space_takes_its_familys_defaults_and_refuses_what_it_does_n
          "space.sparsity_pattern: 'unstructured' is not allowed for a causal-lm task; allowed: ['2:4']"),
         (SpaceSpec(ffn_keep=[0.5, 1.0]), TaskFamily.CLASSIFICATION,
          "space.ffn_keep: a classification task does not use ffn_keep (a causal-lm task does); allowed: [1.0]"),
+        (SpaceSpec(per_block=True), TaskFamily.CLASSIFICATION,
+         "space.per_block: a classification task has no blocks of linear groups; allowed: false"),
+        (SpaceSpec(per_block=True, act_bits=[8, 32]), TaskFamily.CAUSAL_LM,
+         "space.act_bits: per_block weight bits keep activations float; allowed: [32] with per_block: true"),
+        (SpaceSpec(per_block=True, layers={"down": {"act_bits": [8]}}), TaskFamily.CAUSAL_LM,
+         "space.layers.down.act_bits: per_block weight bits keep activations float"),
     ]
     for spec, family, message in refused:
         with pytest.raises(ConfigError) as exc:
             fit_space(spec, family)
         assert str(exc.value).startswith(message), str(exc.value)
     assert fit_space(SpaceSpec(prune_ratio=[0.0]), TaskFamily.CAUSAL_LM).prune_ratio == [0.0]  # the default: fine
+    assert fit_space(SpaceSpec(per_block=True), TaskFamily.CAUSAL_LM).act_bits == [32]  # the family's default: fine

@@ -151,7 +151,7 @@ def _check_inputs(choices: Sequence[WeightChoice], kv_bits: Sequence[int]) -> tu
 def group_names(model: "nn.Module", per_block: bool = True) -> tuple[str, ...]:
     """The model's linear groups as a table names them: ``"<block>.<group>"``, or the group names."""
     if per_block:
-        return tuple(f"{i}.{g.name}" for i, g, _ in llm.group_linears(model))
+        return llm.block_group_names(model)
     return tuple(g.name for g in llm.family_of(model).groups)
 
 

@@ -1,7 +1,8 @@
 """The planner's start of a causal-LM job searched by ``auto``: plans predicted on the front, run first.
 
 Before its first candidate, the job measures what each choice of its space costs each linear
-group, across blocks (:func:`~slimsearch.evaluators.llm_sensitivity.llm_sensitivity` on a few
+group, across blocks, or in each block where the space chooses weight bits per block
+(``space.per_block``) (:func:`~slimsearch.evaluators.llm_sensitivity.llm_sensitivity` on a few
 calibration windows: the weight bits, methods and group sizes the space lists, and its KV-cache
 precisions), cached in the job folder so that a resumed job reads it back. Two uses:
 
@@ -59,7 +60,7 @@ class PlannerStart:
     Attributes:
         table: the per-group options (:class:`~slimsearch.evaluators.llm_sensitivity.Sensitivity`),
             each group's options restricted to what the space allows it.
-        groups: the space's linear groups (the task's ``layers``).
+        groups: the space's linear groups (the task's ``layers``, or per block: ``"3.down"``).
         choices: the space's dimensions (param name -> values) and its fixed values.
         searched: the names of the dimensions Optuna records (a trial's params).
         cuts: cut dimension -> value -> the NLL change of that cut alone (the listed values but the
@@ -75,11 +76,14 @@ class PlannerStart:
     teacher_score: float
     seconds: float = 0.0
     cuts: Mapping[str, Mapping[Any, float]] = dataclasses.field(default_factory=dict)
+    per_block: bool = False
 
     def describe(self) -> str:
         """One line for the job's MLflow params: what the table holds and how it was obtained."""
         options = sorted({o for opts in self.table.options.values() for o in opts})
-        return (f"sensitivity per linear group across blocks ({', '.join(self.groups)}) of {options} on {WINDOWS} "
+        where = (f"per block's linear group ({len(self.groups)})" if self.per_block else
+                 f"per linear group across blocks ({', '.join(self.groups)})")
+        return (f"sensitivity {where} of {options} on {WINDOWS} "
                 f"calibration windows, {'read from the job folder' if self.table.cached else 'measured'}"
                 + (f"; cuts alone: {', '.join(f'{n} {list(v)}' for n, v in self.cuts.items())}" if self.cuts else "")
                 + "; plans predicted on the front within the ppl_increase bound run first; perplexity predicted as "
@@ -154,7 +158,8 @@ def planner_start(spec, task, space, folder: Path, *, teacher_score: float,
     from slimsearch.evaluators.llm_sensitivity import FLOAT, KV_GROUP, WeightChoice, llm_sensitivity
 
     dims = _dimensions(space)
-    groups = tuple(task.layers or ())
+    groups = tuple(space.layers)
+    per_block = bool(spec.space.per_block)
     bits = sorted({b for g in groups for b in dims.get(f"{WEIGHT_BITS}.{g}", (FULL_PRECISION,))} - {FULL_PRECISION})
     choices = [WeightChoice(m, b, gs) for m in dims.get(METHOD, ("rtn",)) for gs in dims.get(GROUP_SIZE, (128,))
                for b in bits]
@@ -162,7 +167,7 @@ def planner_start(spec, task, space, folder: Path, *, teacher_score: float,
     started = time.perf_counter()
     log(f"[slimsearch] planner: sensitivity of {len(choices)} weight choices x {len(groups)} groups"
         + (f" and {len(kv)} KV precisions" if kv else "") + f" on {WINDOWS} calibration windows")
-    table = llm_sensitivity(task.teacher, task.train.x[:WINDOWS], choices, kv_bits=kv, per_block=False,
+    table = llm_sensitivity(task.teacher, task.train.x[:WINDOWS], choices, kv_bits=kv, per_block=per_block,
                             profiles=spec.profile_refs, folder=folder)
     seconds = time.perf_counter() - started
     log(f"[slimsearch] planner: sensitivity {'read from the job folder' if table.cached else 'measured'} "
@@ -182,7 +187,7 @@ def planner_start(spec, task, space, folder: Path, *, teacher_score: float,
         cuts = _cut_losses(task, cuts, task.train.x[:WINDOWS], Path(folder), table.key, log)
     seconds = time.perf_counter() - started
     return PlannerStart(dataclasses.replace(table, options=options), groups, dims, tuple(n for n, _ in space.choices),
-                        teacher_score, seconds=seconds, cuts=cuts)
+                        teacher_score, seconds=seconds, cuts=cuts, per_block=per_block)
 
 
 def _mean_nll(model, windows) -> float:

@@ -35,9 +35,27 @@ def build_space(spec: JobSpec, task):
     space = fit_space(spec.space, task.family)
     structure = task.structure or ChannelStructure()
     layers = list(task.layers) if task.layers is not None else layer_names(task.teacher)
+    if space.per_block:
+        space, layers = _per_block(space, task)
     return SearchSpace.build(space, layers, structure.groups(task.teacher, task.example_input),
                              droppable=structure.droppable(task.teacher), seed=spec.search.seed,
                              power_modes=spec.power_mode_choices())
+
+
+def _per_block(space, task):
+    """``space`` with its per-layer overrides keyed per block (a group's override applies to that group in
+    every block; a block's own key, ``"3.down"``, wins), and the per-block layer names."""
+    from slimsearch.structures import llm
+
+    names = llm.block_group_names(task.teacher)
+    groups = tuple(task.layers or ())
+    unknown = sorted(set(space.layers) - set(groups) - set(names))
+    if unknown:
+        raise ConfigError(f"space.layers: unknown layer {unknown[0]!r}; allowed: a linear group {list(groups)} "
+                          f"(every block) or one block's, '<block>.<group>' ({names[0]!r} to {names[-1]!r})")
+    layers = {n: space.layers[n.partition(".")[2]] for n in names if n.partition(".")[2] in space.layers}
+    layers.update({n: own for n, own in space.layers.items() if n in names})
+    return space.model_copy(update={"layers": layers}), list(names)
 
 
 @functools.lru_cache(maxsize=2)

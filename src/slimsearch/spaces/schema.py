@@ -2,7 +2,8 @@
 
 Every field of :class:`SpaceSpec` is a list of values to search for one choice of
 :data:`slimsearch.spaces.choices.CHOICES` (a single value is fixed, not searched), and
-``layers`` overrides the per-layer choices for named layers (:class:`LayerChoices`).
+``layers`` overrides the per-layer choices for named layers (:class:`LayerChoices`);
+``per_block`` (causal-LM tasks) chooses weight bits per block's linear group, not per group.
 """
 
 from __future__ import annotations
@@ -51,5 +52,6 @@ SpaceSpec = create_model(
     __validators__={"_space_choices": field_validator(*[c.name for c in CHOICES if not c.per_layer],
                                                       mode="before")(_validate_choices)},
     layers=(dict[str, LayerChoices], {}),
+    per_block=(bool, False),
     **{c.name: (Optional[list[c.kind]] if c.per_layer else list[c.kind], list(c.space_default)) for c in CHOICES},
 )

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from slimsearch.exceptions import ConfigError
 from slimsearch.metric_names import TaskFamily
-from slimsearch.spaces.choices import CHOICES, Choice, Scope, layer_fields
+from slimsearch.spaces.choices import CHOICES, FULL_PRECISION, Choice, Scope, layer_fields
 from slimsearch.spaces.choices import choices as choices_of
 from slimsearch.spaces.plan import CompressionPlan, DistillPlan, LayerPlan
 
@@ -141,6 +141,8 @@ def fit_space(spec: Any, family: TaskFamily) -> Any:
     """
     family = TaskFamily(family)
     given = spec.model_fields_set
+    if spec.per_block:
+        _check_per_block(spec, family)
     updates: dict[str, list] = {}
     for c in CHOICES:
         places = [(f"space.{c.name}", getattr(spec, c.name))] if c.name in given else []
@@ -167,3 +169,16 @@ def fit_space(spec: Any, family: TaskFamily) -> Any:
         if c.name not in given:
             updates[c.name] = list(narrow.space_default)
     return spec.model_copy(update=updates) if updates else spec
+
+
+def _check_per_block(spec: Any, family: TaskFamily) -> None:
+    """``per_block`` is a causal LM's, and keeps activations float (SmoothQuant is chosen per group)."""
+    if family is not TaskFamily.CAUSAL_LM:
+        raise ConfigError(f"space.per_block: a {family.value} task has no blocks of linear groups; allowed: false "
+                          "(true is for causal-lm tasks)")
+    places = [("space.act_bits", spec.act_bits)] if "act_bits" in spec.model_fields_set else []
+    places += [(f"space.layers.{name}.act_bits", own.act_bits) for name, own in spec.layers.items()]
+    for where, values in places:
+        if values is not None and any(v != FULL_PRECISION for v in values):
+            raise ConfigError(f"{where}: per_block weight bits keep activations float; allowed: "
+                              f"[{FULL_PRECISION}] with per_block: true (SmoothQuant is chosen per group: per_block: false)")

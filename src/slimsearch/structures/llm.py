@@ -112,6 +112,12 @@ def group_linears(model: "nn.Module") -> Iterator[tuple[int, LinearGroup, list[s
             yield i, group, [prefix + m for m in group.members]
 
 
+def block_group_names(model: "nn.Module") -> tuple[str, ...]:
+    """Every block's linear groups by name, ``"<block>.<group>"`` (``"3.down"``), in block order: the
+    keys of per-block choices."""
+    return tuple(f"{i}.{g.name}" for i, g, _ in group_linears(model))
+
+
 def decoder_linears(model: "nn.Module") -> dict[str, "nn.Module"]:
     """Full path -> module of every linear layer inside the decoder blocks (not the embedding
     or output projection), in block order."""
