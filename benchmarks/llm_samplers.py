@@ -7,8 +7,11 @@ For each seed and sampler, the job file runs as ``slimsearch run JOB --out <tmp>
 with ``search.sampler``, ``search.seed`` and ``search.budget`` replaced and ``search.baselines``
 off (the uniform recipes are the same in every run; ``benchmarks/llm_search.py`` measures them),
 as it ships otherwise: its objectives, its ``ppl_increase`` constraint, its multi-fidelity screen,
-and for ``auto`` its planner start (``search.planner``). The budget counts full evaluations, so
-every run gets the same number; plans the screen rejected on a quarter of the text are extra.
+and for ``auto`` its planner start (``search.planner``; the planner's sensitivity table is measured
+by auto's first run and copied into the later seeds' job folders, which read it back as a resumed job
+does: the same teacher, windows and choices give the same table). The budget counts full
+evaluations, so every run gets the same number; plans the screen rejected on a quarter of the text
+are extra.
 
 Score: the hypervolume of the run's feasible candidates in the box between an ideal point and
 the teacher, as a share of the box. Perplexity is scaled 0 at the teacher's (better is clipped
@@ -56,6 +59,22 @@ def llm_score(front: dict, bound: float) -> dict:
     return box_score(front, coordinate)
 
 
+def share_sensitivity(tmp: Path, seed: int) -> None:
+    """Give auto's run of ``seed`` the planner's sensitivity table measured by an earlier seed's run (the
+    same teacher, windows and choices: the same table; the job reads it back as a resumed one would), so
+    the pass is paid once per comparison, not once per seed."""
+    import shutil
+
+    earlier = sorted(tmp.glob("auto-*/sensitivity-*.json")) + sorted(tmp.glob("auto-*/planner-cuts.json"))
+    if not earlier:
+        return
+    out = tmp / f"auto-{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    for path in earlier:
+        if not (out / path.name).exists():
+            shutil.copy2(path, out / path.name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--job", type=Path, default=ROOT / "examples" / "smollm2.yaml")
@@ -72,6 +91,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="slimsearch-llm-samplers-") as tmp:
         for seed in range(args.seeds):  # seeds outermost: a drift in the machine's load hits every sampler
             for sampler in samplers:
+                if sampler == "auto":
+                    share_sensitivity(Path(tmp), seed)
                 rows.append(run(job, sampler, seed, Path(tmp), score=lambda front: llm_score(front, bound)))
                 r = rows[-1]
                 print(f"  {sampler} seed {seed}: hypervolume {r['hypervolume']:.4f}, feasible {r['feasible']} of "

@@ -129,7 +129,8 @@ def report(args, out: Path, wall: float, lines: list[str]) -> None:
               "job_dir": str(out), "noise": NOISE, "time": time_split(out, data, wall, lines)}
     if not args.no_planner:
         result["planner"] = planner_at_equal_bytes(Path(args.job), out / "per-block-planner", data["front"],
-                                                   data["teacher"]["ppl"])
+                                                   data["teacher"]["ppl"], job_dir=out,
+                                                   job_sensitivity_s=result["time"]["planner_s"])
 
     def fmt(r: dict) -> str:
         tok = f"{r['decode_tok_s']:.1f}" if r["decode_tok_s"] else "-"
@@ -197,10 +198,20 @@ def time_split(out: Path, data: dict, wall: float, lines: list[str]) -> dict:
             "planner_s": planner, "other_s": wall - evaluate - baselines - planner, "trials": len(trials)}
 
 
-def planner_at_equal_bytes(job: Path, folder: Path, members: list[dict], teacher_ppl: float) -> dict:
+def planner_at_equal_bytes(job: Path, folder: Path, members: list[dict], teacher_ppl: float, *,
+                           job_dir: Path, job_sensitivity_s: float) -> dict:
     """``slimsearch plan`` alone (a choice per block and group among the job's weight bits, RTN, groups of
     128; KV 8-bit or float), for each front member the plan of least predicted perplexity within the
-    member's packed bytes, built and scored on the validation windows as the member was."""
+    member's packed bytes, built and scored on the validation windows as the member was.
+
+    Where the job measured the same table (a job searching per block), it is copied into ``folder`` and
+    read back, and the planner's sensitivity time is the job's measurement of it (``job_sensitivity_s``)."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in job_dir.glob("sensitivity-*.json"):
+        shutil.copy2(path, folder / path.name)
+    copied = set(folder.glob("sensitivity-*.json"))
     from slimsearch.jobs.load import load_job
     from slimsearch.jobs.plan import plan_job
     from slimsearch.tasks import load_task
@@ -215,7 +226,9 @@ def planner_at_equal_bytes(job: Path, folder: Path, members: list[dict], teacher
         started = time.perf_counter()
         plan = plan_job(spec, folder=folder, choices=choices, kv_bits=kv_bits, per_block=True, task=task,
                         max_bytes=member["metrics"]["size_bytes"])
-        sensitivity = plan.seconds["sensitivity"] if sensitivity is None else sensitivity
+        if sensitivity is None:
+            read_back = bool(copied) and set(folder.glob("sensitivity-*.json")) == copied  # no new table written
+            sensitivity = job_sensitivity_s if read_back else plan.seconds["sensitivity"]
         rows.append({"member": f"trial {member['trial']}: {member['describe']}",
                      "member_bytes": member["metrics"]["size_bytes"], "member_ppl": member["metrics"]["ppl"],
                      "plan_bytes": plan.measured["size_bytes"], "plan_ppl": plan.measured["ppl"],

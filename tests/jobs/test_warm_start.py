@@ -94,6 +94,55 @@ def test_the_enqueued_plans_lie_in_the_space_within_the_bound_and_the_table_is_r
     assert again.table.options == start.table.options and again.cuts == start.cuts
 
 
+def test_the_planner_measures_the_plan_at_the_edge_and_moves_the_edge_in_where_the_sum_predicted_too_little(
+        made, tmp_path, monkeypatch):
+    import optuna
+
+    from slimsearch import compress
+    from slimsearch.evaluators.candidate import task_scores
+    from slimsearch.jobs.warm_start import CHECK_MARGIN, CHECKS, checked, enqueue_front, plan_checker, planner_start
+    from slimsearch.jobs.worker import build_space
+    from slimsearch.tasks import load_task
+
+    spec = load_job(write_job(made, job_data(made, 6), "warm.yaml"))
+    task = load_task(spec.task, seed=0, path=spec.task_path, text=spec.task_text)
+    space = build_space(spec, task)
+    start = planner_start(spec, task, space, tmp_path, teacher_score=task_scores(task.teacher, task.val, task)["ppl"],
+                          log=lambda line: None)
+
+    def gap(params: dict) -> float:
+        return start.estimate(params, "ppl", "ppl_increase")["ppl_increase"]
+
+    calls: list[dict] = []
+
+    def twice(params: dict) -> float:  # every plan loses twice what the sum predicts
+        calls.append(params)
+        return 2 * gap(params)
+
+    lines: list[str] = []
+    moved = checked(start, spec, twice, log=lines.append)
+    assert 1 <= len(calls) <= CHECKS and len(lines) == len(calls)
+    assert moved.edge < 0.3 and moved.correction == pytest.approx(2.0)
+    assert "ppl_increase" in moved.describe() and "x 2.00 where positive" in moved.describe()
+    enqueued = enqueue_front(moved, spec, optuna.create_study(directions=["minimize"] * 2), most=5, log=lines.append)
+    assert enqueued and 2 * gap(enqueued[0]) <= CHECK_MARGIN * 0.3 + 1e-9  # the edge moved in: within the margin
+    assert all(gap(p) <= gap(enqueued[0]) + 1e-12 for p in enqueued)  # the cheapest, at the edge, first
+    assert gap(enqueued[0]) > 0  # it still rounds something
+    # the predictions carry what the sum missed
+    assert moved.estimate(enqueued[0], "ppl", "ppl_increase")["ppl_increase"] == pytest.approx(
+        math.expm1(2 * math.log1p(gap(enqueued[0]))))
+
+    check = plan_checker(task, space, tmp_path, start)
+    measured = check(enqueued[0])
+    assert -0.5 < measured < 2 * CHECK_MARGIN * 0.3  # built and scored: a plan predicted within the bound
+
+    def built_again(*args, **kwargs):
+        raise AssertionError("the plan was built again instead of read from the job folder")
+
+    monkeypatch.setattr(compress, "apply_plan", built_again)
+    assert plan_checker(task, space, tmp_path, start)(enqueued[0]) == measured
+
+
 def test_a_per_block_space_chooses_each_blocks_weights_and_the_planner_plans_them_per_block(made, tmp_path):
     import optuna
 

@@ -6,13 +6,16 @@ group, across blocks, or in each block where the space chooses weight bits per b
 calibration windows: the weight bits, methods and group sizes the space lists, and its KV-cache
 precisions), cached in the job folder so that a resumed job reads it back. Two uses:
 
-- **Warm start.** The integer program (:func:`~slimsearch.search.planner.sweep`) gives the plans
-  of least modelled latency at a range of predicted perplexity budgets; those predicted within
-  the job's ``ppl_increase`` bound, spread over it, are enqueued as the first candidates
+- **Warm start.** The integer program (:func:`~slimsearch.search.planner.solve`) gives the plan
+  of least modelled latency (or the job's other cost) within a predicted perplexity budget. The
+  plan at the job's ``ppl_increase`` bound is built and measured on the same windows
+  (:func:`plan_checker`, cached in the job folder); where it loses more than ``CHECK_MARGIN`` of the
+  bound, the edge moves in by what the prediction missed (at most ``CHECKS`` plans built). The
+  plans at the edge and at evenly smaller budgets below it are enqueued as the first candidates
   (``ceil(budget / 3)`` of them at most; none already in the study is enqueued again).
 - **Guide.** :meth:`PlannerStart.estimate` predicts a plan's validation perplexity from the table
-  (the teacher's, times ``exp`` of the summed NLL changes, the uniform cuts' among them) and its
-  ``ppl_increase``. ``auto`` fits
+  (the teacher's, times ``exp`` of the summed NLL changes, the uniform cuts' among them, a loss
+  scaled by what the sum missed on the plan measured at the edge) and its ``ppl_increase``. ``auto`` fits
   its perplexity surrogate's trend on the first, so it ranks unseen plans by what their groups
   cost, and does not propose a plan whose predicted increase breaks the job's bound (the sum
   underestimates the loss of plans that round many groups hard, so such a plan would break it
@@ -38,18 +41,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
+from slimsearch.exceptions import ConfigError
 from slimsearch.spaces.plan import FULL_PRECISION
 
 if TYPE_CHECKING:
     from slimsearch.evaluators.llm_sensitivity import Sensitivity
 
-__all__ = ["PlannerStart", "enqueue_front", "job_planner", "planner_start"]
+__all__ = ["PlannerStart", "enqueue_front", "job_planner", "plan_checker", "planner_start"]
 
 WINDOWS = 4  # calibration windows the sensitivity is measured on
 SWEEP_POINTS = 16
 PLANNED_ATTR = "planner"  # the user attribute of an enqueued trial: proposed by the planner
 CUTS = ("ffn_keep", "kv_groups_keep", "hidden_keep", "drop_layers")  # uniform cuts: measured alone, not planned
 CUTS_FILE = "planner-cuts.json"
+CHECKS_FILE = "planner-checks.json"  # the measured increase of the plans the planner checked
+CHECKS = 3  # plans at the edge built and measured at most, moving it in each time
+CHECK_MARGIN = 0.8  # share of the bound a checked plan may lose on the planner's windows
 WEIGHT_BITS, KV_BITS, METHOD, GROUP_SIZE = "weight_bits", "kv_bits", "weight_method", "group_size"
 
 
@@ -66,6 +73,10 @@ class PlannerStart:
         cuts: cut dimension -> value -> the NLL change of that cut alone (the listed values but the
             neutral one).
         teacher_score: the teacher's validation perplexity the predictions scale.
+        edge: the predicted ``ppl_increase`` the first enqueued plan is planned at (None: the job's
+            bound), set by :func:`checked`.
+        correction: the factor a predicted loss (a positive sum of NLL changes) is multiplied by: what
+            the sum missed on the plan measured at the edge (1: nothing measured, or it lost no more).
         seconds: wall time of the sensitivity pass (near 0 when ``table.cached``).
     """
 
@@ -77,6 +88,8 @@ class PlannerStart:
     seconds: float = 0.0
     cuts: Mapping[str, Mapping[Any, float]] = dataclasses.field(default_factory=dict)
     per_block: bool = False
+    edge: Optional[float] = None
+    correction: float = 1.0
 
     def describe(self) -> str:
         """One line for the job's MLflow params: what the table holds and how it was obtained."""
@@ -86,8 +99,10 @@ class PlannerStart:
         return (f"sensitivity {where} of {options} on {WINDOWS} "
                 f"calibration windows, {'read from the job folder' if self.table.cached else 'measured'}"
                 + (f"; cuts alone: {', '.join(f'{n} {list(v)}' for n, v in self.cuts.items())}" if self.cuts else "")
-                + "; plans predicted on the front within the ppl_increase bound run first; perplexity predicted as "
-                "the teacher's times exp(sum of the NLL changes)")
+                + "; plans predicted on the front within "
+                + ("the ppl_increase bound" if self.edge is None else f"ppl_increase {self.edge:+.2%} (the edge the "
+                   "plans measured at it gave)") + " run first; perplexity predicted as the teacher's times "
+                f"exp(sum of the NLL changes{f' x {self.correction:.2f} where positive' if self.correction != 1 else ''})")
 
     def _values(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Every dimension's value in the plan ``params`` (the fixed ones included)."""
@@ -127,6 +142,7 @@ class PlannerStart:
         values = self._values(params)
         cuts = [self.cuts[name][values[name]] for name in self.cuts if values.get(name) in self.cuts[name]]
         change = math.fsum([*(self.table.options[g][o][NLL] for g, o in chosen.items()), *cuts])
+        change *= self.correction if change > 0 else 1.0
         return {metric: self.teacher_score * math.exp(change), gap: math.expm1(change)}
 
 
@@ -149,7 +165,8 @@ def job_planner(spec, task, space, folder: Path, *, teacher_score: float,
 
     if not spec.search.planner or spec.search.sampler.value != "auto" or task.family is not TaskFamily.CAUSAL_LM:
         return None
-    return planner_start(spec, task, space, folder, teacher_score=teacher_score, log=log)
+    start = planner_start(spec, task, space, folder, teacher_score=teacher_score, log=log)
+    return checked(start, spec, plan_checker(task, space, folder, start), log=log)
 
 
 def planner_start(spec, task, space, folder: Path, *, teacher_score: float,
@@ -236,9 +253,9 @@ def _cut_losses(task, cuts: Mapping[str, Sequence], windows, folder: Path, key: 
 
 def enqueue_front(start: PlannerStart, spec, study, *, most: int,
                   log: Callable[[str], None] = print) -> tuple[dict, ...]:
-    """Enqueue in ``study`` the plans the planner predicts on the front within the job's
-    ``ppl_increase`` bound that it does not hold yet, at most ``most`` (the candidates left to run),
-    each with the user attribute ``planner`` set."""
+    """Enqueue in ``study`` the plans the planner predicts on the front within its edge (the job's
+    ``ppl_increase`` bound, or where :func:`checked` moved it) that it does not hold yet, at most
+    ``most`` (the candidates left to run), each with the user attribute ``planner`` set."""
     from slimsearch.jobs.plan import minimised_measure
     from slimsearch.search._teller import _key
 
@@ -253,38 +270,127 @@ def enqueue_front(start: PlannerStart, spec, study, *, most: int,
     return tuple(new)
 
 
+def checked(start: PlannerStart, spec, check: Callable[[dict], float],
+            log: Callable[[str], None] = print) -> PlannerStart:
+    """``start`` with its edge and correction measured: the plan at the job's ``ppl_increase`` bound is
+    built and measured by ``check`` (params -> its increase on the planner's windows,
+    :func:`plan_checker`); where it loses more than ``CHECK_MARGIN`` of the bound (the sum of the
+    groups' losses underestimates plans that round many groups), the edge moves in by what the sum
+    missed, up to ``CHECKS`` plans. The margin leaves room for the validation text, which the
+    calibration windows only approximate. The last measured plan's measured over predicted loss
+    becomes the correction of every prediction (when above 1). Without a bound: ``start`` as it is."""
+    from slimsearch.jobs.plan import minimised_measure, ppl_increase_bound
+
+    bound = ppl_increase_bound(spec)
+    if bound is None:
+        return start
+    edge, correction = bound, 1.0
+    for _ in range(CHECKS):
+        selection = _solve_at(start, edge, minimised_measure(spec))
+        if selection is None or _predicted(start, selection) <= 0:
+            break
+        predicted = _predicted(start, selection)
+        measured = check(_params_of(start, selection.chosen))
+        correction = max(1.0, measured / predicted)
+        log(f"[slimsearch] planner: the plan at predicted ppl_increase {predicted:+.2%} measures {measured:+.2%} "
+            "on its windows")
+        if measured <= CHECK_MARGIN * bound:
+            break
+        edge = predicted * CHECK_MARGIN * bound / measured
+    return dataclasses.replace(start, edge=edge, correction=correction)
+
+
+def _solve_at(start: PlannerStart, increase: float, measure: str):
+    """The plan of least ``measure`` predicted within ``increase`` (uncorrected); None when none is."""
+    from slimsearch.evaluators.llm_sensitivity import NLL
+    from slimsearch.search.planner import Problem, solve
+
+    table = start.table
+    try:
+        return solve(Problem(table.options, table.base, table.modes),
+                     {NLL: table.base[NLL] + math.log1p(increase)}, minimise=measure)
+    except ConfigError:  # no plan predicted that good
+        return None
+
+
+def _predicted(start: PlannerStart, selection) -> float:
+    from slimsearch.evaluators.llm_sensitivity import NLL
+
+    return math.expm1(selection.totals[NLL] - start.table.base[NLL])
+
+
+def plan_checker(task, space, folder: Path, start: PlannerStart,
+                 log: Callable[[str], None] = print) -> Callable[[dict], float]:
+    """params -> the perplexity increase of that plan, built as a candidate is (``apply_plan``), on the
+    planner's calibration windows: what the planner's sum predicted, measured without the candidate's
+    evaluation (no validation text, no timing). Cached in ``folder`` (a resumed job reads it back)."""
+    import json
+
+    from slimsearch._io import atomic_write
+    from slimsearch.compress import apply_plan
+    from slimsearch.search._teller import _key
+
+    path, windows = Path(folder) / CHECKS_FILE, task.train.x[:WINDOWS]
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    done: dict[str, float] = data.get("increase", {}) if data.get("key") == start.table.key else {}
+    teacher: list[float] = []
+
+    def check(params: dict) -> float:
+        key = repr(_key(params))
+        if key not in done:
+            if not teacher:
+                teacher.append(_mean_nll(task.teacher, windows))
+            done[key] = math.expm1(_mean_nll(apply_plan(task, space.plan_from_params(params)), windows) - teacher[0])
+            atomic_write(path, json.dumps({"key": start.table.key, "increase": done}))
+        return done[key]
+
+    return check
+
+
 def _front_params(start: PlannerStart, spec, measure: str) -> list[dict]:
-    """The params of the predicted front's plans within the job's bound, at most ceil(budget / 3),
-    spread over the bound (the cheapest one always among them)."""
-    from slimsearch.evaluators.llm_sensitivity import FLOAT, KV_GROUP, NLL, WeightChoice
+    """The params of plans on the predicted front, at most ceil(budget / 3): with a ``ppl_increase``
+    bound, the plan at the edge (:attr:`PlannerStart.edge`, else the bound) first, then plans at
+    evenly smaller predicted increases; without one, spread over the whole predicted front. Never the
+    teacher itself."""
+    from slimsearch.evaluators.llm_sensitivity import FLOAT, NLL
     from slimsearch.jobs.plan import ppl_increase_bound
     from slimsearch.search.planner import Problem, sweep
 
-    table = start.table
-    front = sweep(Problem(table.options, table.base, table.modes), NLL, minimise=measure, points=SWEEP_POINTS)
+    n = max(1, math.ceil(spec.search.budget / 3))
     bound = ppl_increase_bound(spec)
-    within = [s for s in front if (bound is None or math.expm1(s.totals[NLL] - table.base[NLL]) <= bound)
-              and any(o != FLOAT for o in s.chosen.values())]  # the teacher itself is no candidate
-    if not within:
-        return []
-    n = min(len(within), max(1, math.ceil(spec.search.budget / 3)))
-    picks = sorted({round((len(within) - 1) * (1 - k / max(n - 1, 1))) for k in range(n)},
-                   reverse=True)  # the last (the cheapest within the bound) first
-    out = []
-    for index in picks:
-        chosen = within[index].chosen
-        params = {name: _neutral(name, start.choices[name]) for name in start.searched}
-        weights = [WeightChoice.parse(o) for g, o in chosen.items() if g != KV_GROUP and o != FLOAT]
-        for group in start.groups:
-            option = chosen.get(group, FLOAT)
-            if f"{WEIGHT_BITS}.{group}" in params:
-                params[f"{WEIGHT_BITS}.{group}"] = FULL_PRECISION if option == FLOAT else \
-                    WeightChoice.parse(option).bits
-        if weights:
-            for name, value in ((METHOD, weights[0].method), (GROUP_SIZE, weights[0].group_size)):
-                if name in params:
-                    params[name] = value
-        if KV_BITS in params and KV_GROUP in chosen:
-            params[KV_BITS] = FULL_PRECISION if chosen[KV_GROUP] == FLOAT else int(chosen[KV_GROUP][2:])
-        out.append(params)
+    if bound is None:
+        table = start.table
+        front = [s for s in sweep(Problem(table.options, table.base, table.modes), NLL, minimise=measure,
+                                  points=SWEEP_POINTS) if any(o != FLOAT for o in s.chosen.values())]
+        chosen = [front[round((len(front) - 1) * (1 - k / max(n - 1, 1)))] for k in range(min(n, len(front)))]
+    else:
+        edge = bound if start.edge is None else start.edge
+        chosen = [_solve_at(start, edge * (n - k) / n, measure) for k in range(n)]
+    out: list[dict] = []
+    for selection in chosen:
+        if selection is None or all(o == FLOAT for o in selection.chosen.values()):
+            continue
+        params = _params_of(start, selection.chosen)
+        if params not in out:
+            out.append(params)
     return out
+
+
+def _params_of(start: PlannerStart, chosen: Mapping[str, str]) -> dict:
+    """The trial params of the planner's choice ``chosen`` (group -> option), the space's other searched
+    dimensions at their neutral values."""
+    from slimsearch.evaluators.llm_sensitivity import FLOAT, KV_GROUP, WeightChoice
+
+    params = {name: _neutral(name, start.choices[name]) for name in start.searched}
+    weights = [WeightChoice.parse(o) for g, o in chosen.items() if g != KV_GROUP and o != FLOAT]
+    for group in start.groups:
+        option = chosen.get(group, FLOAT)
+        if f"{WEIGHT_BITS}.{group}" in params:
+            params[f"{WEIGHT_BITS}.{group}"] = FULL_PRECISION if option == FLOAT else WeightChoice.parse(option).bits
+    if weights:
+        for name, value in ((METHOD, weights[0].method), (GROUP_SIZE, weights[0].group_size)):
+            if name in params:
+                params[name] = value
+    if KV_BITS in params and KV_GROUP in chosen:
+        params[KV_BITS] = FULL_PRECISION if chosen[KV_GROUP] == FLOAT else int(chosen[KV_GROUP][2:])
+    return params
