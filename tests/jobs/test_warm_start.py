@@ -132,6 +132,16 @@ def test_the_planner_measures_the_plan_at_the_edge_and_moves_the_edge_in_where_t
     assert moved.estimate(enqueued[0], "ppl", "ppl_increase")["ppl_increase"] == pytest.approx(
         math.expm1(2 * math.log1p(gap(enqueued[0]))))
 
+    def offset(params: dict) -> float:  # every plan loses 10 points more than the sum predicts
+        calls.append(params)
+        return gap(params) + 0.1
+
+    calls.clear()
+    moved = checked(start, spec, offset, log=lines.append)
+    assert 1 <= len(calls) <= CHECKS
+    enqueued = enqueue_front(moved, spec, optuna.create_study(directions=["minimize"] * 2), most=5, log=lines.append)
+    assert enqueued and offset(enqueued[0]) <= CHECK_MARGIN * 0.3 + 1e-9  # the line through two plans finds it
+
     check = plan_checker(task, space, tmp_path, start)
     measured = check(enqueued[0])
     assert -0.5 < measured < 2 * CHECK_MARGIN * 0.3  # built and scored: a plan predicted within the bound

@@ -276,7 +276,8 @@ def checked(start: PlannerStart, spec, check: Callable[[dict], float],
     built and measured by ``check`` (params -> its increase on the planner's windows,
     :func:`plan_checker`); where it loses more than ``CHECK_MARGIN`` of the bound (the sum of the
     groups' losses underestimates plans that round many groups), the edge moves in by what the sum
-    missed, up to ``CHECKS`` plans. The margin leaves room for the validation text, which the
+    missed (first as a factor, then along the line through the last two plans built), up to
+    ``CHECKS`` plans. The margin leaves room for the validation text, which the
     calibration windows only approximate. The last measured plan's measured over predicted loss
     becomes the correction of every prediction (when above 1). Without a bound: ``start`` as it is."""
     from slimsearch.jobs.plan import minimised_measure, ppl_increase_bound
@@ -284,19 +285,25 @@ def checked(start: PlannerStart, spec, check: Callable[[dict], float],
     bound = ppl_increase_bound(spec)
     if bound is None:
         return start
-    edge, correction = bound, 1.0
+    edge, correction, target = bound, 1.0, CHECK_MARGIN * bound
+    seen: list[tuple[float, float]] = []  # (predicted, measured) of the plans built
     for _ in range(CHECKS):
         selection = _solve_at(start, edge, minimised_measure(spec))
         if selection is None or _predicted(start, selection) <= 0:
             break
         predicted = _predicted(start, selection)
         measured = check(_params_of(start, selection.chosen))
+        seen.append((predicted, measured))
         correction = max(1.0, measured / predicted)
         log(f"[slimsearch] planner: the plan at predicted ppl_increase {predicted:+.2%} measures {measured:+.2%} "
             "on its windows")
-        if measured <= CHECK_MARGIN * bound:
+        if measured <= target:
             break
-        edge = predicted * CHECK_MARGIN * bound / measured
+        edge = predicted * target / measured  # the first move: as if the sum missed a factor
+        if len(seen) > 1:  # then the line through the last two plans (it missed a factor and an offset)
+            (p0, m0), (p1, m1) = seen[-2:]
+            if m1 != m0 and p1 != p0 and (m1 - m0) / (p1 - p0) > 0:
+                edge = min(predicted, max(p1 + (target - m1) * (p1 - p0) / (m1 - m0), predicted / 4))
     return dataclasses.replace(start, edge=edge, correction=correction)
 
 
@@ -314,13 +321,13 @@ def _solve_at(start: PlannerStart, increase: float, measure: str):
 
 
 def _predicted(start: PlannerStart, selection) -> float:
+    """The ``ppl_increase`` the table predicts for the planner's ``selection`` (uncorrected)."""
     from slimsearch.evaluators.llm_sensitivity import NLL
 
     return math.expm1(selection.totals[NLL] - start.table.base[NLL])
 
 
-def plan_checker(task, space, folder: Path, start: PlannerStart,
-                 log: Callable[[str], None] = print) -> Callable[[dict], float]:
+def plan_checker(task, space, folder: Path, start: PlannerStart) -> Callable[[dict], float]:
     """params -> the perplexity increase of that plan, built as a candidate is (``apply_plan``), on the
     planner's calibration windows: what the planner's sum predicted, measured without the candidate's
     evaluation (no validation text, no timing). Cached in ``folder`` (a resumed job reads it back)."""
