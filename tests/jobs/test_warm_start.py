@@ -4,6 +4,7 @@ sensitivity table read back from the job folder, by a second start and by ``--re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -100,7 +101,8 @@ def test_the_planner_measures_the_plan_at_the_edge_and_moves_the_edge_in_where_t
 
     from slimsearch import compress
     from slimsearch.evaluators.candidate import task_scores
-    from slimsearch.jobs.warm_start import CHECK_MARGIN, CHECKS, checked, enqueue_front, plan_checker, planner_start
+    from slimsearch.jobs.warm_start import (CHECK_MARGIN, CHECKS, _least_loss_within, _params_of, baseline_budgets,
+                                            checked, enqueue_front, plan_checker, planner_start)
     from slimsearch.jobs.worker import build_space
     from slimsearch.tasks import load_task
 
@@ -141,6 +143,17 @@ def test_the_planner_measures_the_plan_at_the_edge_and_moves_the_edge_in_where_t
     assert 1 <= len(calls) <= CHECKS
     enqueued = enqueue_front(moved, spec, optuna.create_study(directions=["minimize"] * 2), most=5, log=lines.append)
     assert enqueued and offset(enqueued[0]) <= CHECK_MARGIN * 0.3 + 1e-9  # the line through two plans finds it
+
+    # the plan of least predicted loss within each uniform recipe's bytes comes right after the edge's
+    targets = baseline_budgets(task, spec)
+    sizes = [t["size_bytes"] for t in targets]
+    assert len(sizes) >= 2 and sizes == sorted(sizes, reverse=True)  # 4-bit, 8-bit (rows of 64: one group)
+    assert all(set(t) == {"size_bytes", "latency_ms@raspberry-pi-4"} for t in targets)
+    sized = dataclasses.replace(start, targets=targets)
+    best = _least_loss_within(sized, targets[0])
+    assert all(best.totals[k] <= v * (1 + 1e-9) for k, v in targets[0].items())
+    enqueued = enqueue_front(sized, spec, optuna.create_study(directions=["minimize"] * 2), most=5, log=lines.append)
+    assert _params_of(sized, best.chosen) in enqueued[:2]
 
     check = plan_checker(task, space, tmp_path, start)
     measured = check(enqueued[0])

@@ -75,6 +75,9 @@ class PlannerStart:
         teacher_score: the teacher's validation perplexity the predictions scale.
         edge: the predicted ``ppl_increase`` the first enqueued plan is planned at (None: the job's
             bound), set by :func:`checked`.
+        targets: budgets (measure -> at most) within which the plan of least predicted loss is proposed
+            too, when predicted within the edge: each uniform recipe's the job evaluates as a baseline,
+            its packed bytes and its modelled figure of the measure the planner minimises.
         correction: the factor a predicted loss (a positive sum of NLL changes) is multiplied by: what
             the sum missed on the plan measured at the edge (1: nothing measured, or it lost no more).
         seconds: wall time of the sensitivity pass (near 0 when ``table.cached``).
@@ -90,6 +93,7 @@ class PlannerStart:
     per_block: bool = False
     edge: Optional[float] = None
     correction: float = 1.0
+    targets: tuple[Mapping[str, float], ...] = ()
 
     def describe(self) -> str:
         """One line for the job's MLflow params: what the table holds and how it was obtained."""
@@ -166,7 +170,27 @@ def job_planner(spec, task, space, folder: Path, *, teacher_score: float,
     if not spec.search.planner or spec.search.sampler.value != "auto" or task.family is not TaskFamily.CAUSAL_LM:
         return None
     start = planner_start(spec, task, space, folder, teacher_score=teacher_score, log=log)
+    if spec.search.baselines:
+        start = dataclasses.replace(start, targets=baseline_budgets(task, spec))
     return checked(start, spec, plan_checker(task, space, folder, start), log=log)
+
+
+def baseline_budgets(task, spec) -> tuple[dict[str, float], ...]:
+    """Per uniform recipe a causal-LM job evaluates as a baseline, largest first: its packed weight bytes and
+    its modelled figure of the measure the planner minimises (the job's first profile's latency)."""
+    from slimsearch.evaluators.estimate import estimate
+    from slimsearch.evaluators.llm_sensitivity import SIZE
+    from slimsearch.jobs.baselines import baseline_plans
+    from slimsearch.jobs.plan import minimised_measure
+
+    measure = minimised_measure(spec)
+    out = []
+    for plan in baseline_plans(task.layers or ()).values():
+        values = estimate(task, plan, spec.profile_refs).values
+        budget = {SIZE: float(values[SIZE]), **({measure: float(values[measure])} if values.get(measure) else {})}
+        if budget not in out:
+            out.append(budget)
+    return tuple(sorted(out, key=lambda b: -b[SIZE]))
 
 
 def planner_start(spec, task, space, folder: Path, *, teacher_score: float,
@@ -356,8 +380,9 @@ def plan_checker(task, space, folder: Path, start: PlannerStart) -> Callable[[di
 
 def _front_params(start: PlannerStart, spec, measure: str) -> list[dict]:
     """The params of plans on the predicted front, at most ceil(budget / 3): with a ``ppl_increase``
-    bound, the plan at the edge (:attr:`PlannerStart.edge`, else the bound) first, then plans at
-    evenly smaller predicted increases; without one, spread over the whole predicted front. Never the
+    bound, the plan at the edge (:attr:`PlannerStart.edge`, else the bound) first, then the plans of
+    least predicted loss within each of :attr:`PlannerStart.targets` (predicted within the edge), then plans at evenly
+    smaller predicted increases; without one, spread over the whole predicted front. Never the
     teacher itself."""
     from slimsearch.evaluators.llm_sensitivity import FLOAT, NLL
     from slimsearch.jobs.plan import ppl_increase_bound
@@ -372,7 +397,10 @@ def _front_params(start: PlannerStart, spec, measure: str) -> list[dict]:
         chosen = [front[round((len(front) - 1) * (1 - k / max(n - 1, 1)))] for k in range(min(n, len(front)))]
     else:
         edge = bound if start.edge is None else start.edge
-        chosen = [_solve_at(start, edge * (n - k) / n, measure) for k in range(n)]
+        at_bytes = [_least_loss_within(start, budget) for budget in start.targets]
+        chosen = [_solve_at(start, edge, measure),
+                  *[s for s in at_bytes if s is not None and _predicted(start, s) <= edge],
+                  *[_solve_at(start, edge * (n - k) / n, measure) for k in range(1, n)]]
     out: list[dict] = []
     for selection in chosen:
         if selection is None or all(o == FLOAT for o in selection.chosen.values()):
@@ -380,7 +408,19 @@ def _front_params(start: PlannerStart, spec, measure: str) -> list[dict]:
         params = _params_of(start, selection.chosen)
         if params not in out:
             out.append(params)
-    return out
+    return out[:n]
+
+
+def _least_loss_within(start: PlannerStart, budget: Mapping[str, float]):
+    """The plan of least predicted loss within ``budget`` (measure -> at most); None when none fits."""
+    from slimsearch.evaluators.llm_sensitivity import NLL
+    from slimsearch.search.planner import Problem, solve
+
+    table = start.table
+    try:
+        return solve(Problem(table.options, table.base, table.modes), budget, minimise=NLL)
+    except (ConfigError, RuntimeError):  # none fits; or only plans at the budget's very edge, which the
+        return None                      # solver's tolerance keeps returning just over it
 
 
 def _params_of(start: PlannerStart, chosen: Mapping[str, str]) -> dict:
