@@ -11,7 +11,9 @@ precisions), cached in the job folder so that a resumed job reads it back. Two u
   plan at the job's ``ppl_increase`` bound is built and measured on the same windows
   (:func:`plan_checker`, cached in the job folder); where it loses more than ``CHECK_MARGIN`` of the
   bound, the edge moves in by what the prediction missed (at most ``CHECKS`` plans built). The
-  plans at the edge and at evenly smaller budgets below it are enqueued as the first candidates
+  plan at the edge, the plans of least predicted loss within each uniform baseline's bytes and
+  modelled latency (a front member that dominates the recipe, where the prediction holds), and
+  plans at evenly smaller budgets below the edge are enqueued as the first candidates
   (``ceil(budget / 3)`` of them at most; none already in the study is enqueued again).
 - **Guide.** :meth:`PlannerStart.estimate` predicts a plan's validation perplexity from the table
   (the teacher's, times ``exp`` of the summed NLL changes, the uniform cuts' among them, a loss
