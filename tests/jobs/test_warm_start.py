@@ -101,7 +101,7 @@ def test_the_planner_measures_the_plan_at_the_edge_and_moves_the_edge_in_where_t
 
     from slimsearch import compress
     from slimsearch.evaluators.candidate import task_scores
-    from slimsearch.jobs.warm_start import (CHECK_MARGIN, CHECKS, _least_loss_within, _params_of, baseline_budgets,
+    from slimsearch.jobs.warm_start import (CHECK_MARGIN, CHECKS, _params_of, _solve, baseline_budgets,
                                             checked, enqueue_front, plan_checker, planner_start)
     from slimsearch.jobs.worker import build_space
     from slimsearch.tasks import load_task
@@ -150,7 +150,7 @@ def test_the_planner_measures_the_plan_at_the_edge_and_moves_the_edge_in_where_t
     assert len(sizes) >= 2 and sizes == sorted(sizes, reverse=True)  # 4-bit, 8-bit (rows of 64: one group)
     assert all(set(t) == {"size_bytes", "latency_ms@raspberry-pi-4"} for t in targets)
     sized = dataclasses.replace(start, targets=targets)
-    best = _least_loss_within(sized, targets[0])
+    best = _solve(sized, targets[0], "nll")  # the least predicted loss within it
     assert all(best.totals[k] <= v * (1 + 1e-9) for k, v in targets[0].items())
     enqueued = enqueue_front(sized, spec, optuna.create_study(directions=["minimize"] * 2), most=5, log=lines.append)
     assert _params_of(sized, best.chosen) in enqueued[:2]

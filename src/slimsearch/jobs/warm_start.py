@@ -92,10 +92,21 @@ class PlannerStart:
     teacher_score: float
     seconds: float = 0.0
     cuts: Mapping[str, Mapping[Any, float]] = dataclasses.field(default_factory=dict)
-    per_block: bool = False
     edge: Optional[float] = None
     correction: float = 1.0
     targets: tuple[Mapping[str, float], ...] = ()
+
+    @property
+    def per_block(self) -> bool:
+        """Whether the groups are each block's own (``"3.down"``) rather than a group in every block."""
+        return any("." in g for g in self.groups)
+
+    @property
+    def problem(self):
+        """The table as the integer program takes it (:class:`~slimsearch.search.planner.Problem`)."""
+        from slimsearch.search.planner import Problem
+
+        return Problem(self.table.options, self.table.base, self.table.modes)
 
     def describe(self) -> str:
         """One line for the job's MLflow params: what the table holds and how it was obtained."""
@@ -230,22 +241,15 @@ def planner_start(spec, task, space, folder: Path, *, teacher_score: float,
         cuts = _cut_losses(task, cuts, task.train.x[:WINDOWS], Path(folder), table.key, log)
     seconds = time.perf_counter() - started
     return PlannerStart(dataclasses.replace(table, options=options), groups, dims, tuple(n for n, _ in space.choices),
-                        teacher_score, seconds=seconds, cuts=cuts, per_block=per_block)
+                        teacher_score, seconds=seconds, cuts=cuts)
 
 
 def _mean_nll(model, windows) -> float:
-    """Mean next-token negative log-likelihood per predicted token over ``windows``, one at a time."""
-    import torch
-    import torch.nn.functional as F
+    """Mean next-token negative log-likelihood per predicted token over ``windows`` (the log of what
+    :func:`~slimsearch.tasks.causal_lm.score_lm` reports, one window at a time)."""
+    from slimsearch.tasks.causal_lm import score_lm
 
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for window in windows:
-            ids = window[None].to(torch.long)
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            total += float(F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
-            count += ids.shape[1] - 1
-    return total / count
+    return math.log(score_lm(model.eval(), windows).perplexity)
 
 
 def _cut_losses(task, cuts: Mapping[str, Sequence], windows, folder: Path, key: str,
@@ -311,13 +315,13 @@ def checked(start: PlannerStart, spec, check: Callable[[dict], float],
     bound = ppl_increase_bound(spec)
     if bound is None:
         return start
-    edge, correction, target = bound, 1.0, CHECK_MARGIN * bound
+    edge, correction, target, measure = bound, 1.0, CHECK_MARGIN * bound, minimised_measure(spec)
     seen: list[tuple[float, float]] = []  # (predicted, measured) of the plans built
     for _ in range(CHECKS):
-        selection = _solve_at(start, edge, minimised_measure(spec))
-        if selection is None or _predicted(start, selection) <= 0:
+        selection = _solve_at(start, edge, measure)
+        predicted = math.nan if selection is None else _predicted(start, selection)
+        if not predicted > 0:
             break
-        predicted = _predicted(start, selection)
         measured = check(_params_of(start, selection.chosen))
         seen.append((predicted, measured))
         correction = max(1.0, measured / predicted)
@@ -333,17 +337,22 @@ def checked(start: PlannerStart, spec, check: Callable[[dict], float],
     return dataclasses.replace(start, edge=edge, correction=correction)
 
 
+def _solve(start: PlannerStart, budget: Mapping[str, float], minimise: str):
+    """The plan of least ``minimise`` within ``budget`` (measure -> at most); None when none fits, or
+    only plans at the budget's very edge, which the solver's tolerance keeps returning just over it."""
+    from slimsearch.search.planner import solve
+
+    try:
+        return solve(start.problem, budget, minimise=minimise)
+    except (ConfigError, RuntimeError):
+        return None
+
+
 def _solve_at(start: PlannerStart, increase: float, measure: str):
     """The plan of least ``measure`` predicted within ``increase`` (uncorrected); None when none is."""
     from slimsearch.evaluators.llm_sensitivity import NLL
-    from slimsearch.search.planner import Problem, solve
 
-    table = start.table
-    try:
-        return solve(Problem(table.options, table.base, table.modes),
-                     {NLL: table.base[NLL] + math.log1p(increase)}, minimise=measure)
-    except ConfigError:  # no plan predicted that good
-        return None
+    return _solve(start, {NLL: start.table.base[NLL] + math.log1p(increase)}, measure)
 
 
 def _predicted(start: PlannerStart, selection) -> float:
@@ -383,23 +392,22 @@ def plan_checker(task, space, folder: Path, start: PlannerStart) -> Callable[[di
 def _front_params(start: PlannerStart, spec, measure: str) -> list[dict]:
     """The params of plans on the predicted front, at most ceil(budget / 3): with a ``ppl_increase``
     bound, the plan at the edge (:attr:`PlannerStart.edge`, else the bound) first, then the plans of
-    least predicted loss within each of :attr:`PlannerStart.targets` (predicted within the edge), then plans at evenly
-    smaller predicted increases; without one, spread over the whole predicted front. Never the
+    least predicted loss within each of :attr:`PlannerStart.targets` (predicted within the edge), then
+    plans at evenly smaller predicted increases; without one, spread over the whole predicted front. Never the
     teacher itself."""
     from slimsearch.evaluators.llm_sensitivity import FLOAT, NLL
     from slimsearch.jobs.plan import ppl_increase_bound
-    from slimsearch.search.planner import Problem, sweep
+    from slimsearch.search.planner import sweep
 
     n = max(1, math.ceil(spec.search.budget / 3))
     bound = ppl_increase_bound(spec)
     if bound is None:
-        table = start.table
-        front = [s for s in sweep(Problem(table.options, table.base, table.modes), NLL, minimise=measure,
-                                  points=SWEEP_POINTS) if any(o != FLOAT for o in s.chosen.values())]
+        front = [s for s in sweep(start.problem, NLL, minimise=measure, points=SWEEP_POINTS)
+                 if any(o != FLOAT for o in s.chosen.values())]
         chosen = [front[round((len(front) - 1) * (1 - k / max(n - 1, 1)))] for k in range(min(n, len(front)))]
     else:
         edge = bound if start.edge is None else start.edge
-        at_bytes = [_least_loss_within(start, budget) for budget in start.targets]
+        at_bytes = [_solve(start, budget, NLL) for budget in start.targets]
         chosen = [_solve_at(start, edge, measure),
                   *[s for s in at_bytes if s is not None and _predicted(start, s) <= edge],
                   *[_solve_at(start, edge * (n - k) / n, measure) for k in range(1, n)]]
@@ -411,18 +419,6 @@ def _front_params(start: PlannerStart, spec, measure: str) -> list[dict]:
         if params not in out:
             out.append(params)
     return out[:n]
-
-
-def _least_loss_within(start: PlannerStart, budget: Mapping[str, float]):
-    """The plan of least predicted loss within ``budget`` (measure -> at most); None when none fits."""
-    from slimsearch.evaluators.llm_sensitivity import NLL
-    from slimsearch.search.planner import Problem, solve
-
-    table = start.table
-    try:
-        return solve(Problem(table.options, table.base, table.modes), budget, minimise=NLL)
-    except (ConfigError, RuntimeError):  # none fits; or only plans at the budget's very edge, which the
-        return None                      # solver's tolerance keeps returning just over it
 
 
 def _params_of(start: PlannerStart, chosen: Mapping[str, str]) -> dict:
