@@ -227,7 +227,7 @@ def run_int4_ort(b: Bench) -> None:
     by the tied embedding too); its perplexity is the graph's own, in onnxruntime. The Hugging Face
     folder (compressed-tensors) is reloaded and re-measured against the gptq-w4g128 row."""
     from slimsearch.deploy.hf_folder import reload, save_hf_folder
-    from slimsearch.deploy.onnx_nbits import quantize_output_projection
+    from slimsearch.compress.output_head import quantize_output_projection
     from slimsearch.tasks.causal_lm import score_lm
 
     base = f"{b.args.int4_method}-w4g128"

@@ -161,7 +161,8 @@ def report(args, out: Path, wall: float, lines: list[str]) -> None:
           f"+ the rest {t['other_s']:.0f} s (task and teacher loading, teacher timing, Ray, MLflow, report)")
     if "planner" in result:
         p = result["planner"]
-        print(f"\nplanner alone (per block, {', '.join(p['choices'])}, KV {p['kv_bits']}): sensitivity "
+        print(f"\nplanner alone (per block, {', '.join(p['choices'])}, KV {p['kv_bits']}, output projection "
+              f"{p.get('head_bits', [])}): sensitivity "
               f"{p['sensitivity_s']:.0f} s, then per front member the plan of least predicted perplexity within "
               "its bytes, built and scored on the validation text:")
         for r in p["rows"]:
@@ -201,7 +202,7 @@ def time_split(out: Path, data: dict, wall: float, lines: list[str]) -> dict:
 def planner_at_equal_bytes(job: Path, folder: Path, members: list[dict], teacher_ppl: float, *,
                            job_dir: Path, job_sensitivity_s: float) -> dict:
     """``slimsearch plan`` alone (a choice per block and group among the job's weight bits, RTN, groups of
-    128; KV 8-bit or float), for each front member the plan of least predicted perplexity within the
+    128; the job's KV and output projection widths or float), for each front member the plan of least predicted perplexity within the
     member's packed bytes, built and scored on the validation windows as the member was.
 
     Where the job measured the same table (a job searching per block), it is copied into ``folder`` and
@@ -221,11 +222,12 @@ def planner_at_equal_bytes(job: Path, folder: Path, members: list[dict], teacher
     bits = sorted(b for b in spec.space.weight_bits if b < 32)
     choices = [f"rtn-w{b}-g128" for b in bits]
     kv_bits = [b for b in spec.space.kv_bits if b < 32]
+    head_bits = [b for b in spec.space.head_bits if b < 32]
     rows, sensitivity = [], None
     for member in sorted(members, key=lambda c: c["metrics"]["size_bytes"]):
         started = time.perf_counter()
-        plan = plan_job(spec, folder=folder, choices=choices, kv_bits=kv_bits, per_block=True, task=task,
-                        max_bytes=member["metrics"]["size_bytes"])
+        plan = plan_job(spec, folder=folder, choices=choices, kv_bits=kv_bits, head_bits=head_bits, per_block=True,
+                        task=task, max_bytes=member["metrics"]["size_bytes"])
         if sensitivity is None:
             read_back = bool(copied) and set(folder.glob("sensitivity-*.json")) == copied  # no new table written
             sensitivity = job_sensitivity_s if read_back else plan.seconds["sensitivity"]
@@ -235,7 +237,8 @@ def planner_at_equal_bytes(job: Path, folder: Path, members: list[dict], teacher
                      "predicted_ppl": teacher_ppl * (1 + plan.predicted["ppl_increase"]),
                      "within_1pct": plan.measured["ppl"] <= 1.01 * member["metrics"]["ppl"],
                      "seconds": time.perf_counter() - started, "chosen": plan.chosen})
-    return {"choices": choices, "kv_bits": kv_bits, "sensitivity_s": sensitivity or 0.0, "rows": rows}
+    return {"choices": choices, "kv_bits": kv_bits, "head_bits": head_bits, "sensitivity_s": sensitivity or 0.0,
+            "rows": rows}
 
 
 if __name__ == "__main__":

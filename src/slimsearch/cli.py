@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from slimsearch._cli_hw import add_hw_parser, hw_main
-from slimsearch.jobs.plan import DEFAULT_CHOICES, DEFAULT_KV_BITS, DEFAULT_WINDOWS
+from slimsearch.jobs.plan import DEFAULT_CHOICES, DEFAULT_HEAD_BITS, DEFAULT_KV_BITS, DEFAULT_WINDOWS
 
 EXIT_BAD_INPUT = 2
 EXIT_NO_CANDIDATE = 1  # `run`: the job ended without one completed candidate
@@ -126,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="weight options <method>-w<bits>-g<group>[-asym], comma-separated (default: %(default)s)")
     plan.add_argument("--kv-bits", default=",".join(map(str, DEFAULT_KV_BITS)),
                       help="KV-cache precisions to consider, comma-separated (default: %(default)s)")
+    plan.add_argument("--head-bits", default=",".join(map(str, DEFAULT_HEAD_BITS)),
+                      help="widths of the output projection (and a tied embedding) to consider, comma-separated; "
+                           "'' keeps it float (default: %(default)s)")
     plan.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
                       help="calibration windows the sensitivities are measured on (default: %(default)s)")
     plan.add_argument("--per-group", action="store_true",
@@ -225,13 +228,16 @@ def _plan(args) -> int:
 
     spec = load_job(args.job)
     folder = Path(args.out) if args.out else Path("runs") / spec.name
-    try:
-        kv_bits = [int(b) for b in args.kv_bits.split(",") if b.strip()]
-    except ValueError:
-        raise ConfigError(f"--kv-bits {args.kv_bits!r}: allowed: comma-separated integers, e.g. 8,4") from None
+    def bits(flag: str, text: str) -> list[int]:
+        try:
+            return [int(b) for b in text.split(",") if b.strip()]
+        except ValueError:
+            raise ConfigError(f"{flag} {text!r}: allowed: comma-separated integers, e.g. 8,4") from None
+
     choices = [c.strip() for c in args.choices.split(",") if c.strip()]
     result = plan_job(spec, folder=folder, max_ppl_increase=args.max_ppl_increase, minimise=args.minimise,
-                      choices=choices, kv_bits=kv_bits, windows=args.windows, per_block=not args.per_group,
+                      choices=choices, kv_bits=bits("--kv-bits", args.kv_bits),
+                      head_bits=bits("--head-bits", args.head_bits), windows=args.windows, per_block=not args.per_group,
                       verify=not args.no_verify, progress=None if args.json else print)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "plan.json", result.to_json() + "\n")

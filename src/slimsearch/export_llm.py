@@ -8,9 +8,11 @@
   from the recorded figure by a little (relative :data:`LM_TOLERANCE` at most).
 - ``hf``: a Hugging Face folder, weight-only quantized linears packed as compressed-tensors
   (:func:`~slimsearch.deploy.hf_folder.save_hf_folder`); ``transformers`` loads it. It holds the
-  weights, not the simulated activation or KV-cache rounding.
+  weights, not the simulated activation or KV-cache rounding; a rounded output projection is
+  stored de-quantized, in float (compressed-tensors packs linears, not the embedding it is tied to).
 
-``codes_sha256`` fingerprints the rebuilt codes and scales: the same plan rebuilds the same codes.
+``codes_sha256`` fingerprints the rebuilt codes and scales (the output projection's among them):
+the same plan rebuilds the same codes.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ def codes_sha256(model: "nn.Module") -> str:
 
     from slimsearch.compress.llm_methods import record_of
 
+    record = record_of(model)
     digest = hashlib.sha256()
-    for path, qw in sorted(record_of(model).quantized.items()):
+    head = [("lm_head", record.head)] if record.head is not None else []
+    for path, qw in sorted(record.quantized.items()) + head:
         digest.update(path.encode())
         for tensor in (qw.codes, qw.scale, qw.zero_point):
             digest.update(np.ascontiguousarray(tensor.detach().cpu().numpy()).tobytes())

@@ -126,7 +126,7 @@ def test_a_block_s_own_key_overrides_its_group_and_may_leave_it_in_float(tasks):
 def test_each_family_runs_its_own_methods_and_the_cnn_quantizer_never_touches_an_llm(tasks):
     llm_methods = {m.name for m in methods(TaskFamily.CAUSAL_LM)}
     cnn_methods = {m.name for m in methods(TaskFamily.CLASSIFICATION)}
-    assert llm_methods == {"llm_cut", "heal", "wanda", "smoothquant", "weight_only", "kv_cache"}
+    assert llm_methods == {"llm_cut", "heal", "wanda", "smoothquant", "weight_only", "output_head", "kv_cache"}
     assert not llm_methods & cnn_methods and {"quantize", "prune", "distill"} <= cnn_methods
     plan = _plan(bits=4, method="rtn")
     assert [type(c).__name__ for c in plan_configs(plan, TaskFamily.CLASSIFICATION)][:1] == ["QuantizeConfig"]
@@ -156,7 +156,7 @@ def test_the_estimate_before_building_is_the_built_candidates_cost(tasks):
     task = tasks["llama"]
     plan = CompressionPlan(layers={**_plan(bits=4).layers, "down": LayerPlan(weight_bits=8, act_bits=8, group_size=32,
                                                                              sparsity_pattern="2:4")},
-                           weight_method="rtn", kv_bits=8, ffn_keep=0.5, drop_layers=1)
+                           weight_method="rtn", kv_bits=8, head_bits=8, ffn_keep=0.5, drop_layers=1)
     from slimsearch.evaluators.costs import task_costs
 
     built = task_costs(apply_plan(task, plan), task, PROFILES).values

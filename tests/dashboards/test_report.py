@@ -113,7 +113,7 @@ def _llm_job() -> dict:
 
     w4 = LayerPlan(weight_bits=4, group_size=64)
     trial0 = plan(layers={"qkv": w4, "o": LayerPlan(), "gate_up": w4, "down": LayerPlan(weight_bits=8, group_size=64),
-                          "3.down": LayerPlan(weight_bits=32)}, weight_method="gptq", kv_bits=8)
+                          "3.down": LayerPlan(weight_bits=32)}, weight_method="gptq", kv_bits=8, head_bits=8)
     trial2 = plan(layers={"qkv": LayerPlan(weight_bits=8, act_bits=8), "down": LayerPlan(act_bits=8)})
     members = [{"trial": t, "plan": p, "describe": "", "params": {}, "provenance": {"size_bytes": "measured"},
                 "metrics": {"ppl": ppl, "size_bytes": size}, "on_front": t != 1}
@@ -136,7 +136,7 @@ def test_a_causal_lm_heatmap_shows_bits_group_size_and_method_of_front_members_t
     assert info.layers == ["qkv", "o", "gate_up", "down", "3.down"]  # a per-block key after the groups
     # a per-block key overrides its group's bits in that block; a plan without one falls back to the group
     assert info.weight_bits == [[4, 32, 4, 8, 32], [8, 32, 32, 32, 32], [4, 4, 4, 4, 4], [8, 8, 8, 8, 8]]
-    assert info.kv_bits == [8, 32, 32, 32]
+    assert info.kv_bits == [8, 32, 32, 32] and info.head_bits == [8, 32, 32, 32]
     # model-wide group size, shown where the weights are quantized; 0 is per channel
     assert info.group_size == [[64, None, 64, 64, None], [0, None, None, None, None],
                                [128] * 5, [0] * 5]
@@ -145,13 +145,13 @@ def test_a_causal_lm_heatmap_shows_bits_group_size_and_method_of_front_members_t
                            ["awq"] * 5, ["rtn+smoothquant"] * 5]
 
 
-def test_the_report_of_a_causal_lm_job_draws_its_heatmap_with_the_kv_cache_column():
+def test_the_report_of_a_causal_lm_job_draws_its_heatmap_with_the_head_and_kv_cache_columns():
     (section,) = [s for s in report_sections(_llm_job()) if s.title == "Per-layer plans"]
     assert "baselines" in section.note
     bits, size, method = section.figure.data
-    assert list(bits.x) == ["qkv", "o", "gate_up", "down", "3.down", "kv"]
+    assert list(bits.x) == ["qkv", "o", "gate_up", "down", "3.down", "head", "kv"]
     assert list(bits.y) == ["trial 0", "trial 2", "baseline awq-w4g128", "baseline w8a8-smoothquant"]
-    assert [list(r) for r in bits.text][0] == ["4", "32", "4", "8", "32", "8"]
+    assert [list(r) for r in bits.text][0] == ["4", "32", "4", "8", "32", "8", "8"]
     assert [list(r) for r in size.text][3] == ["per channel"] * 5
     assert [list(r) for r in method.text][2] == ["awq"] * 5
     codes = [list(r) for r in method.z]  # one colour per method; the SmoothQuant cells share one

@@ -15,8 +15,8 @@ pytest.importorskip("compressed_tensors")
 from slimsearch.compress.quant.grid import quantize_weight  # noqa: E402
 from slimsearch.deploy.hf_folder import reload, save_hf_folder  # noqa: E402
 from slimsearch.deploy.llm_timing import onnx_logits, onnx_perplexity, time_generation  # noqa: E402
-from slimsearch.deploy.onnx_nbits import (block_size_for, build_onnx, export_genai,  # noqa: E402
-                                          quantize_output_projection, to_matmul_nbits)
+from slimsearch.compress.output_head import quantize_output_projection  # noqa: E402
+from slimsearch.deploy.onnx_nbits import block_size_for, build_onnx, export_genai, to_matmul_nbits  # noqa: E402
 from slimsearch.exceptions import ConfigError  # noqa: E402
 from slimsearch.structures.llm import decoder_linears, set_weight, tied, weight_of  # noqa: E402
 
@@ -238,6 +238,31 @@ def test_deployed_graph_runs_the_records_codes_as_matmul_nbits(tmp_path):
     assert _graph_ops(out)["MatMulNBits"] == 9
     assert [w for w in _matmul_weights(out) if not w.endswith("_Q4")] == [
         "model.layers.1.mlp.down_proj.MatMul.weight", "lm_head.MatMul.weight"]
+    np.testing.assert_allclose(onnx_logits(out, IDS), _logits(model, IDS), atol=0.05, rtol=0)
+
+
+def test_a_plans_rounded_output_projection_is_deployed_packed_and_costed_so(tmp_path):
+    from slimsearch.compress.llm_methods import _update, output_head, record_of
+    from slimsearch.compress.output_head import HeadConfig
+    from slimsearch.deploy.llm_graph import deployed_graph
+    from slimsearch.evaluators.decoder import decoder_costs
+    from slimsearch.evaluators.llm_costs import weight_bytes
+
+    model = _llama()
+    codes = _rtn(model, SCHEMES["4bit-g32-sym"])
+    _update(model, quantized=codes)
+    float_bytes = decoder_costs(model, []).values["size_bytes"]
+    output_head(model, HeadConfig(8), None)
+    head = record_of(model).head
+    assert (head.bits, head.symmetric) == (8, True)  # blocks of 64: here the whole hidden size
+    assert torch.equal(model.get_input_embeddings().weight, head.dequantize())  # tied: the embedding is rounded too
+    size = decoder_costs(model, []).values["size_bytes"]
+    assert size == weight_bytes(model, quantized=codes, lm_head_bits=8, lm_head_group=64)
+    assert float_bytes - size == VOCAB * 64 * 4 - (VOCAB * 64 + VOCAB * 4)  # float32 -> codes + a scale per block
+    out = deployed_graph(model, tmp_path / "graph")
+    ops = _graph_ops(out)
+    assert (ops["MatMulNBits"], ops["GatherBlockQuantized"]) == (11, 1)  # 10 linears and the output projection
+    assert "lm_head.MatMul.weight" not in _matmul_weights(out)
     np.testing.assert_allclose(onnx_logits(out, IDS), _logits(model, IDS), atol=0.05, rtol=0)
 
 

@@ -96,5 +96,5 @@ def test_bad_footprint_and_prompt_are_refused():
 def test_a_quantized_tied_output_projection_is_counted_once_for_both_ends():
     model = _llama()
     vocab, hidden = model.get_input_embeddings().weight.shape
-    head8 = quantized_linear_bytes(hidden, vocab, 8, 32, symmetric=False)
+    head8 = quantized_linear_bytes(hidden, vocab, 8, 32, symmetric=True)
     assert weight_bytes(model) - weight_bytes(model, lm_head_bits=8) == vocab * hidden * 4 - head8

@@ -14,7 +14,7 @@ pytest.importorskip("highspy")
 from slimsearch.compress import apply_plan  # noqa: E402
 from slimsearch.compress.llm_methods import record_of  # noqa: E402
 from slimsearch.evaluators import llm_sensitivity as sens  # noqa: E402
-from slimsearch.evaluators.llm_costs import weight_bytes  # noqa: E402
+from slimsearch.evaluators.llm_costs import head_kwargs, weight_bytes  # noqa: E402
 from slimsearch.evaluators.llm_sensitivity import (  # noqa: E402
     FLOAT, KL, NLL, SIZE, Sensitivity, WeightChoice, llm_sensitivity, plan_from_choice)
 from slimsearch.exceptions import ConfigError  # noqa: E402
@@ -50,9 +50,14 @@ def test_every_block_group_and_option_is_scored_and_the_teacher_is_left_as_it_wa
     task = tasks["llama"]
     before = _state(task.teacher)
     table = llm_sensitivity(task.teacher, _windows(task), RTN + [WeightChoice("gptq", 4, 32)], kv_bits=(8,),
-                            calib=task.train.x, profiles=[PROFILE])
+                            head_bits=(8, 4), calib=task.train.x, profiles=[PROFILE])
     assert all(torch.equal(v, before[k]) for k, v in task.teacher.state_dict().items())
-    assert list(table.options) == [f"{i}.{g}" for i in range(2) for g in ("qkv", "o", "gate_up", "down")] + ["kv"]
+    assert list(table.options) == [f"{i}.{g}" for i in range(2) for g in ("qkv", "o", "gate_up", "down")] + [
+        "kv", "head"]
+    head = table.options["head"]
+    assert set(head) == {FLOAT, "head8", "head4"}
+    assert head["head4"][KL] > head["head8"][KL] > 0 == head[FLOAT][KL]
+    assert head["head4"][SIZE] < head["head8"][SIZE] < head[FLOAT][SIZE]
     assert set(table.options["1.down"]) == {FLOAT, "rtn-w2-g32", "rtn-w4-g32", "rtn-w8-g32", "gptq-w4-g32"}
     assert set(table.options["kv"]) == {FLOAT, "kv8"}
     down = table.options["0.down"]
@@ -65,13 +70,15 @@ def test_every_block_group_and_option_is_scored_and_the_teacher_is_left_as_it_wa
     assert Sensitivity.from_json(table.to_json()) == table
 
 
-def test_one_group_s_loss_is_what_the_built_plan_scores(tasks):
+@pytest.mark.parametrize("group, option", [("1.gate_up", "rtn-w2-g32"), ("head", "head4")])
+def test_one_group_s_loss_is_what_the_built_plan_scores(tasks, group, option):
+    # the output projection is tied to the embedding: its loss must see the embedding rounded too
     task = tasks["llama"]
     windows = _windows(task)
-    table = llm_sensitivity(task.teacher, windows, RTN)
-    plan = plan_from_choice({"1.gate_up": "rtn-w2-g32"})
+    table = llm_sensitivity(task.teacher, windows, RTN, head_bits=(4,))
+    plan = plan_from_choice({group: option})
     scores = score_lm(apply_plan(task, plan), windows, teacher=task.teacher)
-    assert scores.kl == pytest.approx(table.options["1.gate_up"]["rtn-w2-g32"][KL], rel=1e-4)
+    assert scores.kl == pytest.approx(table.options[group][option][KL], rel=1e-4)
 
 
 def test_losses_are_cached_in_the_folder_and_read_back(tasks, tmp_path, monkeypatch):
@@ -96,17 +103,20 @@ def test_losses_are_cached_in_the_folder_and_read_back(tasks, tmp_path, monkeypa
 def test_a_planned_plan_costs_what_was_predicted_and_rebuilds_bit_exactly(tasks):
     task = tasks["llama"]
     choices = [WeightChoice(m, b, 32) for m in ("rtn", "gptq") for b in (4, 8)]
-    table = llm_sensitivity(task.teacher, _windows(task), choices, kv_bits=(8,), calib=task.train.x)
+    table = llm_sensitivity(task.teacher, _windows(task), choices, kv_bits=(8,), head_bits=(8,), calib=task.train.x)
     problem = Problem(table.options, table.base, table.modes)
     front = sweep(problem, SIZE, minimise=KL, points=6)
-    selection = front[len(front) // 2]
+    selection = next(s for s in front if s.chosen["head"] == "head8"
+                     and {"gptq-w4-g32", "rtn-w4-g32"} & set(s.chosen.values()))
     plan = plan_from_choice(selection.chosen)
     first, second = apply_plan(task, plan), apply_plan(task, plan)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
     record = record_of(first)
     assert set(record.quantized) == set(record_of(second).quantized)
     assert all(torch.equal(q.codes, record_of(second).quantized[p].codes) for p, q in record.quantized.items())
-    assert weight_bytes(first, quantized=record.quantized) == selection.totals[SIZE]  # sizes add up exactly
+    assert torch.equal(record.head.codes, record_of(second).head.codes)
+    # sizes add up exactly
+    assert weight_bytes(first, quantized=record.quantized, **head_kwargs(record.head)) == selection.totals[SIZE]
     assert record.kv_bits == (8 if selection.chosen["kv"] == "kv8" else 32)
 
 
@@ -130,5 +140,9 @@ def test_choices_and_plans_are_checked():
         WeightChoice("rtn", 5, 32)
     with pytest.raises(ConfigError, match="share method"):
         plan_from_choice({"0.qkv": "rtn-w4-g32", "0.o": "gptq-w4-g32"})
-    plan = plan_from_choice({"0.qkv": "gptq-w4-g32", "0.o": FLOAT, "kv": "kv4"})
-    assert (plan.weight_method, plan.kv_bits, set(plan.layers)) == ("gptq", 4, {"0.qkv"})
+    plan = plan_from_choice({"0.qkv": "gptq-w4-g32", "0.o": FLOAT, "kv": "kv4", "head": "head8"})
+    assert (plan.weight_method, plan.kv_bits, plan.head_bits, set(plan.layers)) == ("gptq", 4, 8, {"0.qkv"})
+    with pytest.raises(ConfigError, match="head option"):
+        plan_from_choice({"head": "kv8"})
+    with pytest.raises(ConfigError, match="head_bits"):
+        llm_sensitivity(None, None, (), head_bits=(6,))

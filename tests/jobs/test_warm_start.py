@@ -71,7 +71,8 @@ def test_the_enqueued_plans_lie_in_the_space_within_the_bound_and_the_table_is_r
         assert predicted["ppl_increase"] == pytest.approx(predicted["ppl"] / teacher - 1)
     for params in enqueued:  # each compresses something: the teacher itself is not a candidate
         assert any(v != 32 for k, v in params.items() if k.startswith(("weight_bits.", "kv_bits")))
-    untouched = {"weight_bits": 32, "act_bits": 32, "kv_bits": 32, "ffn_keep": 1.0, "distill_steps": 0}
+    untouched = {"weight_bits": 32, "act_bits": 32, "kv_bits": 32, "head_bits": 32, "ffn_keep": 1.0,
+                 "distill_steps": 0}
     float_plan = {k: untouched[k.partition(".")[0]] for k in choices}
     # nothing rounded: the teacher's own
     assert start.estimate(float_plan, "ppl", "ppl_increase") == {"ppl": teacher, "ppl_increase": 0.0}
@@ -173,12 +174,12 @@ def test_a_per_block_space_chooses_each_blocks_weights_and_the_planner_plans_the
     from slimsearch.compress.llm_methods import record_of
     from slimsearch.evaluators.candidate import task_scores
     from slimsearch.exceptions import ConfigError
-    from slimsearch.jobs.warm_start import enqueue_front, planner_start
+    from slimsearch.jobs.warm_start import _params_of, enqueue_front, planner_start
     from slimsearch.jobs.worker import build_space
     from slimsearch.tasks import load_task
 
     data = job_data(made, 6)
-    data["space"] = {**SPACE, "per_block": True,
+    data["space"] = {**SPACE, "per_block": True, "head_bits": [8, 32],
                      "layers": {"down": {"weight_bits": [8, 32]}, "1.down": {"weight_bits": [4, 32]}}}
     spec = load_job(write_job(made, data, "per-block.yaml"))
     task = load_task(spec.task, seed=0, path=spec.task_path, text=spec.task_text)
@@ -191,7 +192,8 @@ def test_a_per_block_space_chooses_each_blocks_weights_and_the_planner_plans_the
     assert choices["weight_bits.1.down"] == (4, 32)  # ... but a block's own key wins
     assert choices["weight_bits.1.qkv"] == (2, 4, 8, 32)
 
-    untouched = {"weight_bits": 32, "act_bits": 32, "kv_bits": 32, "ffn_keep": 1.0, "distill_steps": 0}
+    untouched = {"weight_bits": 32, "act_bits": 32, "kv_bits": 32, "head_bits": 32, "ffn_keep": 1.0,
+                 "distill_steps": 0}
     float_plan = {k: untouched[k.partition(".")[0]] for k in choices}
     mixed = space.plan_from_params({**float_plan, "weight_bits.0.qkv": 4, "weight_bits.1.qkv": 8,
                                     "weight_bits.1.down": 4})
@@ -205,12 +207,14 @@ def test_a_per_block_space_chooses_each_blocks_weights_and_the_planner_plans_the
     start = planner_start(spec, task, space, tmp_path, teacher_score=teacher, log=lambda line: None)
     assert start.per_block and start.groups == tuple(blocks) and "per block" in start.describe()
     assert set(start.table.options["0.down"]) == {"float", "rtn-w8-g128"}  # restricted to what the space allows
+    assert set(start.table.options["head"]) == {"float", "head8"}
     enqueued = enqueue_front(start, spec, optuna.create_study(directions=["minimize"] * 2), most=5,
                              log=lambda line: None)
-    assert enqueued
+    assert enqueued and any(params["head_bits"] == 8 for params in enqueued)
     for params in enqueued:
         assert set(params) == set(choices) and all(v in choices[k] for k, v in params.items())
         assert start.estimate(params, "ppl", "ppl_increase")["ppl_increase"] <= 0.3
+        assert _params_of(start, start.options_of(params)) == params  # the table's options and back
     bad = {**data, "space": {**data["space"], "layers": {"2.down": {"weight_bits": [8]}}}}
     with pytest.raises(ConfigError, match=r"space.layers: unknown layer '2.down'; allowed: a linear group "
                                           r"\['qkv', 'o', 'gate_up', 'down'\] \(every block\) or one block's"):

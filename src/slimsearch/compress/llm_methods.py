@@ -13,6 +13,7 @@ method                order  plan choices                                    run
                                                                              + per-token int8 inputs
 ``weight_only``       20     ``weight_bits`` < 32, ``weight_method``,        :func:`~slimsearch.compress.weight_only.quantize_weights`
                              ``group_size``, ``symmetric``
+``output_head``       22     ``head_bits`` < 32                              :func:`~slimsearch.compress.output_head.quantize_output_projection`
 ``kv_cache``          25     ``kv_bits`` < 32                                :func:`~slimsearch.compress.kv_cache.quantize_kv_cache`
 ====================  =====  ==============================================  ==============================
 
@@ -24,7 +25,7 @@ post-training methods, which then see the healed weights. Calibration windows ar
 ``train`` split (its calibration text).
 
 What a method did that the model's weights cannot say (the integer codes of quantized
-linears, the KV-cache and activation precision, the 2:4 pattern) is kept on the model as a
+linears and of the output projection, the KV-cache and activation precision, the 2:4 pattern) is kept on the model as a
 :class:`DecoderRecord` (:func:`record_of`), which the costing reads.
 """
 
@@ -38,6 +39,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
 from slimsearch.compress.kv_cache import KVCacheConfig
+from slimsearch.compress.output_head import HeadConfig
 from slimsearch.compress.registry import Context, register
 from slimsearch.compress.wanda import WandaConfig
 from slimsearch.exceptions import ConfigError
@@ -68,6 +70,7 @@ class DecoderRecord:
             int8, else 32.
         sparsity: ``"2:4"`` when every decoder linear is 2:4 sparse, else None (a partly sparse
             model is costed dense: no device runs half its layers sparse).
+        head: the codes of the output projection (and a tied embedding) when rounded, else None.
     """
 
     quantized: dict = field(default_factory=dict)
@@ -75,6 +78,7 @@ class DecoderRecord:
     act_paths: tuple[str, ...] = ()
     act_bits: int = FULL_PRECISION
     sparsity: Optional[str] = None
+    head: Any = None
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
@@ -302,6 +306,21 @@ def weight_only(model, config: LLMWeightsConfig, context: Context):
     return model
 
 
+# ---- output_head ---------------------------------------------------------------------------------
+
+def _head_from_plan(plan: CompressionPlan) -> Optional[HeadConfig]:
+    return HeadConfig(plan.head_bits) if plan.head_bits < FULL_PRECISION else None
+
+
+@register("output_head", HeadConfig, order=22, from_plan=_head_from_plan, families=LLM)
+def output_head(model, config: HeadConfig, context: Context):
+    """The output projection (a tied embedding with it) rounded to nearest, in place; its codes go to the record."""
+    from slimsearch.compress.output_head import quantize_output_projection
+
+    _update(model, head=quantize_output_projection(model, bits=config.bits, group_size=config.group_size))
+    return model
+
+
 # ---- kv_cache ----------------------------------------------------------------------------------
 
 def _kv_from_plan(plan: CompressionPlan) -> Optional[KVCacheConfig]:
@@ -358,7 +377,9 @@ def planned_shape(task: "Task", plan: CompressionPlan) -> tuple["nn.Module", Dec
     every = set(GROUP_NAMES)
     act_paths = tuple(p for _, group, paths in llm.group_linears(model)
                       if smooth_config is not None and group.name in smooth_config.groups for p in paths)
+    head = _head_from_plan(plan)
     return model, DecoderRecord(
         quantized=quantized, kv_bits=plan.kv_bits, act_paths=act_paths,
+        head=None if head is None else SimpleNamespace(bits=head.bits, group_size=head.group_size, symmetric=True),
         act_bits=ACT_BITS if smooth_config is not None and set(smooth_config.groups) >= every else FULL_PRECISION,
         sparsity=NM if wanda_config is not None and set(wanda_config.groups) >= every else None)

@@ -249,6 +249,7 @@ class LLMHeatmapInfo(NamedTuple):
     members: list[str]  # "trial N" per front member, then "baseline <name>" per uniform recipe
     weight_bits: list[list[int]]  # per member and layer; 32: left in float
     kv_bits: list[int]  # per member: the KV cache's bits (32: the teacher's float cache)
+    head_bits: list[int]  # per member: the output projection's bits (32: float)
     group_size: list[list[Optional[int]]]  # per member and layer; 0: per channel; None: float weights
     method: list[list[str]]  # per member and layer, one of LLM_METHODS or "<method>+smoothquant"
 
@@ -261,7 +262,7 @@ def _block_order(name: str) -> int:
 
 def llm_heatmap_info(data: Mapping) -> Optional[LLMHeatmapInfo]:
     """Per-layer weight bits, group size and method of a causal-LM job's front members and of its
-    baselines (the uniform recipes), with each one's KV-cache bits; None when no plan names a layer.
+    baselines (the uniform recipes), with each one's KV-cache and output bits; None when no plan names a layer.
 
     As the decoder methods apply a plan: a per-block key (``"3.down"``) sets its block's weight bits
     over its group's key; group size and rounding method are model-wide (the group size is the first
@@ -292,12 +293,12 @@ def llm_heatmap_info(data: Mapping) -> Optional[LLMHeatmapInfo]:
         bits.append(row_bits)
         sizes.append(row_sizes)
         methods.append(row_methods)
-    kv = [int(plan.get("kv_bits", FULL_PRECISION)) for _, plan in rows]
-    return LLMHeatmapInfo(layers, [name for name, _ in rows], bits, kv, sizes, methods)
+    kv, head = ([int(plan.get(name, FULL_PRECISION)) for _, plan in rows] for name in ("kv_bits", "head_bits"))
+    return LLMHeatmapInfo(layers, [name for name, _ in rows], bits, kv, head, sizes, methods)
 
 
 def llm_heatmap_figure(info: LLMHeatmapInfo):
-    """Three panels sharing the rows: weight bits (and the KV cache's, column ``kv``), group size, method."""
+    """Three panels sharing the rows: weight bits (``head``: output projection, ``kv``), group size, method."""
     import math
 
     import plotly.graph_objects as go
@@ -305,10 +306,11 @@ def llm_heatmap_figure(info: LLMHeatmapInfo):
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=3, shared_yaxes=True, horizontal_spacing=0.04,
-                        subplot_titles=("weight bits (kv: KV cache; 32: float)", "group size", "method"))
-    bits = [row + [kv] for row, kv in zip(info.weight_bits, info.kv_bits)]
+                        subplot_titles=("weight bits (head: output projection; kv: KV cache; 32: float)",
+                                        "group size", "method"))
+    bits = [row + [head, kv] for row, head, kv in zip(info.weight_bits, info.head_bits, info.kv_bits)]
     # colour by log2(bits), so 2, 3, 4 and 8 bits differ as much as 8 and 32 do
-    traces = [(info.layers + ["kv"], [[math.log2(b) for b in row] for row in bits],
+    traces = [(info.layers + ["head", "kv"], [[math.log2(b) for b in row] for row in bits],
                [[str(b) for b in row] for row in bits], {"colorscale": "Blues_r", "zmin": 1, "zmax": 6})]
     sizes = sorted({s for row in info.group_size for s in row if s is not None}, key=lambda s: (s == 0, s))
     traces.append((info.layers, [[math.nan if s is None else sizes.index(s) for s in row] for row in info.group_size],

@@ -5,13 +5,14 @@ and writes one GenAI folder: the onnxruntime-genai builder's float32 KV-cache gr
 (its cut shapes, its healed or smoothed float weights), then
 
 - every weight-only quantized linear as MatMulNBits holding the model's own codes
-  (:func:`~slimsearch.deploy.onnx_nbits.to_matmul_nbits`, int8 compute: ``accuracy_level`` 4);
+  (:func:`~slimsearch.deploy.onnx_nbits.to_matmul_nbits`, int8 compute: ``accuracy_level`` 4), and
+  a rounded output projection too (a tied embedding reads its codes through GatherBlockQuantized);
 - every SmoothQuant linear whose inputs are int8 per token (``act_paths``) with 8-bit
   per-channel weights as an integer MatMul (:func:`~slimsearch.deploy.onnx_w8a8.to_w8a8`).
 
 What it does not carry, and so does not speed up: the KV-cache precision (onnxruntime's
 GroupQueryAttention keeps a float cache on a CPU) and 2:4 sparsity (no sparse CPU kernel). The
-output projection stays float, as the compressed model computes it.
+output projection stays float unless the plan rounded it (``head_bits``).
 
 The builder copies a tokenizer into the folder; the graph does not use it. The model's own
 tokenizer is not at hand where a candidate is evaluated, so there a one-token placeholder is
@@ -123,8 +124,9 @@ def deployed_graph(model: "nn.Module", out_dir: PathLike, *, threads: int = 1, t
         shutil.rmtree(hf)
         if verify:
             _check_float_graph(model, graph)
-        if nbits:
-            graph = to_matmul_nbits(graph, nbits, out_dir=Path(tmp) / "nbits", accuracy_level=4).path
+        if nbits or record.head is not None:
+            graph = to_matmul_nbits(graph, nbits, out_dir=Path(tmp) / "nbits", accuracy_level=4,
+                                    lm_head=record.head).path
         if w8a8:
             graph = to_w8a8(graph, Path(tmp) / "w8a8", weights=w8a8).path
         out_dir.mkdir(exist_ok=True)

@@ -141,28 +141,6 @@ def set_threads(onnx_dir: PathLike, threads: int) -> None:
     path.write_text(json.dumps(config, indent=4))
 
 
-def quantize_output_projection(model: "nn.Module", *, bits: int = 8, group_size: int = 64,
-                               symmetric: bool = True) -> "QuantizedWeight":
-    """Round the output projection (``lm_head``) with plain RTN and write it back de-quantized.
-
-    Once the decoder is 4-bit, the tied 49,152 x 576 projection of a 135M model is most
-    of the bytes a token reads (113 MB in float32). The default, 8 bits in blocks of 64,
-    keeps its logits close while reading about a quarter of those bytes; 64 divides
-    the usual hidden sizes, so a tied embedding can read the same packed bytes. A tied
-    input embedding is the same tensor, so it changes too (ONNX then reads it through
-    GatherBlockQuantized, see :func:`to_matmul_nbits`).
-    """
-    import torch
-
-    from slimsearch.compress.quant.grid import quantize_weight
-
-    head = model.get_output_embeddings()
-    qw = quantize_weight(head.weight.detach(), bits, group_size=group_size, symmetric=symmetric)
-    with torch.no_grad():
-        head.weight.copy_(qw.dequantize().to(head.weight.dtype))
-    return qw
-
-
 def block_size_for(k: int, group_size: int, bits: int) -> int:
     """The MatMulNBits block that holds a ``group_size`` grid exactly along ``k`` inputs.
 
@@ -241,9 +219,10 @@ def to_matmul_nbits(onnx_dir: PathLike, quantized: Mapping[str, "QuantizedWeight
     ``onnx_dir`` is a :func:`build_onnx` folder of the model holding the de-quantized
     weights; with ``check_weights`` each replaced float weight must equal the de-quantized
     codes (which catches a graph built from another model, or q/k/v in another order).
-    ``lm_head`` quantizes the output projection too (see :func:`quantize_output_projection`);
-    a tied input embedding then reads the same packed bytes through GatherBlockQuantized
-    when the kernel has 4 or 8 bits and the blocks tile the hidden size, else a float table.
+    ``lm_head`` quantizes the output projection too (see
+    :func:`~slimsearch.compress.output_head.quantize_output_projection`); a tied input embedding
+    then reads the same packed bytes through GatherBlockQuantized when the kernel has 4 or 8 bits
+    and the blocks tile the hidden size, else a float table.
     ``accuracy_level`` 4 lets the kernel quantize activations to int8 (fastest on CPU);
     0 computes in float32 (exact, for checks: on SmolLM2-135M it decoded 2x slower with
     4-bit weights and 15x slower with an 8-bit lm_head, whose level-0 kernel de-quantizes). The result goes to ``out_dir``, or replaces ``onnx_dir``.

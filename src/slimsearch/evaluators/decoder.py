@@ -3,9 +3,9 @@
 A causal LM is costed per generated token, at batch 1, as it is used:
 
 - ``size_bytes``: the deployed weights (:func:`~slimsearch.evaluators.llm_costs.weight_bytes`:
-  packed codes and scales of quantized linears, float32 elsewhere); ``params``; ``macs`` per
-  token (linears and output projection); ``bitops`` (each linear's MACs times its weight and
-  input widths).
+  packed codes and scales of quantized linears and of a rounded output projection, float32
+  elsewhere); ``params``; ``macs`` per token (linears and output projection); ``bitops`` (each
+  linear's MACs times its weight and input widths).
 - ``latency_ms@P``, ``energy_mj@P``, ``cost_usd_per_1m@P`` for each profile P, all modelled by
   :func:`~slimsearch.hardware_profiles.predict_decoder`: decode ms per token at
   ``CONTEXT_TOKENS`` = 128 tokens of context, energy per token, dollars per million tokens.
@@ -199,23 +199,24 @@ def decoder_costs(model: "nn.Module", profiles: Sequence[Any], power_modes: Opti
     did to it (default: the model's own, :func:`~slimsearch.compress.llm_methods.record_of`)."""
     from slimsearch.compress.kv_cache import kv_cache_bytes
     from slimsearch.compress.llm_methods import record_of
-    from slimsearch.evaluators.llm_costs import decoder_footprint, weight_bytes
+    from slimsearch.evaluators.llm_costs import decoder_footprint, head_kwargs, weight_bytes
     from slimsearch.exceptions import ConfigError, UnsupportedOnDevice
     from slimsearch.hardware_profiles import load_profile, predict_decoder
     from slimsearch.structures import llm
 
     record = record or record_of(model)
+    head = head_kwargs(record.head)
     footprint = decoder_footprint(model, quantized=record.quantized, kv_bits=record.kv_bits,
-                                  act_bits=record.act_bits, sparsity=record.sparsity)
+                                  act_bits=record.act_bits, sparsity=record.sparsity, **head)
     bitops = 0
     for path, module in llm.decoder_linears(model).items():
         n_in, n_out = llm.in_out(module)
         q = record.quantized.get(path)
         bitops += n_in * n_out * (q.bits if q is not None else 32) * (8 if path in record.act_paths else 32)
     vocab, hidden = model.get_input_embeddings().weight.shape
-    bitops += vocab * hidden * 32 * 32
+    bitops += vocab * hidden * (record.head.bits if record.head is not None else 32) * 32
     values: dict[str, Optional[float]] = {
-        "size_bytes": float(weight_bytes(model, quantized=record.quantized)),
+        "size_bytes": float(weight_bytes(model, quantized=record.quantized, **head)),
         "params": float(sum(p.numel() for p in model.parameters())),
         "macs": float(footprint.macs),
         "bitops": float(bitops),

@@ -43,10 +43,18 @@ def _linear_bytes(path: str, module: "nn.Module", quantized: Mapping[str, "Quant
     return quantized_linear_bytes(in_features, out_features, q.bits, q.group_size, q.symmetric) + bias
 
 
-def _lm_head_bytes(vocab: int, hidden: int, bits: int, group_size: int) -> int:
+def lm_head_bytes(vocab: int, hidden: int, bits: int, group_size: int) -> int:
+    """The output projection's bytes: float32, or symmetric codes and scales (what
+    :func:`~slimsearch.compress.output_head.quantize_output_projection` writes; no zero points)."""
     if bits >= 32:
         return vocab * hidden * FLOAT_BYTES
-    return quantized_linear_bytes(hidden, vocab, bits, group_size, symmetric=False)
+    return quantized_linear_bytes(hidden, vocab, bits, group_size, symmetric=True)
+
+
+def head_kwargs(head: Optional["QuantizedWeight"]) -> dict[str, int]:
+    """The ``lm_head_bits`` and ``lm_head_group`` keywords of :func:`decoder_footprint` and
+    :func:`weight_bytes` for a rounded output projection's codes (none for a float one)."""
+    return {} if head is None else {"lm_head_bits": int(head.bits), "lm_head_group": int(head.group_size)}
 
 
 def decoder_footprint(model: "nn.Module", *, quantized: Optional[Mapping[str, "QuantizedWeight"]] = None,
@@ -60,7 +68,7 @@ def decoder_footprint(model: "nn.Module", *, quantized: Optional[Mapping[str, "Q
     weight_bytes = sum(_linear_bytes(path, m, quantized) for path, m in linears.items())
     macs = sum(a * b for a, b in (llm.in_out(m) for m in linears.values()))
     vocab, hidden = model.get_input_embeddings().weight.shape
-    weight_bytes += _lm_head_bytes(vocab, hidden, lm_head_bits, lm_head_group) + hidden * FLOAT_BYTES
+    weight_bytes += lm_head_bytes(vocab, hidden, lm_head_bits, lm_head_group) + hidden * FLOAT_BYTES
     macs += vocab * hidden
     weight_bytes += _norm_bytes(model)
     n_heads, n_kv, head_dim = llm.heads(model)
@@ -98,7 +106,7 @@ def weight_bytes(model: "nn.Module", *, quantized: Optional[Mapping[str, "Quanti
     quantized = quantized or {}
     vocab, hidden = model.get_input_embeddings().weight.shape
     total = sum(_linear_bytes(path, m, quantized) for path, m in llm.decoder_linears(model).items())
-    total += _norm_bytes(model) + _lm_head_bytes(vocab, hidden, lm_head_bits, lm_head_group)
+    total += _norm_bytes(model) + lm_head_bytes(vocab, hidden, lm_head_bits, lm_head_group)
     if not llm.tied(model):
         total += vocab * hidden * FLOAT_BYTES
     return int(total)

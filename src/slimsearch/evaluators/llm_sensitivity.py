@@ -6,7 +6,8 @@ in the teacher and the model is scored on a few token windows against the teache
 distribution: mean KL(teacher || model) per token (``kl``) and the change of mean next-token
 negative log-likelihood (``nll``, whose base is the teacher's, so a total is a predicted NLL and
 ``exp`` of it a predicted perplexity). The KV-cache precisions are one more group (``kv``), scored
-with only the cache rounded. Each option also carries what it adds to the costs: packed bytes
+with only the cache rounded, and the output projection's widths another (``head``), scored with only
+it rounded (a tied input embedding with it). Each option also carries what it adds to the costs: packed bytes
 (``size_bytes``, exactly as :func:`~slimsearch.evaluators.llm_costs.weight_bytes` counts them) and
 the modelled ``latency_ms@P`` and ``energy_mj@P`` per token on each profile
 (:func:`~slimsearch.hardware_profiles.predict_decoder` at the context of
@@ -44,11 +45,12 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["FLOAT", "KL", "KV_GROUP", "NLL", "SIZE", "Sensitivity", "WeightChoice", "llm_sensitivity",
-           "plan_from_choice"]
+__all__ = ["FLOAT", "HEAD_GROUP", "KL", "KV_GROUP", "NLL", "SIZE", "Sensitivity", "WHOLE_GROUPS", "WeightChoice",
+           "llm_sensitivity", "option_bits", "plan_from_choice", "whole_option"]
 
 FLOAT = "float"  # the option that leaves a group as the teacher has it
-KV_GROUP = "kv"
+KV_GROUP, HEAD_GROUP = "kv", "head"
+WHOLE_GROUPS = {KV_GROUP: "kv_bits", HEAD_GROUP: "head_bits"}  # model-wide groups -> the plan field they set
 KL, NLL, SIZE = "kl", "nll", "size_bytes"
 VERSION = 1  # of the cached loss file; a change of how losses are measured bumps it
 
@@ -93,9 +95,23 @@ class WeightChoice:
                               "e.g. 'gptq-w4-g128'") from None
 
 
+def whole_option(group: str, bits: int) -> str:
+    """The option of a model-wide group (:data:`WHOLE_GROUPS`) at ``bits``: ``kv8``, ``head8``; ``float`` at 32."""
+    return FLOAT if bits >= FULL_PRECISION else f"{group}{bits}"
+
+
+def option_bits(group: str, option: str) -> int:
+    """The bits of a model-wide group's option (32 for ``float``), as :func:`whole_option` names it."""
+    if option == FLOAT:
+        return FULL_PRECISION
+    if option.startswith(group) and option[len(group):].isdigit():
+        return int(option[len(group):])
+    raise ConfigError(f"the {group} option must be 'float' or {group}<bits>, got {option!r}")
+
+
 def kv_option(bits: int) -> str:
     """The option name of a KV-cache precision (``kv8``)."""
-    return f"kv{bits}"
+    return whole_option(KV_GROUP, bits)
 
 
 @dataclass(frozen=True)
@@ -132,12 +148,15 @@ class Sensitivity:
         return cls(data["key"], data["options"], data["base"], data.get("modes", {}), data.get("cached", False))
 
 
-def _check_inputs(choices: Sequence[WeightChoice], kv_bits: Sequence[int]) -> tuple[tuple, tuple]:
+def _check_inputs(choices: Sequence[WeightChoice], kv_bits: Sequence[int],
+                  head_bits: Sequence[int]) -> tuple[tuple, tuple, tuple]:
     from slimsearch.compress.kv_cache import KV_BITS
+    from slimsearch.compress.output_head import HEAD_BITS
 
     choices = tuple(choices)
-    if not choices and not kv_bits:
-        raise ConfigError("llm_sensitivity needs at least one weight choice or KV precision; got neither")
+    if not choices and not kv_bits and not head_bits:
+        raise ConfigError("llm_sensitivity needs at least one weight choice, KV precision or output projection "
+                          "width; got none")
     for c in choices:
         if not isinstance(c, WeightChoice):
             raise ConfigError(f"llm_sensitivity choices must be WeightChoice values, got {c!r}")
@@ -146,7 +165,10 @@ def _check_inputs(choices: Sequence[WeightChoice], kv_bits: Sequence[int]) -> tu
     for b in kv_bits:
         if isinstance(b, bool) or b not in KV_BITS:
             raise ConfigError(f"llm_sensitivity kv_bits must be among {list(KV_BITS)}, got {b!r}")
-    return choices, tuple(sorted(set(kv_bits), reverse=True))
+    for b in head_bits:
+        if isinstance(b, bool) or b not in HEAD_BITS:
+            raise ConfigError(f"llm_sensitivity head_bits must be among {list(HEAD_BITS)}, got {b!r}")
+    return choices, tuple(sorted(set(kv_bits), reverse=True)), tuple(sorted(set(head_bits), reverse=True))
 
 
 def group_names(model: "nn.Module", per_block: bool = True) -> tuple[str, ...]:
@@ -163,13 +185,15 @@ def _paths(model: "nn.Module", group: str) -> list[str]:
 
 
 def cache_key(model: "nn.Module", windows: "torch.Tensor", calib: Optional["torch.Tensor"],
-              choices: Sequence[WeightChoice], kv_bits: Sequence[int], per_block: bool) -> str:
+              choices: Sequence[WeightChoice], kv_bits: Sequence[int], per_block: bool,
+              head_bits: Sequence[int] = ()) -> str:
     """SHA-256 of everything the losses depend on: weights (names, dtypes, shapes, values), windows,
     calibration data, the choices and the granularity."""
     import torch
 
-    digest = hashlib.sha256(json.dumps({"version": VERSION, "choices": [c.name for c in choices],
-                                        "kv_bits": list(kv_bits), "per_block": per_block}).encode())
+    listed = {"version": VERSION, "choices": [c.name for c in choices], "kv_bits": list(kv_bits),
+              "per_block": per_block, **({"head_bits": list(head_bits)} if head_bits else {})}
+    digest = hashlib.sha256(json.dumps(listed).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
@@ -211,15 +235,20 @@ class _Scorer:
             hidden = args[0] if args else kwargs["hidden_states"]
             return torch.log_softmax(self.head(self.norm(hidden))[:, :-1].float(), dim=-1)
 
-    def score(self, start: int) -> tuple[float, float]:
-        """Mean KL(teacher || model) and mean NLL per predicted token, running blocks ``start`` on."""
+    def score(self, start: int, *, embedded: bool = False) -> tuple[float, float]:
+        """Mean KL(teacher || model) and mean NLL per predicted token, running blocks ``start`` on
+        (with ``embedded``, every block, on inputs embedded afresh: a tied output projection that was
+        rounded changed the embedding the teacher's kept inputs came from)."""
         import torch.nn.functional as F
 
-        from slimsearch.compress._calibration import inference, run_block
+        from slimsearch.compress._calibration import capture_block_inputs, inference, run_block
 
+        inputs = self.inputs[start]
+        if embedded:
+            inputs, start = capture_block_inputs(self.model, self.windows, self.batch_size), 0
         kl = nll = 0.0
         with inference(self.model):
-            for (args, kwargs), log_q, lo in zip(self.inputs[start], self.teacher,
+            for (args, kwargs), log_q, lo in zip(inputs, self.teacher,
                                                  range(0, self.windows.shape[0], self.batch_size)):
                 for block in self.blocks[start:]:
                     args, kwargs = run_block(block, args, kwargs)
@@ -232,9 +261,13 @@ class _Scorer:
 
 
 def _losses(model: "nn.Module", windows: "torch.Tensor", calib: Optional["torch.Tensor"], groups: Sequence[str],
-            choices: Sequence[WeightChoice], kv_bits: Sequence[int], batch_size: int) -> dict[str, Any]:
+            choices: Sequence[WeightChoice], kv_bits: Sequence[int], head_bits: Sequence[int],
+            batch_size: int) -> dict[str, Any]:
     """Measure every option's ``kl`` and ``nll`` change (the expensive part); the model is left as it was."""
+    import torch
+
     from slimsearch.compress.kv_cache import KVCacheConfig, quantize_kv_cache
+    from slimsearch.compress.output_head import quantize_output_projection
     from slimsearch.compress.weight_only import WeightOnlyConfig, quantize_weights
 
     scorer = _Scorer(model, windows, batch_size)
@@ -267,14 +300,28 @@ def _losses(model: "nn.Module", windows: "torch.Tensor", calib: Optional["torch.
             finally:
                 hooks.remove()
             losses[KV_GROUP][kv_option(bits)] = {KL: kl, NLL: nll - scorer.teacher_nll}
+    if head_bits:
+        losses[HEAD_GROUP] = {}
+        head = model.get_output_embeddings().weight
+        saved = head.detach().clone()
+        for bits in head_bits:
+            try:
+                quantize_output_projection(model, bits=bits)
+                kl, nll = scorer.score(n, embedded=llm.tied(model))
+            finally:
+                with torch.no_grad():
+                    head.copy_(saved)
+            losses[HEAD_GROUP][whole_option(HEAD_GROUP, bits)] = {KL: kl, NLL: nll - scorer.teacher_nll}
     return {"version": VERSION, "teacher_nll": scorer.teacher_nll, "losses": losses}
 
 
 def _costs(model: "nn.Module", groups: Sequence[str], choices: Sequence[WeightChoice], kv_bits: Sequence[int],
-           profiles: Sequence[Any]) -> tuple[dict, dict]:
+           head_bits: Sequence[int], profiles: Sequence[Any]) -> tuple[dict, dict]:
     """Per group and option the change of each cost measure, and the teacher's figures (the base)."""
+    from slimsearch.compress.output_head import HEAD_GROUP_SIZE
     from slimsearch.evaluators.decoder import CONTEXT_TOKENS
-    from slimsearch.evaluators.llm_costs import FLOAT_BYTES, decoder_footprint, quantized_linear_bytes, weight_bytes
+    from slimsearch.evaluators.llm_costs import (FLOAT_BYTES, lm_head_bytes, decoder_footprint,
+                                                 quantized_linear_bytes, weight_bytes)
     from slimsearch.hardware_profiles import load_profile, predict_decoder
 
     profiles = [load_profile(p) for p in profiles]
@@ -308,11 +355,19 @@ def _costs(model: "nn.Module", groups: Sequence[str], choices: Sequence[WeightCh
     if kv_bits:
         options[KV_GROUP] = {FLOAT: zero, **{kv_option(b): {SIZE: 0.0, **change(decoder_footprint(model, kv_bits=b))}
                                              for b in kv_bits}}
+    if head_bits:
+        vocab, hidden = model.get_input_embeddings().weight.shape
+        float_head = float(lm_head_bytes(vocab, hidden, FULL_PRECISION, HEAD_GROUP_SIZE))
+        base_size -= float_head  # the float option holds it (a tied embedding is these bytes too)
+        options[HEAD_GROUP] = {FLOAT: {**zero, SIZE: float_head}, **{
+            whole_option(HEAD_GROUP, b): {SIZE: float(lm_head_bytes(vocab, hidden, b, HEAD_GROUP_SIZE)), **change(
+                decoder_footprint(model, lm_head_bits=b, lm_head_group=HEAD_GROUP_SIZE))} for b in head_bits}}
     return options, {SIZE: float(base_size), **base_modelled}
 
 
 def llm_sensitivity(model: "nn.Module", windows: "torch.Tensor", choices: Sequence[WeightChoice], *,
-                    kv_bits: Sequence[int] = (), per_block: bool = True, calib: Optional["torch.Tensor"] = None,
+                    kv_bits: Sequence[int] = (), head_bits: Sequence[int] = (), per_block: bool = True,
+                    calib: Optional["torch.Tensor"] = None,
                     profiles: Sequence[Any] = (), folder: Union[str, Path, None] = None,
                     batch_size: int = 1) -> Sensitivity:
     """The sensitivity table of the decoder ``model`` (the teacher, unchanged on return).
@@ -322,6 +377,7 @@ def llm_sensitivity(model: "nn.Module", windows: "torch.Tensor", choices: Sequen
         windows: token windows ``(n, seq_len)`` the losses are measured on (a few suffice).
         choices: the weight choices of every group (``float`` is always an option).
         kv_bits: KV-cache precisions to score (16, 8, 4); none: no ``kv`` group.
+        head_bits: widths of the output projection to score (8, 4; in blocks of 64); none: no ``head`` group.
         per_block: a group per block (``"3.down"``) or one per group name across blocks (``"down"``).
         calib: the windows GPTQ and AWQ fit on (default: ``windows``).
         profiles: hardware profiles (names or profiles) whose modelled figures become measures.
@@ -330,10 +386,10 @@ def llm_sensitivity(model: "nn.Module", windows: "torch.Tensor", choices: Sequen
     """
     from slimsearch._io import atomic_write
 
-    choices, kv_bits = _check_inputs(choices, kv_bits)
+    choices, kv_bits, head_bits = _check_inputs(choices, kv_bits, head_bits)
     llm.family_of(model)
     groups = group_names(model, per_block)
-    key = cache_key(model, windows, calib, choices, kv_bits, per_block)
+    key = cache_key(model, windows, calib, choices, kv_bits, per_block, head_bits)
     path = Path(folder) / f"sensitivity-{key[:20]}.json" if folder is not None else None
     measured = None
     if path is not None and path.is_file():
@@ -341,11 +397,11 @@ def llm_sensitivity(model: "nn.Module", windows: "torch.Tensor", choices: Sequen
         measured = data if data.get("version") == VERSION and data.get("key") == key else None
     cached = measured is not None
     if measured is None:
-        measured = {**_losses(model, windows, calib, groups, choices, kv_bits, batch_size), "key": key}
+        measured = {**_losses(model, windows, calib, groups, choices, kv_bits, head_bits, batch_size), "key": key}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, json.dumps(measured, sort_keys=True))
-    costs, base = _costs(model, groups, choices, kv_bits, profiles)
+    costs, base = _costs(model, groups, choices, kv_bits, head_bits, profiles)
     zero_loss = {KL: 0.0, NLL: 0.0}
     options = {g: {o: {**_floored(measured["losses"][g].get(o) or zero_loss), **values} for o, values in opts.items()}
                for g, opts in costs.items()}
@@ -366,8 +422,8 @@ def plan_from_choice(chosen: Mapping[str, str], *, base: CompressionPlan = Compr
     """The plan of one option per group (a planner's :attr:`~slimsearch.search.planner.Selection.chosen`),
     on top of ``base`` (its model-wide choices and other layers kept): quantized groups as layer plans
     (``"3.down"`` keys per block), the shared method as ``weight_method``, the ``kv`` option as
-    ``kv_bits``. ``apply_plan`` builds it."""
-    weights = {g: WeightChoice.parse(o) for g, o in chosen.items() if g != KV_GROUP and o != FLOAT}
+    ``kv_bits``, the ``head`` option as ``head_bits``. ``apply_plan`` builds it."""
+    weights = {g: WeightChoice.parse(o) for g, o in chosen.items() if g not in WHOLE_GROUPS and o != FLOAT}
     modes = sorted({c.mode for c in weights.values()})
     if len(modes) > 1:
         raise ConfigError(f"plan_from_choice: quantized groups must share method, group size and symmetry, "
@@ -375,7 +431,7 @@ def plan_from_choice(chosen: Mapping[str, str], *, base: CompressionPlan = Compr
     layers = dict(base.layers)
     first = next(iter(weights.values()), None)
     for group, option in chosen.items():
-        if group == KV_GROUP:
+        if group in WHOLE_GROUPS:
             continue
         own = layers.get(group, LayerPlan())
         if option == FLOAT:
@@ -387,9 +443,7 @@ def plan_from_choice(chosen: Mapping[str, str], *, base: CompressionPlan = Compr
     changes: dict[str, Any] = {"layers": layers}
     if first is not None:
         changes["weight_method"] = first.method
-    if KV_GROUP in chosen:
-        option = chosen[KV_GROUP]
-        if option != FLOAT and not (option.startswith("kv") and option[2:].isdigit()):
-            raise ConfigError(f"plan_from_choice: the kv option must be 'float' or kv<bits>, got {option!r}")
-        changes["kv_bits"] = FULL_PRECISION if option == FLOAT else int(option[2:])
+    for group, field_name in WHOLE_GROUPS.items():
+        if group in chosen:
+            changes[field_name] = option_bits(group, chosen[group])
     return dataclasses.replace(base, **changes)

@@ -21,10 +21,12 @@ from slimsearch.exceptions import ConfigError
 from slimsearch.metric_names import TaskFamily
 from slimsearch.spaces.plan import CompressionPlan
 
-__all__ = ["DEFAULT_CHOICES", "DEFAULT_KV_BITS", "JobPlan", "minimised_measure", "plan_job", "ppl_increase_bound"]
+__all__ = ["DEFAULT_CHOICES", "DEFAULT_HEAD_BITS", "DEFAULT_KV_BITS", "JobPlan", "minimised_measure", "plan_job",
+           "ppl_increase_bound"]
 
 DEFAULT_CHOICES = ("rtn-w3-g128", "rtn-w4-g128", "rtn-w8-g128")  # instant to score: minutes for SmolLM2
 DEFAULT_KV_BITS = (8, 4)
+DEFAULT_HEAD_BITS = (8,)  # the output projection (a tied embedding with it): 8 bits in blocks of 64, or float
 DEFAULT_WINDOWS = 4
 PPL_INCREASE = "ppl_increase"
 
@@ -105,7 +107,8 @@ def minimised_measure(spec, minimise: Optional[str] = None) -> str:
 
 def plan_job(spec, *, folder: Union[str, Path, None], max_ppl_increase: Optional[float] = None,
              minimise: Optional[str] = None, choices: Sequence[str] = DEFAULT_CHOICES,
-             kv_bits: Sequence[int] = DEFAULT_KV_BITS, windows: int = DEFAULT_WINDOWS, per_block: bool = True,
+             kv_bits: Sequence[int] = DEFAULT_KV_BITS, head_bits: Sequence[int] = DEFAULT_HEAD_BITS,
+             windows: int = DEFAULT_WINDOWS, per_block: bool = True,
              verify: bool = True, task: Any = None, max_bytes: Optional[float] = None,
              progress: Optional[Callable[[str], None]] = None) -> JobPlan:
     """The plan of the causal-LM job ``spec`` (a :class:`~slimsearch.jobs.spec.JobSpec`) that minimises
@@ -121,6 +124,7 @@ def plan_job(spec, *, folder: Union[str, Path, None], max_ppl_increase: Optional
         choices: weight options, named ``<method>-w<bits>-g<group>`` (``-asym`` for asymmetric);
             every quantized group of the plan shares the method and group size.
         kv_bits: KV-cache precisions to consider (16 is the teacher's).
+        head_bits: widths of the output projection to consider (8, 4; float is always an option).
         windows: calibration windows the losses are measured on.
         per_block: a choice per block and group (``3.down``) or per group across blocks.
         verify: build the plan and score it on the validation windows.
@@ -153,8 +157,9 @@ def plan_job(spec, *, folder: Union[str, Path, None], max_ppl_increase: Optional
     calib = task.train.x[:windows]
     seconds = {}
     start = time.perf_counter()
-    say(f"sensitivity of {len(parsed)} weight choices and {len(kv_bits)} KV precisions on {len(calib)} windows")
-    table = llm_sensitivity(task.teacher, calib, parsed, kv_bits=kv_bits, per_block=per_block,
+    say(f"sensitivity of {len(parsed)} weight choices, {len(kv_bits)} KV precisions and {len(head_bits)} output "
+        f"projection widths on {len(calib)} windows")
+    table = llm_sensitivity(task.teacher, calib, parsed, kv_bits=kv_bits, head_bits=head_bits, per_block=per_block,
                             profiles=spec.profile_refs, folder=folder)
     seconds["sensitivity"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -184,11 +189,12 @@ def _verify(task, plan: CompressionPlan) -> dict[str, float]:
     from slimsearch.compress import apply_plan
     from slimsearch.compress.llm_methods import record_of
     from slimsearch.evaluators.candidate import task_scores
-    from slimsearch.evaluators.llm_costs import weight_bytes
+    from slimsearch.evaluators.llm_costs import head_kwargs, weight_bytes
 
     teacher = task_scores(task.teacher, task.val, task)[task.metric_name]
     model = apply_plan(task, plan)
     values = dict(task_scores(model, task.val, task))
     values[PPL_INCREASE] = task.family.gap(values[task.metric_name], teacher)
-    values["size_bytes"] = float(weight_bytes(model, quantized=record_of(model).quantized))
+    record = record_of(model)
+    values["size_bytes"] = float(weight_bytes(model, quantized=record.quantized, **head_kwargs(record.head)))
     return {k: float(v) for k, v in values.items()}

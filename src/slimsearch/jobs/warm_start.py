@@ -3,8 +3,8 @@
 Before its first candidate, the job measures what each choice of its space costs each linear
 group, across blocks, or in each block where the space chooses weight bits per block
 (``space.per_block``) (:func:`~slimsearch.evaluators.llm_sensitivity.llm_sensitivity` on a few
-calibration windows: the weight bits, methods and group sizes the space lists, and its KV-cache
-precisions), cached in the job folder so that a resumed job reads it back. Two uses:
+calibration windows: the weight bits, methods and group sizes the space lists, its KV-cache
+precisions and its output projection widths), cached in the job folder so that a resumed job reads it back. Two uses:
 
 - **Warm start.** The integer program (:func:`~slimsearch.search.planner.solve`) gives the plan
   of least modelled latency (or the job's other cost) within a predicted perplexity budget. The
@@ -59,7 +59,7 @@ CUTS_FILE = "planner-cuts.json"
 CHECKS_FILE = "planner-checks.json"  # the measured increase of the plans the planner checked
 CHECKS = 3  # plans at the edge built and measured at most, moving it in each time
 CHECK_MARGIN = 0.8  # share of the bound a checked plan may lose on the planner's windows
-WEIGHT_BITS, KV_BITS, METHOD, GROUP_SIZE = "weight_bits", "kv_bits", "weight_method", "group_size"
+WEIGHT_BITS, METHOD, GROUP_SIZE = "weight_bits", "weight_method", "group_size"
 
 
 @dataclass(frozen=True)
@@ -127,11 +127,12 @@ class PlannerStart:
 
     def options_of(self, params: Mapping[str, Any]) -> Optional[dict[str, str]]:
         """Group -> the table's option the params choose; None where a choice lies outside the table."""
-        from slimsearch.evaluators.llm_sensitivity import FLOAT, KV_GROUP, WeightChoice, kv_option
+        from slimsearch.evaluators.llm_sensitivity import FLOAT, WHOLE_GROUPS, WeightChoice, whole_option
 
         values = self._values(params)
+        planned = (WEIGHT_BITS + ".", *WHOLE_GROUPS.values(), METHOD, GROUP_SIZE, "act_bits.", "power_mode.")
         for name, value in values.items():
-            if not name.startswith((WEIGHT_BITS + ".", KV_BITS, METHOD, GROUP_SIZE, "act_bits.", "power_mode.")) \
+            if not name.startswith(planned) \
                     and value != _neutral(name, self.choices[name]) and value not in self.cuts.get(name, {}):
                 return None  # a sparsity, healing, ...: not measured
             if name.startswith("act_bits.") and value != FULL_PRECISION:
@@ -141,9 +142,9 @@ class PlannerStart:
             bits = values.get(f"{WEIGHT_BITS}.{group}", FULL_PRECISION)
             chosen[group] = FLOAT if bits == FULL_PRECISION else WeightChoice(
                 values.get(METHOD, "rtn"), bits, values.get(GROUP_SIZE, 128)).name
-        if KV_GROUP in self.table.options:
-            kv = values.get(KV_BITS, FULL_PRECISION)
-            chosen[KV_GROUP] = FLOAT if kv == FULL_PRECISION else kv_option(kv)
+        for group, name in WHOLE_GROUPS.items():
+            if group in self.table.options:
+                chosen[group] = whole_option(group, values.get(name, FULL_PRECISION))
         if any(o not in self.table.options.get(g, {}) for g, o in chosen.items()):
             return None
         return chosen
@@ -209,7 +210,8 @@ def baseline_budgets(task, spec) -> tuple[dict[str, float], ...]:
 def planner_start(spec, task, space, folder: Path, *, teacher_score: float,
                   log: Callable[[str], None] = print) -> PlannerStart:
     """Measure (or read from ``folder``) the sensitivity of ``space``'s choices for ``task``'s teacher."""
-    from slimsearch.evaluators.llm_sensitivity import FLOAT, KV_GROUP, WeightChoice, llm_sensitivity
+    from slimsearch.evaluators.llm_sensitivity import (FLOAT, HEAD_GROUP, KV_GROUP, WHOLE_GROUPS, WeightChoice,
+                                                       llm_sensitivity, option_bits)
 
     dims = _dimensions(space)
     groups = tuple(space.layers)
@@ -217,20 +219,21 @@ def planner_start(spec, task, space, folder: Path, *, teacher_score: float,
     bits = sorted({b for g in groups for b in dims.get(f"{WEIGHT_BITS}.{g}", (FULL_PRECISION,))} - {FULL_PRECISION})
     choices = [WeightChoice(m, b, gs) for m in dims.get(METHOD, ("rtn",)) for gs in dims.get(GROUP_SIZE, (128,))
                for b in bits]
-    kv = [b for b in dims.get(KV_BITS, (FULL_PRECISION,)) if b != FULL_PRECISION]
+    kv, head = ([b for b in dims.get(WHOLE_GROUPS[g], (FULL_PRECISION,)) if b != FULL_PRECISION]
+                for g in (KV_GROUP, HEAD_GROUP))
     started = time.perf_counter()
     log(f"[slimsearch] planner: sensitivity of {len(choices)} weight choices x {len(groups)} groups"
-        + (f" and {len(kv)} KV precisions" if kv else "") + f" on {WINDOWS} calibration windows")
-    table = llm_sensitivity(task.teacher, task.train.x[:WINDOWS], choices, kv_bits=kv, per_block=per_block,
-                            profiles=spec.profile_refs, folder=folder)
+        + (f", {len(kv)} KV precisions" if kv else "") + (f", {len(head)} output projection widths" if head else "")
+        + f" on {WINDOWS} calibration windows")
+    table = llm_sensitivity(task.teacher, task.train.x[:WINDOWS], choices, kv_bits=kv, head_bits=head,
+                            per_block=per_block, profiles=spec.profile_refs, folder=folder)
     seconds = time.perf_counter() - started
     log(f"[slimsearch] planner: sensitivity {'read from the job folder' if table.cached else 'measured'} "
         f"({seconds:.0f} s)")
 
     def allowed(group: str, option: str) -> bool:
-        if group == KV_GROUP:
-            listed = dims.get(KV_BITS, (FULL_PRECISION,))
-            return (FULL_PRECISION in listed) if option == FLOAT else int(option[2:]) in listed
+        if group in WHOLE_GROUPS:
+            return option_bits(group, option) in dims.get(WHOLE_GROUPS[group], (FULL_PRECISION,))
         own = dims.get(f"{WEIGHT_BITS}.{group}", (FULL_PRECISION,))
         return (FULL_PRECISION in own) if option == FLOAT else WeightChoice.parse(option).bits in own
 
@@ -424,10 +427,10 @@ def _front_params(start: PlannerStart, spec, measure: str) -> list[dict]:
 def _params_of(start: PlannerStart, chosen: Mapping[str, str]) -> dict:
     """The trial params of the planner's choice ``chosen`` (group -> option), the space's other searched
     dimensions at their neutral values."""
-    from slimsearch.evaluators.llm_sensitivity import FLOAT, KV_GROUP, WeightChoice
+    from slimsearch.evaluators.llm_sensitivity import FLOAT, WHOLE_GROUPS, WeightChoice, option_bits
 
     params = {name: _neutral(name, start.choices[name]) for name in start.searched}
-    weights = [WeightChoice.parse(o) for g, o in chosen.items() if g != KV_GROUP and o != FLOAT]
+    weights = [WeightChoice.parse(o) for g, o in chosen.items() if g not in WHOLE_GROUPS and o != FLOAT]
     for group in start.groups:
         option = chosen.get(group, FLOAT)
         if f"{WEIGHT_BITS}.{group}" in params:
@@ -436,6 +439,7 @@ def _params_of(start: PlannerStart, chosen: Mapping[str, str]) -> dict:
         for name, value in ((METHOD, weights[0].method), (GROUP_SIZE, weights[0].group_size)):
             if name in params:
                 params[name] = value
-    if KV_BITS in params and KV_GROUP in chosen:
-        params[KV_BITS] = FULL_PRECISION if chosen[KV_GROUP] == FLOAT else int(chosen[KV_GROUP][2:])
+    for group, name in WHOLE_GROUPS.items():
+        if name in params and group in chosen:
+            params[name] = option_bits(group, chosen[group])
     return params

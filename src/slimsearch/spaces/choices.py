@@ -26,6 +26,7 @@ IMPORTANCES = ("l1", "l2", "taylor")
 # (32: float32 as the model computes it; 16: float16; 8, 4: codes with a scale per token and head).
 WEIGHT_METHODS = ("rtn", "gptq", "awq")
 KV_BITS = (4, 8, 16, 32)
+HEAD_BITS = (4, 8, FULL_PRECISION)  # the output projection (and a tied embedding): codes in blocks of 64, or float
 LLM_WEIGHT_BITS = (2, 3, 4, 8, FULL_PRECISION)  # the widths weight-only quantization of an LLM writes
 LLM_GROUP_SIZES = (0, 32, 64, 128)
 CLASSIFICATION, CAUSAL_LM = TaskFamily.CLASSIFICATION, TaskFamily.CAUSAL_LM
@@ -150,6 +151,9 @@ CHOICES: tuple[Choice, ...] = (
            lambda a: _number(a) and 0 <= a <= 1, families=_LLM),
     Choice("kv_bits", int, FULL_PRECISION, (FULL_PRECISION,), Scope.PLAN, f"{list(KV_BITS)}",
            lambda b: b in KV_BITS, families=_LLM),
+    Choice("head_bits", int, FULL_PRECISION, (FULL_PRECISION,), Scope.PLAN,
+           f"{list(HEAD_BITS)} (the output projection, and a tied input embedding with it, rounded to nearest "
+           f"in blocks of 64; {FULL_PRECISION}: float)", lambda b: b in HEAD_BITS, families=_LLM),
     Choice("ffn_keep", float, 1.0, (1.0,), Scope.PLAN, "numbers with 0 < share <= 1", _share, families=_LLM),
     Choice("kv_groups_keep", float, 1.0, (1.0,), Scope.PLAN, "numbers with 0 < share <= 1", _share, families=_LLM),
     Choice("hidden_keep", float, 1.0, (1.0,), Scope.PLAN, "numbers with 0 < share <= 1", _share, families=_LLM),
