@@ -7,6 +7,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from optuna.samplers import BaseSampler
 
 from slimsearch.search.pareto import hypervolume_improvement, nondominated
+from slimsearch.search.samplers._estimates import apply_form, form_of
 from slimsearch.search._teller import distributions
 
 
@@ -26,7 +27,8 @@ class FrontSampler(BaseSampler):
       where good candidates cluster (the small changes of a good architecture or plan);
       the random points keep the search global and are the sample the corner is set on.
       A slow ``estimate`` (over 5 ms a call) is called at most ``estimate_seconds`` worth
-      of times per proposal (and at least 16), so a proposal stays cheap.
+      of times per proposal (and at least 16), so a proposal stays cheap; the front's
+      neighbours (shuffled) and the random points then take turns, so both are estimated.
     * **Startup spread over the estimate.** The first ``n_startup`` trials are drawn one
       from each of ``n_startup`` equal strata of an estimated objective (random without an
       estimate): a sample of the space that covers its whole cost range.
@@ -225,7 +227,7 @@ class FrontSampler(BaseSampler):
             if len(members) > 1:
                 size = len(dists[members[0]].choices)
                 cols.append((codes[:, members][:, :, None] == np.arange(size)[None, None, :]).sum(axis=1))
-        cols.append(_apply_form(est, est_form))
+        cols.append(apply_form(est, est_form))
         return np.hstack(cols).astype(np.float32)
 
     def _estimate(self, codes, names, dists, limit: bool = False):
@@ -247,8 +249,7 @@ class FrontSampler(BaseSampler):
         for i, code in enumerate(codes):
             key = code.tobytes()
             if key not in self._estimates:
-                slow = self._estimate_calls >= 16 and self._estimate_time / self._estimate_calls > 0.005
-                if limit and slow and new_calls >= max(16, self.estimate_seconds * self._estimate_calls
+                if limit and self._slow() and new_calls >= max(16, self.estimate_seconds * self._estimate_calls
                                                        / self._estimate_time):
                     kept[i] = False
                     continue
@@ -264,6 +265,10 @@ class FrontSampler(BaseSampler):
             rows.append(self._estimates[key])
         out = np.array(rows, dtype=float).reshape(len(rows), len(self._estimate_names or []))
         return (out, kept) if limit else out
+
+    def _slow(self) -> bool:
+        """Whether the estimate is slow (over 5 ms a call, after 16), so a proposal makes only a few."""
+        return self._estimate_calls >= 16 and self._estimate_time / self._estimate_calls > 0.005
 
     # -- the choice -------------------------------------------------------------------------
 
@@ -303,9 +308,11 @@ class FrontSampler(BaseSampler):
             sample, near = ([c for c in codes if _key(self._decode(c, names, dists)) not in taken]
                             for codes in (sample, near))
             sample, near = (np.array(c).reshape(len(c), len(dists)) for c in (sample, near))
-        pool = np.vstack([sample, near])
+        turns = (np.argsort(np.r_[np.arange(len(sample)) * 2 + 1, rng.permutation(len(near)) * 2], kind="stable")
+                 if self._slow() else slice(None))  # the first few estimated: neighbours and random points alike
+        pool, in_sample = np.vstack([sample, near])[turns], (np.arange(len(sample) + len(near)) < len(sample))[turns]
         first_rows = np.sort(np.unique(pool, axis=0, return_index=True)[1]) if len(pool) else np.zeros(0, int)
-        pool, in_sample = pool[first_rows], (np.arange(len(sample) + len(near)) < len(sample))[first_rows]
+        pool, in_sample = pool[first_rows], in_sample[first_rows]
         est, kept = self._estimate(pool, names, dists, limit=True)
         pool, in_sample = pool[kept], in_sample[kept]
         ok = self._estimated_feasible(est)
@@ -323,7 +330,7 @@ class FrontSampler(BaseSampler):
 
         # surrogates, fitted on the transformed (log where it spans decades) and clipped targets
         est_done = self._estimate(done_codes, names, dists)
-        est_form = _form_of(est)
+        est_form = form_of(est)
         x_pool = self._features(pool, dists, est, est_form)
         x_done = self._features(done_codes, dists, est_done, est_form)
         logs = [bool(np.all(y[:, i] > 0) and y[:, i].max() >= 10 * y[:, i].min()) for i in range(y.shape[1])]
@@ -372,7 +379,7 @@ class FrontSampler(BaseSampler):
         trend_done, trend_new = np.zeros_like(yt), np.zeros((len(est_new), yt.shape[1]))
         if len(yt) < 3:
             return trend_done, trend_new
-        e_done, e_new = _apply_form(est_done, est_form), _apply_form(est_new, est_form)
+        e_done, e_new = apply_form(est_done, est_form), apply_form(est_new, est_form)
         for i in range(yt.shape[1]):
             if estimated[i]:
                 col = self._estimate_names.index(metric_names[i])
@@ -459,34 +466,6 @@ class FrontSampler(BaseSampler):
                 i = metric_names.index(c.metric)
                 bad |= np.array([bool(c.violation({c.metric: v})) for v in optimistic[:, i]], dtype=bool)
         return bad
-
-
-def _form_of(est):
-    """Per estimate column: (log it?, value for a missing one), decided on the candidates' estimates."""
-    import numpy as np
-
-    form = []
-    for j in range(est.shape[1]):
-        col = est[:, j]
-        good = col[~np.isnan(col)]
-        log = bool(len(good)) and bool((good > 0).all())
-        fill = float(np.median(np.log(good) if log else good)) if len(good) else 0.0
-        form.append((log, fill))
-    return form
-
-
-def _apply_form(est, form):
-    """Log of positive estimates (costs span decades); a missing one as the column's median."""
-    import numpy as np
-
-    out = np.array(est, dtype=float, copy=True).reshape(len(est), len(form))
-    for j, (log, fill) in enumerate(form):
-        col = out[:, j]
-        missing = np.isnan(col)
-        if log:
-            col[~missing] = np.log(np.maximum(col[~missing], 1e-300))
-        col[missing] = fill
-    return out
 
 
 def _within(codes, centres, distance: int):
