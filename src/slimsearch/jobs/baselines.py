@@ -8,6 +8,9 @@ causal LM those are, every decoder linear alike, groups of 128 (symmetric):
 - ``rtn-w8g128``: 8-bit weight-only;
 - ``w8a8-smoothquant``: SmoothQuant (alpha 0.5), 8-bit per-channel weights and int8 inputs per token.
 
+The output projection (and a tied embedding) stays in float, as llm-compressor's W4A16 and W8A8
+schemes leave ``lm_head``; a job may still search it (``head_bits``).
+
 They are not trials: the sampler does not see them and they are not on the front. Each is
 evaluated as a candidate is (the job's profiles, its teacher) after the search, logged to MLflow
 as a child run tagged ``baseline``, and kept in the job folder's ``baselines.json``, so a
