@@ -228,6 +228,7 @@ def _plan(args) -> int:
 
     spec = load_job(args.job)
     folder = Path(args.out) if args.out else Path("runs") / spec.name
+
     def bits(flag: str, text: str) -> list[int]:
         try:
             return [int(b) for b in text.split(",") if b.strip()]

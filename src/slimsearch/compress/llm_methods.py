@@ -25,8 +25,8 @@ post-training methods, which then see the healed weights. Calibration windows ar
 ``train`` split (its calibration text).
 
 What a method did that the model's weights cannot say (the integer codes of quantized
-linears and of the output projection, the KV-cache and activation precision, the 2:4 pattern) is kept on the model as a
-:class:`DecoderRecord` (:func:`record_of`), which the costing reads.
+linears and of the output projection, the KV-cache and activation precision, the 2:4 pattern)
+is kept on the model as a :class:`DecoderRecord` (:func:`record_of`), which the costing reads.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from slimsearch.structures import llm
 if TYPE_CHECKING:
     from torch import nn
 
+    from slimsearch.compress.quant.grid import QuantizedWeight
     from slimsearch.tasks import Task
 
 LLM = (TaskFamily.CAUSAL_LM,)
@@ -78,7 +79,7 @@ class DecoderRecord:
     act_paths: tuple[str, ...] = ()
     act_bits: int = FULL_PRECISION
     sparsity: Optional[str] = None
-    head: Any = None
+    head: Optional["QuantizedWeight"] = None
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",

@@ -320,7 +320,7 @@ def _costs(model: "nn.Module", groups: Sequence[str], choices: Sequence[WeightCh
     """Per group and option the change of each cost measure, and the teacher's figures (the base)."""
     from slimsearch.compress.output_head import HEAD_GROUP_SIZE
     from slimsearch.evaluators.decoder import CONTEXT_TOKENS
-    from slimsearch.evaluators.llm_costs import (FLOAT_BYTES, lm_head_bytes, decoder_footprint,
+    from slimsearch.evaluators.llm_costs import (FLOAT_BYTES, decoder_footprint, lm_head_bytes,
                                                  quantized_linear_bytes, weight_bytes)
     from slimsearch.hardware_profiles import load_profile, predict_decoder
 

@@ -4,7 +4,8 @@ Before its first candidate, the job measures what each choice of its space costs
 group, across blocks, or in each block where the space chooses weight bits per block
 (``space.per_block``) (:func:`~slimsearch.evaluators.llm_sensitivity.llm_sensitivity` on a few
 calibration windows: the weight bits, methods and group sizes the space lists, its KV-cache
-precisions and its output projection widths), cached in the job folder so that a resumed job reads it back. Two uses:
+precisions and its output projection widths), cached in the job folder so that a resumed job
+reads it back. Two uses:
 
 - **Warm start.** The integer program (:func:`~slimsearch.search.planner.solve`) gives the plan
   of least modelled latency (or the job's other cost) within a predicted perplexity budget. The

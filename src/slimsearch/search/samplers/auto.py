@@ -250,7 +250,7 @@ class FrontSampler(BaseSampler):
             key = code.tobytes()
             if key not in self._estimates:
                 if limit and self._slow() and new_calls >= max(16, self.estimate_seconds * self._estimate_calls
-                                                       / self._estimate_time):
+                                                               / self._estimate_time):
                     kept[i] = False
                     continue
                 started = time.perf_counter()
