@@ -357,7 +357,7 @@ def _costs(model: "nn.Module", groups: Sequence[str], choices: Sequence[WeightCh
                                              for b in kv_bits}}
     if head_bits:
         vocab, hidden = model.get_input_embeddings().weight.shape
-        float_head = float(lm_head_bytes(vocab, hidden, FULL_PRECISION, HEAD_GROUP_SIZE))
+        float_head = float(vocab * hidden * FLOAT_BYTES)
         base_size -= float_head  # the float option holds it (a tied embedding is these bytes too)
         options[HEAD_GROUP] = {FLOAT: {**zero, SIZE: float_head}, **{
             whole_option(HEAD_GROUP, b): {SIZE: float(lm_head_bytes(vocab, hidden, b, HEAD_GROUP_SIZE)), **change(
