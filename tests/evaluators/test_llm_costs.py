@@ -75,6 +75,26 @@ def test_decode_is_memory_bound_and_fewer_bytes_decode_faster():
     assert priced.to_dict()["provenance"] == "modelled"
 
 
+def test_energy_per_token_is_the_per_layer_models_with_static_power_and_the_power_mode():
+    profile = load_profile("jetson-orin-nano")
+    big = DecoderFootprint(weight_bytes=500_000_000, macs=125_000_000, kv_bytes_per_token=40_000,
+                           attention_macs_per_token=30_000)
+    full, low = predict_decoder(profile, big, power_mode="15W"), predict_decoder(profile, big, power_mode="7W")
+    mode_15, mode_7 = profile.power_mode("15W"), profile.power_mode("7W")
+    context = 128
+    bytes_token = big.weight_bytes + big.kv_bytes_per_token * (context + 1)
+    macs_token = big.macs + big.attention_macs_per_token * context
+    decode_s = full.decode_ms_per_token / 1e3
+    dynamic_mj = (macs_token * profile.energy_pj_per_mac["fp32"] + bytes_token * profile.energy_pj_per_byte) * 1e-9
+    assert full.energy_mj_per_token == pytest.approx(dynamic_mj + profile.idle_power_w * decode_s * 1e3)
+    # memory-bound: the 7W mode decodes as fast, with less energy per MAC (power over clock)
+    assert low.decode_tok_s == pytest.approx(full.decode_tok_s)
+    mac_scale = (mode_7.power_w / mode_15.power_w) / (mode_7.clock_mhz / mode_15.clock_mhz)
+    saved = macs_token * profile.energy_pj_per_mac["fp32"] * (1 - mac_scale) * 1e-9
+    assert full.energy_mj_per_token - low.energy_mj_per_token == pytest.approx(saved)
+    assert saved > 0
+
+
 def test_two_four_sparsity_lowers_cost_only_where_the_profile_accelerates_it():
     dense = DecoderFootprint(weight_bytes=500_000_000, macs=125_000_000, kv_bytes_per_token=40_000,
                              attention_macs_per_token=30_000, weight_bits=16, act_bits=16)

@@ -34,6 +34,9 @@ def test_the_recipes_are_uniform_over_every_group():
     w8a8 = plans["w8a8-smoothquant"].layers["down"]
     assert (w8a8.weight_bits, w8a8.group_size, w8a8.act_bits) == (8, 0, 8)
     assert plans["gptq-w4g128"].weight_method == "gptq" and plans["gptq-w4g128"].layers["o"].weight_bits == 4
+    assert all(plan.power_modes == {} for plan in plans.values())
+    moded = baseline_plans(GROUPS, {"jetson-orin-nano": "15W"})
+    assert all(plan.power_modes == {"jetson-orin-nano": "15W"} for plan in moded.values())
 
 
 def test_a_second_run_evaluates_only_the_recipes_missing_and_a_failure_does_not_stop_the_rest(tmp_path):

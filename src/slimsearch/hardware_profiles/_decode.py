@@ -8,9 +8,11 @@ prompt reuses each weight for all its tokens, so it is **compute-bound** at the
 precision of the kernels that run it. Both figures are *modelled* (DESIGN.md, "Honesty
 rules"); the measured ones come from timing the deployed graph on this machine.
 
-Energy per token is the MACs at their precision's energy plus the bytes moved at the
-profile's energy per byte; money per million tokens is the device's hourly price for the
-decode time. The per-layer predictor (:func:`~slimsearch.hardware_profiles.predict`)
+Energy per token follows the per-layer predictor's model (:class:`ModeScale`): the MACs at
+their precision's energy (scaled by the power mode's power over its clock) plus the bytes
+moved at the profile's energy per byte, plus static power for the decode time, never more
+than the mode's full-load power; so a power mode changes both the speed and the energy.
+Money per million tokens is the device's hourly price for the decode time. The per-layer predictor (:func:`~slimsearch.hardware_profiles.predict`)
 costs CNNs layer by layer; a decoder's two phases are simpler and are costed here.
 """
 
@@ -21,6 +23,7 @@ from typing import Optional
 
 from slimsearch.exceptions import ConfigError
 from slimsearch.hardware_profiles._enums import Bound, OpType
+from slimsearch.hardware_profiles._predict import ModeScale
 from slimsearch.hardware_profiles._profile import HardwareProfile
 
 __all__ = ["DecoderFootprint", "DecoderPrediction", "predict_decoder"]
@@ -89,8 +92,8 @@ def predict_decoder(profile: HardwareProfile, footprint: DecoderFootprint, *, pr
     if prompt_tokens < 1 or context_tokens < 0:
         raise ConfigError(f"prompt_tokens must be >= 1 and context_tokens >= 0, got {prompt_tokens}, "
                           f"{context_tokens}")
-    mode = profile.power_mode(power_mode)
-    clock = mode.clock_mhz / profile.default_power_mode.clock_mhz
+    scales = ModeScale.of(profile, profile.power_mode(power_mode))
+    clock = scales.clock
     # weight-only kernels de-quantize to the activations' precision and compute there
     precision = profile.kernel_precision(min(max(footprint.weight_bits, footprint.act_bits), 32))
     compute_ops_s = profile.peak_gops[precision] * 1e9 * clock * profile.op_efficiency(OpType.LINEAR, precision)
@@ -109,7 +112,8 @@ def predict_decoder(profile: HardwareProfile, footprint: DecoderFootprint, *, pr
     prefill_s, _ = phase_s(prompt_tokens, prompt_tokens // 2)
     macs_token = footprint.macs * dense_share + footprint.attention_macs_per_token * context_tokens
     bytes_token = footprint.weight_bytes + footprint.kv_bytes_per_token * (context_tokens + 1)
-    energy_pj = macs_token * profile.energy_pj_per_mac[precision] + bytes_token * profile.energy_pj_per_byte
+    dynamic_j = (macs_token * profile.energy_pj_per_mac[precision] * scales.mac_energy
+                 + bytes_token * profile.energy_pj_per_byte) * 1e-12
     price = profile.price_usd_per_hour
     return DecoderPrediction(
         profile=profile.name,
@@ -117,6 +121,6 @@ def predict_decoder(profile: HardwareProfile, footprint: DecoderFootprint, *, pr
         decode_tok_s=1.0 / decode_s,
         decode_bound=bound,
         prefill_ms=prefill_s * 1e3,
-        energy_mj_per_token=energy_pj * 1e-9,
+        energy_mj_per_token=scales.energy_j(dynamic_j, decode_s) * 1e3,
         usd_per_1m_tokens=None if price is None else price / 3600.0 * decode_s * 1e6,
     )

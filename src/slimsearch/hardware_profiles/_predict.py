@@ -25,7 +25,31 @@ from slimsearch.hardware_profiles._schema import parse_sparsity_pattern
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LayerPrediction", "Prediction", "correction_features", "predict", "predict_model"]
+__all__ = ["LayerPrediction", "ModeScale", "Prediction", "correction_features", "predict", "predict_model"]
+
+
+@dataclass(frozen=True)
+class ModeScale:
+    """What a power mode changes, relative to the profile's default mode: the clock (compute
+    rates scale by ``clock``), the dynamic energy per MAC (``mac_energy``: power over frequency),
+    and the energy bounds: static power ``static_w`` for the whole time, at most ``ceiling_w``."""
+
+    clock: float
+    mac_energy: float
+    static_w: float
+    ceiling_w: float
+
+    @classmethod
+    def of(cls, profile: HardwareProfile, mode: PowerMode) -> "ModeScale":
+        reference = profile.default_power_mode
+        clock = mode.clock_mhz / reference.clock_mhz
+        power = mode.power_w / reference.power_w
+        return cls(clock, power / clock, profile.idle_power_w,
+                   max(profile.active_power_w * power, profile.idle_power_w))
+
+    def energy_j(self, dynamic_j: float, time_s: float) -> float:
+        """Energy of ``time_s`` of work whose MACs and bytes take ``dynamic_j``: plus static power, capped."""
+        return min(dynamic_j + self.static_w * time_s, self.ceiling_w * time_s)
 
 
 class LayerPrediction(NamedTuple):
@@ -119,9 +143,7 @@ def predict(
     """
     profile = load_profile(profile)
     mode = profile.power_mode(power_mode)
-    power_scale = mode.power_w / profile.default_power_mode.power_w
-    static_w = profile.idle_power_w
-    ceiling_w = max(profile.active_power_w * power_scale, static_w)
+    scales = ModeScale.of(profile, mode)
     timed = _roofline(layers, profile, mode)
     call_s = (profile.call_overhead_us or 0.0) * 1e-6
     scale = 1.0  # the learned correction, the same factor on every layer's time
@@ -131,13 +153,13 @@ def predict(
     per_layer = []
     for t, layer, dynamic_j in timed:
         time_s = t.time_s * scale
-        energy_j = min(dynamic_j + static_w * time_s, ceiling_w * time_s)
+        energy_j = scales.energy_j(dynamic_j, time_s)
         bound = Bound.MEMORY if t.memory_bound else Bound.COMPUTE
         per_layer.append(LayerPrediction(layer.name, time_s * 1e3, energy_j * 1e3, bound))
 
     call_s *= scale
     latency_ms = sum(entry.latency_ms for entry in per_layer) + call_s * 1e3
-    energy_mj = sum(entry.energy_mj for entry in per_layer) + static_w * call_s * 1e3
+    energy_mj = sum(entry.energy_mj for entry in per_layer) + scales.static_w * call_s * 1e3
     cost = None
     if profile.price_usd_per_hour is not None:
         cost = profile.price_usd_per_hour / 3600.0 * (latency_ms / 1e3) * 1e6
@@ -154,9 +176,8 @@ def predict(
 def _roofline(layers: Sequence[LayerCost], profile: HardwareProfile,
               mode: PowerMode) -> list[tuple[LayerTime, LayerCost, float]]:
     """Each layer's roofline time (without the correction) and its dynamic energy in J."""
-    reference = profile.default_power_mode
-    clock_scale = mode.clock_mhz / reference.clock_mhz
-    mac_energy_scale = (mode.power_w / reference.power_w) / clock_scale
+    scales = ModeScale.of(profile, mode)
+    clock_scale, mac_energy_scale = scales.clock, scales.mac_energy
     bandwidth = profile.memory_bandwidth_gbps * 1e9
     rates: dict = {}  # (op, precision) -> (ops per second, overhead s, overhead s per sample)
     memo: dict = {}

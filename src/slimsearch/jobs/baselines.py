@@ -9,7 +9,8 @@ causal LM those are, every decoder linear alike, groups of 128 (symmetric):
 - ``w8a8-smoothquant``: SmoothQuant (alpha 0.5), 8-bit per-channel weights and int8 inputs per token.
 
 The output projection (and a tied embedding) stays in float, as llm-compressor's W4A16 and W8A8
-schemes leave ``lm_head``; a job may still search it (``head_bits``).
+schemes leave ``lm_head``; a job may still search it (``head_bits``). A profile whose power mode
+the job searches models them at the teacher's mode (``JobSpec.teacher_power_modes``).
 
 They are not trials: the sampler does not see them and they are not on the front. Each is
 evaluated as a candidate is (the job's profiles, its teacher) after the search, logged to MLflow
@@ -36,11 +37,14 @@ BASELINES_FILE = "baselines.json"
 GROUP = 128
 
 
-def baseline_plans(layers: Sequence[str]) -> dict[str, CompressionPlan]:
-    """The uniform recipes over the linear groups ``layers`` (a causal-LM task's ``layers``), by name."""
+def baseline_plans(layers: Sequence[str],
+                   power_modes: Optional[Mapping[str, str]] = None) -> dict[str, CompressionPlan]:
+    """The uniform recipes over the linear groups ``layers`` (a causal-LM task's ``layers``), by name,
+    modelled at ``power_modes`` (profile -> mode; a profile not named at its default)."""
     def weights(bits: int, method: str, group: int = GROUP, act_bits: int = 32) -> CompressionPlan:
         layer = LayerPlan(weight_bits=bits, group_size=group, act_bits=act_bits)
-        return CompressionPlan(layers={g: layer for g in layers}, weight_method=method)
+        return CompressionPlan(layers={g: layer for g in layers}, weight_method=method,
+                               power_modes=dict(power_modes or {}))
 
     return {
         **{f"{method}-w4g{GROUP}": weights(4, method) for method in ("rtn", "gptq", "awq")},
@@ -58,7 +62,8 @@ def load_baselines(folder: Path) -> list[dict]:
 def run_baselines(task: "Task", profiles: Sequence[Any], folder: Path, *, teacher_score: float,
                   log: Callable[[str], None] = print, tracker=None, device: Any = None,
                   evaluate: Optional[Callable[..., Any]] = None,
-                  reference: Optional[Mapping[str, float]] = None) -> list[dict]:
+                  reference: Optional[Mapping[str, float]] = None,
+                  power_modes: Optional[Mapping[str, str]] = None) -> list[dict]:
     """Evaluate every recipe of :func:`baseline_plans` that ``folder``'s ``baselines.json`` lacks
     (an entry whose plan changed counts as lacking), log each to ``tracker`` (an MLflow
     :class:`~slimsearch.storage.tracking.Tracker`, when given) and write the file after each;
@@ -66,6 +71,7 @@ def run_baselines(task: "Task", profiles: Sequence[Any], folder: Path, *, teache
     :func:`slimsearch.evaluators.evaluate`, which runs them on ``device`` (as the job's candidates).
     ``reference``: the teacher's quiet local figures the job's candidates were timed against
     (``local_reference_figures``); the baselines are then timed paired with the teacher the same way.
+    ``power_modes``: the modes the profiles are modelled at (:func:`baseline_plans`).
     An entry: ``name``, ``plan``, ``metrics``, ``provenance``, ``seconds``, ``run_id``.
     """
     from slimsearch._io import atomic_write
@@ -77,7 +83,7 @@ def run_baselines(task: "Task", profiles: Sequence[Any], folder: Path, *, teache
     done = {b["name"]: b for b in load_baselines(folder)}
     entries: list[dict] = []
     paired = None
-    for name, plan in baseline_plans(task.layers or ()).items():
+    for name, plan in baseline_plans(task.layers or (), power_modes).items():
         entry = done.get(name)
         if entry is None or entry["plan"] != plan.to_dict():
             log(f"[slimsearch] baseline {name}: evaluating (a uniform recipe, for reference)")

@@ -272,7 +272,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
 
             with torch_threads(min(workers * threads, cores)):  # the workers are done: every core is free
                 run_baselines(task, spec.profile_refs, out, teacher_score=teacher_score, log=log, tracker=tracker,
-                              device=resources.device, reference=reference)
+                              device=resources.device, reference=reference,
+                              power_modes=spec.teacher_power_modes())
         status = "FINISHED"
     except BaseException as exc:
         if was_stopped(exc):

@@ -200,7 +200,7 @@ def baseline_budgets(task, spec) -> tuple[dict[str, float], ...]:
 
     measure = minimised_measure(spec)
     out = []
-    for plan in baseline_plans(task.layers or ()).values():
+    for plan in baseline_plans(task.layers or (), spec.teacher_power_modes()).values():
         values = estimate(task, plan, spec.profile_refs).values
         budget = {SIZE: float(values[SIZE]), **({measure: float(values[measure])} if values.get(measure) else {})}
         if budget not in out:
