@@ -157,7 +157,7 @@ def mnist_resnet(table: Table, steps: int) -> None:
     from slimsearch.deploy.packed_file import load_packed, save_packed
     from slimsearch.deploy.pack import packed_size
     from slimsearch.structures.channels import ChannelStructure
-    from slimsearch.jobs.worker import layer_names
+    from slimsearch.tasks import layer_names
     from slimsearch.spaces import CompressionPlan, DistillPlan, LayerPlan
     from slimsearch.tasks import load_task
 
@@ -204,7 +204,7 @@ def mnist_resnet(table: Table, steps: int) -> None:
 def minilm(table: Table, steps: int) -> None:
     from slimsearch.compress import apply_plan
     from slimsearch.deploy.pack import packed_size
-    from slimsearch.jobs.worker import layer_names
+    from slimsearch.tasks import layer_names
     from slimsearch.spaces import CompressionPlan, DistillPlan, LayerPlan
     from slimsearch.tasks import load_task
 

@@ -487,7 +487,7 @@ def nb201_rows(csv_path: Path, devices=NB201_DEVICES) -> list[dict]:
 def local_candidates(task, rng: random.Random, count: int) -> list:
     """``count`` distinct plans: random per-group prune ratios, model-wide bits, no distillation."""
     from slimsearch.structures.channels import ChannelStructure
-    from slimsearch.jobs.worker import layer_names
+    from slimsearch.tasks import layer_names
     from slimsearch.spaces import CompressionPlan, DistillPlan, LayerPlan
 
     structure = task.structure or ChannelStructure()

@@ -290,7 +290,8 @@ def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
                 path.unlink(missing_ok=True)
         raise
     manifest_path = out / "manifest.json"
-    latency = export_latency(model, task, state["teacher"], candidate["metrics"], threads)
+    latency = export_latency(model, task, state["teacher"], candidate["metrics"], threads,
+                             kinds=state.get("reference_kinds", {}))
     manifest = {
         "job": front["job"],
         "metric": metric,
@@ -325,26 +326,31 @@ def export_job(job_dir: Path, out: Path, *, run_id: Optional[str] = None,
     return manifest
 
 
-def export_latency(model, task, teacher: dict, recorded: dict, threads: Optional[int]) -> dict:
+def export_latency(model, task, teacher: dict, recorded: dict, threads: Optional[int],
+                   kinds: Optional[dict] = None) -> dict:
     """The exported model's local latencies, measured as the search measured them: timed in
-    alternating rounds with the teacher, with the worker's thread count, and scaled to the
-    teacher's latencies recorded at the job's start (``teacher``), so that they compare with the
+    alternating rounds with the teacher deployed as the model's kind of graph, with the worker's
+    thread count, and scaled to that reference's latencies recorded at the job's start (``teacher``,
+    and the other kinds' ``kinds``: the job state's ``reference_kinds``), so that they compare with the
     search's figures ``recorded`` (``search_over_export`` gives the ratios). The teacher's
     latencies now, unpaired, are recorded beside them."""
     from slimsearch._threads import torch_threads
     from slimsearch.evaluators.candidate import local_reference, measure_local
+    from slimsearch.evaluators.graph_kinds import graph_kind
     from slimsearch.metric_names import local_latency_metrics
 
     quiet = {name: teacher.get(name) for name in local_latency_metrics(task.latency_batch)}
     causal = task.family is TaskFamily.CAUSAL_LM
+    reference = None if causal else local_reference(task, {**quiet, **(kinds or {})})
     with torch_threads(threads):  # onnxruntime sessions take torch's thread count, as in the worker
-        model_ms = measure_local(model, task, reference=None if causal else local_reference(task, quiet))
+        model_ms = measure_local(model, task, reference=reference)
         teacher_ms = measure_local(task.teacher, task)
     note = ("the deployed graph's decode on this machine's CPU at export time (onnxruntime-genai, a fresh process, "
             "unpaired), as the search measured its candidates" if causal else
             "onnxruntime on this machine's CPU at export time, timed in alternating rounds with the "
-            "teacher (median of per-round ratios) times the teacher's latency recorded at the job's start, "
-            "as the search measured its candidates; raw: latency_ms_raw*@local")
+            f"teacher deployed as the model's kind of graph ({graph_kind(model)}; median of per-round ratios) "
+            "times that reference's latency recorded at the job's start, as the search measured its candidates; "
+            "raw: latency_ms_raw*@local")
     return {"note": note,
             "model": model_ms, "teacher": teacher_ms, "teacher_at_job_start": quiet,
             "search_over_export": {name: recorded[name] / model_ms[name] for name in quiet

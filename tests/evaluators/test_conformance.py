@@ -15,7 +15,7 @@ import torch
 from slimsearch.compress import apply_plan
 from slimsearch.deploy.pack import packed_size
 from slimsearch.structures.channels import ChannelStructure
-from slimsearch.jobs.worker import layer_names
+from slimsearch.tasks import layer_names
 from slimsearch.spaces import CompressionPlan, DistillPlan, LayerPlan
 from slimsearch.metric_names import TaskFamily
 from slimsearch.tasks import BUILTIN_TASKS, load_task

@@ -283,6 +283,32 @@ def test_a_loaded_moment_is_judged_against_the_fastest_the_teacher_ran_in_this_p
     assert paired_calls.baselines[-2:] == [1.5, 14.0]
 
 
+def test_a_candidate_is_paired_with_the_teacher_deployed_as_its_own_kind_of_graph(digits_task, paired_calls):
+    # an 8-bit-input candidate's rounds alternate with the teacher at 8-bit inputs, scaled to that one's figures
+    from slimsearch.evaluators.candidate import local_reference
+
+    kinds = {f"act-qdq:{name}": 2 * value for name, value in QUIET.items()}
+    reference = local_reference(digits_task, {**QUIET, **kinds})
+    qdq = reference.for_kind("act-qdq")
+    assert qdq is not reference and qdq.kind == "act-qdq" and reference.for_kind("act-qdq") is qdq  # built once
+    assert reference.for_kind("w8a8") is reference  # no figures of it: the teacher itself
+    plan = CompressionPlan(layers={"fc1": LayerPlan(weight_bits=4, act_bits=8)})
+    metrics = evaluate(digits_task, plan, [PROFILE], reference=reference)
+    assert paired_calls == [qdq.runs["latency_ms@local"], qdq.runs["latency_ms_b64@local"]]
+    assert metrics["latency_ms_b64@local"] == pytest.approx(0.5 * 16.0)  # the ratio times the kind's quiet figure
+    assert set(qdq.fastest_ms) == set(QUIET) and reference.fastest_ms == {}
+    model_metrics(digits_task.teacher, digits_task, [PROFILE], reference=reference, energy=None)
+    assert paired_calls[-2:] == [reference.runs["latency_ms@local"], reference.runs["latency_ms_b64@local"]]
+
+
+def test_a_reference_needs_every_quiet_figure_of_each_kind_it_names(digits_task):
+    from slimsearch.evaluators.candidate import local_reference
+    from slimsearch.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="w8a8 reference's quiet latency_ms_b64@local must be a number of ms > 0"):
+        local_reference(digits_task, {**QUIET, "w8a8:latency_ms@local": 1.0})
+
+
 def test_a_reference_needs_every_quiet_teacher_figure(digits_task):
     from slimsearch.evaluators.candidate import local_reference
     from slimsearch.exceptions import ConfigError

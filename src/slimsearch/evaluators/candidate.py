@@ -12,6 +12,7 @@ from torch import nn
 
 from slimsearch.compress import apply_plan
 from slimsearch.evaluators.costs import task_costs
+from slimsearch.evaluators.graph_kinds import FLOAT, graph_kind
 from slimsearch.evaluators.metrics import Metrics
 from slimsearch.metric_names import LOCAL_PROFILE, TaskFamily, local_latency_metrics, paired_latency_extras
 from slimsearch.spaces.plan import CompressionPlan
@@ -56,12 +57,30 @@ class LocalReference:
     measurement in this process is judged against (``measure_paired``'s ``quiet_reference_ms``).
     Not ``quiet_ms``: one process can run the same graph 10% faster or slower than another (the
     driver's figure against a worker's, seen here), which would read as load in every round.
+
+    ``kinds`` holds the quiet figures of the teacher deployed as the other graph kinds
+    (:mod:`~slimsearch.evaluators.graph_kinds`), by kind then metric; :meth:`for_kind` gives the
+    reference a candidate of that kind is paired with, built on first use with ``build(kind)``
+    (a kind without figures is paired with the teacher itself).
     Build one with :func:`local_reference`.
     """
 
     quiet_ms: Mapping[str, float]
     runs: Mapping[str, Callable[[], object]]
     fastest_ms: dict[str, float] = field(default_factory=dict)
+    kind: str = FLOAT
+    kinds: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    build: Callable[[str], Mapping[str, Callable[[], object]]] | None = None
+    _built: dict[str, "LocalReference"] = field(default_factory=dict, repr=False)
+
+    def for_kind(self, kind: str) -> "LocalReference":
+        """The reference of graph kind ``kind``: this one where it is that kind or has no figures of it."""
+        if kind == self.kind or kind not in self.kinds or self.build is None:
+            return self
+        reference = self._built.get(kind)
+        if reference is None:
+            reference = self._built[kind] = LocalReference(quiet_ms=self.kinds[kind], runs=self.build(kind), kind=kind)
+        return reference
 
 
 def _timed_inputs(task: Task) -> dict[str, Any]:
@@ -82,13 +101,16 @@ def _onnx_runs(model: nn.Module, task: Task) -> dict[str, Callable[[], object]]:
 
 def local_reference(task: Task, quiet_ms: Mapping[str, float]):
     """The :class:`LocalReference` of ``task``'s teacher, whose quiet local latencies are ``quiet_ms``
-    (the teacher's :func:`measure_local` figures, taken when nothing else ran). For a causal LM, a
-    :class:`~slimsearch.evaluators.decoder.DecoderReference` (its graph and quiet decode figures), or
-    None where its architecture has no deployed graph.
+    (the teacher's :func:`measure_local` figures, taken when nothing else ran, and those of its other
+    graph kinds keyed by :func:`~slimsearch.evaluators.graph_kinds.kind_key`: :func:`quiet_local_latencies`).
+    For a causal LM, a :class:`~slimsearch.evaluators.decoder.DecoderReference` (its graph and quiet
+    decode figures), or None where its architecture has no deployed graph.
 
     Raises:
-        ConfigError: ``quiet_ms`` lacks one of the task's local latency metrics, or holds one that is not > 0.
+        ConfigError: ``quiet_ms`` lacks one of the task's local latency metrics (for the float kind, or for
+            another kind it has figures of), holds one that is not > 0, or names an unknown kind.
     """
+    from slimsearch.evaluators.graph_kinds import kind_figures, kind_reference
     from slimsearch.exceptions import ConfigError
 
     if task.family is TaskFamily.CAUSAL_LM:
@@ -96,13 +118,18 @@ def local_reference(task: Task, quiet_ms: Mapping[str, float]):
 
         return decoder_reference(task.teacher, quiet_ms)
 
-    quiet = {}
-    for name in local_latency_metrics(task.latency_batch):
-        value = quiet_ms.get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ConfigError(f"reference: the teacher's quiet {name} must be a number of ms > 0, got {value!r}")
-        quiet[name] = float(value)
-    return LocalReference(quiet_ms=quiet, runs=_onnx_runs(task.teacher, task))
+    by_kind = kind_figures(quiet_ms)
+    quiet: dict[str, dict[str, float]] = {}
+    for kind, figures in {FLOAT: {}, **by_kind}.items():
+        quiet[kind] = {}
+        for name in local_latency_metrics(task.latency_batch):
+            value = figures.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                what = "teacher's" if kind == FLOAT else f"{kind} reference's"
+                raise ConfigError(f"reference: the {what} quiet {name} must be a number of ms > 0, got {value!r}")
+            quiet[kind][name] = float(value)
+    return LocalReference(quiet_ms=quiet.pop(FLOAT), runs=_onnx_runs(task.teacher, task), kinds=quiet,
+                          build=lambda kind: _onnx_runs(kind_reference(task, kind), task))
 
 
 def paired_figures(name: str, timing: PairedTiming, quiet_ms: float) -> dict[str, float]:
@@ -113,15 +140,19 @@ def paired_figures(name: str, timing: PairedTiming, quiet_ms: float) -> dict[str
     return {name: timing.scaled(quiet_ms), raw: timing.candidate_ms, cv: timing.cv, noisy: float(timing.noisy)}
 
 
-def quiet_local_latencies(task: Task) -> dict[str, float]:
-    """The teacher's local latencies by metric name, each the fastest of timings spread over a few
-    seconds (:func:`~slimsearch.hardware_profiles._measure.measure_quiet`): the reference a job's
-    paired measurements are scaled to, taken at its start. Empty for a causal LM (not paired)."""
+def quiet_local_latencies(task: Task, kinds: Sequence[str] = (FLOAT,)) -> dict[str, float]:
+    """The local latencies of the teacher deployed as each graph kind of ``kinds``, keyed by
+    :func:`~slimsearch.evaluators.graph_kinds.kind_key` (the float kind's by metric name), each the
+    fastest of timings spread over a few seconds (:func:`~slimsearch.hardware_profiles._measure.measure_quiet`):
+    the references a job's paired measurements are scaled to, taken at its start. Empty for a causal LM
+    (paired with its own decode figures)."""
+    from slimsearch.evaluators.graph_kinds import kind_key, kind_reference
     from slimsearch.hardware_profiles._measure import measure_quiet
 
     if task.family is TaskFamily.CAUSAL_LM:
         return {}
-    return {name: timing.median_ms for name, timing in measure_quiet(_onnx_runs(task.teacher, task)).items()}
+    return {kind_key(kind, name): timing.median_ms for kind in kinds
+            for name, timing in measure_quiet(_onnx_runs(kind_reference(task, kind), task)).items()}
 
 
 def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=None,
@@ -133,7 +164,8 @@ def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=Non
     candidates, and ``export``), each is timed in alternating short rounds with the teacher
     (:func:`~slimsearch.hardware_profiles._measure.measure_paired`) and recorded as the median of
     the per-round ratios times the teacher's quiet latency, so that load from other workers
-    cancels out; the raw median, the ratios' coefficient of variation and a noisy flag are
+    cancels out (the teacher deployed as the same kind of graph where ``reference`` has its figures:
+    :meth:`LocalReference.for_kind`); the raw median, the ratios' coefficient of variation and a noisy flag are
     recorded beside it (:func:`paired_figures`).
 
     ``energy`` is an :class:`~slimsearch.hardware_profiles._energy.EnergyMeter`, None (the
@@ -156,6 +188,8 @@ def measure_local(model: nn.Module, task: Task, *, repeats: int = 15, energy=Non
 
         return measure_decoder(model, task, energy=meter, reference=reference)
     out: dict[str, float] = {}
+    if reference is not None:
+        reference = reference.for_kind(graph_kind(model))
     for name, run in _onnx_runs(model, task).items():
         if reference is None:
             out[name] = measure_latency(run, warmup=3, repeats=repeats).median_ms

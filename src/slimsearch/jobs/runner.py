@@ -54,6 +54,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
     """
     from slimsearch.evaluators import model_metrics, score
     from slimsearch.evaluators.candidate import quiet_local_latencies
+    from slimsearch.evaluators.graph_kinds import FLOAT, kinds_in
     from slimsearch.evaluators.metrics import absent_reasons, provenance_map
     from slimsearch.hardware_profiles._energy import EnergyDomain, energy_meter
     from slimsearch.ray_runtime import RayStart
@@ -109,16 +110,18 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
         raise JobStateError(f"{out}: the teacher of task {spec.task!r} changed since the job started; "
                             "its results would not be comparable: start a new job")
     teacher = state.get("teacher")  # a resumed job keeps the teacher figures it started with
+    kinds = state.get("reference_kinds", {})  # and those of the teacher deployed as the other graph kinds
     if teacher is None:
         measured = model_metrics(task.teacher, task, spec.profile_refs, power_modes=spec.teacher_power_modes(),
                                  devices=devices, device=resources.device)
         teacher, state["teacher_provenance"] = dict(measured.values), provenance_map(measured.values,
                                                                                       measured.provenance)
         teacher.update(quiet_local_latencies(task))  # the reference paired figures scale to: as quiet as it gets
+        kinds = quiet_local_latencies(task, [k for k in kinds_in(space.choices) if k != FLOAT])
         work = task_on(task, resources.device)  # the teacher is scored where the candidates are
         teacher[f"{task.metric_name}_test"] = score(work.teacher, work.test, work)
     teacher_score = teacher[task.metric_name]
-    reference = local_reference_figures(task, teacher)
+    reference = local_reference_figures(task, teacher, kinds)
 
     # Ray starts in the background while the study and the MLflow run are set up (a resumed job
     # starts it only once it knows candidates remain). Not before the teacher is measured:
@@ -188,6 +191,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                  "threads": [*state.get("threads", []), [first, threads]],
                  # where candidates were fine-tuned and scored (a GPU's float rounding differs too), as threads
                  "devices": [*state.get("devices", []), [first, resources.worker_device]],
+                 "reference_kinds": kinds,
                  "teacher_sha256": task.teacher_sha256, "created": state.get("created", time.time()),
                  "teacher_provenance": provenance_map(teacher, state.get("teacher_provenance"))}
         write_json(out / STATE_FILE, state)
@@ -314,16 +318,18 @@ def first_unrun(study) -> int:
     return min(open_, default=len(study.trials))
 
 
-def local_reference_figures(task, teacher: dict) -> Optional[dict[str, float]]:
+def local_reference_figures(task, teacher: dict, kinds: Optional[dict] = None) -> Optional[dict[str, float]]:
     """The teacher's local latencies measured at the job's start (before Ray and its workers start:
-    a quiet moment), by metric name: every candidate's are timed paired with the teacher and scaled
-    to these (``measure_local``). A causal LM's: its decode tokens/s and prefill ms (None when its
-    architecture has no deployed graph, so no prefill figure: timed unpaired in PyTorch)."""
+    a quiet moment), by metric name, and ``kinds``, those of the teacher deployed as the other graph
+    kinds the space allows (``quiet_local_latencies``): every candidate's are timed paired with the
+    teacher deployed as its own kind of graph and scaled to these (``measure_local``). A causal LM's:
+    its decode tokens/s and prefill ms (None when its architecture has no deployed graph, so no
+    prefill figure: timed unpaired in PyTorch)."""
     if task.family is TaskFamily.CAUSAL_LM:
         from slimsearch.evaluators.decoder import DECODE, PREFILL
 
         return {name: teacher[name] for name in (DECODE, PREFILL)} if PREFILL in teacher else None
-    return {name: teacher[name] for name in local_latency_metrics(task.latency_batch)}
+    return {**{name: teacher[name] for name in local_latency_metrics(task.latency_batch)}, **(kinds or {})}
 
 
 def describe_reference(reference: Optional[dict[str, float]]) -> str:
@@ -334,8 +340,9 @@ def describe_reference(reference: Optional[dict[str, float]]) -> str:
     if any(k.startswith("decode_tok_s") for k in reference):
         return ("paired: the deployed graph timed in rounds alternating with the teacher's in the same process; "
                 f"the median per-round ratio times the teacher's figure measured at the job's start ({figures})")
-    return ("paired: median of per-round ratios to the teacher (alternating rounds in the same worker) times "
-            f"the teacher's latency measured at the job's start ({figures}); raw figures: latency_ms_raw*@local")
+    return ("paired: median of per-round ratios to the teacher deployed as the candidate's kind of graph (float; "
+            "act-qdq: 8-bit inputs to every layer; w8a8), in alternating rounds in the same worker, times that "
+            f"reference's latency measured at the job's start ({figures}); raw figures: latency_ms_raw*@local")
 
 
 def _estimate_can_screen(constraints, objectives, costs) -> bool:

@@ -15,13 +15,6 @@ from slimsearch.search._limits import memory_limit
 from slimsearch.jobs.folder import MODELS_DIR, model_file
 
 
-def layer_names(model) -> list[str]:
-    """Names of the Conv2d/Linear layers of ``model``: the layers a plan sets bits for."""
-    from torch import nn
-
-    return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-
-
 def build_space(spec: JobSpec, task):
     """The job's space laid over the task's layers, as the task's family reads it
     (:func:`~slimsearch.spaces.space.fit_space`)."""
@@ -34,7 +27,7 @@ def build_space(spec: JobSpec, task):
                           "allowed: [0]")
     space = fit_space(spec.space, task.family)
     structure = task.structure or ChannelStructure()
-    layers = list(task.layers) if task.layers is not None else layer_names(task.teacher)
+    layers = task.plan_layers()
     if space.per_block:
         space, layers = _per_block(space, task)
     return SearchSpace.build(space, layers, structure.groups(task.teacher, task.example_input),

@@ -7,7 +7,7 @@ A job names a task by a built-in name (``mnist``, ``digits``, ``smollm2``), as
 
 from __future__ import annotations
 
-from slimsearch.tasks._base import Preprocessing, Split, Structure, Task, accuracy, task_on
+from slimsearch.tasks._base import Preprocessing, Split, Structure, Task, accuracy, layer_names, task_on
 from slimsearch.tasks._registry import BUILTIN_TASKS, load_task
 
-__all__ = ["BUILTIN_TASKS", "Preprocessing", "Split", "Structure", "Task", "accuracy", "load_task", "task_on"]
+__all__ = ["BUILTIN_TASKS", "Preprocessing", "Split", "Structure", "Task", "accuracy", "layer_names", "load_task", "task_on"]

@@ -129,6 +129,17 @@ class Task:
     scorer: Optional[Callable[["torch.nn.Module", Split, bool], Mapping[str, float]]] = None
     layers: Optional[tuple[str, ...]] = None
 
+    def plan_layers(self) -> list[str]:
+        """The names a plan's per-layer choices are keyed by: ``layers``, else :func:`layer_names` of the teacher."""
+        return list(self.layers) if self.layers is not None else layer_names(self.teacher)
+
+
+def layer_names(model) -> list[str]:
+    """Names of the Conv2d/Linear layers of ``model``: the layers a plan sets bits for."""
+    from torch import nn
+
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
 
 # CPU task's teacher -> (that task, {device: the task on it}): one copy of the teacher and data per device and
 # process, so that what is cached per teacher (its logits: compress.distill.teacher_logits) outlives a candidate
