@@ -18,7 +18,8 @@ the other worker runs its own trial (mostly fine-tuning). ``--extra`` trials of 
 follow (``B = 3 x repeats + extra``).
 
 Per architecture and batch, from ``front.json``: the paired figure (``latency_ms[_b64]@local``:
-median of per-round ratios to the teacher times the teacher's latency taken at the job's start)
+median of per-round ratios to the reference, the teacher deployed as the plan's kind of graph, times
+that reference's latency taken at the job's start)
 of its trials, their median and their largest deviation from it; the raw figure
 (``latency_ms_raw[_b64]@local``: the candidate's median in those rounds, as loaded as the machine
 was) likewise; the median CV of the per-round ratios, the trials flagged noisy, and the trials
@@ -48,6 +49,16 @@ ARCHITECTURES = (
     ("75% channels, 4-bit weights, 8-bit acts", 0.75, 4, 8),
 )
 TARGET = 0.10  # the issue's bound on the paired figures' spread around their median, and on search vs export
+
+
+def reference_kind(task, weight_bits: int, act_bits: int) -> str:
+    """The graph kind (the reference it is paired with) of a plan with these bits on every layer."""
+    from slimsearch.compress import apply_plan
+    from slimsearch.evaluators.graph_kinds import graph_kind
+    from slimsearch.spaces.plan import CompressionPlan, LayerPlan
+
+    layer = LayerPlan(weight_bits=weight_bits, act_bits=act_bits)
+    return graph_kind(apply_plan(task, CompressionPlan(layers={n: layer for n in task.plan_layers()})))
 
 
 def fixed_params(space, architecture, variant: int) -> dict:
@@ -102,6 +113,7 @@ def main() -> None:
 
     import optuna
 
+    from slimsearch.evaluators.graph_kinds import kind_key
     from slimsearch.jobs.load import load_job
     from slimsearch.jobs.worker import build_space
     from slimsearch.tasks import load_task
@@ -142,7 +154,8 @@ def main() -> None:
     by_trial = {c["trial"]: c for c in front["candidates"]}
     batch = task.latency_batch
     rows = []
-    for index, (label, *_) in enumerate(ARCHITECTURES):
+    for index, (label, _, wbits, abits) in enumerate(ARCHITECTURES):
+        kind = reference_kind(task, wbits, abits)
         numbers = [n for n, a in fixed.items() if a == index]  # enqueued first: trial n is the n-th enqueued
         done = [by_trial[n] for n in numbers if n in by_trial]
         for suffix in ("", f"_b{batch}"):
@@ -157,7 +170,9 @@ def main() -> None:
                          "raw_ms": raw, "raw_median_ms": r_mid, "raw_max_dev": r_dev,
                          "raw_max_over_min": max(raw) / min(raw), "median_cv": statistics.median(cvs),
                          "noisy": noisy, "overlapping": sum(overlaps(trials, c["trial"]) for c in done),
-                         "teacher_ms": state["teacher"][f"latency_ms{suffix}@local"],
+                         "teacher_ms": state["teacher"][f"latency_ms{suffix}@local"], "reference_kind": kind,
+                         "reference_ms": {**state["teacher"], **state.get("reference_kinds", {})}[
+                             kind_key(kind, f"latency_ms{suffix}@local")],
                          "passed": p_dev <= TARGET})
 
     latency = manifest["latency_at_export_measured_ms"]
@@ -171,10 +186,10 @@ def main() -> None:
     print(f"\nMNIST example job at {args.workers} workers, budget {budget} ({len(fixed)} enqueued + {args.extra} "
           f"sampled), {job_s:.0f} s; teacher at the job's start: "
           + ", ".join(f"{k} {v:.3f} ms" for k, v in latency["teacher_at_job_start"].items()))
-    print(f"{'architecture':42} {'batch':>5} {'n':>2} {'paired med':>10} {'max dev':>8} {'raw med':>8} "
+    print(f"{'architecture':42} {'reference':>9} {'batch':>5} {'n':>2} {'paired med':>10} {'max dev':>8} {'raw med':>8} "
           f"{'max dev':>8} {'raw max/min':>11} {'med CV':>7} {'noisy':>5} {'overlap':>7}  within 10%")
     for r in rows:
-        print(f"{r['architecture']:42} {r['batch']:5d} {len(r['trials']):2d} {r['paired_median_ms']:10.3f} "
+        print(f"{r['architecture']:42} {r['reference_kind']:>9} {r['batch']:5d} {len(r['trials']):2d} {r['paired_median_ms']:10.3f} "
               f"{r['paired_max_dev']:8.1%} {r['raw_median_ms']:8.3f} {r['raw_max_dev']:8.1%} "
               f"{r['raw_max_over_min']:11.2f} {r['median_cv']:7.3f} {r['noisy']:5d} {r['overlapping']:7d}  "
               f"{'PASS' if r['passed'] else 'FAIL'}")
