@@ -69,3 +69,42 @@ def test_export_times_the_chosen_model_as_the_search_did_paired_with_the_teacher
     assert latency["teacher_at_job_start"] == {"latency_ms@local": 2.0, "latency_ms_b64@local": 8.0}
     assert latency["search_over_export"] == {"latency_ms@local": 1.0, "latency_ms_b64@local": 1.25}
     assert "latency_ms_b64@local" in latency["teacher"]  # the teacher now, unpaired, beside them
+
+
+def test_export_builds_the_reference_of_the_models_kind_with_the_workers_thread_count(digits_task, monkeypatch):
+    # onnxruntime sessions take torch's thread count when built: the reference's must be built as the model's
+    # is (a teacher session built with 2 threads against a model timed with 1 read 0.48x at export)
+    import torch
+
+    from slimsearch.compress import apply_plan
+    from slimsearch.evaluators import candidate
+    from slimsearch.export import export_latency
+    from slimsearch.hardware_profiles import _measure
+    from slimsearch.spaces.plan import CompressionPlan, LayerPlan
+
+    calls, threads_at_build = [], []
+    real = candidate.local_reference
+
+    def spy(task, quiet):
+        threads_at_build.append(torch.get_num_threads())
+        return real(task, quiet)
+
+    def fake(candidate_run, reference, **kwargs):  # a FAKE measure_paired: no timing
+        calls.append(reference)
+        return _measure.PairedTiming(ratio=0.5, ratios=(0.5,), cv=0.01, candidate_ms=3.0, reference_ms=6.0,
+                                     attempts=1, noisy=False)
+
+    monkeypatch.setattr(candidate, "local_reference", spy)
+    monkeypatch.setattr(_measure, "measure_paired", fake)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = apply_plan(digits_task, CompressionPlan(layers={"fc1": LayerPlan(weight_bits=4, act_bits=8)}))
+        teacher = {"latency_ms@local": 2.0, "latency_ms_b64@local": 8.0}
+        kinds = {"act-qdq:latency_ms@local": 1.0, "act-qdq:latency_ms_b64@local": 4.0}
+        latency = export_latency(model, digits_task, teacher, {"latency_ms@local": 0.5}, threads=1, kinds=kinds)
+    finally:
+        torch.set_num_threads(before)
+    assert threads_at_build == [1]
+    assert latency["model"]["latency_ms_b64@local"] == 2.0  # 0.5 x the act-qdq reference's 4.0, not the teacher's
+    assert "act-qdq" in latency["note"]

@@ -341,8 +341,8 @@ def export_latency(model, task, teacher: dict, recorded: dict, threads: Optional
 
     quiet = {name: teacher.get(name) for name in local_latency_metrics(task.latency_batch)}
     causal = task.family is TaskFamily.CAUSAL_LM
-    reference = None if causal else local_reference(task, {**quiet, **(kinds or {})})
     with torch_threads(threads):  # onnxruntime sessions take torch's thread count, as in the worker
+        reference = None if causal else local_reference(task, {**quiet, **(kinds or {})})
         model_ms = measure_local(model, task, reference=reference)
         teacher_ms = measure_local(task.teacher, task)
     note = ("the deployed graph's decode on this machine's CPU at export time (onnxruntime-genai, a fresh process, "
