@@ -1,14 +1,18 @@
 """How far a paired measurement moves on this machine with nothing, or one training process, beside it.
 
-    python benchmarks/paired_probe.py [--arch 2] [--n 40] [--neighbour none,train] [--json out.json]
+    python benchmarks/paired_probe.py [--arch 2] [--n 40] [--neighbour none,train] [--reference float,kind]
+                                      [--json out.json]
 
 One of ``benchmarks/paired_latency.py``'s three fixed MNIST plans (``--arch``: 0 the teacher's graph,
 1 50% channels 8-bit weights, 2 75% channels 4-bit weights 8-bit activations) is built once, and its
 deployable ONNX graph is timed ``--n`` times against the teacher's with ``measure_paired`` (one
 attempt each: no retries, so every excursion shows), at batch 1 and 64, one thread, while a
-neighbour process does nothing (``none``) or trains a copy of the teacher (``train``). Printed per
-neighbour and batch: the median ratio, its range and largest deviation, and how many of the ``n``
-measurements had the teacher more than 10% slower than its fastest in the run, with the ratios of
+neighbour process does nothing (``none``) or trains a copy of the teacher (``train``). ``--reference``:
+the graph it is paired with, the float teacher (``float``) and/or the teacher deployed as the plan's
+own kind of graph (``kind``, as a job pairs it: :mod:`slimsearch.evaluators.graph_kinds`); with both,
+each of the ``n`` measurements times both back to back, so they meet the same load. Printed per
+neighbour, reference and batch: the median ratio, its range and largest deviation, and how many of the ``n``
+measurements had the reference more than 10% slower than its fastest in the run, with the ratios of
 those (a job's measurement retries when the teacher is over 20% slower than its fastest in the worker).
 """
 
@@ -50,6 +54,7 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=2, choices=(0, 1, 2))
     parser.add_argument("--n", type=int, default=40)
     parser.add_argument("--neighbour", default="none,train")
+    parser.add_argument("--reference", default="float,kind")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -76,10 +81,15 @@ def main() -> None:
         session = ort_session(deployable_onnx_bytes(m, task.example_input))
         return {name: (lambda feed=feed: session.run(None, {INPUT_NAME: feed})) for name, feed in inputs.items()}
 
-    candidate, teacher = runs(model), runs(task.teacher)
+    from slimsearch.evaluators.graph_kinds import graph_kind, kind_reference
+
+    kind = graph_kind(model)
+    graphs = {"float": task.teacher, "kind": kind_reference(task, kind)}
+    references = {name: runs(graphs[name]) for name in args.reference.split(",")}
+    candidate = runs(model)
     rows = []
-    print(f"{ARCHITECTURES[args.arch][0]} against the teacher, {args.n} paired measurements each, one attempt")
-    print(f"{'neighbour':9} {'metric':22} {'median':>7} {'min':>7} {'max':>7} {'max dev':>8} {'slow ref':>8}  "
+    print(f"{ARCHITECTURES[args.arch][0]} ({kind} graph), {args.n} paired measurements each, one attempt")
+    print(f"{'neighbour':9} {'reference':9} {'metric':22} {'median':>7} {'min':>7} {'max':>7} {'max dev':>8} {'slow ref':>8}  "
           "ratios then")
     for mode in args.neighbour.split(","):
         stop = mp.Event()
@@ -87,21 +97,25 @@ def main() -> None:
         proc.start()
         time.sleep(1)
         for name in candidate:
-            timings = [measure_paired(candidate[name], teacher[name], attempts=1) for _ in range(args.n)]
-            ratios = [t.ratio for t in timings]
-            mid = statistics.median(ratios)
-            fastest = min(t.reference_ms for t in timings)
-            slow = [t.ratio for t in timings if t.reference_ms > 1.1 * fastest]
-            row = {"neighbour": mode, "metric": name, "ratios": ratios,
-                   "reference_ms": [t.reference_ms for t in timings], "median": mid,
-                   "max_dev": max(abs(r / mid - 1) for r in ratios), "slow_reference": len(slow)}
-            rows.append(row)
-            print(f"{mode:9} {name:22} {mid:7.4f} {min(ratios):7.4f} {max(ratios):7.4f} {row['max_dev']:8.1%} "
-                  f"{len(slow):8d}  {' '.join(f'{r:.3f}' for r in slow)}", flush=True)
+            timings = {ref: [] for ref in references}
+            for _ in range(args.n):  # the references back to back: the same moments' load
+                for ref, reference in references.items():
+                    timings[ref].append(measure_paired(candidate[name], reference[name], attempts=1))
+            for ref, runs_ in timings.items():
+                ratios = [t.ratio for t in runs_]
+                mid = statistics.median(ratios)
+                fastest = min(t.reference_ms for t in runs_)
+                slow = [t.ratio for t in runs_ if t.reference_ms > 1.1 * fastest]
+                row = {"neighbour": mode, "reference": ref if ref == "float" else kind, "metric": name,
+                       "ratios": ratios, "reference_ms": [t.reference_ms for t in runs_], "median": mid,
+                       "max_dev": max(abs(r / mid - 1) for r in ratios), "slow_reference": len(slow)}
+                rows.append(row)
+                print(f"{mode:9} {row['reference']:9} {name:22} {mid:7.4f} {min(ratios):7.4f} {max(ratios):7.4f} "
+                      f"{row['max_dev']:8.1%} {len(slow):8d}  {' '.join(f'{r:.3f}' for r in slow)}", flush=True)
         stop.set()
         proc.join()
     if args.json:
-        data = {"arch": ARCHITECTURES[args.arch][0], "n": args.n, "rows": rows}
+        data = {"arch": ARCHITECTURES[args.arch][0], "kind": kind, "n": args.n, "rows": rows}
         Path(args.json).write_text(json.dumps(data, indent=1))
 
 
