@@ -89,8 +89,8 @@ def main() -> None:
     candidate = runs(model)
     rows = []
     print(f"{ARCHITECTURES[args.arch][0]} ({kind} graph), {args.n} paired measurements each, one attempt")
-    print(f"{'neighbour':9} {'reference':9} {'metric':22} {'median':>7} {'min':>7} {'max':>7} {'max dev':>8} {'slow ref':>8}  "
-          "ratios then")
+    print(f"{'neighbour':9} {'reference':9} {'metric':22} {'median':>7} {'min':>7} {'max':>7} {'max dev':>8} "
+          f"{'slow ref':>8}  ratios then")
     for mode in args.neighbour.split(","):
         stop = mp.Event()
         proc = mp.get_context("fork").Process(target=_neighbour, args=(task, mode, stop))

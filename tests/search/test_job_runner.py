@@ -138,7 +138,8 @@ def test_local_latency_is_paired_with_the_teachers_from_the_jobs_start_and_the_r
         assert f"{state['teacher'][name]:.4g}" in parent.data.params["local_latency"]
         for kind in ("act-qdq", "w8a8"):  # act_bits 8 is a choice: the teacher as those graphs too, measured once
             assert state["reference_kinds"][f"{kind}:{name}"] > 0
-            assert f"{kind}:{name}={state['reference_kinds'][f'{kind}:{name}']:.4g}" in parent.data.params["local_latency"]
+            figure = f"{kind}:{name}={state['reference_kinds'][f'{kind}:{name}']:.4g}"
+            assert figure in parent.data.params["local_latency"]
     by_run = {r.info.run_id: r for r in children}
     for c in data["candidates"]:
         m, run = c["metrics"], by_run[c["run_id"]]

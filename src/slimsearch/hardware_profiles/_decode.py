@@ -12,8 +12,9 @@ Energy per token follows the per-layer predictor's model (:class:`ModeScale`): t
 their precision's energy (scaled by the power mode's power over its clock) plus the bytes
 moved at the profile's energy per byte, plus static power for the decode time, never more
 than the mode's full-load power; so a power mode changes both the speed and the energy.
-Money per million tokens is the device's hourly price for the decode time. The per-layer predictor (:func:`~slimsearch.hardware_profiles.predict`)
-costs CNNs layer by layer; a decoder's two phases are simpler and are costed here.
+Money per million tokens is the device's hourly price for the decode time. The per-layer
+predictor (:func:`~slimsearch.hardware_profiles.predict`) costs CNNs layer by layer; a decoder's
+two phases are simpler and are costed here.
 """
 
 from __future__ import annotations

@@ -10,4 +10,5 @@ from __future__ import annotations
 from slimsearch.tasks._base import Preprocessing, Split, Structure, Task, accuracy, layer_names, task_on
 from slimsearch.tasks._registry import BUILTIN_TASKS, load_task
 
-__all__ = ["BUILTIN_TASKS", "Preprocessing", "Split", "Structure", "Task", "accuracy", "layer_names", "load_task", "task_on"]
+__all__ = ["BUILTIN_TASKS", "Preprocessing", "Split", "Structure", "Task", "accuracy", "layer_names", "load_task",
+           "task_on"]
