@@ -36,7 +36,9 @@ def test_each_kinds_reference_deploys_as_that_kind_and_a_candidate_is_classified
 
 def test_a_space_has_the_quantized_input_kinds_only_where_some_act_bits_is_below_32():
     assert kinds_in([("weight_bits.fc1", (4, 8, 32)), ("act_bits.fc1", (32,))]) == (FLOAT,)
-    assert kinds_in([("weight_bits.fc1", (4, 32)), ("act_bits.fc1", (8, 32))]) == (FLOAT, ACT_QDQ, W8A8)
+    assert kinds_in([("weight_bits.fc1", (4, 8, 32)), ("act_bits.fc1", (8, 32))]) == (FLOAT, ACT_QDQ, W8A8)
+    assert kinds_in([("weight_bits.fc1", (4, 32)), ("act_bits.fc1", (8, 32))]) == (FLOAT, ACT_QDQ)  # never W8A8
+    assert kinds_in([("act_bits.fc1", (8, 32))]) == (FLOAT, ACT_QDQ)  # weights float: never W8A8
 
 
 def test_kind_figures_are_keyed_beside_the_teachers_and_split_back():

@@ -50,10 +50,15 @@ def graph_kind(model: "nn.Module") -> str:
 
 def kinds_in(choices: Iterable[tuple[str, Sequence]]) -> tuple[str, ...]:
     """The kinds a space's candidates can deploy as, from its ``(name, values)`` choices: the float
-    kind, and the two quantized-input kinds where some layer's ``act_bits`` may be below 32."""
-    quantized = any(value < 32 for name, values in choices if name.partition(".")[0] == "act_bits"
-                    for value in values)
-    return GRAPH_KINDS if quantized else (FLOAT,)
+    kind; ``act-qdq`` where some layer's ``act_bits`` may be below 32; ``w8a8`` where, besides, some
+    layer's inputs may be 8-bit and its weights 8-bit (no job start times a reference it cannot use)."""
+    values: dict[str, set] = {"act_bits": set(), "weight_bits": set()}
+    for name, options in choices:
+        values.get(name.partition(".")[0], set()).update(options)
+    acts, weights = values["act_bits"], values["weight_bits"]
+    if not any(a < 32 for a in acts):
+        return (FLOAT,)
+    return (FLOAT, ACT_QDQ, W8A8) if 8 in acts and 8 in weights else (FLOAT, ACT_QDQ)
 
 
 def kind_reference(task: "Task", kind: str) -> "nn.Module":
