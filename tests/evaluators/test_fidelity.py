@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -10,7 +11,7 @@ pytest.importorskip("transformers")
 
 from slimsearch.compress import apply_plan  # noqa: E402
 from slimsearch.evaluators import evaluate  # noqa: E402
-from slimsearch.evaluators.fidelity import Screen  # noqa: E402
+from slimsearch.evaluators.fidelity import Rung, Screen, best_first  # noqa: E402
 from slimsearch.exceptions import ConfigError  # noqa: E402
 from slimsearch.spaces.plan import CompressionPlan, LayerPlan  # noqa: E402
 from slimsearch.tasks import load_task  # noqa: E402
@@ -60,6 +61,46 @@ def test_a_screen_outside_its_range_is_refused(kwargs):
         Screen(**kwargs)
 
 
+def _point(increase: float, memory: float) -> dict:
+    return {"ppl_increase_screen": increase, "memory_bytes": memory}
+
+
+def _after(points, promoted: int = 0, planned: bool = False) -> Screen:
+    return Screen(0.05, objectives=(("memory_bytes", "min"), ("decode_tok_s@local", "max")),
+                  rung=Rung(points=tuple(points), promoted=promoted, planned=planned))
+
+
+def test_best_first_orders_as_nsga_ii_selects():
+    # fronts {0, 1, 2} then {3} then {4}; in the first, the two ends (infinitely crowded) before the middle,
+    # the ends by their first objective
+    assert best_first([(1, 5), (2, 4), (3, 3), (2, 6), (5, 5)]) == [0, 2, 1, 3, 4]
+
+
+def test_the_rule_promotes_the_best_cheap_points_within_the_bound_and_the_quota():
+    earlier = [_point(0.02, 100.0), _point(0.03, 90.0), _point(0.09, 50.0), _point(0.2, 10.0)]
+    assert _after([]).promotion(_point(0.09, 500.0)) is None  # the first within the bound
+    assert "exceeds 2 x 0.05" in _after([]).promotion(_point(0.11, 1.0))
+    # 5 judged: the best 2 are promoted; the one beyond the bound is no rival
+    assert _after(earlier, promoted=1).promotion(_point(0.01, 40.0)) is None  # dominates every rival
+    ranked = _after(earlier, promoted=1).promotion(_point(0.04, 95.0))  # dominated by (0.03, 90)
+    assert "ranks 4 of the 4 within the bound on (ppl_increase_screen, memory_bytes); the best 2" in ranked
+    full = _after(earlier, promoted=2).promotion(_point(0.01, 40.0))
+    assert "2 of the 5 candidates judged so far were promoted" in full
+    # the planner's plans need only the bound
+    assert _after(earlier, promoted=2, planned=True).promotion(_point(0.04, 95.0)) is None
+    assert "exceeds" in _after(earlier, planned=True).promotion(_point(0.2, 1.0))
+
+
+def test_a_job_promotes_at_most_its_share_of_the_candidates_it_judges():
+    rng, points, promoted = random.Random(0), [], 0
+    for n in range(1, 61):
+        point = _point(rng.uniform(0.0, 0.12), rng.uniform(1.0, 3.0))
+        promoted += _after(points, promoted).promotion(point) is None
+        points.append(point)
+        assert promoted <= max(1, int(0.4 * n + 1e-9)), n
+    assert promoted >= 15, "a rule that promotes nothing would pass the line above"
+
+
 def test_a_job_records_its_rule_and_counts_only_promoted_candidates(tmp_path):
     text = _tiny_llm.patterned_text(tmp_path / "walks.txt")
     run = local_job(tmp_path, {
@@ -70,9 +111,16 @@ def test_a_job_records_its_rule_and_counts_only_promoted_candidates(tmp_path):
         "profiles": [], "search": {"budget": 3, "workers": 1, "sampler": "random", "seed": 2, "baselines": False}})
     front = json.loads((run.out / "front.json").read_text())
     assert len(front["candidates"]) == 3 and all(c["metrics"]["fidelity"] == 1.0 for c in front["candidates"])
-    assert front["screened"], "a 2-bit group doubles the perplexity: some candidates are not promoted"
+    judged = len(front["candidates"]) + len(front["screened"])
+    assert len(front["candidates"]) <= 0.4 * judged, "at most 40% of the candidates judged are evaluated in full"
+    reasons = [s["reason"] for s in front["screened"]]
+    assert any("exceeds 2 x 0.02" in r for r in reasons), "a 2-bit group doubles the perplexity: beyond the bound"
     for s in front["screened"]:
-        assert s["reason"].startswith("not promoted") and s["metrics"]["ppl_increase_screen"] > 0.04
+        assert s["reason"].startswith("not promoted") and s["metrics"]["fidelity"] < 1.0
+        if "exceeds" in s["reason"]:
+            assert s["metrics"]["ppl_increase_screen"] > 0.04
+    rung = json.loads((run.out / "screen_rung.json").read_text())  # what the last candidate was judged against
+    assert rung["promoted"] == 3 and len(rung["points"]) == judged
     from mlflow import MlflowClient
 
     client = MlflowClient(json.loads((run.out / "job.json").read_text())["tracking_uri"])

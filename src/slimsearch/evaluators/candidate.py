@@ -272,8 +272,8 @@ def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teac
     (``accuracy_drop``, ``ppl_increase``: :class:`~slimsearch.metric_names.TaskFamily`).
     ``devices`` and ``reference`` are passed to :func:`model_metrics`; ``on_chunk`` and ``chunk_every``
     to :func:`apply_plan`. ``screen`` (a causal LM's :class:`~slimsearch.evaluators.fidelity.Screen`)
-    first scores the candidate on a share of the validation text: one it does not promote comes
-    back with those cheap figures and its untimed costs, marked ``screened``.
+    first scores the candidate on a share of the validation text and ranks it with its untimed
+    costs: one it does not promote comes back with those figures, marked ``screened``.
     """
     from slimsearch._device import resolve_device
 
@@ -284,9 +284,9 @@ def evaluate(task: Task, plan: CompressionPlan, profiles: Sequence[str], *, teac
     if screen is not None and task.family is TaskFamily.CAUSAL_LM:
         from slimsearch.evaluators.fidelity import FIDELITY
 
-        cheap, reason = screen.judge(model, work)
+        costs = task_costs(model, host, profiles, plan.power_modes)  # exact or modelled: nothing timed
+        cheap, reason = screen.judge(model, work, costs.values)
         if reason is not None:
-            costs = task_costs(model.to("cpu"), host, profiles, plan.power_modes)  # exact or modelled: nothing timed
             return Metrics(values={**cheap, **costs.values}, provenance=costs.provenance, screened=reason)
         cheap[FIDELITY] = 1.0
     values: dict[str, float | None] = {**cheap, **task_scores(model, work.val, work)}

@@ -143,8 +143,9 @@ class SearchSpec(_Frozen):
                                  "front or meet the constraints (checked at 1/4, 1/2 and 3/4 of its steps)")
     multi_fidelity: bool = Field(True, description="causal-lm jobs with a ppl_increase <= bound: score each "
                                  "candidate first on a quarter of the validation text and evaluate in full only "
-                                 "those within twice the bound (evaluators/fidelity.py); the others are recorded "
-                                 "as screened and take no place of the budget")
+                                 "those within twice the bound whose cheap figures rank among the best 40% judged "
+                                 "so far (evaluators/fidelity.py); the others are recorded as screened and take "
+                                 "no place of the budget")
     planner: bool = Field(True, description="causal-lm jobs with the auto sampler: measure what each choice costs "
                           "each linear group on a few calibration windows (cached in the job folder), run first the "
                           "plans an integer program predicts on the front within the ppl_increase bound, and let "

@@ -13,6 +13,7 @@ from slimsearch.jobs.spec import JobSpec
 from slimsearch.search._limits import memory_limit
 
 from slimsearch.jobs.folder import MODELS_DIR, model_file
+from slimsearch.jobs.rung import read_rung
 
 
 def build_space(spec: JobSpec, task):
@@ -67,18 +68,22 @@ def cached_reference(name: str, seed: int, path: Optional[str], text, quiet: tup
     return local_reference(cached_task(name, seed, path, text), dict(quiet))
 
 
-def job_screen(spec: JobSpec, task):
+def job_screen(spec: JobSpec, task, rung=None):
     """The multi-fidelity screen of a causal-LM job (:class:`~slimsearch.evaluators.fidelity.Screen`)
-    at its tightest ``ppl_increase <=`` bound, when ``search.multi_fidelity`` is on; None otherwise
-    (another family, or no such bound to judge a cheap score against)."""
-    from slimsearch.evaluators.fidelity import Screen
+    at its tightest ``ppl_increase <=`` bound, ranking cheap points on the job's objectives but the
+    task's metric, after ``rung`` (what the job judged before: :func:`~slimsearch.jobs.rung.read_rung`),
+    when ``search.multi_fidelity`` is on; None otherwise (another family, or no such bound to judge a
+    cheap score against)."""
+    from slimsearch.evaluators.fidelity import Rung, Screen
     from slimsearch.jobs.plan import ppl_increase_bound
     from slimsearch.metric_names import TaskFamily
 
     if not spec.search.multi_fidelity or task.family is not TaskFamily.CAUSAL_LM:
         return None
     bound = ppl_increase_bound(spec)
-    return None if bound is None else Screen(bound)
+    objectives = tuple((name, direction.value) for name, direction in spec.objectives.items()
+                       if name != task.metric_name)
+    return None if bound is None else Screen(bound, objectives=objectives, rung=rung or Rung())
 
 
 def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
@@ -114,7 +119,7 @@ def evaluate_params(params: dict, *, job_json: str, space, teacher_score: float,
     with memory_limit(spec.search.memory_limit_mb):  # after the task loads: its data and teacher are not counted
         metrics = evaluate(task, plan, spec.profile_refs, teacher_score=teacher_score, onnx_out=onnx_out,
                            devices=devices, on_chunk=stopper, chunk_every=None if stopper is None else stopper.every,
-                           reference=paired, device=device, screen=job_screen(spec, task))
+                           reference=paired, device=device, screen=job_screen(spec, task, read_rung(out, params)))
     if stopper is None:
         return metrics
     from slimsearch.evaluators.metrics import Metrics
