@@ -126,3 +126,15 @@ def test_a_job_records_its_rule_and_counts_only_promoted_candidates(tmp_path):
     client = MlflowClient(json.loads((run.out / "job.json").read_text())["tracking_uri"])
     parent = client.get_run(json.loads((run.out / "job.json").read_text())["parent_run_id"])
     assert parent.data.params["promotion_rule"].startswith("scored first on 25% of the validation windows")
+    import optuna
+
+    state = json.loads((run.out / "job.json").read_text())
+    study = optuna.load_study(study_name=state["study_name"], storage=state["storage"])
+    for c in front["candidates"]:  # a promoted candidate's full figures, not its cheap ones, in Optuna and MLflow
+        metrics = c["metrics"]
+        assert metrics["ppl"] != metrics["ppl_screen"]
+        assert study.trials[c["trial"]].values[0] == pytest.approx(metrics["ppl"])
+        logged = client.get_run(c["run_id"]).data.metrics
+        assert logged["fidelity"] == 1.0 and logged["ppl"] == pytest.approx(metrics["ppl"])
+    for s in front["screened"]:
+        assert study.trials[s["trial"]].state == optuna.trial.TrialState.PRUNED and "ppl" not in s["metrics"]
