@@ -8,8 +8,8 @@ windows, the candidate's perplexity over the teacher's on the same windows, less
 
 1. that cheap increase is at most ``slack`` times the job's ``ppl_increase <= bound``;
 2. fewer than ``max(1, floor(keep x n))`` of the ``n`` candidates judged so far (this one
-   included) were promoted: a quota, so that a job that has judged ``1 / keep`` candidates or
-   more has evaluated at most ``keep`` of them in full;
+   included) were promoted: a quota, so that a job whose last promoted candidate was sampled has
+   evaluated at most ``max(1, floor(keep x n))`` of its ``n`` candidates in full;
 3. its cheap point (cheap increase, and each of the job's objectives that are known before timing:
    exact sizes, modelled device figures) is among the best ``max(1, floor(keep x n))`` of the
    points within the bound, best first as NSGA-II selects: by non-dominated front, then by
