@@ -119,7 +119,7 @@ def test_a_job_records_its_rule_and_counts_only_promoted_candidates(tmp_path):
         assert s["reason"].startswith("not promoted") and s["metrics"]["fidelity"] < 1.0
         if "exceeds" in s["reason"]:
             assert s["metrics"]["ppl_increase_screen"] > 0.04
-    rung = json.loads((run.out / "screen_rung.json").read_text())  # what the last candidate was judged against
+    rung = json.loads((run.out / "screen_rung.json").read_text())  # as written after the last trial
     assert rung["promoted"] == 3 and len(rung["points"]) == judged
     from mlflow import MlflowClient
 
