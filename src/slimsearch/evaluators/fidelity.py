@@ -138,8 +138,9 @@ class Screen:
         if rung.promoted >= best:
             return (f"{rung.promoted} of the {n} candidates judged so far were promoted, "
                     f"the most max(1, floor({self.keep:g} x n)) allows")
-        keys = [CHEAP_INCREASE, *(k for k, _ in self.objectives if _finite(point.get(k)))]
-        signs = [1.0, *(-1.0 if d == "max" else 1.0 for k, d in self.objectives if _finite(point.get(k)))]
+        known = [(k, d) for k, d in self.objectives if _finite(point.get(k))]
+        keys = [CHEAP_INCREASE, *(k for k, _ in known)]
+        signs = [1.0, *(-1.0 if d == "max" else 1.0 for _, d in known)]
         rivals = [p for p in rung.points if all(_finite(p.get(k)) for k in keys) and p[CHEAP_INCREASE] <= bar]
         points = [tuple(s * float(p[k]) for k, s in zip(keys, signs)) for p in (*rivals, point)]
         place = best_first(points).index(len(points) - 1)
@@ -147,6 +148,14 @@ class Screen:
             return (f"its cheap point ranks {place + 1} of the {len(points)} within the bound on ({', '.join(keys)}); "
                     f"the best {best} are promoted")
         return None
+
+
+def cheap_point(values: Mapping[str, object], objectives: Sequence[str]) -> Optional[dict[str, float]]:
+    """What a :class:`Rung` keeps of a judged candidate's recorded ``values``: its cheap increase and
+    the finite values of ``objectives`` (None: it was never scored cheaply)."""
+    if not _finite(values.get(CHEAP_INCREASE)):
+        return None
+    return {k: float(values[k]) for k in (CHEAP_INCREASE, *objectives) if _finite(values.get(k))}
 
 
 def best_first(points: Sequence[Sequence[float]]) -> list[int]:
@@ -179,8 +188,8 @@ def _crowding(points: Sequence[Sequence[float]], front: list[int]) -> dict[int, 
     return distance
 
 
-def _finite(value: Optional[float]) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 _TEACHER_PPL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # teacher -> {windows: perplexity}

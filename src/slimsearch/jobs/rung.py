@@ -3,37 +3,54 @@ judged, how many were promoted, and which plans the planner proposed. The driver
 the first trial and after each one; a worker reads it before judging its candidate
 (:class:`~slimsearch.evaluators.fidelity.Screen`). Workers must share the job folder, as for their
 ONNX files (:func:`~slimsearch.jobs.folder.model_file`); one that cannot see it judges against an
-empty rung, which promotes whatever meets the bound."""
+empty rung, which promotes whatever meets the bound. The rung is read from the study once, when the
+driver starts (a resumed job's earlier candidates count), and grows with this driver's trials."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from slimsearch._io import atomic_write
 
 RUNG_FILE = "screen_rung.json"
 
 
-def write_rung(out: Path, study, objectives: Mapping[str, str]) -> None:
-    """Write the rung of ``study`` (its trials' cheap points on ``objectives``) to job folder ``out``."""
-    from slimsearch.evaluators.fidelity import CHEAP_INCREASE
-    from slimsearch.jobs.warm_start import PLANNED_ATTR
-    from slimsearch.search._study import records
-    from slimsearch.search._teller import _key
+class RungFile:
+    """The rung of a job's driver, written to job folder ``out``: its points on ``objectives``."""
 
-    points, promoted = [], 0
-    for record in records(study):
-        if not _finite(record.values.get(CHEAP_INCREASE)):
-            continue
-        points.append({k: float(record.values[k]) for k in (CHEAP_INCREASE, *objectives)
-                       if _finite(record.values.get(k))})
-        promoted += record.state.value == "complete"
-    planned = sorted(_key(t.params or t.system_attrs.get("fixed_params") or {})
-                     for t in study.get_trials(deepcopy=False) if t.user_attrs.get(PLANNED_ATTR))
-    atomic_write(Path(out) / RUNG_FILE, json.dumps({"points": points, "promoted": promoted, "planned": planned}))
+    def __init__(self, out: Path, study, objectives: Sequence[str]):
+        from slimsearch.jobs.warm_start import PLANNED_ATTR
+        from slimsearch.search._study import records
+        from slimsearch.search._teller import _key
+
+        self.path, self.objectives = Path(out) / RUNG_FILE, tuple(objectives)
+        self.points: list[dict[str, float]] = []
+        self.promoted = 0
+        # the planner enqueues its plans before the driver starts: their keys are known from here on
+        self.planned = sorted(_key(t.params or t.system_attrs.get("fixed_params") or {})
+                              for t in study.get_trials(deepcopy=False) if t.user_attrs.get(PLANNED_ATTR))
+        for record in records(study):
+            self._add(record)
+        self._write()
+
+    def add(self, record) -> None:
+        """Count one finished trial (a search ``TrialRecord``) and rewrite the file."""
+        if self._add(record):
+            self._write()
+
+    def _add(self, record) -> bool:
+        from slimsearch.evaluators.fidelity import cheap_point
+
+        point = cheap_point(record.values, self.objectives)
+        if point is not None:
+            self.points.append(point)
+            self.promoted += record.state.value == "complete"
+        return point is not None
+
+    def _write(self) -> None:
+        atomic_write(self.path, json.dumps({"points": self.points, "promoted": self.promoted, "planned": self.planned}))
 
 
 def read_rung(out, params: Mapping):
@@ -47,7 +64,3 @@ def read_rung(out, params: Mapping):
         return Rung()
     data = json.loads(path.read_text())
     return Rung(points=tuple(data["points"]), promoted=int(data["promoted"]), planned=_key(params) in data["planned"])
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -22,7 +22,7 @@ from slimsearch.metric_names import (BASE_METRICS, DECODER_METRICS, DECODER_PROF
 from slimsearch.jobs.early_stop import CONSTRAINT as STOP_CONSTRAINT
 from slimsearch.jobs.folder import FRONT_FILE, FRONT_HTML, MODELS_DIR, STATE_FILE, job_state, make_folder, write_json, model_file
 from slimsearch.jobs.log import TrackingUnavailable, CandidateLog, front_numbers, log_calibration, log_hypervolume, log_record, power_modes_used, progress_bar, register_job, register_end, release_locks, short_error, was_stopped
-from slimsearch.jobs.rung import write_rung
+from slimsearch.jobs.rung import RungFile
 from slimsearch.jobs.worker import build_space, cached_task, estimate_params, evaluate_params, job_screen
 
 
@@ -222,8 +222,8 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
                               front=[r for r in complete if r.number in front_numbers(complete, objectives)])
 
     def on_trial(record) -> None:
-        if screen is not None:  # before anything that may fail: the next candidate is judged against it
-            write_rung(out, study, spec.objectives)
+        if rung is not None:  # before anything that may fail: the next candidate is judged against it
+            rung.add(record)
         plan = space.plan_from_params(record.params)
         logged = candidate_log(record)
         if record.state.value == "complete":
@@ -245,8 +245,7 @@ def run_job(spec: JobSpec, out: Path, *, resume: bool = False, executor: str = "
             bar.update(1 if record.state.value == "complete" else 0)
 
     (out / MODELS_DIR).mkdir(exist_ok=True)
-    if screen is not None:
-        write_rung(out, study, spec.objectives)
+    rung = RungFile(out, study, spec.objectives) if screen is not None else None
     job_fn = functools.partial(evaluate_params, job_json=redact(spec.to_json()), space=space, teacher_score=teacher_score,
                                out=str(out), devices=devices or None, reference=reference,
                                device=resources.worker_device)
