@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from slimsearch._cli_hw import add_hw_parser, hw_main
-from slimsearch.jobs.plan import DEFAULT_CHOICES, DEFAULT_HEAD_BITS, DEFAULT_KV_BITS, DEFAULT_WINDOWS
+from slimsearch.jobs.plan import DEFAULT_CHECKS, DEFAULT_CHOICES, DEFAULT_HEAD_BITS, DEFAULT_KV_BITS, DEFAULT_WINDOWS
 
 EXIT_BAD_INPUT = 2
 EXIT_NO_CANDIDATE = 1  # `run`: the job ended without one completed candidate
@@ -111,8 +111,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Measure what each weight choice and KV precision costs each group of linears on a few "
                     "calibration windows (cached in the job folder), solve an integer program for the plan that "
                     "minimises the modelled latency (or energy, or bytes) within the perplexity budget, build "
-                    "it and score it on the validation windows. The planner's figures are predictions (the "
-                    "groups' effects are assumed to add up); the validation figures are measured.")
+                    "it and score it on the validation windows; where it measures over the budget, move the plan's "
+                    "edge in by what the prediction missed and build the next (--checks). The planner's figures "
+                    "are predictions (the groups' effects are assumed to add up); the validation figures are "
+                    "measured.")
     plan.add_argument("job", help="job file (YAML) of a causal-lm task")
     plan.add_argument("--out", help="job folder the sensitivities are cached in and plan.json written to "
                                     "(default: runs/<job name>)")
@@ -133,6 +135,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="calibration windows the sensitivities are measured on (default: %(default)s)")
     plan.add_argument("--per-group", action="store_true",
                       help="one choice per group across all blocks (qkv, o, gate_up, down), not per block")
+    plan.add_argument("--checks", type=int, default=DEFAULT_CHECKS,
+                      help="plans built and scored at most: after one that measures over the budget, the next is "
+                           "planned within a tighter predicted edge (default: %(default)s)")
     plan.add_argument("--no-verify", action="store_true", help="do not build and score the plan")
     plan.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
@@ -239,7 +244,7 @@ def _plan(args) -> int:
     result = plan_job(spec, folder=folder, max_ppl_increase=args.max_ppl_increase, minimise=args.minimise,
                       choices=choices, kv_bits=bits("--kv-bits", args.kv_bits),
                       head_bits=bits("--head-bits", args.head_bits), windows=args.windows, per_block=not args.per_group,
-                      verify=not args.no_verify, progress=None if args.json else print)
+                      verify=not args.no_verify, checks=args.checks, progress=None if args.json else print)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "plan.json", result.to_json() + "\n")
     if args.json:
@@ -254,6 +259,13 @@ def _plan(args) -> int:
     if m:
         print(f"  measured on validation: ppl {m['ppl']:.3f}, ppl_increase {m['ppl_increase']:+.2%}, "
               f"size {m['size_bytes'] / 1e6:.1f} MB")
+    if len(result.checks) > 1:
+        print("  plans built: " + "; ".join(f"{c['size_bytes'] / 1e6:.1f} MB predicted {c['predicted']:+.2%}, "
+                                            f"measured {c['measured']:+.2%}" for c in result.checks))
+    if result.within_budget is False:
+        print(f"  over the budget: no plan of the {len(result.checks)} built measured within "
+              f"ppl_increase <= {result.max_ppl_increase:g}; this is the one of least measured increase "
+              "(allowed: a larger --checks, more --windows, or a looser budget)")
     print("  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()))
     return 0
 

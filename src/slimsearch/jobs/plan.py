@@ -5,7 +5,10 @@ calibration windows (:func:`~slimsearch.evaluators.llm_sensitivity.llm_sensitivi
 job folder), an integer program picks one option per group minimising the modelled latency (or
 energy, or bytes) under the perplexity budget (:func:`~slimsearch.search.planner.solve`), and the
 plan is then built and scored on the validation windows, so the figure a user reads is measured,
-beside the planner's prediction (which assumes the groups' effects add up).
+beside the planner's prediction (which assumes the groups' effects add up, and underestimates plans
+that round many groups hard). Where the built plan measures over the budget, the plan's edge moves
+in by what the prediction missed and the next plan is built (:func:`next_edge`, at most ``checks``
+plans), as a search job's planner does on its calibration windows.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ from slimsearch.exceptions import ConfigError
 from slimsearch.metric_names import TaskFamily
 from slimsearch.spaces.plan import CompressionPlan
 
-__all__ = ["DEFAULT_CHOICES", "DEFAULT_HEAD_BITS", "DEFAULT_KV_BITS", "JobPlan", "minimised_measure", "plan_job",
-           "ppl_increase_bound"]
+__all__ = ["DEFAULT_CHECKS", "DEFAULT_CHOICES", "DEFAULT_HEAD_BITS", "DEFAULT_KV_BITS", "JobPlan", "minimised_measure",
+           "next_edge", "plan_job", "ppl_increase_bound"]
 
 DEFAULT_CHOICES = ("rtn-w3-g128", "rtn-w4-g128", "rtn-w8-g128")  # instant to score: minutes for SmolLM2
 DEFAULT_KV_BITS = (8, 4)
 DEFAULT_HEAD_BITS = (8,)  # the output projection (a tied embedding with it): 8 bits in blocks of 64, or float
 DEFAULT_WINDOWS = 4
+DEFAULT_CHECKS = 3  # plans built and scored at most, the edge moving in after each that measures over the budget
 PPL_INCREASE = "ppl_increase"
 
 
@@ -46,7 +50,12 @@ class JobPlan:
         measured: the built plan scored on the validation windows (``ppl``, ``ppl_increase``, ``kl``,
             ``top1``) and its packed ``size_bytes``; empty when not verified.
         chosen: group -> option, as the solver chose.
-        seconds: wall time of each part (``sensitivity``, ``solve``, ``verify``).
+        seconds: wall time of each part (``sensitivity``, ``solve``, ``verify``; ``verify`` counts every
+            plan built).
+        checks: every plan built, in order: ``edge`` (the predicted increase it was planned within),
+            ``predicted`` and ``measured`` ``ppl_increase`` (on the validation windows) and its packed
+            ``size_bytes``. The plan returned
+            is the first within the budget, else the one of least measured increase. Empty when not verified.
     """
 
     plan: CompressionPlan
@@ -56,11 +65,23 @@ class JobPlan:
     measured: Mapping[str, float] = field(default_factory=dict)
     chosen: Mapping[str, str] = field(default_factory=dict)
     seconds: Mapping[str, float] = field(default_factory=dict)
+    checks: tuple[Mapping[str, float], ...] = ()
+
+    @property
+    def within_budget(self) -> Optional[bool]:
+        """Whether the built plan measured within ``max_ppl_increase``; None when not verified (or, with a
+        bytes budget, not held to it)."""
+        from slimsearch.evaluators.llm_sensitivity import NLL
+
+        if not self.measured or self.minimised == NLL:
+            return None
+        return self.measured[PPL_INCREASE] <= self.max_ppl_increase
 
     def to_dict(self) -> dict[str, Any]:
         return {"plan": self.plan.to_dict(), "minimised": self.minimised, "max_ppl_increase": self.max_ppl_increase,
                 "predicted": dict(self.predicted), "measured": dict(self.measured), "chosen": dict(self.chosen),
-                "seconds": dict(self.seconds)}
+                "seconds": dict(self.seconds), "checks": [dict(c) for c in self.checks],
+                "within_budget": self.within_budget}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, indent=2)
@@ -68,7 +89,8 @@ class JobPlan:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "JobPlan":
         return cls(CompressionPlan.from_dict(data["plan"]), data["minimised"], float(data["max_ppl_increase"]),
-                   data["predicted"], data.get("measured", {}), data.get("chosen", {}), data.get("seconds", {}))
+                   data["predicted"], data.get("measured", {}), data.get("chosen", {}), data.get("seconds", {}),
+                   tuple(data.get("checks", ())))
 
 
 def ppl_increase_bound(spec) -> Optional[float]:
@@ -78,6 +100,24 @@ def ppl_increase_bound(spec) -> Optional[float]:
     limits = [c.limit for c in map(Constraint.parse, spec.constraints) if c.metric == PPL_INCREASE
               and c.op in ("<=", "<")]
     return min(limits) if limits else None
+
+
+def next_edge(seen: Sequence[tuple[float, float]], target: float) -> float:
+    """The predicted ``ppl_increase`` to plan the next plan within so that it measures ``target``, from
+    the (predicted, measured) increases of the plans built so far (the last one measured over it).
+
+    The per-group sum underestimates plans that round many groups hard, so the first move is as if it
+    missed a factor (``predicted x target / measured``); once two plans are built, along the line
+    through the last two (it missed a factor and an offset), never above the last prediction nor
+    below a quarter of it. Shared by ``slimsearch plan`` and a search job's planner check.
+    """
+    predicted, measured = seen[-1]
+    edge = predicted * target / measured
+    if len(seen) > 1:
+        (p0, m0), (p1, m1) = seen[-2:]
+        if m1 != m0 and p1 != p0 and (m1 - m0) / (p1 - p0) > 0:
+            edge = min(predicted, max(p1 + (target - m1) * (p1 - p0) / (m1 - m0), predicted / 4))
+    return edge
 
 
 def _budget(spec, max_ppl_increase: Optional[float]) -> float:
@@ -110,7 +150,7 @@ def plan_job(spec, *, folder: Union[str, Path, None], max_ppl_increase: Optional
              kv_bits: Sequence[int] = DEFAULT_KV_BITS, head_bits: Sequence[int] = DEFAULT_HEAD_BITS,
              windows: int = DEFAULT_WINDOWS, per_block: bool = True,
              verify: bool = True, task: Any = None, max_bytes: Optional[float] = None,
-             progress: Optional[Callable[[str], None]] = None) -> JobPlan:
+             checks: int = DEFAULT_CHECKS, progress: Optional[Callable[[str], None]] = None) -> JobPlan:
     """The plan of the causal-LM job ``spec`` (a :class:`~slimsearch.jobs.spec.JobSpec`) that minimises
     ``minimise`` within the perplexity budget; with ``max_bytes``, the plan of least predicted
     perplexity within that many packed weight bytes instead (``minimised`` is then ``nll``, and
@@ -128,6 +168,9 @@ def plan_job(spec, *, folder: Union[str, Path, None], max_ppl_increase: Optional
         windows: calibration windows the losses are measured on.
         per_block: a choice per block and group (``3.down``) or per group across blocks.
         verify: build the plan and score it on the validation windows.
+        checks: plans built at most: where a plan measures over the perplexity budget, the edge moves
+            in (:func:`next_edge`) and the next is built (1: the first plan only; not with ``max_bytes``,
+            whose plan is not held to a perplexity).
         task: the job's task, when already loaded.
         progress: called with a line at each stage.
     """
@@ -144,6 +187,8 @@ def plan_job(spec, *, folder: Union[str, Path, None], max_ppl_increase: Optional
         budget, measure = ppl_increase_bound(spec) or 0.0, NLL
     if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
         raise ConfigError(f"plan: windows must be an integer >= 1, got {windows!r}")
+    if isinstance(checks, bool) or not isinstance(checks, int) or checks < 1:
+        raise ConfigError(f"plan: checks must be an integer >= 1, got {checks!r}")
     parsed = [WeightChoice.parse(c) for c in choices]
     from slimsearch.tasks._registry import task_family
 
@@ -162,21 +207,62 @@ def plan_job(spec, *, folder: Union[str, Path, None], max_ppl_increase: Optional
     table = llm_sensitivity(task.teacher, calib, parsed, kv_bits=kv_bits, head_bits=head_bits, per_block=per_block,
                             profiles=spec.profile_refs, folder=folder)
     seconds["sensitivity"] = time.perf_counter() - start
-    start = time.perf_counter()
     from slimsearch.evaluators.llm_sensitivity import SIZE
 
-    limits = {SIZE: float(max_bytes)} if max_bytes is not None else {NLL: table.base[NLL] + math.log1p(budget)}
-    selection = solve(Problem(table.options, table.base, table.modes), limits, minimise=measure)
-    seconds["solve"] = time.perf_counter() - start
-    plan = plan_from_choice(selection.chosen)
-    predicted = {**selection.totals, PPL_INCREASE: math.expm1(selection.totals[NLL] - table.base[NLL])}
-    measured: dict[str, float] = {}
-    if verify:
+    problem = Problem(table.options, table.base, table.modes)
+
+    def solved(edge: float):
+        begin = time.perf_counter()
+        limits = {SIZE: float(max_bytes)} if max_bytes is not None else {NLL: table.base[NLL] + math.log1p(edge)}
+        selection = solve(problem, limits, minimise=measure)
+        seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - begin
+        return selection, {**selection.totals, PPL_INCREASE: math.expm1(selection.totals[NLL] - table.base[NLL])}
+
+    if not verify:
+        selection, predicted = solved(budget)
+        return JobPlan(plan_from_choice(selection.chosen), measure, budget, predicted, {}, selection.chosen, seconds)
+    picked, built = _build_within(solved, _Verifier(task), budget, checks if max_bytes is None else 1, seconds, say)
+    _, selection, predicted, measured = picked
+    made = tuple({"edge": e, "predicted": p[PPL_INCREASE], "measured": m[PPL_INCREASE], "size_bytes": m["size_bytes"]}
+                 for e, _, p, m in built)
+    return JobPlan(plan_from_choice(selection.chosen), measure, budget, predicted, measured, selection.chosen, seconds,
+                   made)
+
+
+def _build_within(solved: Callable, verify: Callable, budget: float, checks: int, seconds: dict,
+                  say: Callable[[str], None]) -> tuple[tuple, list[tuple]]:
+    """The plan picked and every plan built, each as (edge, selection, predicted, measured): the plan
+    ``solved`` within the budget, then, while the last measured over it, the plan solved within the
+    edge :func:`next_edge` gives, ``checks`` plans at most (fewer where nothing is predicted within the
+    edge or the plan repeats). Picked: the first measured within the budget, else the one of least
+    measured increase."""
+    from slimsearch.evaluators.llm_sensitivity import plan_from_choice
+
+    built: list[tuple] = []
+    edge = budget
+    for attempt in range(checks):
+        if attempt:
+            edge = next_edge([(p[PPL_INCREASE], m[PPL_INCREASE]) for _, _, p, m in built], budget)
+        try:
+            selection, predicted = solved(edge)
+        except (ConfigError, RuntimeError):
+            if not attempt:
+                raise
+            break  # nothing is predicted within the moved edge: keep the plans built
+        if any(s.chosen == selection.chosen for _, s, _, _ in built):
+            break  # the edge moved in too little to change the plan
         start = time.perf_counter()
-        say("building the plan and scoring it on the validation windows")
-        measured = _verify(task, plan)
-        seconds["verify"] = time.perf_counter() - start
-    return JobPlan(plan, measure, budget, predicted, measured, selection.chosen, seconds)
+        say(f"building the plan predicted at ppl_increase {predicted[PPL_INCREASE]:+.2%} and scoring it on the "
+            "validation windows")
+        measured = verify(plan_from_choice(selection.chosen))
+        seconds["verify"] = seconds.get("verify", 0.0) + time.perf_counter() - start
+        built.append((edge, selection, predicted, measured))
+        if measured[PPL_INCREASE] <= budget or not predicted[PPL_INCREASE] > 0:
+            break
+        if attempt + 1 < checks:
+            say(f"measured {measured[PPL_INCREASE]:+.2%}, over the budget: moving the plan's edge in")
+    within = [b for b in built if b[3][PPL_INCREASE] <= budget]
+    return (within[0] if within else min(built, key=lambda b: b[3][PPL_INCREASE])), built
 
 
 def _refuse_family(task: str, family: TaskFamily) -> None:
@@ -184,17 +270,25 @@ def _refuse_family(task: str, family: TaskFamily) -> None:
                       "(smollm2 or 'causal-lm:<path>'); other tasks are searched with `slimsearch run`")
 
 
-def _verify(task, plan: CompressionPlan) -> dict[str, float]:
-    """The built plan on the validation windows, with its packed bytes (measured, not predicted)."""
-    from slimsearch.compress import apply_plan
-    from slimsearch.compress.llm_methods import record_of
-    from slimsearch.evaluators.candidate import task_scores
-    from slimsearch.evaluators.llm_costs import head_kwargs, weight_bytes
+class _Verifier:
+    """Builds a plan and scores it on the validation windows, with its packed bytes (measured, not
+    predicted); the teacher is scored once, on the first call."""
 
-    teacher = task_scores(task.teacher, task.val, task)[task.metric_name]
-    model = apply_plan(task, plan)
-    values = dict(task_scores(model, task.val, task))
-    values[PPL_INCREASE] = task.family.gap(values[task.metric_name], teacher)
-    record = record_of(model)
-    values["size_bytes"] = float(weight_bytes(model, quantized=record.quantized, **head_kwargs(record.head)))
-    return {k: float(v) for k, v in values.items()}
+    def __init__(self, task):
+        self.task, self.teacher = task, None
+
+    def __call__(self, plan: CompressionPlan) -> dict[str, float]:
+        from slimsearch.compress import apply_plan
+        from slimsearch.compress.llm_methods import record_of
+        from slimsearch.evaluators.candidate import task_scores
+        from slimsearch.evaluators.llm_costs import head_kwargs, weight_bytes
+
+        task = self.task
+        if self.teacher is None:
+            self.teacher = task_scores(task.teacher, task.val, task)[task.metric_name]
+        model = apply_plan(task, plan)
+        values = dict(task_scores(model, task.val, task))
+        values[PPL_INCREASE] = task.family.gap(values[task.metric_name], self.teacher)
+        record = record_of(model)
+        values["size_bytes"] = float(weight_bytes(model, quantized=record.quantized, **head_kwargs(record.head)))
+        return {k: float(v) for k, v in values.items()}

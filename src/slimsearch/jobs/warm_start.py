@@ -310,11 +310,11 @@ def checked(start: PlannerStart, spec, check: Callable[[dict], float],
     built and measured by ``check`` (params -> its increase on the planner's windows,
     :func:`plan_checker`); where it loses more than ``CHECK_MARGIN`` of the bound (the sum of the
     groups' losses underestimates plans that round many groups), the edge moves in by what the sum
-    missed (first as a factor, then along the line through the last two plans built), up to
-    ``CHECKS`` plans. The margin leaves room for the validation text, which the
+    missed (:func:`~slimsearch.jobs.plan.next_edge`: first as a factor, then along the line through
+    the last two plans built), up to ``CHECKS`` plans. The margin leaves room for the validation text, which the
     calibration windows only approximate. The last measured plan's measured over predicted loss
     becomes the correction of every prediction (when above 1). Without a bound: ``start`` as it is."""
-    from slimsearch.jobs.plan import minimised_measure, ppl_increase_bound
+    from slimsearch.jobs.plan import minimised_measure, next_edge, ppl_increase_bound
 
     bound = ppl_increase_bound(spec)
     if bound is None:
@@ -333,11 +333,7 @@ def checked(start: PlannerStart, spec, check: Callable[[dict], float],
             "on its windows")
         if measured <= target:
             break
-        edge = predicted * target / measured  # the first move: as if the sum missed a factor
-        if len(seen) > 1:  # then the line through the last two plans (it missed a factor and an offset)
-            (p0, m0), (p1, m1) = seen[-2:]
-            if m1 != m0 and p1 != p0 and (m1 - m0) / (p1 - p0) > 0:
-                edge = min(predicted, max(p1 + (target - m1) * (p1 - p0) / (m1 - m0), predicted / 4))
+        edge = next_edge(seen, target)
     return dataclasses.replace(start, edge=edge, correction=correction)
 
 
