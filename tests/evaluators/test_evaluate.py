@@ -315,3 +315,20 @@ def test_a_reference_needs_every_quiet_teacher_figure(digits_task):
 
     with pytest.raises(ConfigError, match="latency_ms_b64@local must be a number of ms > 0, got None"):
         local_reference(digits_task, {"latency_ms@local": 2.0})
+
+
+def test_the_sessions_that_time_local_latency_do_not_spin_between_calls(digits_task):
+    """Paired rounds alternate two sessions in one process: an idle pool spinning for work took the
+    running one's core (docs/benchmarks.md, "Paired local latency in a job"). Other sessions keep
+    onnxruntime's default."""
+    from slimsearch.deploy.onnx_graph import onnx_bytes, ort_session
+    from slimsearch.evaluators.candidate import _onnx_runs
+
+    spin = "session.intra_op.allow_spinning"
+    runs = _onnx_runs(digits_task.teacher, digits_task)
+    assert set(runs) == {"latency_ms@local", f"latency_ms_b{digits_task.latency_batch}@local"}
+    for run in runs.values():
+        assert run.func.__self__.get_session_options().get_session_config_entry(spin) == "0"
+    default = ort_session(onnx_bytes(digits_task.teacher, digits_task.example_input), threads=2)
+    with pytest.raises(RuntimeError, match="does not have configuration with key"):
+        default.get_session_options().get_session_config_entry(spin)

@@ -92,14 +92,20 @@ def _lower_16_bit_qdq(model_bytes: bytes) -> bytes:
     return model.SerializeToString()
 
 
-def ort_session(model_bytes: bytes | str, *, threads: int | None = None):
-    """An onnxruntime CPU session using ``threads`` intra-op threads (default: torch's count)."""
+def ort_session(model_bytes: bytes | str, *, threads: int | None = None, spin: bool = True):
+    """An onnxruntime CPU session using ``threads`` intra-op threads (default: torch's count).
+
+    ``spin=False``: the intra-op pool's threads sleep between calls instead of spinning for work
+    (onnxruntime's ``session.intra_op.allow_spinning``); nothing changes with one thread, which has
+    no pool."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 

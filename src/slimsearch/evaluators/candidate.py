@@ -91,11 +91,17 @@ def _timed_inputs(task: Task) -> dict[str, Any]:
 
 
 def _onnx_runs(model: nn.Module, task: Task) -> dict[str, Callable[[], object]]:
-    """By local latency metric, a function running ``model``'s deployable ONNX graph on the input it times."""
+    """By local latency metric, a function running ``model``'s deployable ONNX graph on the input it times.
+
+    The session's pool threads do not spin between calls: paired rounds alternate two sessions in one
+    process, and an idle session's spinning threads took the cores the running one needed (with 2
+    threads on a 2-vCPU machine, 35 of 40 paired measurements of an MNIST plan had rounds disagreeing
+    by over 10%, against 4 of 40 without spinning: ``benchmarks/paired_probe.py --threads 2 [--spin]``).
+    A worker of one thread has no pool, and its figures are as before."""
     from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
     from slimsearch.deploy.onnx_graph import INPUT_NAME, ort_session
 
-    session = ort_session(deployable_onnx_bytes(model, task.example_input))
+    session = ort_session(deployable_onnx_bytes(model, task.example_input), spin=False)
     return {name: functools.partial(session.run, None, {INPUT_NAME: x}) for name, x in _timed_inputs(task).items()}
 
 

@@ -54,8 +54,8 @@ class JobPlan:
             plan built).
         checks: every plan built, in order: ``edge`` (the predicted increase it was planned within),
             ``predicted`` and ``measured`` ``ppl_increase`` (on the validation windows) and its packed
-            ``size_bytes``. The plan returned
-            is the first within the budget, else the one of least measured increase. Empty when not verified.
+            ``size_bytes``. The plan returned is the first within the budget, else the one of least
+            measured increase. Empty when not verified.
     """
 
     plan: CompressionPlan
