@@ -71,8 +71,11 @@ def main() -> None:
     from slimsearch.compress import apply_plan
     from slimsearch.deploy.onnx_graph import INPUT_NAME, ort_session
     from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
+    import inspect
+
     from slimsearch.hardware_profiles import measure_paired
-    from slimsearch.hardware_profiles._measure import PAIRED_TOLERANCE
+
+    tolerance = inspect.signature(measure_paired).parameters["tolerance"].default  # what a job's measurement allows
     from slimsearch.jobs.load import load_job
     from slimsearch.jobs.worker import build_space
     from slimsearch.tasks import load_task
@@ -115,7 +118,7 @@ def main() -> None:
                 mid = statistics.median(ratios)
                 fastest = min(t.reference_ms for t in runs_)
                 slow = [t.ratio for t in runs_ if t.reference_ms > 1.1 * fastest]
-                unsettled = sum(t.cv > PAIRED_TOLERANCE for t in runs_)
+                unsettled = sum(t.cv > tolerance for t in runs_)
                 row = {"neighbour": mode, "reference": ref if ref == "float" else kind, "metric": name,
                        "ratios": ratios, "reference_ms": [t.reference_ms for t in runs_], "median": mid,
                        "max_dev": max(abs(r / mid - 1) for r in ratios), "slow_reference": len(slow),

@@ -101,6 +101,7 @@ def test_the_command_writes_plan_json_and_reuses_the_sensitivities(made, tmp_pat
     (["--choices", "rtn-w5-g128"], "bits"),
     (["--kv-bits", "eight"], "--kv-bits 'eight'"),
     (["--windows", "0"], "windows must be an integer >= 1"),
+    (["--checks", "0"], "checks must be an integer >= 1, got 0"),
 ])
 def test_bad_flags_are_one_line_exit_2_and_nothing_written(made, tmp_path, extra, fragment):
     _, job = made
@@ -166,9 +167,3 @@ def test_when_no_plan_measures_within_the_budget_the_least_lossy_is_picked_and_s
     assert edges == sorted(edges, reverse=True) and len(set(edges)) == len(edges)
     over = JobPlan(CompressionPlan(), "size_bytes", 0.05, picked[2], picked[3])
     assert over.within_budget is False
-
-
-def test_checks_below_one_are_refused_in_one_line(made, tmp_path):
-    _, job = made
-    with pytest.raises(ConfigError, match="checks must be an integer >= 1, got 0"):
-        plan_job(load_job(job), folder=tmp_path, windows=2, checks=0)
