@@ -265,7 +265,7 @@ def _plan(args) -> int:
     if result.within_budget is False:
         print(f"  over the budget: no plan of the {len(result.checks)} built measured within "
               f"ppl_increase <= {result.max_ppl_increase:g}; this is the one of least measured increase "
-              "(allowed: a larger --checks, more --windows, or a looser budget)")
+              "(to go on: a larger --checks, more --windows, or a looser budget)")
     print("  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()))
     return 0
 

@@ -311,8 +311,8 @@ def checked(start: PlannerStart, spec, check: Callable[[dict], float],
     :func:`plan_checker`); where it loses more than ``CHECK_MARGIN`` of the bound (the sum of the
     groups' losses underestimates plans that round many groups), the edge moves in by what the sum
     missed (:func:`~slimsearch.jobs.plan.next_edge`: first as a factor, then along the line through
-    the last two plans built), up to ``CHECKS`` plans. The margin leaves room for the validation text, which the
-    calibration windows only approximate. The last measured plan's measured over predicted loss
+    the last two plans built), up to ``CHECKS`` plans. The margin leaves room for the validation
+    text, which the calibration windows only approximate. The last measured plan's measured over predicted loss
     becomes the correction of every prediction (when above 1). Without a bound: ``start`` as it is."""
     from slimsearch.jobs.plan import minimised_measure, next_edge, ppl_increase_bound
 
