@@ -23,6 +23,7 @@ pause).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import multiprocessing as mp
 import os
@@ -71,14 +72,12 @@ def main() -> None:
     from slimsearch.compress import apply_plan
     from slimsearch.deploy.onnx_graph import INPUT_NAME, ort_session
     from slimsearch.deploy.onnx_int8 import deployable_onnx_bytes
-    import inspect
-
     from slimsearch.hardware_profiles import measure_paired
-
-    tolerance = inspect.signature(measure_paired).parameters["tolerance"].default  # what a job's measurement allows
     from slimsearch.jobs.load import load_job
     from slimsearch.jobs.worker import build_space
     from slimsearch.tasks import load_task
+
+    tolerance = inspect.signature(measure_paired).parameters["tolerance"].default  # what a job's measurement allows
 
     torch.set_num_threads(args.threads)
     spec = load_job(str(Path(__file__).resolve().parents[1] / "examples" / "mnist.yaml"))
