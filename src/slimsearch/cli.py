@@ -259,6 +259,7 @@ def _plan(args) -> int:
     if m:
         print(f"  measured on validation: ppl {m['ppl']:.3f}, ppl_increase {m['ppl_increase']:+.2%}, "
               f"size {m['size_bytes'] / 1e6:.1f} MB")
+        print(f"  measured on test (held out): ppl {m['ppl_test']:.3f}, ppl_increase {m['ppl_increase_test']:+.2%}")
     if len(result.checks) > 1:
         print("  plans built: " + "; ".join(f"{c['size_bytes'] / 1e6:.1f} MB predicted {c['predicted']:+.2%}, "
                                             f"measured {c['measured']:+.2%}" for c in result.checks))

@@ -40,7 +40,9 @@ def test_the_plan_meets_its_predicted_budget_is_measured_and_round_trips(made, t
     result = plan_job(load_job(job), folder=tmp_path, windows=2)
     assert result.minimised == "latency_ms@raspberry-pi-4" and result.max_ppl_increase == 0.02
     assert result.predicted["ppl_increase"] <= 0.02 + 1e-12
-    assert set(result.measured) >= {"ppl", "ppl_increase", "kl", "top1", "size_bytes"}
+    assert set(result.measured) >= {"ppl", "ppl_increase", "kl", "top1", "size_bytes", "ppl_test", "ppl_increase_test"}
+    assert result.measured["ppl_test"] > 1 and result.measured["ppl_test"] != result.measured["ppl"]
+    assert result.checks[0]["measured_test"] == result.measured["ppl_increase_test"]
     assert result.measured["ppl"] > 1 and math.isfinite(result.measured["ppl_increase"])
     # the predicted bytes are exact (sizes add up), so the built model's must equal them
     assert result.measured["size_bytes"] == pytest.approx(result.predicted["size_bytes"])
@@ -84,6 +86,7 @@ def test_the_command_writes_plan_json_and_reuses_the_sensitivities(made, tmp_pat
                 "--kv-bits", "8")
     assert first.code == 0, first.stderr
     assert "predicted" in first.stdout and "measured on validation" in first.stdout
+    assert "measured on test (held out)" in first.stdout
     written = json.loads((out / "plan.json").read_text())
     assert written["max_ppl_increase"] == 0.02
     cached = sorted(out.glob("sensitivity-*.json"))

@@ -48,13 +48,14 @@ class JobPlan:
         predicted: the planner's totals (``nll``, ``kl``, ``size_bytes``, the modelled figures) and
             ``ppl_increase`` from its NLL, all predictions from the per-group table.
         measured: the built plan scored on the validation windows (``ppl``, ``ppl_increase``, ``kl``,
-            ``top1``) and its packed ``size_bytes``; empty when not verified.
+            ``top1``), on the held-out test windows (``ppl_test``, ``ppl_increase_test``: nothing is
+            chosen by them) and its packed ``size_bytes``; empty when not verified.
         chosen: group -> option, as the solver chose.
         seconds: wall time of each part (``sensitivity``, ``solve``, ``verify``; ``verify`` counts every
             plan built).
         checks: every plan built, in order: ``edge`` (the predicted increase it was planned within),
-            ``predicted`` and ``measured`` ``ppl_increase`` (on the validation windows) and its packed
-            ``size_bytes``. The plan returned is the first within the budget, else the one of least
+            ``predicted`` and ``measured`` ``ppl_increase`` (on the validation windows), ``measured_test``
+            (on the test windows) and its packed ``size_bytes``. The plan returned is the first within the budget, else the one of least
             measured increase. Empty when not verified.
     """
 
@@ -223,8 +224,8 @@ def plan_job(spec, *, folder: Union[str, Path, None], max_ppl_increase: Optional
         return JobPlan(plan_from_choice(selection.chosen), measure, budget, predicted, {}, selection.chosen, seconds)
     picked, built = _build_within(solved, _Verifier(task), budget, checks if max_bytes is None else 1, seconds, say)
     _, selection, predicted, measured = picked
-    made = tuple({"edge": e, "predicted": p[PPL_INCREASE], "measured": m[PPL_INCREASE], "size_bytes": m["size_bytes"]}
-                 for e, _, p, m in built)
+    made = tuple({"edge": e, "predicted": p[PPL_INCREASE], "measured": m[PPL_INCREASE],
+                  "measured_test": m[f"{PPL_INCREASE}_test"], "size_bytes": m["size_bytes"]} for e, _, p, m in built)
     return JobPlan(plan_from_choice(selection.chosen), measure, budget, predicted, measured, selection.chosen, seconds,
                    made)
 
@@ -271,8 +272,9 @@ def _refuse_family(task: str, family: TaskFamily) -> None:
 
 
 class _Verifier:
-    """Builds a plan and scores it on the validation windows, with its packed bytes (measured, not
-    predicted); the teacher is scored once, on the first call."""
+    """Builds a plan and scores it on the validation windows, and on the test windows (held out:
+    ``<metric>_test`` and ``ppl_increase_test``, which nothing here chooses by), with its packed bytes
+    (measured, not predicted); the teacher is scored once, on the first call."""
 
     def __init__(self, task):
         self.task, self.teacher = task, None
@@ -280,15 +282,18 @@ class _Verifier:
     def __call__(self, plan: CompressionPlan) -> dict[str, float]:
         from slimsearch.compress import apply_plan
         from slimsearch.compress.llm_methods import record_of
-        from slimsearch.evaluators.candidate import task_scores
+        from slimsearch.evaluators.candidate import score, task_scores
         from slimsearch.evaluators.llm_costs import head_kwargs, weight_bytes
 
         task = self.task
         if self.teacher is None:
-            self.teacher = task_scores(task.teacher, task.val, task)[task.metric_name]
+            self.teacher = (task_scores(task.teacher, task.val, task)[task.metric_name],
+                            score(task.teacher, task.test, task))
         model = apply_plan(task, plan)
         values = dict(task_scores(model, task.val, task))
-        values[PPL_INCREASE] = task.family.gap(values[task.metric_name], self.teacher)
+        values[PPL_INCREASE] = task.family.gap(values[task.metric_name], self.teacher[0])
+        values[f"{task.metric_name}_test"] = score(model, task.test, task)
+        values[f"{PPL_INCREASE}_test"] = task.family.gap(values[f"{task.metric_name}_test"], self.teacher[1])
         record = record_of(model)
         values["size_bytes"] = float(weight_bytes(model, quantized=record.quantized, **head_kwargs(record.head)))
         return {k: float(v) for k, v in values.items()}
