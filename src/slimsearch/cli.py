@@ -262,7 +262,8 @@ def _plan(args) -> int:
         print(f"  measured on test (held out): ppl {m['ppl_test']:.3f}, ppl_increase {m['ppl_increase_test']:+.2%}")
     if len(result.checks) > 1:
         print("  plans built: " + "; ".join(f"{c['size_bytes'] / 1e6:.1f} MB predicted {c['predicted']:+.2%}, "
-                                            f"measured {c['measured']:+.2%}" for c in result.checks))
+                                            f"measured {c['measured']:+.2%} (test {c['measured_test']:+.2%})"
+                                            for c in result.checks))
     if result.within_budget is False:
         print(f"  over the budget: no plan of the {len(result.checks)} built measured within "
               f"ppl_increase <= {result.max_ppl_increase:g}; this is the one of least measured increase "
