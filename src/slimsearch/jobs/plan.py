@@ -70,8 +70,9 @@ class JobPlan:
 
     @property
     def within_budget(self) -> Optional[bool]:
-        """Whether the built plan measured within ``max_ppl_increase``; None when not verified (or, with a
-        bytes budget, not held to it)."""
+        """Whether the built plan measured within ``max_ppl_increase`` on the validation windows (the
+        test figure is held out: see ``measured``); None when not verified (or, with a bytes budget,
+        not held to it)."""
         from slimsearch.evaluators.llm_sensitivity import NLL
 
         if not self.measured or self.minimised == NLL:
